@@ -1,0 +1,706 @@
+//! The source side: sequence numbers, the rollback log, speculative transmission, repair.
+//!
+//! A driver (the ublk daemon, the file mirror, the simulator) pumps it:
+//! - [`Source::submit`] for each host write, discard, write-zeroes or flush (after or while the
+//!   driver writes it to the local volume);
+//! - [`Source::on_connect`] / [`Source::on_disconnect`] for the connection, [`Source::handle_frame`]
+//!   for each frame from the target;
+//! - [`Source::poll_transmit`] for frames to send (LOCK and WRITE back to back, without waiting for
+//!   the lock's answer, except in `lock-then-write`);
+//! - [`Source::poll_completion`] for host operations whose acknowledgement mode is satisfied.
+//!
+//! An entry leaves the rollback log only when the target reports it applied and durable.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::auth::{self, Signer};
+use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
+use crate::types::{Generation, NodeId, Seq, VolumeId};
+use crate::wire::{Frame, Hello, Op, RefuseReason, MAC_BYTES, PAYLOAD_BYTES_MAX};
+
+/// When a host write counts as complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Durable locally and in the rollback log.
+    Async,
+    /// Also in the target's commit log.
+    Received,
+    /// Also applied and durable on the target volume.
+    Sync,
+    /// The classic protocol (LOCK, wait for GRANTED, then WRITE); completes like `sync`. Kept as
+    /// the baseline benchmarks compare against.
+    LockThenWrite,
+}
+
+impl Mode {
+    /// All modes, for tests and benchmarks.
+    pub const ALL: [Mode; 4] = [Mode::Async, Mode::Received, Mode::Sync, Mode::LockThenWrite];
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Async => "async",
+            Mode::Received => "received",
+            Mode::Sync => "sync",
+            Mode::LockThenWrite => "lock-then-write",
+        })
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        Ok(match s {
+            "async" => Mode::Async,
+            "received" => Mode::Received,
+            "sync" => Mode::Sync,
+            "lock-then-write" => Mode::LockThenWrite,
+            other => {
+                return Err(format!(
+                    "unknown mode '{other}' (expected async, received, sync or lock-then-write)"
+                ))
+            }
+        })
+    }
+}
+
+/// Whether speculative transmission sends an explicit LOCK before each write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockStyle {
+    /// The WRITE locks its own range (the common case).
+    Implied,
+    /// LOCK then WRITE, back to back.
+    Explicit,
+}
+
+/// Deliberate bugs for tests that prove the simulator's checkers bite.
+#[cfg(feature = "sabotage")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceSabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Do not halt or resend on REJECT.
+    IgnoreReject,
+    /// Drop log entries once received instead of once applied and durable.
+    ReleaseOnReceived,
+}
+
+/// Configuration of a source.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The mirrored volume.
+    pub volume_id: VolumeId,
+    /// This node.
+    pub node_id: NodeId,
+    /// Data generation.
+    pub generation: Generation,
+    /// Size of the volume.
+    pub volume_bytes: u64,
+    /// Logical block size.
+    pub block_bytes: u32,
+    /// Shared secret for authentication.
+    pub secret: Vec<u8>,
+    /// Acknowledgement mode.
+    pub mode: Mode,
+    /// Whether a host flush also waits for the target (always so in `sync`).
+    pub flush_replicates: bool,
+    /// Lock frames in speculative modes.
+    pub lock_style: LockStyle,
+    /// Bound on rollback log payload bytes.
+    pub log_bytes_max: usize,
+    /// Bound on rollback log entries.
+    pub log_entries_max: usize,
+    /// Deliberate bug (tests only).
+    #[cfg(feature = "sabotage")]
+    pub sabotage: SourceSabotage,
+}
+
+/// Errors of the source engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The rollback log is full: the host must wait (or the driver records the write in the
+    /// overflow bitmap).
+    #[error("rollback log full")]
+    LogFull,
+    /// The host operation is not valid for this volume.
+    #[error("invalid operation: {0}")]
+    InvalidOp(String),
+    /// The log's storage failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The target refused us.
+    #[error("target refused the connection: {0}")]
+    Refused(RefuseReason),
+    /// The target failed authentication (or we did).
+    #[error("target failed authentication")]
+    BadAuth,
+    /// The target mirrors another volume or has another geometry.
+    #[error("target mirrors another volume or has another size")]
+    WrongVolume,
+    /// The target reports less durable data than it acknowledged before.
+    #[error("target regressed: it reports seq {target} but acknowledged seq {durable} durable")]
+    TargetRegressed {
+        /// What the target reports.
+        target: Seq,
+        /// What it had acknowledged.
+        durable: Seq,
+    },
+    /// The target claims operations this source never made.
+    #[error("target is ahead: it reports seq {target}, the last local seq is {local}")]
+    TargetAhead {
+        /// What the target reports.
+        target: Seq,
+        /// Our last sequence number.
+        local: Seq,
+    },
+    /// The target broke the protocol.
+    #[error("protocol violation by the target: {0}")]
+    Protocol(String),
+}
+
+/// Connection state as status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// No connection.
+    Disconnected,
+    /// HELLO sent, waiting for the target's.
+    Handshaking,
+    /// Authenticated and shipping.
+    Connected,
+}
+
+impl fmt::Display for ConnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnState::Disconnected => "disconnected",
+            ConnState::Handshaking => "handshaking",
+            ConnState::Connected => "connected",
+        })
+    }
+}
+
+/// A snapshot of the source's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// Acknowledgement mode.
+    pub mode: Mode,
+    /// Connection state.
+    pub conn: ConnState,
+    /// Last sequence number assigned.
+    pub last_local: Seq,
+    /// Last sequence number sent on this connection.
+    pub last_sent: Seq,
+    /// Last sequence number the target received in order.
+    pub received: Seq,
+    /// Last sequence number applied and durable on the target.
+    pub durable: Seq,
+    /// Rollback log entries.
+    pub log_entries: usize,
+    /// Rollback log payload bytes.
+    pub log_bytes: usize,
+    /// Bound on rollback log payload bytes.
+    pub log_bytes_max: usize,
+    /// Submission time of the oldest unconfirmed operation.
+    pub oldest_unconfirmed_ns: Option<u64>,
+    /// Sequence number whose rejected lock halts transmission.
+    pub halted_at: Option<Seq>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conn {
+    Disconnected,
+    AwaitHello { nonce: [u8; MAC_BYTES] },
+    Ready,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Needs {
+    Local,
+    Received,
+    Durable,
+}
+
+const OUT_FRAMES_MAX: usize = 64;
+
+/// The source state machine.
+#[derive(Debug)]
+pub struct Source<L: RollbackLog = MemLog> {
+    cfg: SourceConfig,
+    log: L,
+    conn: Conn,
+    last_local: Seq,
+    /// Data frames were sent for every seq below this one (this connection, this epoch).
+    next_send: Seq,
+    /// LOCK frames were sent (or are implied) for every seq below this one.
+    next_lock: Seq,
+    last_sent: Seq,
+    received: Seq,
+    durable: Seq,
+    epoch: u32,
+    halted: Option<Seq>,
+    granted: BTreeSet<Seq>,
+    pending: VecDeque<(Seq, bool)>,
+    completed: VecDeque<Seq>,
+    out: VecDeque<Frame>,
+}
+
+impl Source<MemLog> {
+    /// A source with an in-memory rollback log, starting at sequence number 1.
+    #[must_use]
+    pub fn new(cfg: SourceConfig) -> Source<MemLog> {
+        Source::with_log(cfg, MemLog::new(), Seq::NONE)
+    }
+}
+
+impl<L: RollbackLog> Source<L> {
+    /// A source over `log`, whose operations through `confirmed` are known durable on the target
+    /// and whose remaining entries follow it without gaps.
+    pub fn with_log(cfg: SourceConfig, log: L, confirmed: Seq) -> Source<L> {
+        let last_local = Seq(confirmed.0 + log.len() as u64);
+        Source {
+            cfg,
+            log,
+            conn: Conn::Disconnected,
+            last_local,
+            next_send: confirmed.next(),
+            next_lock: confirmed.next(),
+            last_sent: confirmed,
+            received: confirmed,
+            durable: confirmed,
+            epoch: 0,
+            halted: None,
+            granted: BTreeSet::new(),
+            pending: VecDeque::new(),
+            completed: VecDeque::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &SourceConfig {
+        &self.cfg
+    }
+
+    /// Changes the acknowledgement mode at run time; waiting operations are re-evaluated.
+    pub fn set_mode(&mut self, mode: Mode) {
+        if mode == Mode::LockThenWrite && self.cfg.mode != Mode::LockThenWrite {
+            // Entries already locked speculatively need no grant: the target holds their lock
+            // before it applies them.
+            let mut seq = self.next_send;
+            while seq < self.next_lock {
+                self.granted.insert(seq);
+                seq = seq.next();
+            }
+        }
+        self.cfg.mode = mode;
+        self.check_completions();
+    }
+
+    /// Changes whether host flushes wait for the target.
+    pub fn set_flush_replicates(&mut self, on: bool) {
+        self.cfg.flush_replicates = on;
+        self.check_completions();
+    }
+
+    /// Whether the log has room for an operation carrying `payload_bytes`.
+    #[must_use]
+    pub fn has_room(&self, payload_bytes: usize) -> bool {
+        self.log.len() < self.cfg.log_entries_max
+            && self.log.bytes() + payload_bytes <= self.cfg.log_bytes_max
+    }
+
+    fn validate(&self, op: &Op) -> Result<(), SourceError> {
+        if let Op::Write { data, .. } = op {
+            if data.len() > PAYLOAD_BYTES_MAX as usize {
+                return Err(SourceError::InvalidOp(format!(
+                    "write of {} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte frame limit",
+                    data.len()
+                )));
+            }
+        }
+        if let Some(r) = op.range() {
+            let block = u64::from(self.cfg.block_bytes);
+            if r.len_bytes == 0 || r.offset_bytes % block != 0 || r.len_bytes % block != 0 {
+                return Err(SourceError::InvalidOp(format!(
+                    "extent {}+{} not aligned to the {block}-byte block",
+                    r.offset_bytes, r.len_bytes
+                )));
+            }
+            if r.end_bytes() > self.cfg.volume_bytes {
+                return Err(SourceError::InvalidOp(format!(
+                    "extent {}+{} beyond the volume of {} bytes",
+                    r.offset_bytes, r.len_bytes, self.cfg.volume_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a host operation and returns its sequence number. Its completion is reported by
+    /// [`Source::poll_completion`] once the mode allows.
+    pub fn submit(&mut self, op: Op, now_ns: u64) -> Result<Seq, SourceError> {
+        self.validate(&op)?;
+        if !self.has_room(op.payload_bytes()) {
+            return Err(SourceError::LogFull);
+        }
+        let seq = self.last_local.next();
+        let is_flush = op == Op::Flush;
+        self.log.append(LogEntry {
+            seq,
+            op,
+            submitted_ns: now_ns,
+        })?;
+        self.last_local = seq;
+        self.pending.push_back((seq, is_flush));
+        self.check_completions();
+        Ok(seq)
+    }
+
+    fn needs(&self, is_flush: bool) -> Needs {
+        match (self.cfg.mode, is_flush) {
+            (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
+            (_, true) if self.cfg.flush_replicates => Needs::Durable,
+            (_, true) => Needs::Local,
+            (Mode::Async, false) => Needs::Local,
+            (Mode::Received, false) => Needs::Received,
+        }
+    }
+
+    fn check_completions(&mut self) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let (seq, is_flush) = self.pending[i];
+            let done = match self.needs(is_flush) {
+                Needs::Local => true,
+                Needs::Received => self.received >= seq || self.durable >= seq,
+                Needs::Durable => self.durable >= seq,
+            };
+            if done {
+                self.pending.remove(i);
+                self.completed.push_back(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The next host operation whose acknowledgement mode is satisfied.
+    pub fn poll_completion(&mut self) -> Option<Seq> {
+        self.completed.pop_front()
+    }
+
+    /// Whether operation `seq` is applied and durable on the target.
+    #[must_use]
+    pub fn is_replicated(&self, seq: Seq) -> bool {
+        seq <= self.durable
+    }
+
+    /// A new connection to the target; `nonce` must be fresh and random.
+    pub fn on_connect(&mut self, nonce: [u8; MAC_BYTES]) {
+        self.out.clear();
+        self.halted = None;
+        self.conn = Conn::AwaitHello { nonce };
+        self.out.push_back(Frame::Hello(Hello {
+            volume_id: self.cfg.volume_id,
+            node_id: self.cfg.node_id,
+            generation: self.cfg.generation,
+            last_seq: self.last_local,
+            volume_bytes: self.cfg.volume_bytes,
+            block_bytes: self.cfg.block_bytes,
+            nonce,
+            mac: [0; MAC_BYTES],
+        }));
+    }
+
+    /// The connection is gone; nothing is lost, the log is resent after the next HELLO.
+    pub fn on_disconnect(&mut self) {
+        self.out.clear();
+        self.halted = None;
+        self.granted.clear();
+        self.conn = Conn::Disconnected;
+    }
+
+    /// One frame from the target. An error means the connection must be closed.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<(), SourceError> {
+        match (self.conn, frame) {
+            (_, Frame::Refuse { reason }) => Err(SourceError::Refused(reason)),
+            (_, Frame::Ping { token }) => {
+                if self.out.len() < OUT_FRAMES_MAX {
+                    self.out.push_back(Frame::Pong { token });
+                }
+                Ok(())
+            }
+            (_, Frame::Pong { .. }) => Ok(()),
+            (Conn::AwaitHello { nonce }, Frame::Hello(hello)) => self.on_hello(nonce, &hello),
+            (Conn::Ready, Frame::Ack { received, durable }) => self.on_ack(received, durable),
+            (Conn::Ready, Frame::Reject { seq, epoch }) => self.on_reject(seq, epoch),
+            (Conn::Ready, Frame::Granted { seq, epoch }) => {
+                if epoch != self.epoch {
+                    return Ok(());
+                }
+                if self.halted == Some(seq) {
+                    self.halted = None;
+                } else if seq >= self.next_send && seq < self.next_lock {
+                    self.granted.insert(seq);
+                }
+                Ok(())
+            }
+            (Conn::Ready, Frame::Nak { seq, epoch }) => {
+                if epoch <= self.epoch {
+                    return Ok(());
+                }
+                self.check_resend_seq(seq)?;
+                self.epoch = epoch;
+                self.halted = None;
+                self.rewind(seq);
+                Ok(())
+            }
+            (_, other) => Err(SourceError::Protocol(format!(
+                "unexpected frame {:?} in state {:?}",
+                kind_name(&other),
+                self.conn
+            ))),
+        }
+    }
+
+    fn on_hello(&mut self, nonce: [u8; MAC_BYTES], hello: &Hello) -> Result<(), SourceError> {
+        let ok = auth::verify(
+            &self.cfg.secret,
+            Signer::Target,
+            &nonce,
+            &hello.nonce,
+            &self.cfg.volume_id,
+            &hello.mac,
+        );
+        if !ok {
+            return Err(SourceError::BadAuth);
+        }
+        if hello.volume_id != self.cfg.volume_id
+            || hello.volume_bytes != self.cfg.volume_bytes
+            || hello.block_bytes != self.cfg.block_bytes
+        {
+            return Err(SourceError::WrongVolume);
+        }
+        let target = hello.last_seq;
+        if target < self.durable {
+            return Err(SourceError::TargetRegressed {
+                target,
+                durable: self.durable,
+            });
+        }
+        if target > self.last_local {
+            return Err(SourceError::TargetAhead {
+                target,
+                local: self.last_local,
+            });
+        }
+        self.out.push_back(Frame::Auth {
+            mac: auth::sign(
+                &self.cfg.secret,
+                Signer::Source,
+                &hello.nonce,
+                &nonce,
+                &self.cfg.volume_id,
+            ),
+        });
+        self.conn = Conn::Ready;
+        self.epoch = 0;
+        self.halted = None;
+        self.granted.clear();
+        self.received = target;
+        self.last_sent = target;
+        self.next_send = target.next();
+        self.next_lock = target.next();
+        self.check_completions();
+        Ok(())
+    }
+
+    fn on_ack(&mut self, received: Seq, durable: Seq) -> Result<(), SourceError> {
+        if received > self.last_sent || durable > received.max(self.durable) {
+            return Err(SourceError::Protocol(format!(
+                "ACK received {received} durable {durable} beyond what was sent ({})",
+                self.last_sent
+            )));
+        }
+        if durable < self.durable {
+            return Err(SourceError::Protocol(format!(
+                "durable seq went back from {} to {durable}",
+                self.durable
+            )));
+        }
+        self.received = received;
+        self.durable = durable;
+        #[cfg(feature = "sabotage")]
+        let durable = if self.cfg.sabotage == SourceSabotage::ReleaseOnReceived {
+            received
+        } else {
+            durable
+        };
+        self.log.release_through(durable)?;
+        self.check_completions();
+        Ok(())
+    }
+
+    fn on_reject(&mut self, seq: Seq, epoch: u32) -> Result<(), SourceError> {
+        #[cfg(feature = "sabotage")]
+        if self.cfg.sabotage == SourceSabotage::IgnoreReject {
+            return Ok(());
+        }
+        if epoch <= self.epoch {
+            return Ok(());
+        }
+        self.check_resend_seq(seq)?;
+        self.epoch = epoch;
+        self.halted = Some(seq);
+        self.rewind(seq);
+        Ok(())
+    }
+
+    fn check_resend_seq(&self, seq: Seq) -> Result<(), SourceError> {
+        if seq <= self.durable || seq > self.last_sent {
+            return Err(SourceError::Protocol(format!(
+                "resend request for seq {seq} outside ({}, {}]",
+                self.durable, self.last_sent
+            )));
+        }
+        Ok(())
+    }
+
+    fn rewind(&mut self, seq: Seq) {
+        self.next_send = seq;
+        self.next_lock = seq;
+        self.granted.retain(|s| *s < seq);
+    }
+
+    /// The next frame to send, or `None` until something changes.
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        if let Some(frame) = self.out.pop_front() {
+            return Some(frame);
+        }
+        if self.conn != Conn::Ready || self.halted.is_some() {
+            return None;
+        }
+        if self.cfg.mode == Mode::LockThenWrite {
+            self.next_lock_then_write()
+        } else {
+            self.next_speculative()
+        }
+    }
+
+    fn entry(&self, seq: Seq) -> LogEntry {
+        match self.log.get(seq) {
+            Some(e) => e,
+            None => panic!("rollback log lost unconfirmed seq {seq}"),
+        }
+    }
+
+    fn data_frame(&mut self, entry: LogEntry) -> Frame {
+        let seq = entry.seq;
+        self.next_send = seq.next();
+        self.next_lock = self.next_lock.max(self.next_send);
+        self.last_sent = self.last_sent.max(seq);
+        Frame::Op {
+            seq,
+            epoch: self.epoch,
+            op: entry.op,
+        }
+    }
+
+    fn lock_frame(&mut self, entry: &LogEntry, want_grant: bool) -> Option<Frame> {
+        let range = entry.op.range()?;
+        self.next_lock = entry.seq.next();
+        Some(Frame::Lock {
+            seq: entry.seq,
+            epoch: self.epoch,
+            lba: crate::types::Lba::from_bytes(range.offset_bytes),
+            len_bytes: u32::try_from(range.len_bytes).unwrap_or(u32::MAX),
+            want_grant,
+        })
+    }
+
+    fn next_speculative(&mut self) -> Option<Frame> {
+        if self.next_send > self.last_local {
+            return None;
+        }
+        let entry = self.entry(self.next_send);
+        if self.cfg.lock_style == LockStyle::Explicit && self.next_lock == self.next_send {
+            if let Some(frame) = self.lock_frame(&entry, false) {
+                return Some(frame);
+            }
+        }
+        Some(self.data_frame(entry))
+    }
+
+    fn next_lock_then_write(&mut self) -> Option<Frame> {
+        if self.next_send <= self.last_local {
+            let entry = self.entry(self.next_send);
+            let needs_grant = entry.op.range().is_some();
+            if !needs_grant || self.granted.remove(&entry.seq) {
+                return Some(self.data_frame(entry));
+            }
+        }
+        if self.next_lock <= self.last_local {
+            let entry = self.entry(self.next_lock);
+            // A flush has no lock; later locks wait until it is sent, so the target sees
+            // operations in order.
+            return self.lock_frame(&entry, true);
+        }
+        None
+    }
+
+    /// Current state.
+    #[must_use]
+    pub fn status(&self) -> SourceStatus {
+        SourceStatus {
+            mode: self.cfg.mode,
+            conn: match self.conn {
+                Conn::Disconnected => ConnState::Disconnected,
+                Conn::AwaitHello { .. } => ConnState::Handshaking,
+                Conn::Ready => ConnState::Connected,
+            },
+            last_local: self.last_local,
+            last_sent: self.last_sent,
+            received: self.received,
+            durable: self.durable,
+            log_entries: self.log.len(),
+            log_bytes: self.log.bytes(),
+            log_bytes_max: self.cfg.log_bytes_max,
+            oldest_unconfirmed_ns: self.log.oldest_ns(),
+            halted_at: self.halted,
+        }
+    }
+
+    /// The rollback log (read only).
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// Host operations submitted and not yet completed.
+    #[must_use]
+    pub fn pending_count(&self) -> usize {
+        self.pending.len() + self.completed.len()
+    }
+}
+
+fn kind_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "HELLO",
+        Frame::Auth { .. } => "AUTH",
+        Frame::Refuse { .. } => "REFUSE",
+        Frame::Lock { .. } => "LOCK",
+        Frame::Op { .. } => "OP",
+        Frame::Ack { .. } => "ACK",
+        Frame::Reject { .. } => "REJECT",
+        Frame::Granted { .. } => "GRANTED",
+        Frame::Nak { .. } => "NAK",
+        Frame::Ping { .. } => "PING",
+        Frame::Pong { .. } => "PONG",
+    }
+}

@@ -1,0 +1,786 @@
+//! The target side: commit log, lock table, in-order apply, acknowledgements.
+//!
+//! A driver (the target server, the simulator) pumps it:
+//! - [`Target::on_connect`] when a source connects, then [`Target::handle_frame`] for each decoded
+//!   frame and [`Target::handle_wire_error`] for each frame that failed to decode;
+//! - [`Target::poll_transmit`] for frames to send back;
+//! - [`Target::poll_apply`] for the next operation to apply to the volume, in sequence order, then
+//!   [`Target::handle_applied`] once written, and [`Target::handle_durable`] once the volume (and the
+//!   driver's record of the durable sequence number) is synced.
+//!
+//! An error from `handle_*` means the connection must be closed after the frames already queued
+//! (a REFUSE, say) are sent.
+
+use std::collections::VecDeque;
+
+use crate::auth::{self, Signer};
+use crate::lock::{LocalLockId, LockError, LockTable};
+use crate::types::{Generation, NodeId, Range, Seq, VolumeId};
+use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
+
+/// What the target does when a mirrored lock conflicts with a local lock holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// Keep the entry and retry until the lock is granted (no new local lock on that region).
+    Wait,
+    /// Send REJECT now and GRANTED once the region is free; the source resends from there.
+    Reject,
+}
+
+/// Deliberate bugs for tests that prove the simulator's checkers bite.
+#[cfg(feature = "sabotage")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Apply the second ready entry before the first.
+    ApplyOutOfOrder,
+    /// Apply an entry even though a local holder locks its range.
+    IgnoreLocalLocks,
+}
+
+/// Configuration of a target.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// The volume this target mirrors.
+    pub volume_id: VolumeId,
+    /// This node.
+    pub node_id: NodeId,
+    /// Data generation.
+    pub generation: Generation,
+    /// Size of the target volume.
+    pub volume_bytes: u64,
+    /// Logical block size: every operation must be aligned to it.
+    pub block_bytes: u32,
+    /// Shared secret for authentication.
+    pub secret: Vec<u8>,
+    /// Lock conflict policy.
+    pub conflict_policy: ConflictPolicy,
+    /// Bound on commit log payload bytes.
+    pub commit_log_bytes_max: usize,
+    /// Bound on commit log entries.
+    pub commit_log_entries_max: usize,
+    /// Bound on local locks held at once.
+    pub local_locks_max: usize,
+    /// Deliberate bug (tests only).
+    #[cfg(feature = "sabotage")]
+    pub sabotage: TargetSabotage,
+}
+
+/// What the target's driver recovered from its own durable state at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Last sequence number applied and durable.
+    pub durable: Seq,
+    /// Whether the previous run stopped cleanly (all applied writes synced). After an unclean stop
+    /// the volume may hold part of a batch past `durable`, so it is inconsistent until the source's
+    /// resend has been applied.
+    pub clean: bool,
+}
+
+/// Why the connection must close.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The peer was refused (a REFUSE frame is queued).
+    #[error("peer refused: {0}")]
+    Refused(RefuseReason),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The frame could not be decoded and the stream cannot be re-framed.
+    #[error("undecodable frame: {0}")]
+    Wire(WireError),
+}
+
+/// An operation to apply to the target volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apply {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// What to do.
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockState {
+    /// No range to lock (a flush).
+    NotNeeded,
+    Held,
+    Waiting,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: Seq,
+    range: Option<Range>,
+    lock: LockState,
+    want_grant: bool,
+    op: Option<Op>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conn {
+    Idle,
+    AwaitHello {
+        nonce: [u8; MAC_BYTES],
+    },
+    AwaitAuth {
+        nonce: [u8; MAC_BYTES],
+        peer_nonce: [u8; MAC_BYTES],
+    },
+    Ready,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ResendWait {
+    seq: Seq,
+    /// For a REJECT: the range still to be granted; `None` once GRANTED was sent (or for a NAK).
+    pending_range: Option<Range>,
+}
+
+/// A snapshot of the target's state, for status and checkers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStatus {
+    /// Whether a source is authenticated.
+    pub connected: bool,
+    /// Last sequence number received in order (in the commit log or beyond).
+    pub received: Seq,
+    /// Last applied.
+    pub applied: Seq,
+    /// Last applied and durable.
+    pub durable: Seq,
+    /// Commit log entries.
+    pub commit_log_entries: usize,
+    /// Commit log payload bytes.
+    pub commit_log_bytes: usize,
+    /// Whether the volume is known to be a consistent prefix of the source's writes.
+    pub consistent: bool,
+    /// Current resend epoch.
+    pub epoch: u32,
+}
+
+/// The target state machine.
+#[derive(Debug)]
+pub struct Target {
+    cfg: TargetConfig,
+    conn: Conn,
+    log: VecDeque<Entry>,
+    log_bytes: usize,
+    applying: VecDeque<Seq>,
+    received: Seq,
+    applied: Seq,
+    durable: Seq,
+    epoch: u32,
+    resend: Option<ResendWait>,
+    locks: LockTable,
+    out: VecDeque<Frame>,
+    ack_dirty: bool,
+    /// After an unclean restart: consistent again once durable reaches this (set by the source's
+    /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
+    inconsistent_until: Option<Seq>,
+}
+
+impl Target {
+    /// A target whose volume's durable state is `restored`.
+    #[must_use]
+    pub fn new(cfg: TargetConfig, restored: Restored) -> Target {
+        let locks = LockTable::new(cfg.local_locks_max);
+        Target {
+            cfg,
+            conn: Conn::Idle,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            applying: VecDeque::new(),
+            received: restored.durable,
+            applied: restored.durable,
+            durable: restored.durable,
+            epoch: 0,
+            resend: None,
+            locks,
+            out: VecDeque::new(),
+            ack_dirty: false,
+            inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &TargetConfig {
+        &self.cfg
+    }
+
+    /// A new connection (the previous one, if any, is gone). `nonce` must be fresh and random.
+    ///
+    /// Entries not yet handed to the driver are dropped: the source resends them.
+    pub fn on_connect(&mut self, nonce: [u8; MAC_BYTES]) {
+        self.drop_connection_state();
+        self.conn = Conn::AwaitHello { nonce };
+    }
+
+    /// The connection is gone.
+    pub fn on_disconnect(&mut self) {
+        self.drop_connection_state();
+        self.conn = Conn::Idle;
+    }
+
+    fn drop_connection_state(&mut self) {
+        let first_unapplied = self.last_handed_out().next();
+        self.locks.unlock_mirror_from(first_unapplied);
+        self.log.clear();
+        self.log_bytes = 0;
+        self.received = self.last_handed_out();
+        self.epoch = 0;
+        self.resend = None;
+        self.out.clear();
+        self.ack_dirty = false;
+    }
+
+    /// Last sequence number handed to the driver (applied or being applied).
+    fn last_handed_out(&self) -> Seq {
+        self.applying.back().copied().unwrap_or(self.applied)
+    }
+
+    /// Whether a source is authenticated on the current connection.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.conn == Conn::Ready
+    }
+
+    /// Whether the commit log has room for an operation carrying `payload_bytes`. A driver stops
+    /// reading from the connection while this is false (back-pressure on the source).
+    #[must_use]
+    pub fn has_room(&self, payload_bytes: usize) -> bool {
+        self.log.len() + self.applying.len() < self.cfg.commit_log_entries_max
+            && self.log_bytes + payload_bytes <= self.cfg.commit_log_bytes_max
+    }
+
+    /// A frame that failed to decode. A corrupted write payload (intact header) is answered with
+    /// NAK and the stream goes on; anything else ends the connection.
+    pub fn handle_wire_error(&mut self, err: &WireError) -> Result<(), TargetError> {
+        let Some((seq, epoch)) = err.nak_seq() else {
+            return Err(TargetError::Wire(err.clone()));
+        };
+        if self.conn != Conn::Ready {
+            return Err(TargetError::Wire(err.clone()));
+        }
+        if epoch < self.epoch {
+            // A stale frame that would have been dropped anyway.
+            return Ok(());
+        }
+        if self.resend.is_some_and(|w| w.pending_range.is_some()) {
+            return Err(TargetError::Protocol(format!(
+                "seq {seq} sent while a rejected lock is pending"
+            )));
+        }
+        self.expect_new_or_pending(seq)?;
+        self.epoch += 1;
+        self.truncate_from(seq);
+        self.resend = Some(ResendWait {
+            seq,
+            pending_range: None,
+        });
+        self.out.push_back(Frame::Nak {
+            seq,
+            epoch: self.epoch,
+        });
+        Ok(())
+    }
+
+    /// Checks that `seq` is the next new entry, or the newest entry waiting for its data.
+    fn expect_new_or_pending(&self, seq: Seq) -> Result<(), TargetError> {
+        let next = self.next_new_seq();
+        let pending = self.log.iter().any(|e| e.seq == seq && e.op.is_none());
+        if seq == next || pending {
+            Ok(())
+        } else {
+            Err(TargetError::Protocol(format!(
+                "frame seq {seq} out of order (expected {next})"
+            )))
+        }
+    }
+
+    fn next_new_seq(&self) -> Seq {
+        self.log
+            .back()
+            .map(|e| e.seq)
+            .unwrap_or_else(|| self.last_handed_out())
+            .next()
+    }
+
+    /// Drops the commit log entries at or after `seq` and their locks.
+    fn truncate_from(&mut self, seq: Seq) {
+        while self.log.back().is_some_and(|e| e.seq >= seq) {
+            if let Some(e) = self.log.pop_back() {
+                self.log_bytes -= e.op.as_ref().map_or(0, Op::payload_bytes);
+            }
+        }
+        self.locks.unlock_mirror_from(seq);
+        self.update_received();
+    }
+
+    /// One decoded frame from the source.
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<(), TargetError> {
+        match (self.conn, frame) {
+            (_, Frame::Ping { token }) => {
+                self.out.push_back(Frame::Pong { token });
+                Ok(())
+            }
+            (_, Frame::Pong { .. }) => Ok(()),
+            (Conn::AwaitHello { nonce }, Frame::Hello(hello)) => self.on_hello(nonce, &hello),
+            (Conn::AwaitAuth { nonce, peer_nonce }, Frame::Auth { mac }) => {
+                let ok = auth::verify(
+                    &self.cfg.secret,
+                    Signer::Source,
+                    &nonce,
+                    &peer_nonce,
+                    &self.cfg.volume_id,
+                    &mac,
+                );
+                if !ok {
+                    return self.refuse(RefuseReason::BadAuth);
+                }
+                self.conn = Conn::Ready;
+                self.ack_dirty = true;
+                Ok(())
+            }
+            (
+                Conn::Ready,
+                Frame::Lock {
+                    seq,
+                    epoch,
+                    lba,
+                    len_bytes,
+                    want_grant,
+                },
+            ) => {
+                if !self.accept_epoch(seq, epoch)? {
+                    return Ok(());
+                }
+                let range = self.check_extent(lba.0, u64::from(len_bytes))?;
+                if seq != self.next_new_seq() {
+                    return Err(TargetError::Protocol(format!(
+                        "LOCK seq {seq} out of order (expected {})",
+                        self.next_new_seq()
+                    )));
+                }
+                self.new_entry(seq, Some(range), want_grant, None)
+            }
+            (Conn::Ready, Frame::Op { seq, epoch, op }) => {
+                if !self.accept_epoch(seq, epoch)? {
+                    return Ok(());
+                }
+                let range = match op.range() {
+                    Some(r) => Some(self.check_extent(r.offset_bytes, r.len_bytes)?),
+                    None => None,
+                };
+                if !self.has_room(op.payload_bytes()) {
+                    return Err(TargetError::Protocol(
+                        "commit log overflow: peer ignored back-pressure".into(),
+                    ));
+                }
+                if let Some(index) = self.log.iter().position(|e| e.seq == seq) {
+                    return self.attach_data(index, seq, range, op);
+                }
+                if seq != self.next_new_seq() {
+                    return Err(TargetError::Protocol(format!(
+                        "seq {seq} out of order (expected {})",
+                        self.next_new_seq()
+                    )));
+                }
+                self.new_entry(seq, range, false, Some(op))
+            }
+            (conn, frame) => {
+                let what = match conn {
+                    Conn::Ready => "a frame only a target sends",
+                    _ => "a frame before authentication",
+                };
+                let _ = frame;
+                self.refuse_protocol(what)
+            }
+        }
+    }
+
+    /// Data for an entry that a LOCK created: it must lie inside the lock and arrive in order.
+    fn attach_data(
+        &mut self,
+        index: usize,
+        seq: Seq,
+        range: Option<Range>,
+        op: Op,
+    ) -> Result<(), TargetError> {
+        if self.log.iter().take(index).any(|e| e.op.is_none()) {
+            return Err(TargetError::Protocol(format!(
+                "data for seq {seq} before data of earlier operations"
+            )));
+        }
+        let entry = &mut self.log[index];
+        if entry.op.is_some() {
+            return Err(TargetError::Protocol(format!(
+                "duplicate data for seq {seq}"
+            )));
+        }
+        let inside = match (entry.range, range) {
+            (Some(lock), Some(r)) => {
+                r.offset_bytes >= lock.offset_bytes && r.end_bytes() <= lock.end_bytes()
+            }
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        if !inside {
+            return Err(TargetError::Protocol(format!(
+                "seq {seq} writes outside its lock"
+            )));
+        }
+        self.log_bytes += op.payload_bytes();
+        entry.op = Some(op);
+        self.update_received();
+        Ok(())
+    }
+
+    fn refuse(&mut self, reason: RefuseReason) -> Result<(), TargetError> {
+        self.out.push_back(Frame::Refuse { reason });
+        Err(TargetError::Refused(reason))
+    }
+
+    fn refuse_protocol(&mut self, what: &str) -> Result<(), TargetError> {
+        self.out.push_back(Frame::Refuse {
+            reason: RefuseReason::Protocol,
+        });
+        Err(TargetError::Protocol(format!("peer sent {what}")))
+    }
+
+    fn on_hello(&mut self, nonce: [u8; MAC_BYTES], hello: &Hello) -> Result<(), TargetError> {
+        if hello.volume_id != self.cfg.volume_id {
+            return self.refuse(RefuseReason::WrongVolume);
+        }
+        if hello.volume_bytes != self.cfg.volume_bytes || hello.block_bytes != self.cfg.block_bytes
+        {
+            return self.refuse(RefuseReason::Geometry);
+        }
+        if let Some(until) = self.inconsistent_until {
+            // The source's last sequence number bounds what must be re-applied.
+            self.inconsistent_until = Some(until.min(hello.last_seq));
+            self.check_consistent();
+        }
+        let mac = auth::sign(
+            &self.cfg.secret,
+            Signer::Target,
+            &hello.nonce,
+            &nonce,
+            &self.cfg.volume_id,
+        );
+        self.out.push_back(Frame::Hello(Hello {
+            volume_id: self.cfg.volume_id,
+            node_id: self.cfg.node_id,
+            generation: self.cfg.generation,
+            last_seq: self.last_handed_out(),
+            volume_bytes: self.cfg.volume_bytes,
+            block_bytes: self.cfg.block_bytes,
+            nonce,
+            mac,
+        }));
+        self.conn = Conn::AwaitAuth {
+            nonce,
+            peer_nonce: hello.nonce,
+        };
+        Ok(())
+    }
+
+    /// Decides whether a data frame of `epoch` is processed (true), silently dropped (false), or
+    /// a protocol violation.
+    fn accept_epoch(&mut self, seq: Seq, epoch: u32) -> Result<bool, TargetError> {
+        if epoch < self.epoch {
+            return Ok(false);
+        }
+        if epoch > self.epoch {
+            return Err(TargetError::Protocol(format!(
+                "frame epoch {epoch} ahead of {}",
+                self.epoch
+            )));
+        }
+        if let Some(wait) = self.resend {
+            if wait.pending_range.is_some() {
+                return Err(TargetError::Protocol(format!(
+                    "seq {seq} sent while seq {} awaits its lock",
+                    wait.seq
+                )));
+            }
+            if seq != wait.seq {
+                return Err(TargetError::Protocol(format!(
+                    "resend starts at seq {seq}, expected {}",
+                    wait.seq
+                )));
+            }
+            self.resend = None;
+        }
+        Ok(true)
+    }
+
+    fn check_extent(&self, offset_bytes: u64, len_bytes: u64) -> Result<Range, TargetError> {
+        let block = u64::from(self.cfg.block_bytes);
+        let end = offset_bytes.checked_add(len_bytes);
+        if len_bytes == 0 || offset_bytes % block != 0 || len_bytes % block != 0 {
+            return Err(TargetError::Protocol(format!(
+                "extent {offset_bytes}+{len_bytes} not aligned to the {block}-byte block"
+            )));
+        }
+        if end.is_none_or(|end| end > self.cfg.volume_bytes) {
+            return Err(TargetError::Protocol(format!(
+                "extent {offset_bytes}+{len_bytes} beyond the volume of {} bytes",
+                self.cfg.volume_bytes
+            )));
+        }
+        Ok(Range::new(offset_bytes, len_bytes))
+    }
+
+    fn new_entry(
+        &mut self,
+        seq: Seq,
+        range: Option<Range>,
+        want_grant: bool,
+        op: Option<Op>,
+    ) -> Result<(), TargetError> {
+        if self.log.len() + self.applying.len() >= self.cfg.commit_log_entries_max {
+            return Err(TargetError::Protocol(
+                "commit log overflow: peer ignored back-pressure".into(),
+            ));
+        }
+        let lock = match range {
+            None => LockState::NotNeeded,
+            Some(r) => {
+                if self.locks.try_lock_mirror(seq, r) {
+                    LockState::Held
+                } else if self.cfg.conflict_policy == ConflictPolicy::Reject && !want_grant {
+                    self.reject(seq, r);
+                    return Ok(());
+                } else {
+                    self.locks.add_waiter(seq, r);
+                    LockState::Waiting
+                }
+            }
+        };
+        if lock == LockState::Held && want_grant {
+            self.out.push_back(Frame::Granted {
+                seq,
+                epoch: self.epoch,
+            });
+        }
+        self.log_bytes += op.as_ref().map_or(0, Op::payload_bytes);
+        self.log.push_back(Entry {
+            seq,
+            range,
+            lock,
+            want_grant,
+            op,
+        });
+        self.update_received();
+        Ok(())
+    }
+
+    fn reject(&mut self, seq: Seq, range: Range) {
+        self.epoch += 1;
+        self.truncate_from(seq);
+        self.locks.add_waiter(seq, range);
+        self.resend = Some(ResendWait {
+            seq,
+            pending_range: Some(range),
+        });
+        self.out.push_back(Frame::Reject {
+            seq,
+            epoch: self.epoch,
+        });
+    }
+
+    fn update_received(&mut self) {
+        let mut received = self.last_handed_out();
+        for e in &self.log {
+            if e.op.is_none() {
+                break;
+            }
+            received = e.seq;
+        }
+        if received != self.received {
+            self.received = received;
+            self.ack_dirty = true;
+        }
+    }
+
+    /// Retries waiting locks (after a local lock is released or an entry is applied).
+    fn pump_locks(&mut self) {
+        if let Some(wait) = self.resend {
+            if let Some(range) = wait.pending_range {
+                if self.locks.try_lock_mirror(wait.seq, range) {
+                    self.resend = Some(ResendWait {
+                        seq: wait.seq,
+                        pending_range: None,
+                    });
+                    self.out.push_back(Frame::Granted {
+                        seq: wait.seq,
+                        epoch: self.epoch,
+                    });
+                }
+            }
+        }
+        for e in &mut self.log {
+            if e.lock != LockState::Waiting {
+                continue;
+            }
+            let Some(range) = e.range else { continue };
+            if self.locks.try_lock_mirror(e.seq, range) {
+                e.lock = LockState::Held;
+                if e.want_grant {
+                    self.out.push_back(Frame::Granted {
+                        seq: e.seq,
+                        epoch: self.epoch,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The next operation to apply, strictly in sequence order, once its lock is held.
+    pub fn poll_apply(&mut self) -> Option<Apply> {
+        let index = self.ready_index()?;
+        let entry = self.log.remove(index)?;
+        let op = entry.op?;
+        self.log_bytes -= op.payload_bytes();
+        self.applying.push_back(entry.seq);
+        Some(Apply { seq: entry.seq, op })
+    }
+
+    fn entry_ready(e: &Entry) -> bool {
+        e.op.is_some() && e.lock != LockState::Waiting
+    }
+
+    #[cfg(not(feature = "sabotage"))]
+    fn ready_index(&self) -> Option<usize> {
+        self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
+    }
+
+    #[cfg(feature = "sabotage")]
+    fn ready_index(&self) -> Option<usize> {
+        match self.cfg.sabotage {
+            TargetSabotage::None => self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0),
+            TargetSabotage::ApplyOutOfOrder => {
+                let second_ready = self.log.get(1).is_some_and(Self::entry_ready);
+                if second_ready {
+                    Some(1)
+                } else {
+                    self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
+                }
+            }
+            TargetSabotage::IgnoreLocalLocks => {
+                self.log.front().filter(|e| e.op.is_some()).map(|_| 0)
+            }
+        }
+    }
+
+    /// The driver has written operation `seq` (handed out by [`Target::poll_apply`]) to the volume.
+    ///
+    /// # Panics
+    /// If `seq` is not the oldest operation handed out: the driver must apply in order.
+    pub fn handle_applied(&mut self, seq: Seq) {
+        let front = self.applying.pop_front();
+        assert_eq!(
+            front,
+            Some(seq),
+            "operations must be applied in the order handed out"
+        );
+        #[cfg(not(feature = "sabotage"))]
+        assert!(seq > self.applied, "applied sequence numbers only grow");
+        self.locks.unlock_mirror(seq);
+        self.applied = self.applied.max(seq);
+        self.pump_locks();
+    }
+
+    /// Whether applied operations wait for a sync of the volume before they count as durable.
+    #[must_use]
+    pub fn needs_sync(&self) -> bool {
+        self.applied > self.durable
+    }
+
+    /// Last applied sequence number (what a sync now would make durable).
+    #[must_use]
+    pub fn applied(&self) -> Seq {
+        self.applied
+    }
+
+    /// The driver has synced the volume and durably recorded `seq` as the last durable operation.
+    ///
+    /// # Panics
+    /// If `seq` was not applied, or goes backwards.
+    pub fn handle_durable(&mut self, seq: Seq) {
+        assert!(seq <= self.applied, "durable beyond applied");
+        assert!(seq >= self.durable, "durable sequence numbers only grow");
+        if seq != self.durable {
+            self.durable = seq;
+            self.ack_dirty = true;
+        }
+        self.check_consistent();
+    }
+
+    fn check_consistent(&mut self) {
+        if self
+            .inconsistent_until
+            .is_some_and(|until| self.durable >= until)
+        {
+            self.inconsistent_until = None;
+        }
+    }
+
+    /// The next frame to send to the source.
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        if let Some(frame) = self.out.pop_front() {
+            return Some(frame);
+        }
+        if self.ack_dirty && self.conn == Conn::Ready {
+            self.ack_dirty = false;
+            return Some(Frame::Ack {
+                received: self.received,
+                durable: self.durable,
+            });
+        }
+        None
+    }
+
+    /// Takes a local lock (a consistent backup read, verify, resync) on `range`. Refused while the
+    /// mirror holds or waits for an overlapping range.
+    pub fn try_lock_local(&mut self, range: Range) -> Result<LocalLockId, LockError> {
+        if range.end_bytes() > self.cfg.volume_bytes {
+            return Err(LockError::BadRange);
+        }
+        self.locks.try_lock_local(range)
+    }
+
+    /// Releases a local lock; mirrored operations waiting for it may proceed.
+    pub fn unlock_local(&mut self, id: LocalLockId) -> bool {
+        let released = self.locks.unlock_local(id);
+        if released {
+            self.pump_locks();
+        }
+        released
+    }
+
+    /// Current state.
+    #[must_use]
+    pub fn status(&self) -> TargetStatus {
+        TargetStatus {
+            connected: self.conn == Conn::Ready,
+            received: self.received,
+            applied: self.applied,
+            durable: self.durable,
+            commit_log_entries: self.log.len() + self.applying.len(),
+            commit_log_bytes: self.log_bytes,
+            consistent: self.inconsistent_until.is_none(),
+            epoch: self.epoch,
+        }
+    }
+
+    /// Number of mirror locks and waiters (bounded by the commit log) and local locks.
+    #[must_use]
+    pub fn lock_counts(&self) -> (usize, usize) {
+        (self.locks.mirror_count(), self.locks.local_count())
+    }
+}

@@ -1,0 +1,139 @@
+//! Newtypes that keep sequence numbers, sector addresses and identities from being mixed up.
+
+use std::fmt;
+
+/// Size of the unit that [`Lba`] counts, in bytes (the Linux sector).
+pub const SECTOR_BYTES: u64 = 512;
+
+/// Sequence number of one mirrored operation. `Seq(0)` means "none yet"; real operations start at 1
+/// and only grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// No operation yet.
+    pub const NONE: Seq = Seq(0);
+
+    /// The sequence number after this one.
+    #[must_use]
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Logical block address in 512-byte sectors, whatever the volume's block size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lba(pub u64);
+
+impl Lba {
+    /// Builds an address from a byte offset (which must be sector aligned to round-trip).
+    #[must_use]
+    pub fn from_bytes(offset_bytes: u64) -> Lba {
+        Lba(offset_bytes / SECTOR_BYTES)
+    }
+
+    /// The byte offset of this address, or `None` on overflow.
+    #[must_use]
+    pub fn bytes(self) -> Option<u64> {
+        self.0.checked_mul(SECTOR_BYTES)
+    }
+}
+
+/// Generation identifier of a volume's data history (changes on promotion; used for split brain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Generation(pub u64);
+
+/// Identity of a mirrored volume: both sides of one mirror carry the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct VolumeId(pub [u8; 16]);
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl VolumeId {
+    /// Parses 32 hex digits (dashes allowed, as in a UUID).
+    pub fn parse(text: &str) -> Option<VolumeId> {
+        let hex: Vec<u8> = text.bytes().filter(|b| *b != b'-').collect();
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let s = std::str::from_utf8(pair).ok()?;
+            id[i] = u8::from_str_radix(s, 16).ok()?;
+        }
+        Some(VolumeId(id))
+    }
+}
+
+/// Identity of one node (one daemon) of a mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct NodeId(pub u64);
+
+/// A byte range on the volume: `[offset_bytes, offset_bytes + len_bytes)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Range {
+    /// First byte.
+    pub offset_bytes: u64,
+    /// Length in bytes (never zero for a lockable range).
+    pub len_bytes: u64,
+}
+
+impl Range {
+    /// A new range.
+    #[must_use]
+    pub fn new(offset_bytes: u64, len_bytes: u64) -> Range {
+        Range {
+            offset_bytes,
+            len_bytes,
+        }
+    }
+
+    /// One past the last byte (saturating).
+    #[must_use]
+    pub fn end_bytes(&self) -> u64 {
+        self.offset_bytes.saturating_add(self.len_bytes)
+    }
+
+    /// Whether two ranges share at least one byte.
+    #[must_use]
+    pub fn overlaps(&self, other: &Range) -> bool {
+        self.len_bytes > 0
+            && other.len_bytes > 0
+            && self.offset_bytes < other.end_bytes()
+            && other.offset_bytes < self.end_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_id_parses_uuid_form() {
+        let id = VolumeId::parse("00112233-4455-6677-8899-aabbccddeeff").unwrap();
+        assert_eq!(id.to_string(), "00112233445566778899aabbccddeeff");
+        assert!(VolumeId::parse("xyz").is_none());
+        assert!(VolumeId::parse("0011223344556677889900aabbccddeeffzz").is_none());
+    }
+
+    #[test]
+    fn ranges_overlap_only_when_sharing_a_byte() {
+        let a = Range::new(0, 4096);
+        assert!(a.overlaps(&Range::new(4095, 1)));
+        assert!(!a.overlaps(&Range::new(4096, 10)));
+        assert!(!Range::new(10, 0).overlaps(&a));
+    }
+}
