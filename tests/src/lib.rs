@@ -1,0 +1,1 @@
+//! Helpers for the end-to-end tests: a fault-injecting TCP proxy and process management.

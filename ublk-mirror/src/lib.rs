@@ -1,0 +1,1 @@
+//! ublk-mirror: the source side drivers of the mirroring engine.
