@@ -115,9 +115,6 @@ pub struct SourceConfig {
     pub log_bytes_max: usize,
     /// Bound on rollback log entries.
     pub log_entries_max: usize,
-    /// Deliberate bug (tests only).
-    #[cfg(feature = "sabotage")]
-    pub sabotage: SourceSabotage,
 }
 
 /// Errors of the source engine.
@@ -228,6 +225,10 @@ enum Needs {
 
 const OUT_FRAMES_MAX: usize = 64;
 
+/// A source sends at most this many LOCK frames ahead of their data (`lock-then-write` pipelines
+/// its locks). The target holds such entries outside its commit log bound and refuses more.
+pub const LOCKS_AHEAD_MAX: usize = 16;
+
 /// The source state machine.
 #[derive(Debug)]
 pub struct Source<L: RollbackLog = MemLog> {
@@ -248,6 +249,8 @@ pub struct Source<L: RollbackLog = MemLog> {
     pending: VecDeque<(Seq, bool)>,
     completed: VecDeque<Seq>,
     out: VecDeque<Frame>,
+    #[cfg(feature = "sabotage")]
+    sabotage: SourceSabotage,
 }
 
 impl Source<MemLog> {
@@ -279,7 +282,15 @@ impl<L: RollbackLog> Source<L> {
             pending: VecDeque::new(),
             completed: VecDeque::new(),
             out: VecDeque::new(),
+            #[cfg(feature = "sabotage")]
+            sabotage: SourceSabotage::None,
         }
+    }
+
+    /// Breaks the engine on purpose (tests that prove the checkers bite).
+    #[cfg(feature = "sabotage")]
+    pub fn set_sabotage(&mut self, sabotage: SourceSabotage) {
+        self.sabotage = sabotage;
     }
 
     /// The configuration.
@@ -538,7 +549,7 @@ impl<L: RollbackLog> Source<L> {
         self.received = received;
         self.durable = durable;
         #[cfg(feature = "sabotage")]
-        let durable = if self.cfg.sabotage == SourceSabotage::ReleaseOnReceived {
+        let durable = if self.sabotage == SourceSabotage::ReleaseOnReceived {
             received
         } else {
             durable
@@ -550,7 +561,7 @@ impl<L: RollbackLog> Source<L> {
 
     fn on_reject(&mut self, seq: Seq, epoch: u32) -> Result<(), SourceError> {
         #[cfg(feature = "sabotage")]
-        if self.cfg.sabotage == SourceSabotage::IgnoreReject {
+        if self.sabotage == SourceSabotage::IgnoreReject {
             return Ok(());
         }
         if epoch <= self.epoch {
@@ -646,7 +657,8 @@ impl<L: RollbackLog> Source<L> {
                 return Some(self.data_frame(entry));
             }
         }
-        if self.next_lock <= self.last_local {
+        let ahead = self.next_lock.0.saturating_sub(self.next_send.0);
+        if self.next_lock <= self.last_local && ahead < LOCKS_AHEAD_MAX as u64 {
             let entry = self.entry(self.next_lock);
             // A flush has no lock; later locks wait until it is sent, so the target sees
             // operations in order.

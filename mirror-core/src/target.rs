@@ -15,8 +15,12 @@ use std::collections::VecDeque;
 
 use crate::auth::{self, Signer};
 use crate::lock::{LocalLockId, LockError, LockTable};
+use crate::source::LOCKS_AHEAD_MAX;
 use crate::types::{Generation, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
+
+/// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.
+const OUT_FRAMES_MAX: usize = 64;
 
 /// What the target does when a mirrored lock conflicts with a local lock holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +67,6 @@ pub struct TargetConfig {
     pub commit_log_entries_max: usize,
     /// Bound on local locks held at once.
     pub local_locks_max: usize,
-    /// Deliberate bug (tests only).
-    #[cfg(feature = "sabotage")]
-    pub sabotage: TargetSabotage,
 }
 
 /// What the target's driver recovered from its own durable state at start.
@@ -180,6 +181,10 @@ pub struct Target {
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
     /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
     inconsistent_until: Option<Seq>,
+    /// Commit log entries created by a LOCK that still wait for their data.
+    lock_only: usize,
+    #[cfg(feature = "sabotage")]
+    sabotage: TargetSabotage,
 }
 
 impl Target {
@@ -202,7 +207,16 @@ impl Target {
             out: VecDeque::new(),
             ack_dirty: false,
             inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
+            lock_only: 0,
+            #[cfg(feature = "sabotage")]
+            sabotage: TargetSabotage::None,
         }
+    }
+
+    /// Breaks the engine on purpose (tests that prove the checkers bite).
+    #[cfg(feature = "sabotage")]
+    pub fn set_sabotage(&mut self, sabotage: TargetSabotage) {
+        self.sabotage = sabotage;
     }
 
     /// The configuration.
@@ -229,6 +243,7 @@ impl Target {
         let first_unapplied = self.last_handed_out().next();
         self.locks.unlock_mirror_from(first_unapplied);
         self.log.clear();
+        self.lock_only = 0;
         self.log_bytes = 0;
         self.received = self.last_handed_out();
         self.epoch = 0;
@@ -250,10 +265,19 @@ impl Target {
 
     /// Whether the commit log has room for an operation carrying `payload_bytes`. A driver stops
     /// reading from the connection while this is false (back-pressure on the source).
+    ///
+    /// Entries created by a LOCK frame that still wait for their data do not count: the source
+    /// sends at most [`LOCKS_AHEAD_MAX`] of them, and the data that completes them lies behind
+    /// them in the stream, so counting them could stop the reading that would complete them.
     #[must_use]
     pub fn has_room(&self, payload_bytes: usize) -> bool {
-        self.log.len() + self.applying.len() < self.cfg.commit_log_entries_max
+        self.data_entries() + self.applying.len() < self.cfg.commit_log_entries_max
             && self.log_bytes + payload_bytes <= self.cfg.commit_log_bytes_max
+    }
+
+    /// Commit log entries that carry their operation.
+    fn data_entries(&self) -> usize {
+        self.log.len() - self.lock_only
     }
 
     /// A frame that failed to decode. A corrupted write payload (intact header) is answered with
@@ -313,6 +337,7 @@ impl Target {
     fn truncate_from(&mut self, seq: Seq) {
         while self.log.back().is_some_and(|e| e.seq >= seq) {
             if let Some(e) = self.log.pop_back() {
+                self.lock_only -= usize::from(e.op.is_none());
                 self.log_bytes -= e.op.as_ref().map_or(0, Op::payload_bytes);
             }
         }
@@ -320,11 +345,28 @@ impl Target {
         self.update_received();
     }
 
-    /// One decoded frame from the source.
+    /// One decoded frame from the source. On a protocol violation a REFUSE is queued before the
+    /// error is returned, so the peer learns why it is disconnected.
     pub fn handle_frame(&mut self, frame: Frame) -> Result<(), TargetError> {
+        let result = self.handle_frame_inner(frame);
+        if let Err(TargetError::Protocol(_)) = &result {
+            let refusal = Frame::Refuse {
+                reason: RefuseReason::Protocol,
+            };
+            if self.out.back() != Some(&refusal) {
+                self.out.push_back(refusal);
+            }
+        }
+        result
+    }
+
+    fn handle_frame_inner(&mut self, frame: Frame) -> Result<(), TargetError> {
         match (self.conn, frame) {
-            (_, Frame::Ping { token }) => {
-                self.out.push_back(Frame::Pong { token });
+            (Conn::Ready, Frame::Ping { token }) => {
+                // A peer that pings faster than it reads loses PONGs, not memory.
+                if self.out.len() < OUT_FRAMES_MAX + self.cfg.commit_log_entries_max {
+                    self.out.push_back(Frame::Pong { token });
+                }
                 Ok(())
             }
             (_, Frame::Pong { .. }) => Ok(()),
@@ -358,7 +400,11 @@ impl Target {
                 if !self.accept_epoch(seq, epoch)? {
                     return Ok(());
                 }
-                let range = self.check_extent(lba.0, u64::from(len_bytes))?;
+                // `lba` counts sectors; the extent check works in bytes.
+                let offset_bytes = lba.bytes().ok_or_else(|| {
+                    TargetError::Protocol(format!("LOCK seq {seq}: address {} overflows", lba.0))
+                })?;
+                let range = self.check_extent(offset_bytes, u64::from(len_bytes))?;
                 if seq != self.next_new_seq() {
                     return Err(TargetError::Protocol(format!(
                         "LOCK seq {seq} out of order (expected {})",
@@ -435,6 +481,7 @@ impl Target {
         }
         self.log_bytes += op.payload_bytes();
         entry.op = Some(op);
+        self.lock_only -= 1;
         self.update_received();
         Ok(())
     }
@@ -521,7 +568,8 @@ impl Target {
     fn check_extent(&self, offset_bytes: u64, len_bytes: u64) -> Result<Range, TargetError> {
         let block = u64::from(self.cfg.block_bytes);
         let end = offset_bytes.checked_add(len_bytes);
-        if len_bytes == 0 || offset_bytes % block != 0 || len_bytes % block != 0 {
+        if len_bytes == 0 || !offset_bytes.is_multiple_of(block) || !len_bytes.is_multiple_of(block)
+        {
             return Err(TargetError::Protocol(format!(
                 "extent {offset_bytes}+{len_bytes} not aligned to the {block}-byte block"
             )));
@@ -542,10 +590,17 @@ impl Target {
         want_grant: bool,
         op: Option<Op>,
     ) -> Result<(), TargetError> {
-        if self.log.len() + self.applying.len() >= self.cfg.commit_log_entries_max {
+        if op.is_some()
+            && self.data_entries() + self.applying.len() >= self.cfg.commit_log_entries_max
+        {
             return Err(TargetError::Protocol(
                 "commit log overflow: peer ignored back-pressure".into(),
             ));
+        }
+        if op.is_none() && self.lock_only >= LOCKS_AHEAD_MAX {
+            return Err(TargetError::Protocol(format!(
+                "more than {LOCKS_AHEAD_MAX} LOCK frames ahead of their data"
+            )));
         }
         let lock = match range {
             None => LockState::NotNeeded,
@@ -568,6 +623,7 @@ impl Target {
             });
         }
         self.log_bytes += op.as_ref().map_or(0, Op::payload_bytes);
+        self.lock_only += usize::from(op.is_none());
         self.log.push_back(Entry {
             seq,
             range,
@@ -661,7 +717,7 @@ impl Target {
 
     #[cfg(feature = "sabotage")]
     fn ready_index(&self) -> Option<usize> {
-        match self.cfg.sabotage {
+        match self.sabotage {
             TargetSabotage::None => self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0),
             TargetSabotage::ApplyOutOfOrder => {
                 let second_ready = self.log.get(1).is_some_and(Self::entry_ready);

@@ -21,9 +21,11 @@ pub const PAYLOAD_BYTES_MAX: u32 = 1 << 20;
 /// Largest frame on the wire.
 pub const FRAME_BYTES_MAX: usize = HEADER_BYTES + PAYLOAD_BYTES_MAX as usize;
 /// Bytes in a HELLO payload.
-pub const HELLO_PAYLOAD_BYTES: usize = 112;
+pub const HELLO_PAYLOAD_BYTES: usize = HELLO_PAYLOAD_LEN as usize;
+const HELLO_PAYLOAD_LEN: u32 = 112;
 /// Bytes in a MAC or a nonce.
-pub const MAC_BYTES: usize = 32;
+pub const MAC_BYTES: usize = MAC_LEN as usize;
+const MAC_LEN: u32 = 32;
 
 /// Flag on LOCK: the source waits for GRANTED before sending the data (`lock-then-write`).
 pub const FLAG_WANT_GRANT: u16 = 1;
@@ -136,7 +138,8 @@ pub struct Hello {
     pub node_id: NodeId,
     /// The speaker's data generation.
     pub generation: Generation,
-    /// Target: last sequence number applied and durable. Source: last local sequence number.
+    /// Target: last sequence number it applied or is applying (the source resends after it).
+    /// Source: last local sequence number.
     pub last_seq: Seq,
     /// Size of the speaker's volume.
     pub volume_bytes: u64,
@@ -574,6 +577,50 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
     if le_u32(h, 44) != 0 {
         return Err(WireError::Malformed("reserved header bytes are not zero"));
     }
+    check_fields(&header)?;
+    Ok(header)
+}
+
+/// Which header fields a kind uses; every other field must be zero, so each valid frame has exactly
+/// one encoding.
+struct Uses {
+    seq: bool,
+    lba_len: bool,
+    aux: bool,
+    epoch: bool,
+}
+
+fn uses(kind: Kind) -> Uses {
+    let (seq, lba_len, aux, epoch) = match kind {
+        Kind::Hello => (true, false, false, false),
+        Kind::Auth => (false, false, false, false),
+        Kind::Refuse | Kind::Ping | Kind::Pong => (false, false, true, false),
+        Kind::Lock | Kind::Write | Kind::Discard | Kind::WriteZeroes => (true, true, false, true),
+        Kind::Flush | Kind::Reject | Kind::Granted | Kind::Nak => (true, false, false, true),
+        Kind::Ack => (true, false, true, false),
+    };
+    Uses {
+        seq,
+        lba_len,
+        aux,
+        epoch,
+    }
+}
+
+/// The per-kind rules on header fields (also re-checked by [`decode_body`], since a [`Header`]
+/// can be built or changed by its caller).
+fn check_fields(header: &Header) -> Result<(), WireError> {
+    let kind = header.kind;
+    let used = uses(kind);
+    if (!used.seq && header.seq.0 != 0)
+        || (!used.lba_len && (header.lba.0 != 0 || header.len != 0))
+        || (!used.aux && header.aux != 0)
+        || (!used.epoch && header.epoch != 0)
+    {
+        return Err(WireError::Malformed(
+            "a field this frame kind does not use is not zero",
+        ));
+    }
     if header.flags & !FLAGS_KNOWN != 0 || (header.flags != 0 && kind != Kind::Lock) {
         return Err(WireError::Malformed("unknown flags"));
     }
@@ -581,8 +628,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         return Err(WireError::PayloadTooLarge(header.payload_len));
     }
     let expected_payload = match kind {
-        Kind::Hello => Some(HELLO_PAYLOAD_BYTES as u32),
-        Kind::Auth => Some(MAC_BYTES as u32),
+        Kind::Hello => Some(HELLO_PAYLOAD_LEN),
+        Kind::Auth => Some(MAC_LEN),
         Kind::Write => None,
         _ => Some(0),
     };
@@ -605,7 +652,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         Kind::Lock | Kind::Discard | Kind::WriteZeroes => check_extent(header.lba, header.len)?,
         _ => {}
     }
-    Ok(header)
+    Ok(())
 }
 
 fn check_extent(lba: Lba, len: u32) -> Result<(), WireError> {
@@ -626,6 +673,7 @@ fn check_extent(lba: Lba, len: u32) -> Result<(), WireError> {
 /// Checks the frame checksum and builds the frame. `payload` must hold exactly
 /// `header.payload_len` bytes.
 pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> {
+    check_fields(header)?;
     if payload.len() != header.payload_len as usize {
         return Err(WireError::Truncated {
             got: payload.len(),
@@ -651,7 +699,12 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
     }
     let (seq, epoch, lba) = (header.seq, header.epoch, header.lba);
     Ok(match header.kind {
-        Kind::Hello => Frame::Hello(decode_hello(&payload, seq)),
+        Kind::Hello => {
+            if le_u32(&payload, 44) != 0 {
+                return Err(WireError::Malformed("reserved HELLO bytes are not zero"));
+            }
+            Frame::Hello(decode_hello(&payload, seq))
+        }
         Kind::Auth => {
             let mut mac = [0u8; MAC_BYTES];
             mac.copy_from_slice(&payload);

@@ -1,0 +1,94 @@
+//! Fuzz target: arbitrary bytes into `mirror_core::wire::decode`.
+//!
+//! The input is read as a stream of frames, twice: as it is, and with its checksums fixed up so
+//! that the checks behind them (version, kind, flags, lengths, extents, payload layouts) are
+//! explored without the fuzzer having to solve CRC32C. Decoding must never panic, never report a
+//! frame longer than the input or than `FRAME_BYTES_MAX`, the streaming path (`decode_header` +
+//! `decode_body`) must agree with `decode`, and every accepted frame must survive encode + decode
+//! unchanged. (Detection of corrupted bytes is a property test: `mirror-core/tests/codec_props.rs`.)
+
+#![no_main]
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use mirror_core::wire::{
+    decode, decode_body, decode_header, FRAME_BYTES_MAX, HEADER_BYTES, PAYLOAD_BYTES_MAX,
+};
+
+fuzz_target!(|data: &[u8]| {
+    check_stream(data);
+    let mut fixed = data.to_vec();
+    fix_checksums(&mut fixed);
+    check_stream(&fixed);
+});
+
+/// Decodes frames from the front of `data` until one fails or more bytes would be needed.
+fn check_stream(data: &[u8]) {
+    let mut rest = data;
+    // Bounded: each decoded frame consumes at least a header.
+    while let Ok(Some((frame, used))) = decode(rest) {
+        assert!(
+            used >= HEADER_BYTES,
+            "frame of {used} bytes is shorter than a header"
+        );
+        assert!(
+            used <= rest.len(),
+            "frame of {used} bytes from {} bytes",
+            rest.len()
+        );
+        assert!(
+            used <= FRAME_BYTES_MAX,
+            "frame of {used} bytes exceeds the limit"
+        );
+
+        let header = decode_header(rest).expect("decode accepted this header");
+        assert_eq!(HEADER_BYTES + header.payload_len as usize, used);
+        let body = Bytes::copy_from_slice(&rest[HEADER_BYTES..used]);
+        assert_eq!(decode_body(&header, body).as_ref(), Ok(&frame));
+
+        let encoded = frame.encode();
+        assert_eq!(
+            encoded.wire_len(),
+            used,
+            "re-encoded {frame:?} has another length"
+        );
+        let again = encoded.to_vec();
+        match decode(&again) {
+            Ok(Some((back, back_used))) => {
+                assert_eq!(back, frame);
+                assert_eq!(back_used, again.len());
+            }
+            other => panic!("re-encoded {frame:?} does not decode: {other:?}"),
+        }
+        rest = &rest[used..];
+    }
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Rewrites the frame checksum (bytes 48..52: header bytes 0..48 + payload) and the header
+/// checksum (bytes 52..56: header bytes 0..52) of each frame laid end to end in `buf`, following
+/// the payload length at bytes 28..32 (see docs/protocol.md).
+fn fix_checksums(buf: &mut [u8]) {
+    let mut at = 0;
+    while buf.len() - at >= HEADER_BYTES {
+        let payload_len = le_u32(buf, at + 28);
+        let end = at + HEADER_BYTES + payload_len as usize;
+        let whole = payload_len <= PAYLOAD_BYTES_MAX && end <= buf.len();
+        if whole {
+            let crc = crc32c::crc32c_append(
+                crc32c::crc32c(&buf[at..at + 48]),
+                &buf[at + HEADER_BYTES..end],
+            );
+            buf[at + 48..at + 52].copy_from_slice(&crc.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&buf[at..at + 52]);
+        buf[at + 52..at + 56].copy_from_slice(&crc.to_le_bytes());
+        if !whole {
+            return;
+        }
+        at = end;
+    }
+}

@@ -1,0 +1,954 @@
+//! The server's tasks: the accept loop, one session (reader and writer) per connection, the applier,
+//! and the local lock API. They share the engine behind a mutex that is only held for engine calls,
+//! never across I/O.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mirror_core::lock::{LocalLockId, LockError};
+use mirror_core::target::{
+    Apply, ConflictPolicy, Restored, Target, TargetConfig, TargetError, TargetStatus,
+};
+use mirror_core::wire::{self, Frame, Kind, RefuseReason, HEADER_BYTES, MAC_BYTES};
+use mirror_core::{Generation, NodeId, Range, Seq, VolumeId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::meta::{default_meta_path, Meta, MetaError};
+use crate::volume::Volume;
+
+/// Default commit log bound in payload bytes.
+pub const COMMIT_LOG_BYTES_DEFAULT: usize = 64 << 20;
+/// Default commit log bound in entries.
+pub const COMMIT_LOG_ENTRIES_DEFAULT: usize = 16 << 10;
+/// Default idle timeout: a connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Largest read a local lock holder may make at once.
+pub const READ_BYTES_MAX: usize = 64 << 20;
+/// Operations handed to one blocking write call.
+const BATCH_OPS_MAX: usize = 256;
+/// Bytes applied before a sync even if more operations are ready (bounds the durable ack delay).
+const SYNC_AFTER_BYTES: usize = 64 << 20;
+/// Frames handled by the reader before it waits for the writer to catch up (bounds the engine's
+/// queue of frames to send when the peer does not read).
+const UNSENT_INPUTS_MAX: usize = 1024;
+/// Local locks held at once.
+const LOCAL_LOCKS_MAX: usize = 64;
+/// How long a closing connection may take to send its last frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long a graceful shutdown waits for ready operations to be applied.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks one; see [`ServerHandle::local_addr`]).
+    pub listen: SocketAddr,
+    /// The volume file.
+    pub volume_path: PathBuf,
+    /// Create the volume (sparse) with this size if it does not exist; an existing file must
+    /// have this size.
+    pub create_bytes: Option<u64>,
+    /// The metadata file.
+    pub meta_path: PathBuf,
+    /// The mirrored volume's id.
+    pub volume_id: VolumeId,
+    /// This node.
+    pub node_id: NodeId,
+    /// Shared secret.
+    pub secret: Vec<u8>,
+    /// Logical block size (512 or 4096).
+    pub block_bytes: u32,
+    /// What to do when a mirrored lock meets a local lock holder.
+    pub conflict_policy: ConflictPolicy,
+    /// Commit log bound in payload bytes.
+    pub commit_log_bytes_max: usize,
+    /// Commit log bound in entries.
+    pub commit_log_entries_max: usize,
+    /// Close a connection that sends nothing for this long.
+    pub idle_timeout: Duration,
+    /// How long a local lock holder retries while the mirror holds its region.
+    pub local_lock_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with defaults for everything but the volume, its id and the secret.
+    #[must_use]
+    pub fn new(volume_path: PathBuf, volume_id: VolumeId, secret: Vec<u8>) -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            meta_path: default_meta_path(&volume_path),
+            volume_path,
+            create_bytes: None,
+            volume_id,
+            node_id: NodeId(0),
+            secret,
+            block_bytes: 4096,
+            conflict_policy: ConflictPolicy::Wait,
+            commit_log_bytes_max: COMMIT_LOG_BYTES_DEFAULT,
+            commit_log_entries_max: COMMIT_LOG_ENTRIES_DEFAULT,
+            idle_timeout: IDLE_TIMEOUT_DEFAULT,
+            local_lock_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the server could not start, stopped, or refused a local request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The volume file could not be opened or created.
+    #[error("volume {path}: {source}")]
+    Volume {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        source: io::Error,
+    },
+    /// The volume's size does not fit the configuration.
+    #[error("volume {path}: {why}")]
+    VolumeSize {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        why: String,
+    },
+    /// The metadata file is unreadable or corrupt.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// The metadata file belongs to another volume or geometry.
+    #[error("metadata file {path} does not match: {why}")]
+    MetaMismatch {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: io::Error,
+    },
+    /// Writing or syncing the volume failed: the server stopped without acknowledging it.
+    #[error("volume I/O failed: {0}")]
+    VolumeIo(String),
+    /// A local lock could not be taken within the configured time (the mirror kept the region).
+    #[error("region {0}+{1} stayed locked by the mirror")]
+    LockTimeout(u64, u64),
+    /// A local request for an empty range, a range outside the volume, or one too large.
+    #[error("bad range {0}+{1}")]
+    BadRange(u64, u64),
+    /// The server has stopped.
+    #[error("server stopped")]
+    Stopped,
+    /// A task of the server failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+enum Cmd {
+    /// Apply everything ready, sync, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Shared {
+    target: Mutex<Target>,
+    volume: Arc<Volume>,
+    meta_path: PathBuf,
+    volume_id: VolumeId,
+    idle_timeout: Duration,
+    local_lock_timeout: Duration,
+    /// Something may be ready to apply.
+    apply_wake: Notify,
+    /// Frames may be waiting to be sent.
+    tx_wake: Notify,
+    /// The commit log may have room again.
+    room_wake: Notify,
+    /// The writer has caught up.
+    drained_wake: Notify,
+    unsent_inputs: AtomicUsize,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn target(&self) -> MutexGuard<'_, Target> {
+        // The engine is never left half-updated by a panic of ours (it asserts before mutating),
+        // so a poisoned lock still holds a usable engine.
+        self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn meta(&self, durable: Seq, clean: bool) -> Meta {
+        Meta {
+            volume_id: self.volume_id,
+            durable,
+            clean,
+            volume_bytes: self.volume.volume_bytes(),
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    applier: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Flush")
+    }
+}
+
+/// Opens the volume and its metadata, binds, and starts serving.
+///
+/// Metadata: a missing file means a fresh start (durable 0, clean); a corrupt one, or one of
+/// another volume, is an error. The file is rewritten as "not clean" before serving.
+pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    if cfg.block_bytes != 512 && cfg.block_bytes != 4096 {
+        return Err(ServerError::Config(format!(
+            "block size {} (expected 512 or 4096)",
+            cfg.block_bytes
+        )));
+    }
+    if cfg.commit_log_bytes_max < wire::PAYLOAD_BYTES_MAX as usize {
+        return Err(ServerError::Config(format!(
+            "commit log of {} bytes cannot hold one {}-byte write",
+            cfg.commit_log_bytes_max,
+            wire::PAYLOAD_BYTES_MAX
+        )));
+    }
+    if cfg.commit_log_entries_max == 0 || cfg.idle_timeout.is_zero() {
+        return Err(ServerError::Config(
+            "commit log entries and idle timeout must be positive".into(),
+        ));
+    }
+    let (volume, created) = open_volume(&cfg)?;
+    let restored = restore(&cfg, &volume, created)?;
+    info!(
+        volume = %cfg.volume_path.display(),
+        volume_bytes = volume.volume_bytes(),
+        durable = %restored.durable,
+        clean = restored.clean,
+        "volume opened"
+    );
+    let target = Target::new(target_config(&cfg, volume.volume_bytes()), restored);
+    let (shutdown, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        target: Mutex::new(target),
+        volume: Arc::new(volume),
+        meta_path: cfg.meta_path.clone(),
+        volume_id: cfg.volume_id,
+        idle_timeout: cfg.idle_timeout,
+        local_lock_timeout: cfg.local_lock_timeout,
+        apply_wake: Notify::new(),
+        tx_wake: Notify::new(),
+        room_wake: Notify::new(),
+        drained_wake: Notify::new(),
+        unsent_inputs: AtomicUsize::new(0),
+        shutdown,
+    });
+    // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
+    shared.meta(restored.durable, false).store(&cfg.meta_path)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let (cmds, cmd_rx) = mpsc::channel(4);
+    let applier = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            // A panic in the applier (an engine assertion) must stop the server, not stall it.
+            let inner = tokio::spawn(applier(Arc::clone(&shared), cmd_rx));
+            match inner.await {
+                Ok(result) => result,
+                Err(e) => {
+                    error!("applier failed: {e}");
+                    shared.shutdown.send_replace(true);
+                    Err(ServerError::Internal(format!("applier failed: {e}")))
+                }
+            }
+        }
+    });
+    // The accept loop holds the only command sender: when it ends, the applier finishes.
+    let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener, cmds));
+    info!(%local_addr, "listening");
+    Ok(ServerHandle {
+        shared,
+        local_addr,
+        accept: Some(accept),
+        applier: Some(applier),
+    })
+}
+
+fn open_volume(cfg: &ServerConfig) -> Result<(Volume, bool), ServerError> {
+    let path = &cfg.volume_path;
+    let vol_err = |source| ServerError::Volume {
+        path: path.clone(),
+        source,
+    };
+    let size_err = |why: String| ServerError::VolumeSize {
+        path: path.clone(),
+        why,
+    };
+    let (volume, created) = match cfg.create_bytes {
+        Some(bytes) if !path.exists() => {
+            if bytes == 0 || bytes % u64::from(cfg.block_bytes) != 0 {
+                return Err(size_err(format!(
+                    "size {bytes} to create is not a positive multiple of the {}-byte block",
+                    cfg.block_bytes
+                )));
+            }
+            (Volume::create(path, bytes).map_err(vol_err)?, true)
+        }
+        Some(bytes) => {
+            let v = Volume::open(path).map_err(vol_err)?;
+            if v.volume_bytes() != bytes {
+                return Err(size_err(format!(
+                    "exists with {} bytes, not the {bytes} bytes asked for",
+                    v.volume_bytes()
+                )));
+            }
+            (v, false)
+        }
+        None => (Volume::open(path).map_err(vol_err)?, false),
+    };
+    let bytes = volume.volume_bytes();
+    if bytes == 0 || bytes % u64::from(cfg.block_bytes) != 0 {
+        return Err(size_err(format!(
+            "size {bytes} is not a positive multiple of the {}-byte block",
+            cfg.block_bytes
+        )));
+    }
+    Ok((volume, created))
+}
+
+fn restore(cfg: &ServerConfig, volume: &Volume, created: bool) -> Result<Restored, ServerError> {
+    let mismatch = |why: String| ServerError::MetaMismatch {
+        path: cfg.meta_path.clone(),
+        why,
+    };
+    match Meta::load(&cfg.meta_path)? {
+        Some(meta) => {
+            if created {
+                return Err(mismatch(
+                    "the volume was just created but metadata of an earlier volume exists".into(),
+                ));
+            }
+            if meta.volume_id != cfg.volume_id {
+                return Err(mismatch(format!(
+                    "it belongs to volume {}, not {}",
+                    meta.volume_id, cfg.volume_id
+                )));
+            }
+            if meta.volume_bytes != volume.volume_bytes() {
+                return Err(mismatch(format!(
+                    "it records a volume of {} bytes, the volume has {}",
+                    meta.volume_bytes,
+                    volume.volume_bytes()
+                )));
+            }
+            Ok(Restored {
+                durable: meta.durable,
+                clean: meta.clean,
+            })
+        }
+        None => {
+            if !created {
+                warn!(
+                    meta = %cfg.meta_path.display(),
+                    "no metadata file: treating the existing volume as fresh (durable seq 0)"
+                );
+            }
+            Ok(Restored {
+                durable: Seq::NONE,
+                clean: true,
+            })
+        }
+    }
+}
+
+fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {
+    TargetConfig {
+        volume_id: cfg.volume_id,
+        node_id: cfg.node_id,
+        generation: Generation(0),
+        volume_bytes,
+        block_bytes: cfg.block_bytes,
+        secret: cfg.secret.clone(),
+        conflict_policy: cfg.conflict_policy,
+        commit_log_bytes_max: cfg.commit_log_bytes_max,
+        commit_log_entries_max: cfg.commit_log_entries_max,
+        local_locks_max: LOCAL_LOCKS_MAX,
+    }
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The engine's state.
+    #[must_use]
+    pub fn status(&self) -> TargetStatus {
+        self.shared.target().status()
+    }
+
+    /// Resolves once the server has begun to stop (a fatal volume error, or [`Self::shutdown`]).
+    pub async fn stopped(&self) {
+        let mut rx = self.shared.shutdown.subscribe();
+        // An error means the sender is gone: stopped as well.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Stops gracefully: stop accepting and reading, apply what is ready, sync, record the durable
+    /// sequence number and mark the metadata clean. Returns the error that stopped the server, if
+    /// one did.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.shared.shutdown.send_replace(true);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.await;
+        }
+        // The accept loop has ended and dropped the command channel: the applier finishes.
+        let Some(applier) = self.applier.take() else {
+            return Ok(());
+        };
+        match applier.await {
+            Ok(result) => result,
+            Err(e) => Err(ServerError::Internal(format!("applier task failed: {e}"))),
+        }
+    }
+
+    /// Takes a local lock on `[offset_bytes, offset_bytes + len_bytes)`, retrying with a bounded
+    /// backoff while the mirror holds or waits for an overlapping range. While held, no mirrored
+    /// operation on the region is applied.
+    pub async fn lock_region(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<RegionLock, ServerError> {
+        let volume_bytes = self.shared.volume.volume_bytes();
+        let in_volume = offset_bytes
+            .checked_add(len_bytes)
+            .is_some_and(|end| end <= volume_bytes);
+        if len_bytes == 0 || !in_volume {
+            return Err(ServerError::BadRange(offset_bytes, len_bytes));
+        }
+        let range = Range::new(offset_bytes, len_bytes);
+        let deadline = tokio::time::Instant::now() + self.shared.local_lock_timeout;
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            if *self.shared.shutdown.borrow() {
+                return Err(ServerError::Stopped);
+            }
+            let attempt = self.shared.target().try_lock_local(range);
+            match attempt {
+                Ok(id) => {
+                    return Ok(RegionLock {
+                        shared: Arc::clone(&self.shared),
+                        id: Some(id),
+                        range,
+                    })
+                }
+                Err(LockError::BadRange) => {
+                    return Err(ServerError::BadRange(offset_bytes, len_bytes))
+                }
+                // Busy, too many holders, or a reason added later: all may clear up.
+                Err(_) => {
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        return Err(ServerError::LockTimeout(offset_bytes, len_bytes));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Reads a region while no mirrored operation touches it: takes a local lock (see
+    /// [`Self::lock_region`]), reads, releases.
+    pub async fn consistent_read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: usize,
+    ) -> Result<Vec<u8>, ServerError> {
+        if len_bytes > READ_BYTES_MAX {
+            return Err(ServerError::BadRange(offset_bytes, len_bytes as u64));
+        }
+        let lock = self.lock_region(offset_bytes, len_bytes as u64).await?;
+        let data = lock.read(offset_bytes, len_bytes).await;
+        lock.release();
+        data
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        // Not graceful (the metadata stays "not clean"), but stop accepting and serving.
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// A local lock on a region of the volume; released by [`RegionLock::release`] or on drop.
+#[derive(Debug)]
+pub struct RegionLock {
+    shared: Arc<Shared>,
+    id: Option<LocalLockId>,
+    range: Range,
+}
+
+impl RegionLock {
+    /// The locked range.
+    #[must_use]
+    pub fn range(&self) -> Range {
+        self.range
+    }
+
+    /// Reads part of the locked region.
+    pub async fn read(&self, offset_bytes: u64, len_bytes: usize) -> Result<Vec<u8>, ServerError> {
+        let inside = offset_bytes >= self.range.offset_bytes
+            && offset_bytes
+                .checked_add(len_bytes as u64)
+                .is_some_and(|end| end <= self.range.end_bytes());
+        if !inside || len_bytes > READ_BYTES_MAX {
+            return Err(ServerError::BadRange(offset_bytes, len_bytes as u64));
+        }
+        let volume = Arc::clone(&self.shared.volume);
+        tokio::task::spawn_blocking(move || volume.read(offset_bytes, len_bytes))
+            .await
+            .map_err(|e| ServerError::VolumeIo(format!("read task failed: {e}")))?
+            .map_err(|e| ServerError::VolumeIo(format!("read {offset_bytes}+{len_bytes}: {e}")))
+    }
+
+    /// Releases the lock; mirrored operations waiting for the region may proceed.
+    pub fn release(mut self) {
+        self.unlock();
+    }
+
+    fn unlock(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.shared.target().unlock_local(id);
+            self.shared.apply_wake.notify_one();
+            self.shared.tx_wake.notify_one();
+        }
+    }
+}
+
+impl Drop for RegionLock {
+    fn drop(&mut self) {
+        self.unlock();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cmds: mpsc::Sender<Cmd>) {
+    let mut stop = shared.shutdown.subscribe();
+    let mut session: Option<JoinHandle<()>> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if session.as_ref().is_some_and(|s| !s.is_finished()) {
+            info!(%peer, "refusing a second source: busy");
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        }
+        session = Some(tokio::spawn(run_session(
+            Arc::clone(&shared),
+            stream,
+            peer,
+            cmds.clone(),
+        )));
+    }
+    drop(listener);
+    if let Some(s) = session {
+        let _ = s.await;
+    }
+}
+
+async fn refuse_busy(mut stream: TcpStream) {
+    let frame = Frame::Refuse {
+        reason: RefuseReason::Busy,
+    }
+    .encode()
+    .to_vec();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Close {
+    PeerClosed,
+    Idle,
+    Io(io::Error),
+    Wire(wire::WireError),
+    Engine(TargetError),
+    Shutdown,
+    WriterGone,
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cmds: mpsc::Sender<Cmd>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut nonce = [0u8; MAC_BYTES];
+    if let Err(e) = getrandom::fill(&mut nonce) {
+        error!(%peer, "no OS randomness for a nonce: {e}");
+        return;
+    }
+    shared.target().on_connect(nonce);
+    shared.unsent_inputs.store(0, Ordering::Relaxed);
+    info!(%peer, "source connected");
+    let (mut rd, wr) = stream.into_split();
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut writer = tokio::spawn(write_loop(Arc::clone(&shared), wr, closing_rx));
+    let mut stop = shared.shutdown.subscribe();
+    let close = tokio::select! {
+        close = read_loop(&shared, &mut rd) => close,
+        _ = stop.wait_for(|s| *s) => Close::Shutdown,
+        _ = &mut writer => Close::WriterGone,
+    };
+    match &close {
+        Close::PeerClosed => info!(%peer, "source closed the connection"),
+        Close::Idle => info!(%peer, "closing: nothing received for {:?}", shared.idle_timeout),
+        Close::Io(e) => info!(%peer, "closing: {e}"),
+        Close::Wire(e) => warn!(%peer, "closing: malformed frame: {e}"),
+        Close::Engine(e) => warn!(%peer, "closing: {e}"),
+        Close::Shutdown => info!(%peer, "closing: server shutting down"),
+        Close::WriterGone => info!(%peer, "closing: cannot send to the source"),
+    }
+    if matches!(close, Close::Shutdown) {
+        // Finish what is ready so the last acknowledgement tells the source where we stand.
+        let (done_tx, done_rx) = oneshot::channel();
+        if cmds.send(Cmd::Flush(done_tx)).await.is_ok() {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx).await;
+        }
+    }
+    if !writer.is_finished() {
+        closing_tx.send_replace(true);
+        if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+    shared.target().on_disconnect();
+    shared.room_wake.notify_one();
+    shared.apply_wake.notify_one();
+}
+
+/// Reads into `buf` completely. The idle timeout restarts with every chunk received. `Ok(false)`
+/// means the peer closed before the first byte.
+async fn read_full<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    idle: Duration,
+) -> Result<bool, Close> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = match tokio::time::timeout(idle, rd.read(&mut buf[got..])).await {
+            Err(_) => return Err(Close::Idle),
+            Ok(Err(e)) => return Err(Close::Io(e)),
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(Close::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed inside a frame ({got} of {} bytes)",
+                    buf.len()
+                ),
+            )));
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+fn carries_op(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Lock | Kind::Write | Kind::Flush | Kind::Discard | Kind::WriteZeroes
+    )
+}
+
+async fn read_loop(shared: &Shared, rd: &mut OwnedReadHalf) -> Close {
+    let idle = shared.idle_timeout;
+    loop {
+        let mut head = [0u8; HEADER_BYTES];
+        match read_full(rd, &mut head, idle).await {
+            Ok(true) => {}
+            Ok(false) => return Close::PeerClosed,
+            Err(close) => return close,
+        }
+        let header = match wire::decode_header(&head) {
+            Ok(h) => h,
+            Err(e) => return Close::Wire(e),
+        };
+        let payload_len = header.payload_len as usize;
+        if carries_op(header.kind) {
+            // Back-pressure: leave the payload in the socket until the commit log has room.
+            loop {
+                let room_wake = shared.room_wake.notified();
+                if shared.target().has_room(payload_len) {
+                    break;
+                }
+                room_wake.await;
+            }
+        }
+        // At most PAYLOAD_BYTES_MAX, checked by decode_header.
+        let mut payload = vec![0u8; payload_len];
+        match read_full(rd, &mut payload, idle).await {
+            Ok(true) => {}
+            Ok(false) if payload_len == 0 => {}
+            Ok(false) => {
+                return Close::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed after a frame header",
+                ))
+            }
+            Err(close) => return close,
+        }
+        let result = {
+            let mut target = shared.target();
+            match wire::decode_body(&header, Bytes::from(payload)) {
+                Ok(frame) => target.handle_frame(frame),
+                Err(e) => {
+                    if e.nak_seq().is_some() {
+                        debug!("corrupted payload: {e}");
+                    }
+                    target.handle_wire_error(&e)
+                }
+            }
+        };
+        shared.apply_wake.notify_one();
+        shared.tx_wake.notify_one();
+        if let Err(e) = result {
+            return match e {
+                TargetError::Wire(w) => Close::Wire(w),
+                other => Close::Engine(other),
+            };
+        }
+        // Bound what the engine queues for a peer that does not read its answers.
+        while shared.unsent_inputs.fetch_add(1, Ordering::Relaxed) >= UNSENT_INPUTS_MAX {
+            shared.unsent_inputs.fetch_sub(1, Ordering::Relaxed);
+            shared.drained_wake.notified().await;
+        }
+    }
+}
+
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut wr: OwnedWriteHalf,
+    mut closing: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        buf.clear();
+        {
+            let mut target = shared.target();
+            while buf.len() < (1 << 20) {
+                let Some(frame) = target.poll_transmit() else {
+                    break;
+                };
+                buf.extend_from_slice(&frame.encode().to_vec());
+            }
+        }
+        if !buf.is_empty() {
+            match tokio::time::timeout(shared.idle_timeout, wr.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!("write to source failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("source did not read for {:?}", shared.idle_timeout);
+                    return;
+                }
+            }
+            shared.unsent_inputs.store(0, Ordering::Relaxed);
+            shared.drained_wake.notify_one();
+            continue;
+        }
+        shared.unsent_inputs.store(0, Ordering::Relaxed);
+        shared.drained_wake.notify_one();
+        if *closing.borrow() {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        tokio::select! {
+            _ = shared.tx_wake.notified() => {}
+            _ = closing.changed() => {}
+        }
+    }
+}
+
+/// Applies operations in order, syncs once per batch, records the durable sequence number. Runs
+/// until the command channel closes, then marks the metadata clean.
+async fn applier(shared: Arc<Shared>, mut cmds: mpsc::Receiver<Cmd>) -> Result<(), ServerError> {
+    let result = applier_rounds(&shared, &mut cmds).await;
+    match &result {
+        Ok(()) => {
+            // Stopping: nothing is being applied; sync and mark clean.
+            let applied = shared.target().applied();
+            let meta = shared.meta(applied, true);
+            let volume = Arc::clone(&shared.volume);
+            let path = shared.meta_path.clone();
+            let synced = blocking(move || {
+                volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
+                meta.store(&path).map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = synced {
+                error!("final sync failed: {e}");
+                return Err(ServerError::VolumeIo(e));
+            }
+            shared.target().handle_durable(applied);
+            info!(durable = %applied, "stopped cleanly");
+        }
+        Err(e) => {
+            error!("stopping: {e}");
+            shared.shutdown.send_replace(true);
+        }
+    }
+    result
+}
+
+async fn applier_rounds(
+    shared: &Arc<Shared>,
+    cmds: &mut mpsc::Receiver<Cmd>,
+) -> Result<(), ServerError> {
+    loop {
+        if round(shared).await? {
+            continue;
+        }
+        tokio::select! {
+            _ = shared.apply_wake.notified() => {}
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Flush(done)) => {
+                    while round(shared).await? {}
+                    let _ = done.send(());
+                }
+                None => {
+                    while round(shared).await? {}
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("I/O task failed: {e}"))?
+}
+
+/// Applies what is ready (up to a bound), then syncs and records durability once. Returns whether
+/// the bound cut the round short (more may be ready).
+async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
+    let mut applied_bytes = 0usize;
+    let mut more = false;
+    loop {
+        let batch: Vec<Apply> = {
+            let mut target = shared.target();
+            std::iter::from_fn(|| target.poll_apply())
+                .take(BATCH_OPS_MAX)
+                .collect()
+        };
+        if batch.is_empty() {
+            break;
+        }
+        shared.room_wake.notify_one();
+        let volume = Arc::clone(&shared.volume);
+        let batch = blocking(move || {
+            for a in &batch {
+                volume
+                    .apply(&a.op)
+                    .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
+            }
+            Ok(batch)
+        })
+        .await
+        .map_err(ServerError::VolumeIo)?;
+        {
+            let mut target = shared.target();
+            for a in &batch {
+                target.handle_applied(a.seq);
+                applied_bytes += a.op.payload_bytes();
+            }
+        }
+        shared.room_wake.notify_one();
+        shared.tx_wake.notify_one();
+        if applied_bytes >= SYNC_AFTER_BYTES {
+            more = true;
+            break;
+        }
+    }
+    let (needs_sync, applied) = {
+        let target = shared.target();
+        (target.needs_sync(), target.applied())
+    };
+    if needs_sync {
+        let meta = shared.meta(applied, false);
+        let volume = Arc::clone(&shared.volume);
+        let path = shared.meta_path.clone();
+        blocking(move || {
+            volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
+            meta.store(&path).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(ServerError::VolumeIo)?;
+        shared.target().handle_durable(applied);
+        shared.tx_wake.notify_one();
+    }
+    Ok(more)
+}

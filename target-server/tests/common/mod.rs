@@ -1,0 +1,264 @@
+//! Shared test helpers: an in-process server and a hand-driven client around the `Source` engine.
+
+#![allow(dead_code, clippy::cast_possible_truncation)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mirror_core::source::{LockStyle, Mode, Source, SourceConfig, SourceError};
+use mirror_core::wire::{self, Frame, Op, HEADER_BYTES};
+use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
+use target_server::{ServerConfig, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub const VOLUME_ID: VolumeId = VolumeId([0x11; 16]);
+pub const SECRET: &[u8] = b"test-secret";
+pub const BLOCK: u64 = 4096;
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub volume: PathBuf,
+    pub meta: PathBuf,
+    pub volume_bytes: u64,
+    pub server: ServerHandle,
+}
+
+impl Fixture {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub fn volume_content(&self) -> Vec<u8> {
+        std::fs::read(&self.volume).unwrap()
+    }
+}
+
+pub fn server_config(dir: &tempfile::TempDir, volume_bytes: u64) -> ServerConfig {
+    let volume = dir.path().join("target.img");
+    let mut cfg = ServerConfig::new(volume, VOLUME_ID, SECRET.to_vec());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.create_bytes = Some(volume_bytes);
+    cfg
+}
+
+pub async fn start_server(volume_bytes: u64, tweak: impl FnOnce(&mut ServerConfig)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&dir, volume_bytes);
+    tweak(&mut cfg);
+    let (volume, meta) = (cfg.volume_path.clone(), cfg.meta_path.clone());
+    let server = target_server::start(cfg).await.unwrap();
+    Fixture {
+        dir,
+        volume,
+        meta,
+        volume_bytes,
+        server,
+    }
+}
+
+pub fn source_config(volume_bytes: u64, mode: Mode) -> SourceConfig {
+    SourceConfig {
+        volume_id: VOLUME_ID,
+        node_id: NodeId(1),
+        generation: Generation(0),
+        volume_bytes,
+        block_bytes: BLOCK as u32,
+        secret: SECRET.to_vec(),
+        mode,
+        flush_replicates: true,
+        lock_style: LockStyle::Implied,
+        log_bytes_max: 32 << 20,
+        log_entries_max: 4096,
+    }
+}
+
+/// How a read ended without a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Nothing arrived in time.
+    Timeout,
+    /// The server closed the connection.
+    Closed,
+}
+
+/// A frame received, or how reading ended.
+pub async fn read_frame(stream: &mut TcpStream, wait: Duration) -> Result<Frame, End> {
+    let mut head = [0u8; HEADER_BYTES];
+    match tokio::time::timeout(wait, stream.read_exact(&mut head)).await {
+        Err(_) => return Err(End::Timeout),
+        Ok(Err(_)) => return Err(End::Closed),
+        Ok(Ok(_)) => {}
+    }
+    let header = wire::decode_header(&head).expect("server sent a bad header");
+    let mut payload = vec![0u8; header.payload_len as usize];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut payload))
+        .await
+        .expect("payload in time")
+        .expect("payload");
+    Ok(wire::decode_body(&header, Bytes::from(payload)).expect("server sent a bad frame"))
+}
+
+/// Reads until the server closes the connection; returns the frames seen. Panics after `wait`.
+pub async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Vec<Frame> {
+    let deadline = Instant::now() + wait;
+    let mut frames = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "connection still open; got {frames:?}");
+        match read_frame(stream, left).await {
+            Ok(f) => frames.push(f),
+            Err(End::Closed) => return frames,
+            Err(End::Timeout) => panic!("connection still open after {wait:?}; got {frames:?}"),
+        }
+    }
+}
+
+/// A source engine pumped by hand over one TCP connection.
+pub struct Client {
+    pub src: Source,
+    pub stream: TcpStream,
+    /// Frames received from the target, in order (for checks on NAK, REJECT, GRANTED).
+    pub seen: Vec<Frame>,
+    rng: fastrand::Rng,
+}
+
+impl Client {
+    /// Connects and starts the handshake (HELLO is queued, not yet sent).
+    pub async fn connect(addr: std::net::SocketAddr, mut src: Source, seed: u64) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut nonce = [0u8; 32];
+        rng.fill(&mut nonce);
+        src.on_connect(nonce);
+        Client {
+            src,
+            stream,
+            seen: Vec::new(),
+            rng,
+        }
+    }
+
+    /// Connects and completes the handshake, retrying while the server still serves an earlier
+    /// connection (REFUSE Busy).
+    pub async fn connect_ready(addr: std::net::SocketAddr, mut src: Source, seed: u64) -> Client {
+        for attempt in 0..100 {
+            let mut c = Client::connect(addr, src, seed + attempt).await;
+            match c
+                .pump_until(
+                    |s| s.status().conn == mirror_core::source::ConnState::Connected,
+                    Duration::from_secs(5),
+                )
+                .await
+            {
+                Ok(()) => return c,
+                Err(e) if e.contains("already serves") => {
+                    c.src.on_disconnect();
+                    src = c.src;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("handshake failed: {e}"),
+            }
+        }
+        panic!("server stayed busy");
+    }
+
+    /// Hands the engine back after closing the connection.
+    pub fn disconnect(mut self) -> Source {
+        self.src.on_disconnect();
+        self.src
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Submits a write of `data` at byte `offset`.
+    pub fn write(&mut self, offset: u64, data: Vec<u8>) -> Seq {
+        self.src
+            .submit(
+                Op::Write {
+                    lba: Lba::from_bytes(offset),
+                    data: Bytes::from(data),
+                },
+                0,
+            )
+            .unwrap()
+    }
+
+    /// Pumps until `done` holds for the engine. Errors carry the engine's or the stream's message.
+    pub async fn pump_until(
+        &mut self,
+        done: impl FnMut(&Source) -> bool,
+        wait: Duration,
+    ) -> Result<(), String> {
+        self.pump_until_with(done, wait, |_, _| {}).await
+    }
+
+    /// Like [`Client::pump_until`]; `mutate` may change each frame's bytes before they are sent.
+    pub async fn pump_until_with(
+        &mut self,
+        mut done: impl FnMut(&Source) -> bool,
+        wait: Duration,
+        mut mutate: impl FnMut(&Frame, &mut Vec<u8>),
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            while let Some(frame) = self.src.poll_transmit() {
+                let mut bytes = frame.encode().to_vec();
+                mutate(&frame, &mut bytes);
+                self.stream
+                    .write_all(&bytes)
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
+            }
+            while self.src.poll_completion().is_some() {}
+            if done(&self.src) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out; source status {:?}", self.src.status()));
+            }
+            match read_frame(&mut self.stream, Duration::from_millis(20)).await {
+                Ok(frame) => {
+                    self.seen.push(frame.clone());
+                    self.src
+                        .handle_frame(frame)
+                        .map_err(|e: SourceError| e.to_string())?;
+                }
+                Err(End::Timeout) => {}
+                Err(End::Closed) => return Err("connection closed".into()),
+            }
+        }
+    }
+
+    /// Pumps until everything submitted is durable on the target.
+    pub async fn sync(&mut self) {
+        let last = self.src.status().last_local;
+        self.pump_until(|s| s.status().durable >= last, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+
+    pub fn rng(&mut self) -> &mut fastrand::Rng {
+        &mut self.rng
+    }
+}
+
+/// A seed from the environment (`TEST_SEED`) or the clock; printed so a failure replays.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("{test}: seed {seed} (replay with TEST_SEED={seed})");
+    seed
+}
