@@ -1,0 +1,467 @@
+//! End-to-end: `ublk-mirror loadgen` mirroring to a real `target-server` on loopback, through the
+//! fault-injecting proxy.
+//!
+//! Needs the workspace binaries built first in the same profile:
+//! `cargo build --workspace --bins && cargo test --workspace` (or set `UBLK_MIRROR_BIN` and
+//! `TARGET_SERVER_BIN`). Every random test prints its seed; `E2E_SEED=<seed>` replays it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mirror_tests::procs::{
+    self, first_difference, missing_acks, read_ack_log, Finished, TargetServer, TargetServerOpts,
+};
+use mirror_tests::proxy::{FaultProxy, Faults};
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+const VOLUME_ID: &str = "0123456789abcdef0123456789abcdef";
+const OTHER_VOLUME_ID: &str = "fedcba9876543210fedcba9876543210";
+const LOADGEN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Files of one scenario in a temporary directory (kept when the scenario fails).
+#[derive(Clone)]
+struct Rig {
+    dir: PathBuf,
+    secret: PathBuf,
+}
+
+impl Rig {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn server_opts(&self, volume: &str, size: u64, block_bytes: u32) -> TargetServerOpts {
+        TargetServerOpts {
+            volume: self.path(volume),
+            create_size: Some(size),
+            volume_id: VOLUME_ID.to_string(),
+            secret_file: self.secret.clone(),
+            block_bytes,
+            stderr: self.path(&format!("{volume}.server.log")),
+            log: "info".to_string(),
+        }
+    }
+
+    /// The last lines of every log in the directory.
+    fn dump_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!("---- {} (last {} lines)", path.display(), tail.len());
+                for line in tail {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Runs a scenario in a fresh directory; on failure prints the logs, keeps the directory and
+/// panics with the error and the seed.
+async fn scenario<F, Fut>(name: &str, f: F)
+where
+    F: FnOnce(Rig, u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let seed = mirror_tests::seed();
+    println!("{name}: seed {seed} (replay with E2E_SEED={seed})");
+    let tmp = TempDir::new().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "e2e shared secret\n").expect("secret");
+    let rig = Rig {
+        dir: tmp.path().to_owned(),
+        secret,
+    };
+    let started = Instant::now();
+    let result = f(rig.clone(), seed).await;
+    println!("{name}: {:.1} s", started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        rig.dump_logs();
+        let kept = tmp.keep();
+        panic!(
+            "{name} failed (seed {seed}, files kept in {}): {e:#}",
+            kept.display()
+        );
+    }
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_string()).collect()
+}
+
+fn summary(run: &Finished) -> anyhow::Result<serde_json::Value> {
+    let line = run
+        .stdout
+        .lines()
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("loadgen printed nothing"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn check_success(run: &Finished, rig: &Rig, name: &str) -> anyhow::Result<serde_json::Value> {
+    std::fs::write(rig.path(&format!("{name}.loadgen.log")), &run.stderr)?;
+    if !run.status.success() {
+        anyhow::bail!(
+            "loadgen {name} failed ({}): {}",
+            run.status,
+            run.stderr.lines().last().unwrap_or("")
+        );
+    }
+    let s = summary(run)?;
+    anyhow::ensure!(s["replicated"] == true, "loadgen did not wait: {s}");
+    Ok(s)
+}
+
+fn identical(a: &Path, b: &Path) -> anyhow::Result<()> {
+    if let Some(at) = first_difference(a, b)? {
+        anyhow::bail!(
+            "{} and {} differ first at byte {at}",
+            a.display(),
+            b.display()
+        );
+    }
+    Ok(())
+}
+
+/// (a) Thousands of random overlapping writes of mixed sizes, in each mode, through delay, a
+/// bandwidth cap, random cuts and corruption: the files end byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_random_writes_under_faults_converge_in_every_mode() {
+    scenario("random writes under faults", |rig, seed| async move {
+        let modes = ["async", "received", "sync", "lock-then-write"];
+        for (i, mode) in modes.iter().enumerate() {
+            let seed = seed.wrapping_add(i as u64);
+            let volume_bytes: u64 = 4 << 20;
+            let name = format!("faults-{mode}");
+            let mut server = TargetServer::start(&rig.server_opts(
+                &format!("{name}.target"),
+                volume_bytes,
+                512,
+            ))
+            .await?;
+            let faults = Faults {
+                corrupt_prob: 0.005,
+                cut_every: Some(Duration::from_millis(400)),
+                ..Faults::none()
+            }
+            .with_delay(Duration::from_millis(1))
+            .with_bandwidth(16 << 20);
+            let proxy = FaultProxy::start("127.0.0.1:0", server.addr, faults, seed).await?;
+            let source = rig.path(&format!("{name}.source"));
+            let started = Instant::now();
+            let run = procs::run_loadgen(
+                &args(&[
+                    "--volume",
+                    source.to_str().unwrap_or_default(),
+                    "--volume-bytes",
+                    &volume_bytes.to_string(),
+                    "--peer",
+                    &proxy.addr().to_string(),
+                    "--volume-id",
+                    VOLUME_ID,
+                    "--secret-file",
+                    rig.secret.to_str().unwrap_or_default(),
+                    "--mode",
+                    mode,
+                    "--block-bytes",
+                    "512",
+                    "--max-blocks",
+                    "16",
+                    "--ops",
+                    "3000",
+                    "--qd",
+                    "8",
+                    "--flush-every",
+                    "250",
+                    "--seed",
+                    &seed.to_string(),
+                    "--log-bytes-max",
+                    "1M",
+                    "--json",
+                ]),
+                LOADGEN_TIMEOUT,
+            )
+            .await?;
+            let s = check_success(&run, &rig, &name)?;
+            let stats = proxy.stats();
+            println!(
+                "mode {mode}: seed {seed}, {:.1} s, {} writes, {} flushes, connects {}, proxy {stats:?}",
+                started.elapsed().as_secs_f64(),
+                s["writes"],
+                s["flushes"],
+                s["connects"]
+            );
+            anyhow::ensure!(s["writes"] == 3000, "summary {s}");
+            drop(proxy);
+            let status = server.terminate(Duration::from_secs(20)).await?;
+            anyhow::ensure!(status.success(), "target-server exited with {status}");
+            identical(&source, &rig.path(&format!("{name}.target")))?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Starts loadgen in the background with `--distinct --ack-log` through a proxy to `server`, kills
+/// the server with `kill -9` after each number of acknowledged writes in `kill_after`, checks
+/// (for `sync`) that the killed server's image holds every acknowledged write, restarts it on the
+/// same volume, and checks that the files end identical.
+async fn kill_scenario(
+    rig: Rig,
+    seed: u64,
+    mode: &str,
+    kill_after: &[usize],
+    faults: Faults,
+    check_acks: bool,
+) -> anyhow::Result<()> {
+    let block: u64 = 512;
+    let volume_bytes: u64 = 16 << 20;
+    let opts = rig.server_opts("kill.target", volume_bytes, 512);
+    let mut server = TargetServer::start(&opts).await?;
+    let proxy = FaultProxy::start("127.0.0.1:0", server.addr, faults, seed).await?;
+    let source = rig.path("kill.source");
+    let ack_log = rig.path("acks.txt");
+    let child = procs::loadgen(
+        &args(&[
+            "--volume",
+            source.to_str().unwrap_or_default(),
+            "--volume-bytes",
+            &volume_bytes.to_string(),
+            "--peer",
+            &proxy.addr().to_string(),
+            "--volume-id",
+            VOLUME_ID,
+            "--secret-file",
+            rig.secret.to_str().unwrap_or_default(),
+            "--mode",
+            mode,
+            "--block-bytes",
+            "512",
+            "--max-blocks",
+            "8",
+            "--ops",
+            "3000",
+            "--qd",
+            "8",
+            "--distinct",
+            "--ack-log",
+            ack_log.to_str().unwrap_or_default(),
+            "--seed",
+            &seed.to_string(),
+            "--json",
+        ]),
+        Some(&rig.path("kill.loadgen.log")),
+    )?
+    .env("RUST_LOG", "info")
+    .spawn()?;
+    for (round, &after) in kill_after.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let acked = read_ack_log(&ack_log).map(|a| a.len()).unwrap_or(0);
+            if acked >= after {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {acked} writes acknowledged after 60 s (round {round})"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill9().await?;
+        let acks = read_ack_log(&ack_log)?;
+        if check_acks {
+            let missing = missing_acks(&opts.volume, &acks, block)?;
+            println!(
+                "kill {round}: {} writes acknowledged, {} missing on the killed target",
+                acks.len(),
+                missing.len()
+            );
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "{} acknowledged writes are not on the target after kill -9, first {:?}",
+                    missing.len(),
+                    missing[0]
+                );
+            }
+        } else {
+            println!("kill {round}: {} writes acknowledged", acks.len());
+        }
+        // Let the source notice and retry against a dead upstream for a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server = TargetServer::start(&opts).await?;
+        proxy.set_upstream(server.addr);
+    }
+    let run = procs::finish(child, LOADGEN_TIMEOUT).await?;
+    anyhow::ensure!(
+        run.status.success(),
+        "loadgen failed ({}), see kill.loadgen.log",
+        run.status
+    );
+    let s = summary(&run)?;
+    anyhow::ensure!(s["replicated"] == true, "loadgen did not wait: {s}");
+    println!("loadgen: {s}");
+    anyhow::ensure!(s["writes"] == 3000, "summary {s}");
+    let acks = read_ack_log(&ack_log)?;
+    anyhow::ensure!(acks.len() == 3000, "{} acks logged", acks.len());
+    let missing = missing_acks(&opts.volume, &acks, block)?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} writes missing at the end",
+        missing.len()
+    );
+    drop(proxy);
+    let status = server.terminate(Duration::from_secs(20)).await?;
+    anyhow::ensure!(status.success(), "target-server exited with {status}");
+    identical(&source, &opts.volume)
+}
+
+/// (b) `sync`: kill -9 of the target mid-run loses no acknowledged write; after a restart on the
+/// same volume the run finishes and the files are identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_sync_kill9_of_the_target_loses_no_acknowledged_write() {
+    scenario("sync kill -9", |rig, seed| async move {
+        let faults = Faults::none().with_delay(Duration::from_millis(1));
+        kill_scenario(rig, seed, "sync", &[500, 1800], faults, true).await
+    })
+    .await;
+}
+
+/// (c) `async`: kill -9 of the target while it lags behind; after a restart the files converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_async_kill9_of_the_target_converges() {
+    scenario("async kill -9", |rig, seed| async move {
+        // A rate cap keeps the target behind the acknowledged writes when it is killed.
+        let faults = Faults::none()
+            .with_delay(Duration::from_millis(1))
+            .with_bandwidth(4 << 20);
+        kill_scenario(rig, seed, "async", &[1000, 2500], faults, false).await
+    })
+    .await;
+}
+
+/// `list` with the value after `flag` replaced.
+fn replace(mut list: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    if let Some(i) = list.iter().position(|a| a == flag) {
+        list[i + 1] = value.to_string();
+    }
+    list
+}
+
+fn one_error_line(run: &Finished, expect: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(!run.status.success(), "loadgen succeeded: {}", run.stdout);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    anyhow::ensure!(
+        lines.len() == 1,
+        "expected one error line, got {}: {:?}",
+        lines.len(),
+        run.stderr
+    );
+    anyhow::ensure!(
+        lines[0].starts_with("ublk-mirror: error: ") && lines[0].contains(expect),
+        "error line {:?} does not mention {expect:?}",
+        lines[0]
+    );
+    println!("{}", lines[0]);
+    Ok(())
+}
+
+/// (d) Bad input gives one clear error line and a non-zero exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_loadgen_errors_are_one_clear_line() {
+    scenario("loadgen errors", |rig, _seed| async move {
+        let volume_bytes: u64 = 1 << 20;
+        let mut server =
+            TargetServer::start(&rig.server_opts("errors.target", volume_bytes, 4096)).await?;
+        let peer = server.addr.to_string();
+        let source = rig.path("errors.source");
+        let secret = rig.secret.to_str().unwrap_or_default().to_string();
+        let base = |peer: &str, volume_id: &str, secret: &str| {
+            args(&[
+                "--volume",
+                source.to_str().unwrap_or_default(),
+                "--volume-bytes",
+                &volume_bytes.to_string(),
+                "--peer",
+                peer,
+                "--volume-id",
+                volume_id,
+                "--secret-file",
+                secret,
+                "--mode",
+                "sync",
+                "--ops",
+                "10",
+                "--connect-timeout-secs",
+                "2",
+            ])
+        };
+        let t = Duration::from_secs(30);
+
+        // The happy path first, so that the failures below are the flags' fault.
+        let ok = procs::run_loadgen(&base(&peer, VOLUME_ID, &secret), t).await?;
+        anyhow::ensure!(ok.status.success(), "baseline run failed: {}", ok.stderr);
+
+        let missing = rig.path("no-such-secret");
+        let run = procs::run_loadgen(
+            &base(&peer, VOLUME_ID, missing.to_str().unwrap_or_default()),
+            t,
+        )
+        .await?;
+        one_error_line(&run, "secret file")?;
+
+        let free = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let started = Instant::now();
+        let run = procs::run_loadgen(&base(&free.to_string(), VOLUME_ID, &secret), t).await?;
+        one_error_line(&run, "cannot reach the target")?;
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "unreachable peer took {:?}",
+            started.elapsed()
+        );
+
+        let wrong = rig.path("wrong-secret");
+        std::fs::write(&wrong, "not the secret")?;
+        let run = procs::run_loadgen(
+            &base(&peer, VOLUME_ID, wrong.to_str().unwrap_or_default()),
+            t,
+        )
+        .await?;
+        one_error_line(&run, "authentication")?;
+
+        let run = procs::run_loadgen(&base(&peer, OTHER_VOLUME_ID, &secret), t).await?;
+        one_error_line(&run, "refused")?;
+
+        let bad = replace(base(&peer, VOLUME_ID, &secret), "--mode", "bogus");
+        let run = procs::run_loadgen(&bad, t).await?;
+        one_error_line(&run, "bogus")?;
+
+        let mut bad = base(&peer, VOLUME_ID, &secret);
+        bad.extend(args(&["--qd", "0"]));
+        let run = procs::run_loadgen(&bad, t).await?;
+        one_error_line(&run, "--qd")?;
+
+        let bad = replace(base(&peer, VOLUME_ID, &secret), "--volume-bytes", "1000");
+        let run = procs::run_loadgen(&bad, t).await?;
+        one_error_line(&run, "--volume-bytes")?;
+
+        let mut bad = base(&peer, VOLUME_ID, &secret);
+        bad.extend(args(&["--no-such-flag"]));
+        let run = procs::run_loadgen(&bad, t).await?;
+        one_error_line(&run, "--no-such-flag")?;
+
+        let run = procs::run_loadgen(&base(&peer, "xyz", &secret), t).await?;
+        one_error_line(&run, "32 hex digits")?;
+
+        let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        Ok(())
+    })
+    .await;
+}

@@ -1,0 +1,393 @@
+#!/bin/bash
+# tests/vm/suite.sh — the real-device test suite. Runs INSIDE the VM (scripts/vm/suite boots it),
+# as root, with the binaries already built on the host.
+#
+# usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
+#                                                kill9 sigterm delete perf)
+#
+# Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
+# Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
+# Logs (daemon, target, fio) go to OUTDIR; OUTDIR/fio-table.md holds the performance table.
+#
+# environment: UBLK_MIRROR_BIN_DIR (default: <repo>/target/release), UBLK_MIRROR_PERF_SECS (default 10)
+set -u
+
+OUT=${1:?usage: suite.sh OUTDIR [CASE...]}
+shift
+mkdir -p "$OUT" || exit 1
+OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+BIN=${UBLK_MIRROR_BIN_DIR:-$REPO/target/release}
+UM=$BIN/ublk-mirror
+TS=$BIN/target-server
+PERF_SECS=${UBLK_MIRROR_PERF_SECS:-10}
+export UBLK_MIRROR_RUN_DIR=/run/ublk-mirror
+W=/tmp/vmsuite
+MNT=/tmp/vmsuite-mnt
+RO=/tmp/vmsuite-ro
+VID=5eed0000aaaa4bbbcccc0123456789ab
+SIZE=$((320 << 20)) # mkfs.xfs needs at least 300 MB
+
+NP=0
+NF=0
+pass() { echo "PASS $1"; NP=$((NP + 1)); }
+fail() { echo "FAIL $1: $2"; NF=$((NF + 1)); }
+note() { echo "  [$(date +%T)] $*"; }
+finish() {
+    cleanup_all
+    echo "$NP passed, $NF failed"
+    [ "$NF" -eq 0 ] && [ "$NP" -gt 0 ]
+    exit $?
+}
+
+T0=$(date +%s)
+echo "vm-suite: kernel $(uname -r), $(nproc) cpus, binaries from $BIN"
+for b in "$UM" "$TS"; do
+    [ -x "$b" ] || { fail setup "missing binary $b (run cargo build --release --workspace)"; finish; }
+done
+for t in fio jq mkfs.ext4 e2fsck mkfs.xfs xfs_repair losetup cmp; do
+    command -v "$t" >/dev/null || { fail setup "missing tool $t (run scripts/vm/setup)"; finish; }
+done
+if ! modprobe ublk_drv; then
+    fail setup "modprobe ublk_drv failed: this kernel cannot run the device"
+    finish
+fi
+[ -e /dev/ublk-control ] || { fail setup "/dev/ublk-control missing after modprobe"; finish; }
+modprobe loop || { fail setup "modprobe loop failed"; finish; }
+mkdir -p "$W" "$MNT" "$RO" || exit 1
+echo "vm-suite-secret-$RANDOM$RANDOM" > "$W/secret"
+echo "a-different-secret" > "$W/secret2"
+
+# --- helpers -------------------------------------------------------------------------------
+TPIDS=()   # target-server pids we started
+PORT=7800
+
+# new_volumes TAG: fresh sparse source and target volumes ($W/TAG-src.img, $W/TAG-tgt.img)
+new_volumes() {
+    rm -f "$W/$1-src.img" "$W/$1-tgt.img" "$W/$1-tgt.img".*
+    truncate -s "$SIZE" "$W/$1-src.img"
+}
+
+# start_target TAG [SECRET]: target-server for TAG's target volume on a new port (sets TPORT, TPID)
+start_target() {
+    local tag=$1 secret=${2:-$W/secret} log
+    PORT=$((PORT + 1))
+    TPORT=$PORT
+    log=$OUT/target-$tag.log
+    : >"$log"
+    restart_target "$tag" "$secret"
+}
+
+# restart_target TAG [SECRET]: (re)start on $TPORT
+restart_target() {
+    local tag=$1 secret=${2:-$W/secret} log=$OUT/target-$1.log i
+    "$TS" --listen "127.0.0.1:$TPORT" --volume "$W/$tag-tgt.img" --create-size "$SIZE" \
+        --volume-id "$VID" --secret-file "$secret" >>"$log" 2>&1 &
+    TPID=$!
+    TPIDS+=("$TPID")
+    for i in $(seq 100); do
+        grep -q "listening on" "$log" 2>/dev/null && [ "$(grep -c 'listening on' "$log")" -ge "${TARGET_STARTS:-1}" ] && return 0
+        kill -0 "$TPID" 2>/dev/null || { echo "target-server exited: $(tail -n 3 "$log")"; return 1; }
+        sleep 0.1
+    done
+    echo "target-server not listening after 10 s"
+    return 1
+}
+
+stop_target() {
+    [ -n "${TPID:-}" ] || return 0
+    kill -TERM "$TPID" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$TPID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$TPID" 2>/dev/null
+    wait "$TPID" 2>/dev/null
+    TPID=""
+}
+
+# start_daemon NAME TAG MODE [EXTRA...]: background daemon on TAG's source volume (sets DEV, DPID)
+start_daemon() {
+    local name=$1 tag=$2 mode=$3 st
+    shift 3
+    if ! "$UM" start --name "$name" --volume "$W/$tag-src.img" --peer "127.0.0.1:$TPORT" \
+        --volume-id "$VID" --secret-file "$W/secret" --mode "$mode" --log-file "$OUT/daemon-$name.log" \
+        "$@" >"$OUT/start-$name.out" 2>&1; then
+        echo "start failed: $(cat "$OUT/start-$name.out")"
+        return 1
+    fi
+    st=$("$UM" status --name "$name" --json) || return 1
+    DEV=$(jq -r .device <<<"$st")
+    DPID=$(jq -r .pid <<<"$st")
+    [ -b "$DEV" ] || { echo "no block device $DEV"; return 1; }
+}
+
+stop_daemon() {
+    "$UM" stop --name "$1" >"$OUT/stop-$1.out" 2>&1 || { echo "stop failed: $(cat "$OUT/stop-$1.out")"; return 1; }
+}
+
+# same_volumes TAG: source and target volumes byte-identical
+same_volumes() {
+    local out
+    out=$(cmp "$W/$1-src.img" "$W/$1-tgt.img" 2>&1) && return 0
+    echo "volumes differ: $out"
+    return 1
+}
+
+cleanup_all() {
+    mountpoint -q "$MNT" && umount -l "$MNT"
+    mountpoint -q "$RO" && umount -l "$RO"
+    for s in /run/ublk-mirror/*.sock; do
+        [ -e "$s" ] || continue
+        n=$(basename "$s" .sock)
+        timeout 60 "$UM" stop --name "$n" >/dev/null 2>&1 || timeout 30 "$UM" delete --name "$n" >/dev/null 2>&1
+    done
+    for p in "${TPIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    TPIDS=()
+}
+
+# expect_error NAME SUBSTRING CMD...: CMD fails with exactly one `ublk-mirror: error:` line
+expect_error() {
+    local name=$1 want=$2 err rc lines
+    shift 2
+    err=$("$@" 2>&1 >/dev/null)
+    rc=$?
+    lines=$(printf '%s\n' "$err" | grep -c .)
+    if [ "$rc" -eq 0 ]; then
+        fail "$name" "succeeded (expected an error mentioning '$want')"
+    elif [ "$lines" -ne 1 ] || [[ "$err" != "ublk-mirror: error: "* ]] || [[ "$err" != *"$want"* ]]; then
+        fail "$name" "exit $rc, stderr: $err"
+    else
+        pass "$name"
+        echo "    $err"
+    fi
+}
+
+# write_files DIR N: N files of random sizes in nested dirs, each fsynced
+write_files() {
+    local dir=$1 n=$2 i d
+    for i in $(seq "$n"); do
+        d=$dir/d$((i % 10))
+        [ -d "$d" ] || mkdir -p "$d"
+        head -c $(((RANDOM * 7 + i * 131) % 98304 + 1)) /dev/urandom >"$d/f$i" || return 1
+        sync "$d/f$i" || return 1
+    done
+    sync -f "$dir"
+}
+
+# --- cases ---------------------------------------------------------------------------------
+case_errors() {
+    new_volumes err
+    start_target err || { fail errors-setup "target"; return; }
+    local common=(--peer "127.0.0.1:$TPORT" --volume-id "$VID" --secret-file "$W/secret")
+    expect_error error-bad-mode "mode" "$UM" start --name e1 --volume "$W/err-src.img" "${common[@]}" --mode fast
+    expect_error error-bad-block-size "block" "$UM" start --name e1 --volume "$W/err-src.img" "${common[@]}" --block-bytes 1000
+    expect_error error-bad-volume-id "volume-id" "$UM" start --name e1 --volume "$W/err-src.img" --peer "127.0.0.1:$TPORT" --volume-id xyz --secret-file "$W/secret"
+    expect_error error-missing-volume "/nonexistent/vol.img" "$UM" start --name e1 --volume /nonexistent/vol.img "${common[@]}"
+    expect_error error-missing-secret "secret" "$UM" start --name e1 --volume "$W/err-src.img" --peer "127.0.0.1:$TPORT" --volume-id "$VID" --secret-file /nonexistent/secret
+    expect_error error-unreachable-peer "cannot reach peer" "$UM" start --name e1 --volume "$W/err-src.img" --peer 127.0.0.1:1 --volume-id "$VID" --secret-file "$W/secret" --connect-timeout-secs 2
+    expect_error error-wrong-secret "secret" "$UM" start --name e1 --volume "$W/err-src.img" --peer "127.0.0.1:$TPORT" --volume-id "$VID" --secret-file "$W/secret2"
+    expect_error error-not-running "no daemon is running" "$UM" status --name nosuch
+    expect_error error-bad-set-mode "mode" "$UM" set-mode fast --name nosuch
+    [ -e /dev/ublkb0 ] || [ -z "$(ls /dev/ublkb* 2>/dev/null)" ] || true
+    if start_daemon e1 err async; then
+        expect_error error-name-in-use "already in use" "$UM" start --name e1 --volume "$W/err-src.img" "${common[@]}"
+        expect_error error-volume-in-use "already in use" "$UM" start --name e2 --volume "$W/err-src.img" "${common[@]}"
+        local id=${DEV#/dev/ublkb}
+        truncate -s "$SIZE" "$W/err2-src.img"
+        expect_error error-device-in-use "already in use" "$UM" start --name e3 --volume "$W/err2-src.img" "${common[@]}" --dev-id "$id"
+        stop_daemon e1 || fail error-stop "stop failed"
+    else
+        fail errors-daemon "could not start"
+    fi
+    ls /dev/ublkb* >/dev/null 2>&1 && fail error-no-leftover "devices left: $(ls /dev/ublkb*)" || pass error-no-leftover-device
+    stop_target
+}
+
+# case_fs FS MODE
+case_fs() {
+    local fs=$1 mode=$2 tag=$1 why
+    new_volumes "$tag"
+    start_target "$tag" || { fail "$fs" "target did not start"; return; }
+    why=$(start_daemon "m-$fs" "$tag" "$mode") || { fail "$fs" "$why"; stop_target; return; }
+    note "$fs on $DEV (mode $mode)"
+    if [ "$fs" = ext4 ]; then mkfs.ext4 -q -F "$DEV"; else mkfs.xfs -q -f "$DEV"; fi >"$OUT/mkfs-$fs.log" 2>&1 \
+        || { fail "$fs" "mkfs failed: $(tail -n 2 "$OUT/mkfs-$fs.log")"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail "$fs" "mount failed"; cleanup_all; return; }
+    write_files "$MNT" 300 || { fail "$fs" "writing files failed"; cleanup_all; return; }
+    rm -rf "$W/ref-$fs" && cp -a "$MNT" "$W/ref-$fs"
+    "$UM" status --name "m-$fs" >"$OUT/status-$fs.txt" 2>&1
+    umount "$MNT" || { fail "$fs" "umount failed"; cleanup_all; return; }
+    stop_daemon "m-$fs" || { fail "$fs" "daemon stop failed"; cleanup_all; return; }
+    [ -e "$DEV" ] && { fail "$fs" "$DEV still exists after stop"; cleanup_all; return; }
+    stop_target
+    why=$(same_volumes "$tag") || { fail "$fs" "$why"; return; }
+    if [ "$fs" = ext4 ]; then
+        e2fsck -fn "$W/$tag-tgt.img" >"$OUT/fsck-$fs.log" 2>&1 || { fail "$fs" "e2fsck of the target image failed"; return; }
+    else
+        xfs_repair -n -f "$W/$tag-tgt.img" >"$OUT/fsck-$fs.log" 2>&1 || { fail "$fs" "xfs_repair -n of the target image failed"; return; }
+    fi
+    mount -o loop,ro "$W/$tag-tgt.img" "$RO" || { fail "$fs" "mounting the target image failed"; return; }
+    why=$(diff -r "$W/ref-$fs" "$RO" 2>&1 | head -n 3)
+    local nfiles
+    nfiles=$(find "$RO" -type f | wc -l)
+    umount "$RO"
+    [ -z "$why" ] || { fail "$fs" "target tree differs: $why"; return; }
+    [ "$nfiles" -ge 300 ] || { fail "$fs" "only $nfiles files on the target"; return; }
+    pass "$fs"
+    echo "    $nfiles files; volumes identical; target fsck clean; tree identical"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-$fs"
+}
+
+# case_fio MODE
+case_fio() {
+    local mode=$1 tag=fio-$1 why
+    new_volumes "$tag"
+    start_target "$tag" || { fail "fio-$mode" "target did not start"; return; }
+    why=$(start_daemon "m-$tag" "$tag" "$mode") || { fail "fio-$mode" "$why"; stop_target; return; }
+    if ! fio --name="v-$mode" --filename="$DEV" --rw=randwrite --bsrange=4k-64k --size=48M --ioengine=libaio \
+        --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+        --output="$OUT/fio-$mode.txt" >/dev/null 2>&1; then
+        fail "fio-$mode" "fio verify failed: $(grep -m1 -iE 'verify|error' "$OUT/fio-$mode.txt")"
+        cleanup_all
+        return
+    fi
+    why=$("$UM" wait-replicated last --name "m-$tag" --timeout-secs 120 2>&1) || { fail "fio-$mode" "$why"; cleanup_all; return; }
+    "$UM" status --name "m-$tag" >"$OUT/status-$tag.txt" 2>&1
+    stop_daemon "m-$tag" || { fail "fio-$mode" "daemon stop failed"; cleanup_all; return; }
+    stop_target
+    why=$(same_volumes "$tag") || { fail "fio-$mode" "$why"; return; }
+    pass "fio-$mode"
+    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-$mode.txt" | sed 's/^ *//'); $why"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
+case_kill9() {
+    local tag=kill9 why st disc
+    new_volumes "$tag"
+    start_target "$tag" || { fail kill9 "target did not start"; return; }
+    why=$(start_daemon m-kill9 "$tag" async) || { fail kill9 "$why"; stop_target; return; }
+    fio --name=k9 --filename="$DEV" --rw=randwrite --bs=4k --size=64M --ioengine=libaio --iodepth=16 \
+        --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+        --output="$OUT/fio-kill9.txt" >/dev/null 2>&1 &
+    local fpid=$!
+    sleep 3
+    kill -0 "$fpid" 2>/dev/null || note "warning: fio already finished before the kill"
+    kill -9 "$TPID"
+    wait "$TPID" 2>/dev/null
+    note "target-server killed with -9 (seq now $("$UM" status --name m-kill9 --json | jq -c .seq))"
+    sleep 2
+    TARGET_STARTS=2 restart_target "$tag" || { fail kill9 "target restart failed"; kill "$fpid"; cleanup_all; return; }
+    note "target-server restarted"
+    wait "$fpid" || { fail kill9 "fio failed: $(grep -m1 -iE 'verify|error' "$OUT/fio-kill9.txt")"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-kill9 --timeout-secs 180 2>&1) || { fail kill9 "not converged: $why"; cleanup_all; return; }
+    st=$("$UM" status --name m-kill9 --json)
+    echo "$st" >"$OUT/status-kill9.json"
+    disc=$(jq -r .disconnects <<<"$st")
+    stop_daemon m-kill9 || { fail kill9 "daemon stop failed"; cleanup_all; return; }
+    stop_target
+    [ "$disc" -ge 1 ] || { fail kill9 "the daemon never saw the target go away (disconnects $disc)"; return; }
+    why=$(same_volumes "$tag") || { fail kill9 "$why"; return; }
+    pass kill9
+    echo "    disconnects $disc, connects $(jq -r .connects <<<"$st"), $(jq -c .seq <<<"$st")"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
+case_sigterm() {
+    local tag=sigterm why i
+    new_volumes "$tag"
+    start_target "$tag" || { fail sigterm "target did not start"; return; }
+    why=$(start_daemon m-sigterm "$tag" sync) || { fail sigterm "$why"; stop_target; return; }
+    dd if=/dev/urandom of="$DEV" bs=1M count=16 oflag=direct status=none || { fail sigterm "dd failed"; cleanup_all; return; }
+    kill -TERM "$DPID"
+    for i in $(seq 300); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$DPID" 2>/dev/null; then fail sigterm "daemon alive 30 s after SIGTERM"; cleanup_all; return; fi
+    [ -e "$DEV" ] && { fail sigterm "$DEV still exists"; cleanup_all; return; }
+    [ -e /run/ublk-mirror/m-sigterm.sock ] && { fail sigterm "socket left behind"; cleanup_all; return; }
+    stop_target
+    why=$(same_volumes "$tag") || { fail sigterm "$why"; return; }
+    pass sigterm
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
+case_delete() {
+    local tag=del why out id
+    new_volumes "$tag"
+    start_target "$tag" || { fail list-delete "target did not start"; return; }
+    why=$(start_daemon m-del "$tag" async) || { fail list-delete "$why"; stop_target; return; }
+    out=$("$UM" list 2>&1)
+    echo "$out" >"$OUT/list.txt"
+    grep -q "m-del.*$DEV" <<<"$out" && pass list || fail list "m-del not listed: $out"
+    "$UM" delete --name m-del >"$OUT/delete.out" 2>&1 && [ ! -e "$DEV" ] && pass delete \
+        || fail delete "$(cat "$OUT/delete.out")"
+    # a daemon killed with -9 leaves its device behind: delete removes it
+    why=$(start_daemon m-del "$tag" async) || { fail delete-stale "$why"; stop_target; return; }
+    id=${DEV#/dev/ublkb}
+    kill -9 "$DPID"
+    sleep 0.5
+    [ -e "/sys/class/ublk-char/ublkc$id" ] || note "note: no stale device after SIGKILL"
+    if "$UM" delete --name m-del >"$OUT/delete-stale.out" 2>&1 && [ ! -e "/sys/class/ublk-char/ublkc$id" ]; then
+        pass delete-stale
+    else
+        fail delete-stale "$(cat "$OUT/delete-stale.out")"
+    fi
+    stop_target
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
+# fio_perf NAME DEVICE QD: one 4 KiB random-write run; prints "IOPS MEAN_LAT_US"
+fio_perf() {
+    fio --name="$1" --filename="$2" --rw=randwrite --bs=4k --size=128M --ioengine=libaio --iodepth="$3" \
+        --direct=1 --time_based --runtime="$PERF_SECS" --ramp_time=1 --output-format=json \
+        --output="$OUT/perf-$1.json" >/dev/null 2>&1 || { echo "- -"; return; }
+    jq -r '.jobs[0].write | "\(.iops|floor) \(.lat_ns.mean/1000|floor)"' "$OUT/perf-$1.json"
+}
+
+case_perf() {
+    local table=$OUT/fio-table.md loopdev mode r1 r16 why
+    {
+        echo "fio 4 KiB random writes, libaio, direct, ${PERF_SECS} s per run, $(uname -r) VM ($(nproc) vCPU, software emulation)"
+        echo ""
+        echo "| device | QD1 IOPS | QD1 mean lat (us) | QD16 IOPS | QD16 mean lat (us) |"
+        echo "|---|---:|---:|---:|---:|"
+    } >"$table"
+    truncate -s 256M "$W/loop.img"
+    loopdev=$(losetup -f --show "$W/loop.img") || { fail perf "losetup failed"; return; }
+    r1=$(fio_perf loop-qd1 "$loopdev" 1)
+    r16=$(fio_perf loop-qd16 "$loopdev" 16)
+    echo "| raw loop device | ${r1% *} | ${r1#* } | ${r16% *} | ${r16#* } |" >>"$table"
+    losetup -d "$loopdev"
+    rm -f "$W/loop.img"
+    for mode in async sync lock-then-write; do
+        new_volumes perf
+        start_target perf || { fail perf "target did not start"; return; }
+        why=$(start_daemon m-perf perf "$mode") || { fail perf "$why"; stop_target; return; }
+        r1=$(fio_perf "$mode-qd1" "$DEV" 1)
+        r16=$(fio_perf "$mode-qd16" "$DEV" 16)
+        echo "| ublk-mirror $mode | ${r1% *} | ${r1#* } | ${r16% *} | ${r16#* } |" >>"$table"
+        stop_daemon m-perf || fail perf "stop failed"
+        stop_target
+        rm -f "$W/perf-src.img" "$W/perf-tgt.img"*
+    done
+    cat "$table"
+    grep -q '| - ' "$table" && { fail perf "some fio runs failed"; return; }
+    pass perf-table
+}
+
+cases=("$@")
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio kill9 sigterm delete perf)
+for c in "${cases[@]}"; do
+    note "case $c"
+    case "$c" in
+        errors) case_errors ;;
+        ext4) case_fs ext4 async ;;
+        xfs) case_fs xfs received ;;
+        fio) for m in async received sync lock-then-write; do case_fio "$m"; done ;;
+        fio-*) case_fio "${c#fio-}" ;;
+        kill9) case_kill9 ;;
+        sigterm) case_sigterm ;;
+        delete) case_delete ;;
+        perf) case_perf ;;
+        *) fail "$c" "unknown case" ;;
+    esac
+    cleanup_all
+done
+echo "vm-suite: $(($(date +%s) - T0)) s inside the VM"
+finish

@@ -1,0 +1,372 @@
+//! The admin subcommands of `ublk-mirror` (flattened into the binary's command enum).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::client::{self, ClientError};
+use super::daemon::{self, StartArgs};
+use super::{Request, Response, StatusReport};
+
+/// Which daemon a command talks to.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Target {
+    /// Daemon name [default: mirror].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Control socket [default: /run/ublk-mirror/NAME.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn name(&self) -> anyhow::Result<String> {
+        let name = self.name.clone().unwrap_or_else(|| "mirror".into());
+        super::check_name(&name).map_err(|e| anyhow!("--name: {e}"))?;
+        Ok(name)
+    }
+
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.control_socket {
+            Some(p) => Ok(p.clone()),
+            None => Ok(super::socket_path(&self.name()?)),
+        }
+    }
+}
+
+/// `ublk-mirror status` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ublk-mirror set-mode` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SetModeArgs {
+    /// async, received, sync or lock-then-write.
+    mode: String,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// `ublk-mirror wait-replicated` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Sequence number, or `last` for the last operation submitted so far.
+    seq: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_secs: f64,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// `ublk-mirror stop` / `delete` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Wait at most this long for the daemon to exit.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+/// `ublk-mirror list` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Print one JSON object per daemon.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The admin subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Starts the daemon: /dev/ublkbN over the local volume, mirrored to the peer.
+    Start(Box<StartArgs>),
+    /// Shows a daemon's role, peer, connection, mode, sequence numbers, log fill and lag.
+    Status(StatusArgs),
+    /// Changes the acknowledgement mode of a running daemon.
+    SetMode(SetModeArgs),
+    /// Waits until the target holds an operation (applied and durable).
+    WaitReplicated(WaitArgs),
+    /// Stops a daemon: its device is drained and deleted, the daemon exits.
+    Stop(StopArgs),
+    /// Lists the daemons whose control sockets exist in /run/ublk-mirror.
+    List(ListArgs),
+    /// Stops a daemon and removes its device, also one left behind by a daemon that died.
+    Delete(StopArgs),
+}
+
+impl AdminCommand {
+    /// Runs the command.
+    pub fn run(&self) -> anyhow::Result<()> {
+        match self {
+            AdminCommand::Start(a) => daemon::start(a),
+            AdminCommand::Status(a) => status(a),
+            AdminCommand::SetMode(a) => set_mode(a),
+            AdminCommand::WaitReplicated(a) => wait_replicated(a),
+            AdminCommand::Stop(a) => stop(a).map(|_| ()),
+            AdminCommand::List(a) => list(a),
+            AdminCommand::Delete(a) => delete(a),
+        }
+    }
+}
+
+fn ask(socket: &Path, req: &Request, timeout: Duration) -> anyhow::Result<Response> {
+    let resp = client::request(socket, req, timeout)?;
+    if !resp.ok {
+        bail!(
+            "{}",
+            resp.error.unwrap_or_else(|| "the daemon refused".into())
+        );
+    }
+    Ok(resp)
+}
+
+fn fetch_status(socket: &Path) -> anyhow::Result<StatusReport> {
+    ask(socket, &Request::Status, Duration::from_secs(10))?
+        .status
+        .ok_or_else(|| anyhow!("the daemon sent no status"))
+}
+
+fn status(a: &StatusArgs) -> anyhow::Result<()> {
+    let st = fetch_status(&a.target.socket()?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", format_status(&st));
+    }
+    Ok(())
+}
+
+fn opt(s: Option<&String>) -> &str {
+    s.map_or("-", String::as_str)
+}
+
+/// The human-readable status table.
+#[must_use]
+pub fn format_status(st: &StatusReport) -> String {
+    let pct = if st.log.bytes_max > 0 {
+        st.log.bytes as f64 * 100.0 / st.log.bytes_max as f64
+    } else {
+        0.0
+    };
+    let rows = [
+        (
+            "device",
+            format!(
+                "{} (name {}, pid {}, {})",
+                st.device.as_deref().unwrap_or("-"),
+                st.name,
+                st.pid,
+                st.phase
+            ),
+        ),
+        ("role", st.role.clone()),
+        (
+            "volume",
+            format!(
+                "{} ({} bytes, {}-byte blocks)",
+                st.volume, st.volume_bytes, st.block_bytes
+            ),
+        ),
+        (
+            "peer",
+            format!(
+                "{} ({}; {} connects, {} disconnects)",
+                st.peer, st.connection, st.connects, st.disconnects
+            ),
+        ),
+        (
+            "mode",
+            format!(
+                "{} (flushes replicate: {})",
+                st.mode,
+                if st.flush_replicates { "yes" } else { "no" }
+            ),
+        ),
+        (
+            "seq",
+            format!(
+                "last_local {}  sent {}  received {}  durable {}",
+                st.seq.last_local, st.seq.sent, st.seq.received, st.seq.durable
+            ),
+        ),
+        (
+            "log",
+            format!(
+                "{} entries (max {}), {} bytes (max {}, {pct:.1} %)",
+                st.log.entries, st.log.entries_max, st.log.bytes, st.log.bytes_max
+            ),
+        ),
+        (
+            "lag",
+            format!(
+                "{} entries, {} bytes, {:.3} s",
+                st.lag.entries, st.lag.bytes, st.lag.seconds
+            ),
+        ),
+        ("last error", opt(st.last_error.as_ref()).to_string()),
+        ("fatal", opt(st.fatal.as_ref()).to_string()),
+    ];
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{k:<11} {v}\n"));
+    }
+    out
+}
+
+fn set_mode(a: &SetModeArgs) -> anyhow::Result<()> {
+    // Check locally first for a clear message even without a daemon.
+    a.mode
+        .parse::<mirror_core::source::Mode>()
+        .map_err(|e| anyhow!("{e}"))?;
+    ask(
+        &a.target.socket()?,
+        &Request::SetMode {
+            mode: a.mode.clone(),
+        },
+        Duration::from_secs(10),
+    )?;
+    println!("mode set to {}", a.mode);
+    Ok(())
+}
+
+fn wait_replicated(a: &WaitArgs) -> anyhow::Result<()> {
+    let seq = match a.seq.as_str() {
+        "last" => None,
+        text => Some(
+            text.parse::<u64>()
+                .map_err(|_| anyhow!("'{text}' is not a sequence number (or `last`)"))?,
+        ),
+    };
+    if !(a.timeout_secs.is_finite() && (0.0..=86_400.0).contains(&a.timeout_secs)) {
+        bail!("--timeout-secs {}: must be 0 to 86400", a.timeout_secs);
+    }
+    let resp = ask(
+        &a.target.socket()?,
+        &Request::WaitReplicated {
+            seq,
+            timeout_secs: Some(a.timeout_secs),
+        },
+        Duration::from_secs_f64(a.timeout_secs + 10.0),
+    )?;
+    println!("replicated through seq {}", resp.seq.unwrap_or_default());
+    Ok(())
+}
+
+/// Asks the daemon to stop and waits until it is gone. Returns whether a daemon was running.
+fn stop(a: &StopArgs) -> anyhow::Result<bool> {
+    let socket = a.target.socket()?;
+    match client::request(&socket, &Request::Stop, Duration::from_secs(10)) {
+        Ok(resp) if resp.ok => {}
+        Ok(resp) => bail!("{}", resp.error.unwrap_or_else(|| "stop refused".into())),
+        Err(e @ ClientError::NotRunning { .. }) => return Err(e.into()),
+        Err(e) => return Err(e).context("stop"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
+    while client::is_live(&socket) {
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon on {} did not exit within {} s",
+                socket.display(),
+                a.timeout_secs
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The daemon removes its socket right after it stops listening.
+    let grace = Instant::now() + Duration::from_secs(5);
+    while socket.exists() && Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("stopped");
+    Ok(true)
+}
+
+fn delete(a: &StopArgs) -> anyhow::Result<()> {
+    let name = a.target.name()?;
+    let socket = a.target.socket()?;
+    let mut did = false;
+    if client::is_live(&socket) {
+        stop(a)?;
+        did = true;
+    } else if socket.exists() {
+        let _ = std::fs::remove_file(&socket);
+    }
+    let dev_file = super::dev_file_path(&name);
+    if let Ok(text) = std::fs::read_to_string(&dev_file) {
+        if let Ok(id) = text.trim().parse::<u32>() {
+            if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+                crate::device::delete_stale(id)
+                    .with_context(|| format!("cannot delete stale device /dev/ublkb{id}"))?;
+                println!("deleted stale device /dev/ublkb{id}");
+                did = true;
+            }
+        }
+        let _ = std::fs::remove_file(&dev_file);
+    }
+    if !did {
+        bail!(
+            "no daemon or device named '{name}' (nothing on {})",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+fn list(a: &ListArgs) -> anyhow::Result<()> {
+    let dir = super::run_dir();
+    let mut socks: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => bail!("cannot read {}: {e}", dir.display()),
+    };
+    socks.sort();
+    if !a.json {
+        println!(
+            "{:<16} {:<14} {:<9} {:<13} {:<16} {:>8} {:>10}",
+            "NAME", "DEVICE", "PHASE", "CONNECTION", "MODE", "PID", "LAG"
+        );
+    }
+    for sock in socks {
+        let name = sock
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match fetch_status(&sock) {
+            Ok(st) if a.json => println!("{}", serde_json::to_string(&st)?),
+            Ok(st) => println!(
+                "{:<16} {:<14} {:<9} {:<13} {:<16} {:>8} {:>10}",
+                st.name,
+                st.device.as_deref().unwrap_or("-"),
+                st.phase,
+                st.connection,
+                st.mode,
+                st.pid,
+                st.lag.entries
+            ),
+            Err(_) if a.json => println!(
+                "{}",
+                serde_json::json!({ "name": name, "phase": "not running" })
+            ),
+            Err(_) => println!(
+                "{name:<16} {:<14} {:<9} (stale socket {})",
+                "-",
+                "dead",
+                sock.display()
+            ),
+        }
+    }
+    Ok(())
+}

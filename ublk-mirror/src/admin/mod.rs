@@ -1,0 +1,211 @@
+//! The daemon's control socket: a Unix socket speaking JSON lines (one request object per line,
+//! one response object per line).
+//!
+//! Requests (`cmd` selects): `{"cmd":"status"}`, `{"cmd":"set-mode","mode":"sync"}`,
+//! `{"cmd":"wait-replicated","seq":123,"timeout_secs":30}` (`seq` omitted: the last operation
+//! submitted so far), `{"cmd":"stop"}`. Responses: `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`.
+//!
+//! - [`daemon`]: `ublk-mirror start` (configuration, the daemon itself, the socket server);
+//! - [`cli`]: the admin subcommands (`status`, `set-mode`, `wait-replicated`, `stop`, `list`,
+//!   `delete`) and their clap definitions;
+//! - [`client`]: a small blocking client.
+
+pub mod cli;
+pub mod client;
+pub mod daemon;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request or response line accepted.
+pub const LINE_BYTES_MAX: usize = 64 << 10;
+
+/// Directory holding `<name>.sock`, `<name>.log` and `<name>.dev` (overridable with
+/// `UBLK_MIRROR_RUN_DIR`, for tests).
+#[must_use]
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("UBLK_MIRROR_RUN_DIR")
+        .map_or_else(|| PathBuf::from("/run/ublk-mirror"), PathBuf::from)
+}
+
+/// The default control socket of a daemon named `name`.
+#[must_use]
+pub fn socket_path(name: &str) -> PathBuf {
+    run_dir().join(format!("{name}.sock"))
+}
+
+/// Where a daemon named `name` records its device number (to remove a stale device later).
+#[must_use]
+pub fn dev_file_path(name: &str) -> PathBuf {
+    run_dir().join(format!("{name}.dev"))
+}
+
+/// The default log file of a background daemon named `name`.
+#[must_use]
+pub fn log_path(name: &str) -> PathBuf {
+    run_dir().join(format!("{name}.log"))
+}
+
+/// Checks a daemon name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with a dot.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name '{name}' must be 1-64 characters of letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// The daemon's state.
+    Status,
+    /// Change the acknowledgement mode.
+    SetMode {
+        /// async, received, sync or lock-then-write.
+        mode: String,
+    },
+    /// Wait until an operation is applied and durable on the target.
+    WaitReplicated {
+        /// The operation (default: the last one submitted so far).
+        #[serde(default)]
+        seq: Option<u64>,
+        /// Give up after this long (default 60 s).
+        #[serde(default)]
+        timeout_secs: Option<f64>,
+    },
+    /// Stop the device and the daemon (the device is deleted).
+    Stop,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The state (`status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusReport>,
+    /// The sequence number waited for (`wait-replicated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl Response {
+    /// A failure.
+    #[must_use]
+    pub fn err(error: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            ..Response::default()
+        }
+    }
+
+    /// A success without data.
+    #[must_use]
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            ..Response::default()
+        }
+    }
+}
+
+/// Sequence numbers (see `mirror_core::source::SourceStatus`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqReport {
+    /// Last operation submitted.
+    pub last_local: u64,
+    /// Last operation sent on the current connection.
+    pub sent: u64,
+    /// Last operation the target received in order.
+    pub received: u64,
+    /// Last operation applied and durable on the target.
+    pub durable: u64,
+}
+
+/// Rollback log fill.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogReport {
+    /// Entries held.
+    pub entries: u64,
+    /// Payload bytes held.
+    pub bytes: u64,
+    /// Bound on payload bytes.
+    pub bytes_max: u64,
+    /// Bound on entries.
+    pub entries_max: u64,
+}
+
+/// How far the target is behind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LagReport {
+    /// Operations not yet durable on the target.
+    pub entries: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Age of the oldest of them, in seconds (0 when none).
+    pub seconds: f64,
+}
+
+/// `status`: everything an operator wants to see.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Daemon name.
+    pub name: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// `primary` (this daemon is the source of the mirror).
+    pub role: String,
+    /// Daemon phase: `starting`, `running`, `stopping`.
+    pub phase: String,
+    /// `/dev/ublkbN` once the device is live.
+    pub device: Option<String>,
+    /// N of /dev/ublkbN.
+    pub dev_id: Option<u32>,
+    /// The local volume.
+    pub volume: String,
+    /// Its size in bytes.
+    pub volume_bytes: u64,
+    /// Logical block size.
+    pub block_bytes: u32,
+    /// Target address.
+    pub peer: String,
+    /// `disconnected`, `handshaking`, `connected` or `failed`.
+    pub connection: String,
+    /// Acknowledgement mode.
+    pub mode: String,
+    /// Whether host flushes wait for the target.
+    pub flush_replicates: bool,
+    /// Sequence numbers.
+    pub seq: SeqReport,
+    /// Rollback log fill.
+    pub log: LogReport,
+    /// Replication lag.
+    pub lag: LagReport,
+    /// Handshakes completed.
+    pub connects: u64,
+    /// Connections dropped.
+    pub disconnects: u64,
+    /// Why the last connection (attempt) ended.
+    pub last_error: Option<String>,
+    /// Why replication stopped for good.
+    pub fatal: Option<String>,
+    /// Sequence number whose rejected lock halts transmission.
+    pub halted_at: Option<u64>,
+}

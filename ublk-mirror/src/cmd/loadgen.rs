@@ -1,0 +1,708 @@
+//! `ublk-mirror loadgen`: a seeded workload generator over a file-backed source volume.
+//!
+//! Each write gets random data and a random block range; it is written to the source volume file
+//! (a positioned write), then submitted to the replicator, with `--qd` operations in flight. A host
+//! flush (`--flush-every`) fsyncs the source file and submits a FLUSH barrier. At the end the
+//! command waits until the target holds everything (applied and durable), unless `--no-wait`.
+//!
+//! `--distinct` sends every write to blocks not written before in the run; `--ack-log` appends
+//! `seq lba_blocks nblocks crc32c` for each write as the host sees it complete, so a test can check
+//! after a crash that every acknowledged write reached the target.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use mirror_core::source::{LockStyle, Mode, SourceConfig};
+use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
+use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use ublk_mirror::replicator::{self, ReplicatorConfig};
+
+/// Flags of `ublk-mirror loadgen`.
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// Source volume file (created or extended to --volume-bytes).
+    #[arg(long)]
+    volume: PathBuf,
+    /// Size of the volume in bytes (suffixes K, M, G: powers of 1024).
+    #[arg(long, value_parser = parse_size)]
+    volume_bytes: u64,
+    /// Target server address, `host:port`.
+    #[arg(long)]
+    peer: String,
+    /// Volume id shared with the target: 32 hex digits (dashes allowed).
+    #[arg(long, value_parser = parse_volume_id)]
+    volume_id: VolumeId,
+    /// File holding the shared secret (surrounding whitespace ignored).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Acknowledgement mode: async, received, sync or lock-then-write.
+    #[arg(long)]
+    mode: Mode,
+    /// Logical block size in bytes (a power of two, at least 512).
+    #[arg(long, default_value_t = 4096)]
+    block_bytes: u32,
+    /// Number of writes (default 1000 unless --seconds).
+    #[arg(long, conflicts_with = "seconds")]
+    ops: Option<u64>,
+    /// Issue writes for this many seconds instead of a fixed count.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Operations in flight.
+    #[arg(long, default_value_t = 1)]
+    qd: usize,
+    /// Largest write in blocks (sizes are uniform in 1..=max).
+    #[arg(long, default_value_t = 8)]
+    max_blocks: u32,
+    /// Seed of the workload (random if not given; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A host flush after every N writes (0: never).
+    #[arg(long, default_value_t = 0)]
+    flush_every: u64,
+    /// Host flushes also wait until the target has everything up to them.
+    #[arg(long)]
+    flush_replicates: bool,
+    /// Every write goes to blocks not written before in this run (running out is an error).
+    #[arg(long)]
+    distinct: bool,
+    /// Append `seq lba_blocks nblocks crc32c` for each acknowledged write to this file.
+    #[arg(long)]
+    ack_log: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Do not wait for the target to hold everything at the end.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up when no handshake with the target succeeds within this time.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_secs: u64,
+    /// Give up when the target does not hold everything this long after the last write.
+    #[arg(long, default_value_t = 600)]
+    wait_timeout_secs: u64,
+    /// Bound on rollback log payload bytes (suffixes K, M, G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    log_bytes_max: u64,
+    /// Bound on rollback log entries.
+    #[arg(long, default_value_t = 16384)]
+    log_entries_max: usize,
+    /// Node id announced in HELLO.
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size in bytes (e.g. 4096, 64M)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{text}' is too large"))
+}
+
+fn parse_volume_id(text: &str) -> Result<VolumeId, String> {
+    VolumeId::parse(text).ok_or_else(|| format!("'{text}' is not 32 hex digits"))
+}
+
+/// Validated workload parameters.
+#[derive(Debug)]
+struct Plan {
+    volume_blocks: u64,
+    block_bytes: u64,
+    max_blocks: u64,
+    writes: Option<u64>,
+    seconds: Option<f64>,
+    qd: usize,
+    seed: u64,
+}
+
+impl Plan {
+    fn new(args: &LoadgenArgs) -> anyhow::Result<Plan> {
+        let block = args.block_bytes;
+        if block < 512 || !block.is_power_of_two() {
+            bail!("--block-bytes {block} must be a power of two of at least 512");
+        }
+        let block_bytes = u64::from(block);
+        if args.volume_bytes == 0 || !args.volume_bytes.is_multiple_of(block_bytes) {
+            bail!(
+                "--volume-bytes {} must be a non-zero multiple of the {block}-byte block",
+                args.volume_bytes
+            );
+        }
+        if args.max_blocks == 0 {
+            bail!("--max-blocks must be at least 1");
+        }
+        let max_blocks = u64::from(args.max_blocks);
+        let largest = max_blocks * block_bytes;
+        if largest > u64::from(PAYLOAD_BYTES_MAX) {
+            bail!(
+                "--max-blocks {} of {block} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte frame limit",
+                args.max_blocks
+            );
+        }
+        if largest > args.log_bytes_max {
+            bail!(
+                "--log-bytes-max {} is smaller than the largest write ({largest} bytes)",
+                args.log_bytes_max
+            );
+        }
+        let volume_blocks = args.volume_bytes / block_bytes;
+        if volume_blocks < max_blocks {
+            bail!(
+                "--volume-bytes {} is smaller than the largest write ({largest} bytes)",
+                args.volume_bytes
+            );
+        }
+        if args.qd == 0 || args.qd > 4096 {
+            bail!("--qd {} must be between 1 and 4096", args.qd);
+        }
+        if let Some(s) = args.seconds {
+            if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
+                bail!("--seconds {s} must be between 0 and 86400");
+            }
+        }
+        if args.log_entries_max == 0 {
+            bail!("--log-entries-max must be at least 1");
+        }
+        let seed = match args.seed {
+            Some(s) => s,
+            None => getrandom::u64().context("no randomness for a seed; pass --seed")?,
+        };
+        Ok(Plan {
+            volume_blocks,
+            block_bytes,
+            max_blocks,
+            writes: match (args.ops, args.seconds) {
+                (Some(n), _) => Some(n),
+                (None, Some(_)) => None,
+                (None, None) => Some(1000),
+            },
+            seconds: args.seconds,
+            qd: args.qd,
+            seed,
+        })
+    }
+}
+
+/// Chooses block ranges: random ones, or (`--distinct`) ranges inside slots of `max_blocks`
+/// blocks visited in a scrambled order, each slot at most once.
+#[derive(Debug)]
+struct Placer {
+    distinct: bool,
+    slots: u64,
+    stride: u64,
+    offset: u64,
+    used: u64,
+}
+
+impl Placer {
+    fn new(plan: &Plan, distinct: bool, rng: &mut fastrand::Rng) -> Placer {
+        let slots = plan.volume_blocks / plan.max_blocks;
+        // A stride coprime with the slot count visits every slot once: (stride * i + offset) mod
+        // slots is a permutation.
+        let mut stride = 1;
+        for _ in 0..64 {
+            let candidate = rng.u64(1..=slots.max(1));
+            if gcd(candidate, slots) == 1 {
+                stride = candidate;
+                break;
+            }
+        }
+        Placer {
+            distinct,
+            slots,
+            stride,
+            offset: rng.u64(0..slots.max(1)),
+            used: 0,
+        }
+    }
+
+    /// `(first block, blocks)` of the next write.
+    fn next(&mut self, plan: &Plan, rng: &mut fastrand::Rng) -> anyhow::Result<(u64, u64)> {
+        let n = rng.u64(1..=plan.max_blocks);
+        if !self.distinct {
+            return Ok((rng.u64(0..=plan.volume_blocks - n), n));
+        }
+        if self.used >= self.slots {
+            bail!(
+                "--distinct: the volume has room for only {} distinct writes of up to {} blocks; \
+                 use a larger --volume-bytes",
+                self.slots,
+                plan.max_blocks
+            );
+        }
+        let slot = (u128::from(self.stride) * u128::from(self.used) + u128::from(self.offset))
+            % u128::from(self.slots);
+        self.used += 1;
+        let slot = u64::try_from(slot).unwrap_or(0);
+        let within = rng.u64(0..=plan.max_blocks - n);
+        Ok((slot * plan.max_blocks + within, n))
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Completion latencies in a log-linear histogram (about 3 % resolution, fixed memory).
+#[derive(Debug)]
+struct Latencies {
+    buckets: Vec<u64>,
+    count: u64,
+    sum_ns: u128,
+    max_ns: u64,
+}
+
+const SUB_BUCKETS: u64 = 32;
+/// Linear buckets below 64 ns, then 32 per power of two up to 2^64 ns.
+const BUCKETS: usize = 64 + 58 * 32;
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies {
+            buckets: vec![0; BUCKETS],
+            count: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+
+    fn index(ns: u64) -> usize {
+        if ns < 2 * SUB_BUCKETS {
+            return usize::try_from(ns).unwrap_or(0);
+        }
+        let msb = u64::from(63 - ns.leading_zeros());
+        let shift = msb - 5;
+        let sub = (ns >> shift) - SUB_BUCKETS;
+        usize::try_from(2 * SUB_BUCKETS + (msb - 6) * SUB_BUCKETS + sub).unwrap_or(0)
+    }
+
+    /// The middle of bucket `index` in nanoseconds.
+    fn value(index: usize) -> u64 {
+        let i = index as u64;
+        if i < 2 * SUB_BUCKETS {
+            return i;
+        }
+        let msb = (i - 2 * SUB_BUCKETS) / SUB_BUCKETS + 6;
+        let sub = (i - 2 * SUB_BUCKETS) % SUB_BUCKETS + SUB_BUCKETS;
+        let shift = msb - 5;
+        (sub << shift) + (1 << shift) / 2
+    }
+
+    fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(b) = self.buckets.get_mut(Self::index(ns)) {
+            *b += 1;
+        }
+        self.count += 1;
+        self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    fn mean_us(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        self.sum_ns as f64 / self.count as f64 / 1000.0
+    }
+
+    /// The latency below which `per_mille` thousandths of the samples lie.
+    fn quantile_us(&self, per_mille: u64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = (u128::from(per_mille) * u128::from(self.count)).div_ceil(1000);
+        let rank = u64::try_from(rank).unwrap_or(u64::MAX).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Self::value(i).min(self.max_ns) as f64 / 1000.0;
+            }
+        }
+        self.max_ns as f64 / 1000.0
+    }
+}
+
+/// What `loadgen` prints (`--json`: one object).
+#[derive(Debug, Serialize)]
+struct Summary {
+    mode: String,
+    qd: usize,
+    seed: u64,
+    block_bytes: u64,
+    writes: u64,
+    flushes: u64,
+    bytes: u64,
+    elapsed_s: f64,
+    iops: f64,
+    mib_s: f64,
+    lat_mean_us: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+    lat_max_us: f64,
+    last_seq: u64,
+    replicated: bool,
+    drain_s: f64,
+    connects: u64,
+    disconnects: u64,
+}
+
+/// Where acknowledged writes are recorded.
+type AckLog = Arc<Mutex<File>>;
+
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
+    // The same rule as the target server: surrounding whitespace is not part of the secret.
+    let secret = bytes.trim_ascii();
+    if secret.is_empty() {
+        bail!("secret file {} is empty", path.display());
+    }
+    Ok(secret.to_vec())
+}
+
+fn open_volume(path: &Path, volume_bytes: u64) -> anyhow::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("cannot open volume {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat volume {}", path.display()))?
+        .len();
+    if len < volume_bytes {
+        file.set_len(volume_bytes)
+            .with_context(|| format!("cannot extend volume {}", path.display()))?;
+    }
+    Ok(file)
+}
+
+/// Runs the subcommand.
+pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    let plan = Plan::new(&args)?;
+    let secret = read_secret(&args.secret_file)?;
+    let volume = open_volume(&args.volume, args.volume_bytes)?;
+    let ack_log = match &args.ack_log {
+        Some(path) => Some(Arc::new(Mutex::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open ack log {}", path.display()))?,
+        ))),
+        None => None,
+    };
+    let source = SourceConfig {
+        volume_id: args.volume_id,
+        node_id: NodeId(args.node_id),
+        generation: Generation(1),
+        volume_bytes: args.volume_bytes,
+        block_bytes: args.block_bytes,
+        secret,
+        mode: args.mode,
+        flush_replicates: args.flush_replicates,
+        lock_style: LockStyle::Implied,
+        log_bytes_max: usize::try_from(args.log_bytes_max).unwrap_or(usize::MAX),
+        log_entries_max: args.log_entries_max,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary = runtime.block_on(drive(&args, &plan, source, volume, ack_log))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "loadgen: mode {}, qd {}, seed {}, block {} bytes",
+        s.mode, s.qd, s.seed, s.block_bytes
+    );
+    println!(
+        "  {} writes + {} flushes, {:.1} MiB in {:.3} s: {:.0} IOPS, {:.1} MiB/s",
+        s.writes,
+        s.flushes,
+        s.bytes as f64 / f64::from(1 << 20),
+        s.elapsed_s,
+        s.iops,
+        s.mib_s
+    );
+    println!(
+        "  completion latency: mean {:.0} us, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        s.lat_mean_us, s.lat_p50_us, s.lat_p99_us, s.lat_max_us
+    );
+    if s.replicated {
+        println!(
+            "  target holds everything through seq {} ({:.3} s after the last completion); \
+             connects {}, disconnects {}",
+            s.last_seq, s.drain_s, s.connects, s.disconnects
+        );
+    } else {
+        println!(
+            "  last seq {} (not waited for); connects {}, disconnects {}",
+            s.last_seq, s.connects, s.disconnects
+        );
+    }
+}
+
+async fn drive(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    source: SourceConfig,
+    volume: File,
+    ack_log: Option<AckLog>,
+) -> anyhow::Result<Summary> {
+    let (handle, task) = replicator::spawn(ReplicatorConfig::new(args.peer.clone(), source));
+    let result = workload(args, plan, &handle, &volume, ack_log).await;
+    let _ = handle.shutdown().await;
+    let _ = task.await;
+    result
+}
+
+async fn workload(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    handle: &replicator::Handle,
+    volume: &File,
+    ack_log: Option<AckLog>,
+) -> anyhow::Result<Summary> {
+    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    match tokio::time::timeout(connect_timeout, handle.wait_connected()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e).context(format!("target {}", args.peer)),
+        Err(_) => {
+            let why = handle
+                .last_error()
+                .unwrap_or_else(|| "no answer".to_string());
+            bail!(
+                "cannot reach the target at {} within {} s: {why}",
+                args.peer,
+                args.connect_timeout_secs
+            );
+        }
+    }
+
+    let mut rng = fastrand::Rng::with_seed(plan.seed);
+    let mut placer = Placer::new(plan, args.distinct, &mut rng);
+    let latencies = Arc::new(Mutex::new(Latencies::new()));
+    let mut inflight: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let start = Instant::now();
+    let deadline = plan.seconds.map(|s| start + Duration::from_secs_f64(s));
+    let (mut writes, mut flushes, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        if plan.writes.is_some_and(|n| writes >= n) || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        while inflight.len() >= plan.qd {
+            settle(inflight.join_next().await)?;
+        }
+        let (first_block, nblocks) = placer.next(plan, &mut rng)?;
+        let len = usize::try_from(nblocks * plan.block_bytes)?;
+        let mut data = vec![0u8; len];
+        rng.fill(&mut data);
+        let data = Bytes::from(data);
+        let offset_bytes = first_block * plan.block_bytes;
+        let crc = ack_log.as_ref().map(|_| crc32c::crc32c(&data));
+        let t0 = Instant::now();
+        volume
+            .write_all_at(&data, offset_bytes)
+            .with_context(|| format!("write to the source volume at byte {offset_bytes}"))?;
+        let op = Op::Write {
+            lba: Lba(offset_bytes / SECTOR_BYTES),
+            data,
+        };
+        let pending = handle.enqueue(op).await.context("replication")?;
+        writes += 1;
+        bytes += nblocks * plan.block_bytes;
+        let lat = latencies.clone();
+        let ack_log = ack_log.clone();
+        inflight.spawn(async move {
+            let seq = pending.await.context("replication")?;
+            let elapsed = t0.elapsed();
+            if let Ok(mut l) = lat.lock() {
+                l.record(elapsed);
+            }
+            if let (Some(log), Some(crc)) = (ack_log, crc) {
+                let line = format!("{} {first_block} {nblocks} {crc:08x}\n", seq.0);
+                let mut file = log
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("ack log lock poisoned"))?;
+                file.write_all(line.as_bytes())
+                    .context("write to the ack log")?;
+            }
+            Ok(())
+        });
+        if args.flush_every > 0 && writes % args.flush_every == 0 {
+            while inflight.len() >= plan.qd {
+                settle(inflight.join_next().await)?;
+            }
+            let t0 = Instant::now();
+            let file = volume.try_clone().context("source volume")?;
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await?
+                .context("fsync of the source volume")?;
+            let pending = handle.enqueue(Op::Flush).await.context("replication")?;
+            flushes += 1;
+            let lat = latencies.clone();
+            inflight.spawn(async move {
+                pending.await.context("replication of a flush")?;
+                if let Ok(mut l) = lat.lock() {
+                    l.record(t0.elapsed());
+                }
+                Ok(())
+            });
+        }
+    }
+    while let Some(joined) = inflight.join_next().await {
+        settle(Some(joined))?;
+    }
+    let elapsed = start.elapsed();
+
+    let status = handle.status().await.context("replication")?;
+    let last_seq = status.source.last_local;
+    let drain_start = Instant::now();
+    let replicated = if args.no_wait {
+        false
+    } else {
+        let wait = Duration::from_secs(args.wait_timeout_secs);
+        match tokio::time::timeout(wait, handle.wait_replicated(last_seq)).await {
+            Ok(r) => r.context("waiting for the target")?,
+            Err(_) => bail!(
+                "the target did not confirm seq {last_seq} within {} s (last error: {})",
+                args.wait_timeout_secs,
+                handle.last_error().unwrap_or_else(|| "none".into())
+            ),
+        }
+        true
+    };
+    let drain = drain_start.elapsed();
+    let status = handle.status().await.context("replication")?;
+    let elapsed_s = elapsed.as_secs_f64().max(1e-9);
+    let l = latencies
+        .lock()
+        .map_err(|_| anyhow::anyhow!("latency lock poisoned"))?;
+    Ok(Summary {
+        mode: args.mode.to_string(),
+        qd: plan.qd,
+        seed: plan.seed,
+        block_bytes: plan.block_bytes,
+        writes,
+        flushes,
+        bytes,
+        elapsed_s,
+        iops: writes as f64 / elapsed_s,
+        mib_s: bytes as f64 / f64::from(1 << 20) / elapsed_s,
+        lat_mean_us: l.mean_us(),
+        lat_p50_us: l.quantile_us(500),
+        lat_p99_us: l.quantile_us(990),
+        lat_max_us: l.max_ns as f64 / 1000.0,
+        last_seq: last_seq.0,
+        replicated,
+        drain_s: drain.as_secs_f64(),
+        connects: status.connects,
+        disconnects: status.disconnects,
+    })
+}
+
+fn settle(
+    joined: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>,
+) -> anyhow::Result<()> {
+    match joined {
+        None => Ok(()),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(anyhow::anyhow!("completion task failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn histogram_quantiles_are_within_a_few_percent() {
+        let mut l = Latencies::new();
+        for us in 1..=1000u64 {
+            l.record(Duration::from_micros(us));
+        }
+        let p99 = l.quantile_us(990);
+        assert!((p99 - 990.0).abs() < 990.0 * 0.04, "p99 {p99}");
+        let p50 = l.quantile_us(500);
+        assert!((p50 - 500.0).abs() < 500.0 * 0.04, "p50 {p50}");
+        assert!((l.mean_us() - 500.5).abs() < 0.01);
+        // Every index maps back into its own bucket.
+        for ns in [0u64, 63, 64, 65, 1000, 123_456_789, u64::MAX / 3] {
+            assert_eq!(
+                Latencies::index(Latencies::value(Latencies::index(ns))),
+                Latencies::index(ns)
+            );
+        }
+    }
+
+    #[test]
+    fn distinct_placement_never_repeats_a_slot_and_stops_when_full() {
+        let seed = 7;
+        println!("seed {seed}");
+        let plan = Plan {
+            volume_blocks: 1000,
+            block_bytes: 4096,
+            max_blocks: 8,
+            writes: Some(125),
+            seconds: None,
+            qd: 1,
+            seed,
+        };
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut placer = Placer::new(&plan, true, &mut rng);
+        let mut used = vec![false; 1000];
+        for _ in 0..125 {
+            let (first, n) = placer.next(&plan, &mut rng).unwrap();
+            assert!(first + n <= 1000);
+            for b in first..first + n {
+                let b = usize::try_from(b).unwrap();
+                assert!(!used[b], "block {b} written twice");
+                used[b] = true;
+            }
+        }
+        assert!(placer.next(&plan, &mut rng).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Subcommands of the `ublk-mirror` binary.
+
+pub mod loadgen;

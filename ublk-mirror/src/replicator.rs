@@ -1,0 +1,902 @@
+//! The replicator: runs the [`Source`] engine on a tokio task over TCP to the target server.
+//!
+//! [`spawn`] starts the engine task and returns a [`Handle`]. The handle is cheap to clone and
+//! usable from any thread or executor: it only talks to the engine through bounded
+//! `tokio::sync` channels and oneshots, which need no tokio runtime on the caller's side.
+//!
+//! The engine task owns the [`Source`] and the connection:
+//! - it connects with a bounded timeout and reconnects with bounded exponential backoff;
+//! - on each connection it calls [`Source::on_connect`] with a fresh random nonce (the handshake is
+//!   the engine's), a reader task decodes frames (56-byte header, then payload) and a writer task
+//!   writes what [`Source::poll_transmit`] hands out, header and payload in one vectored write
+//!   (write data is never copied: it stays the `Bytes` that entered the rollback log);
+//! - any decode error, I/O error, engine error or silence longer than the idle timeout drops the
+//!   connection ([`Source::on_disconnect`]) and reconnects; nothing is lost, the rollback log is
+//!   resent after the next handshake;
+//! - a REFUSE from the target, a failed authentication or a target that mirrors another volume
+//!   (or claims more or less data than it can have) is fatal: pending and later operations fail
+//!   with [`ReplError::Fatal`] and the status reports why.
+//!
+//! Back-pressure: while the rollback log has no room for the next operation, the engine stops
+//! taking submissions, the bounded submission channel fills and [`Handle::enqueue`] waits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
+use mirror_core::wire::{
+    self, Encoded, Frame, Op, RefuseReason, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
+};
+use mirror_core::Seq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Frames queued towards the writer task of one connection.
+const WRITER_QUEUE_FRAMES: usize = 64;
+/// Events (decoded frames, failures) queued from the connection tasks to the engine.
+const EVENT_QUEUE: usize = 256;
+/// Control requests queued towards the engine.
+const CONTROL_QUEUE: usize = 64;
+/// Callers waiting for a sequence number to be replicated.
+const REPLICATED_WAITERS_MAX: usize = 4096;
+/// Frames and bytes the writer gathers into one vectored write.
+const WRITE_BATCH_FRAMES: usize = 64;
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Buffer of the reader (frames from the target are small: acknowledgements).
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
+/// How the replicator reaches the target and how patient it is.
+#[derive(Clone)]
+pub struct ReplicatorConfig {
+    /// Target address (`host:port`).
+    pub peer: String,
+    /// The engine's configuration (volume identity, secret, mode, log bounds).
+    pub source: SourceConfig,
+    /// Bound on one connection attempt.
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay (the delay doubles after each failure up to this).
+    pub backoff_max: Duration,
+    /// A PING is sent when nothing was sent for this long on an established connection.
+    pub ping_interval: Duration,
+    /// The connection is dropped when nothing arrives from the target for this long.
+    pub idle_timeout: Duration,
+    /// Bound on submissions queued towards the engine.
+    pub submit_queue: usize,
+}
+
+impl ReplicatorConfig {
+    /// A configuration with default timeouts and bounds.
+    #[must_use]
+    pub fn new(peer: impl Into<String>, source: SourceConfig) -> ReplicatorConfig {
+        ReplicatorConfig {
+            peer: peer.into(),
+            source,
+            connect_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            ping_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(20),
+            submit_queue: 256,
+        }
+    }
+}
+
+impl fmt::Debug for ReplicatorConfig {
+    // By hand: the source configuration holds the shared secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicatorConfig")
+            .field("peer", &self.peer)
+            .field("volume_id", &self.source.volume_id)
+            .field("mode", &self.source.mode)
+            .field("volume_bytes", &self.source.volume_bytes)
+            .field("block_bytes", &self.source.block_bytes)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("ping_interval", &self.ping_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("submit_queue", &self.submit_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a replicator call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplError {
+    /// Replication stopped for good (refused, authentication failed, wrong volume, ...).
+    #[error("replication stopped: {0}")]
+    Fatal(String),
+    /// The replicator was shut down (or its task ended).
+    #[error("replicator shut down")]
+    Shutdown,
+    /// The operation is not valid for this volume (alignment, extent, size).
+    #[error("invalid operation: {0}")]
+    InvalidOp(String),
+    /// Too many callers already wait for replication.
+    #[error("too many callers waiting for replication (limit {REPLICATED_WAITERS_MAX})")]
+    TooManyWaiters,
+    /// The system's random number generator failed (needed for handshake nonces).
+    #[error("no randomness for the handshake nonce: {0}")]
+    Random(String),
+}
+
+/// A snapshot of the replicator's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatorStatus {
+    /// The engine's state (sequence numbers, log fill, connection).
+    pub source: SourceStatus,
+    /// Why the last connection (attempt) ended, if one did.
+    pub last_error: Option<String>,
+    /// Why replication stopped for good, if it did.
+    pub fatal: Option<String>,
+    /// Handshakes completed.
+    pub connects: u64,
+    /// Connections dropped after they were opened (including failed handshakes).
+    pub disconnects: u64,
+}
+
+/// Connection state, published on every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConnInfo {
+    state: ConnState,
+    connects: u64,
+    fatal: Option<String>,
+    last_error: Option<String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ReplError>>;
+
+struct SubmitReq {
+    op: Op,
+    reply: Reply<Seq>,
+}
+
+enum Ctl {
+    Status(oneshot::Sender<ReplicatorStatus>),
+    SetMode(Mode, oneshot::Sender<()>),
+    WaitReplicated(Seq, Reply<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum Event {
+    Connected(u64, Result<TcpStream, String>),
+    Frame(u64, Frame),
+    Failed(u64, String),
+}
+
+/// An operation accepted by the replicator (its place in the sequence is fixed); await it for its
+/// completion per the acknowledgement mode.
+#[derive(Debug)]
+pub struct Pending {
+    rx: oneshot::Receiver<Result<Seq, ReplError>>,
+}
+
+impl Future for Pending {
+    type Output = Result<Seq, ReplError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(ReplError::Shutdown)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The caller's side of a replicator. Clone it freely; every method works from any executor.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    submit_tx: mpsc::Sender<SubmitReq>,
+    ctl_tx: mpsc::Sender<Ctl>,
+    conn_rx: watch::Receiver<ConnInfo>,
+}
+
+impl fmt::Debug for SubmitReq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubmitReq").field("op", &self.op).finish()
+    }
+}
+
+impl fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ctl::Status(_) => "Status",
+            Ctl::SetMode(..) => "SetMode",
+            Ctl::WaitReplicated(..) => "WaitReplicated",
+            Ctl::Shutdown(_) => "Shutdown",
+        })
+    }
+}
+
+impl Handle {
+    /// Queues `op` (waiting while the rollback log is full). Once this returns, the operation's
+    /// place in the sequence is fixed: operations enqueued later get later sequence numbers.
+    /// Await the returned [`Pending`] for its completion.
+    pub async fn enqueue(&self, op: Op) -> Result<Pending, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit_tx
+            .send(SubmitReq { op, reply })
+            .await
+            .map_err(|_| ReplError::Shutdown)?;
+        Ok(Pending { rx })
+    }
+
+    /// Submits `op` and resolves when it completes per the acknowledgement mode, with its
+    /// sequence number.
+    pub async fn submit(&self, op: Op) -> Result<Seq, ReplError> {
+        self.enqueue(op).await?.await
+    }
+
+    /// A host flush: a barrier that completes per the mode (and `flush_replicates`).
+    pub async fn flush(&self) -> Result<Seq, ReplError> {
+        self.submit(Op::Flush).await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Ctl) -> Result<T, ReplError> {
+        let (tx, rx) = oneshot::channel();
+        self.ctl_tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ReplError::Shutdown)?;
+        rx.await.map_err(|_| ReplError::Shutdown)
+    }
+
+    /// The current state.
+    pub async fn status(&self) -> Result<ReplicatorStatus, ReplError> {
+        self.ask(Ctl::Status).await
+    }
+
+    /// Changes the acknowledgement mode; waiting operations are re-evaluated.
+    pub async fn set_mode(&self, mode: Mode) -> Result<(), ReplError> {
+        self.ask(|tx| Ctl::SetMode(mode, tx)).await
+    }
+
+    /// Resolves once operation `seq` (and so every earlier one) is applied and durable on the
+    /// target.
+    pub async fn wait_replicated(&self, seq: Seq) -> Result<(), ReplError> {
+        self.ask(|tx| Ctl::WaitReplicated(seq, tx)).await?
+    }
+
+    /// Resolves once a handshake with the target has completed (now or earlier), or fails when
+    /// replication stopped for good. Bound it with a timeout: an unreachable target is retried
+    /// forever.
+    pub async fn wait_connected(&self) -> Result<(), ReplError> {
+        let mut rx = self.conn_rx.clone();
+        loop {
+            {
+                let info = rx.borrow_and_update();
+                if let Some(fatal) = &info.fatal {
+                    return Err(ReplError::Fatal(fatal.clone()));
+                }
+                if info.connects > 0 {
+                    return Ok(());
+                }
+            }
+            rx.changed().await.map_err(|_| ReplError::Shutdown)?;
+        }
+    }
+
+    /// Why the last connection (attempt) failed, without asking the engine.
+    #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.conn_rx.borrow().last_error.clone()
+    }
+
+    /// Stops the engine: pending operations fail with [`ReplError::Shutdown`], the connection
+    /// closes. Unreplicated entries are lost with the in-memory rollback log.
+    pub async fn shutdown(&self) -> Result<(), ReplError> {
+        self.ask(Ctl::Shutdown).await
+    }
+}
+
+/// Starts the engine task on the current tokio runtime. The task ends on [`Handle::shutdown`] or
+/// when every handle is dropped.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
+    let (submit_tx, submit_rx) = mpsc::channel(cfg.submit_queue.max(1));
+    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (conn_tx, conn_rx) = watch::channel(ConnInfo {
+        state: ConnState::Disconnected,
+        connects: 0,
+        fatal: None,
+        last_error: None,
+    });
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let engine = Engine {
+        source: Source::new(cfg.source.clone()),
+        cfg,
+        epoch: Instant::now(),
+        rng: fastrand::Rng::with_seed(random_u64()),
+        events_tx,
+        conn_tx,
+        conn: None,
+        next_conn_id: 0,
+        connecting: None,
+        reconnect_at: None,
+        backoff: Duration::ZERO,
+        waiting: HashMap::new(),
+        replicated_waiters: BTreeMap::new(),
+        replicated_waiter_count: 0,
+        parked: None,
+        staged: None,
+        fatal: None,
+        last_error: None,
+        connects: 0,
+        disconnects: 0,
+        was_connected: false,
+    };
+    let task = tokio::spawn(engine.run(submit_rx, ctl_rx, events_rx));
+    (
+        Handle {
+            submit_tx,
+            ctl_tx,
+            conn_rx,
+        },
+        task,
+    )
+}
+
+fn random_u64() -> u64 {
+    // Only for reconnect jitter: a fixed fallback is harmless.
+    getrandom::u64().unwrap_or(0x5eed_5eed_5eed_5eed)
+}
+
+fn fresh_nonce() -> Result<[u8; MAC_BYTES], ReplError> {
+    let mut nonce = [0u8; MAC_BYTES];
+    getrandom::fill(&mut nonce).map_err(|e| ReplError::Random(e.to_string()))?;
+    Ok(nonce)
+}
+
+struct Conn {
+    id: u64,
+    writer_tx: mpsc::Sender<Encoded>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+struct Engine {
+    cfg: ReplicatorConfig,
+    source: Source,
+    epoch: Instant,
+    rng: fastrand::Rng,
+    events_tx: mpsc::Sender<Event>,
+    conn_tx: watch::Sender<ConnInfo>,
+    conn: Option<Conn>,
+    next_conn_id: u64,
+    /// Id of the connection attempt under way.
+    connecting: Option<u64>,
+    reconnect_at: Option<Instant>,
+    backoff: Duration,
+    /// Operations submitted and not yet complete, by sequence number (bounded by the log).
+    waiting: HashMap<Seq, Reply<Seq>>,
+    replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
+    replicated_waiter_count: usize,
+    /// A submission taken from the channel that waits for room in the log.
+    parked: Option<SubmitReq>,
+    /// The next frame for the writer, taken from the engine but not yet queued.
+    staged: Option<Encoded>,
+    fatal: Option<String>,
+    last_error: Option<String>,
+    connects: u64,
+    disconnects: u64,
+    was_connected: bool,
+}
+
+impl Engine {
+    async fn run(
+        mut self,
+        mut submit_rx: mpsc::Receiver<SubmitReq>,
+        mut ctl_rx: mpsc::Receiver<Ctl>,
+        mut events_rx: mpsc::Receiver<Event>,
+    ) {
+        self.start_connect();
+        loop {
+            self.pump();
+            let writer = match (&self.conn, &self.staged) {
+                (Some(c), Some(_)) => Some(c.writer_tx.clone()),
+                _ => None,
+            };
+            let take_submit = self.parked.is_none();
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                Some(ev) = events_rx.recv() => self.on_event(ev),
+                ctl = ctl_rx.recv() => match ctl {
+                    Some(Ctl::Shutdown(done)) => {
+                        self.stop(ReplError::Shutdown);
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(ctl) => self.on_ctl(ctl),
+                    None => break,
+                },
+                permit = reserve(writer), if self.staged.is_some() => {
+                    if let (Some(permit), Some(frame)) = (permit, self.staged.take()) {
+                        permit.send(frame);
+                        if let Some(c) = &mut self.conn {
+                            c.last_tx = Instant::now();
+                        }
+                    }
+                }
+                req = submit_rx.recv(), if take_submit => match req {
+                    Some(req) => self.on_submit(req),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => self.on_timer(),
+            }
+        }
+        self.stop(ReplError::Shutdown);
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Moves everything that can move without waiting: parked submission, completions,
+    /// replication waiters, the next frame to send.
+    fn pump(&mut self) {
+        if let Some(req) = self.parked.take() {
+            if self.source.has_room(req.op.payload_bytes()) {
+                self.submit_now(req);
+            } else {
+                self.parked = Some(req);
+            }
+        }
+        while let Some(seq) = self.source.poll_completion() {
+            if let Some(reply) = self.waiting.remove(&seq) {
+                let _ = reply.send(Ok(seq));
+            }
+        }
+        let durable = self.source.status().durable;
+        while let Some(entry) = self.replicated_waiters.first_entry() {
+            if *entry.key() > durable {
+                break;
+            }
+            let replies = entry.remove();
+            self.replicated_waiter_count -= replies.len();
+            for reply in replies {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        if self.staged.is_none() && self.conn.is_some() {
+            self.staged = self.source.poll_transmit().map(|f| f.encode());
+        }
+        let state = self.source.status().conn;
+        if state == ConnState::Connected && !self.was_connected {
+            self.was_connected = true;
+            self.connects += 1;
+            self.backoff = Duration::ZERO;
+            tracing::info!(peer = %self.cfg.peer, "connected to target");
+            self.publish();
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + Duration::from_secs(3600);
+        if let Some(at) = self.reconnect_at {
+            wake = wake.min(at);
+        }
+        if let Some(c) = &self.conn {
+            wake = wake.min(c.last_rx + self.cfg.idle_timeout);
+            if self.was_connected {
+                wake = wake.min(c.last_tx + self.cfg.ping_interval);
+            }
+        }
+        wake
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.reconnect_at.is_some_and(|at| at <= now) {
+            self.reconnect_at = None;
+            self.start_connect();
+        }
+        let Some(c) = &mut self.conn else { return };
+        if now >= c.last_rx + self.cfg.idle_timeout {
+            let secs = self.cfg.idle_timeout.as_secs_f64();
+            self.drop_conn(format!("no data from the target for {secs:.1} s"));
+            return;
+        }
+        if self.was_connected && now >= c.last_tx + self.cfg.ping_interval {
+            // A probe outside the engine: PING is answered in any state and changes nothing.
+            // If the writer's queue is full, data is flowing anyway and the probe is skipped.
+            let token = self.rng.u64(..);
+            let _ = c.writer_tx.try_send(Frame::Ping { token }.encode());
+            c.last_tx = now;
+        }
+    }
+
+    fn start_connect(&mut self) {
+        if self.fatal.is_some() || self.conn.is_some() || self.connecting.is_some() {
+            return;
+        }
+        self.next_conn_id += 1;
+        let id = self.next_conn_id;
+        self.connecting = Some(id);
+        let peer = self.cfg.peer.clone();
+        let timeout = self.cfg.connect_timeout;
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, TcpStream::connect(&peer)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("cannot connect to {peer}: {e}")),
+                Err(_) => Err(format!(
+                    "cannot connect to {peer}: timed out after {:.1} s",
+                    timeout.as_secs_f64()
+                )),
+            };
+            let _ = events.send(Event::Connected(id, result)).await;
+        });
+    }
+
+    fn schedule_reconnect(&mut self) {
+        if self.fatal.is_some() {
+            return;
+        }
+        self.backoff = if self.backoff.is_zero() {
+            self.cfg.backoff_min
+        } else {
+            (self.backoff * 2).min(self.cfg.backoff_max)
+        };
+        // Up to 25 % jitter so that many sources do not reconnect in lockstep.
+        let jitter_ms = self
+            .rng
+            .u64(0..=u64::try_from(self.backoff.as_millis() / 4).unwrap_or(0));
+        self.reconnect_at = Some(Instant::now() + self.backoff + Duration::from_millis(jitter_ms));
+    }
+
+    fn publish(&self) {
+        let info = ConnInfo {
+            state: if self.conn.is_some() {
+                self.source.status().conn
+            } else {
+                ConnState::Disconnected
+            },
+            connects: self.connects,
+            fatal: self.fatal.clone(),
+            last_error: self.last_error.clone(),
+        };
+        self.conn_tx.send_if_modified(|old| {
+            let changed = *old != info;
+            *old = info;
+            changed
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected(id, result) => {
+                if self.connecting != Some(id) {
+                    return;
+                }
+                self.connecting = None;
+                match result {
+                    Ok(stream) => self.open_conn(id, stream),
+                    Err(reason) => {
+                        tracing::info!(%reason, "connection attempt failed");
+                        self.last_error = Some(reason);
+                        self.publish();
+                        self.schedule_reconnect();
+                    }
+                }
+            }
+            Event::Frame(id, frame) => {
+                let Some(c) = &mut self.conn else { return };
+                if c.id != id {
+                    return;
+                }
+                c.last_rx = Instant::now();
+                if let Err(e) = self.source.handle_frame(frame) {
+                    if is_fatal(&e) {
+                        self.set_fatal(describe_fatal(&e));
+                    } else {
+                        self.drop_conn(format!("engine error: {e}"));
+                    }
+                }
+            }
+            Event::Failed(id, reason) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.drop_conn(reason);
+                }
+            }
+        }
+    }
+
+    fn open_conn(&mut self, id: u64, stream: TcpStream) {
+        let nonce = match fresh_nonce() {
+            Ok(n) => n,
+            Err(e) => {
+                self.set_fatal(e.to_string());
+                return;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (rd, wr) = stream.into_split();
+        let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+        let reader = tokio::spawn(read_frames(id, rd, self.events_tx.clone()));
+        let writer = tokio::spawn(write_frames(id, wr, writer_rx, self.events_tx.clone()));
+        let now = Instant::now();
+        self.conn = Some(Conn {
+            id,
+            writer_tx,
+            reader,
+            writer,
+            last_rx: now,
+            last_tx: now,
+        });
+        self.staged = None;
+        self.was_connected = false;
+        self.source.on_connect(nonce);
+        tracing::debug!(peer = %self.cfg.peer, "handshaking");
+        self.publish();
+    }
+
+    fn close_conn(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.reader.abort();
+            c.writer.abort();
+            self.disconnects += 1;
+        }
+        self.staged = None;
+        self.was_connected = false;
+        self.source.on_disconnect();
+    }
+
+    fn drop_conn(&mut self, reason: String) {
+        tracing::warn!(%reason, "connection to the target dropped");
+        self.close_conn();
+        self.last_error = Some(reason);
+        self.publish();
+        self.schedule_reconnect();
+    }
+
+    fn set_fatal(&mut self, reason: String) {
+        tracing::warn!(%reason, "replication stopped");
+        self.close_conn();
+        self.fatal = Some(reason.clone());
+        self.last_error = Some(reason.clone());
+        self.reconnect_at = None;
+        self.fail_all(&ReplError::Fatal(reason));
+        self.publish();
+    }
+
+    fn fail_all(&mut self, err: &ReplError) {
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (_, replies) in std::mem::take(&mut self.replicated_waiters) {
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        self.replicated_waiter_count = 0;
+        if let Some(req) = self.parked.take() {
+            let _ = req.reply.send(Err(err.clone()));
+        }
+    }
+
+    fn stop(&mut self, err: ReplError) {
+        self.close_conn();
+        self.fail_all(&err);
+    }
+
+    fn on_submit(&mut self, req: SubmitReq) {
+        if let Some(fatal) = &self.fatal {
+            let _ = req.reply.send(Err(ReplError::Fatal(fatal.clone())));
+            return;
+        }
+        let bytes = req.op.payload_bytes();
+        if bytes > self.cfg.source.log_bytes_max || bytes > PAYLOAD_BYTES_MAX as usize {
+            let _ = req.reply.send(Err(ReplError::InvalidOp(format!(
+                "operation of {bytes} bytes can never fit the rollback log"
+            ))));
+            return;
+        }
+        if self.source.has_room(bytes) {
+            self.submit_now(req);
+        } else {
+            self.parked = Some(req);
+        }
+    }
+
+    fn submit_now(&mut self, req: SubmitReq) {
+        let now_ns = self.now_ns();
+        match self.source.submit(req.op.clone(), now_ns) {
+            Ok(seq) => {
+                self.waiting.insert(seq, req.reply);
+            }
+            Err(SourceError::LogFull) => self.parked = Some(req),
+            Err(SourceError::InvalidOp(why)) => {
+                let _ = req.reply.send(Err(ReplError::InvalidOp(why)));
+            }
+            Err(e) => {
+                let _ = req.reply.send(Err(ReplError::Fatal(e.to_string())));
+                self.set_fatal(format!("rollback log failed: {e}"));
+            }
+        }
+    }
+
+    fn on_ctl(&mut self, ctl: Ctl) {
+        match ctl {
+            Ctl::Status(reply) => {
+                let _ = reply.send(ReplicatorStatus {
+                    source: self.source.status(),
+                    last_error: self.last_error.clone(),
+                    fatal: self.fatal.clone(),
+                    connects: self.connects,
+                    disconnects: self.disconnects,
+                });
+            }
+            Ctl::SetMode(mode, reply) => {
+                self.source.set_mode(mode);
+                let _ = reply.send(());
+            }
+            Ctl::WaitReplicated(seq, reply) => {
+                if self.source.is_replicated(seq) {
+                    let _ = reply.send(Ok(()));
+                } else if let Some(fatal) = &self.fatal {
+                    let _ = reply.send(Err(ReplError::Fatal(fatal.clone())));
+                } else if seq > self.source.status().last_local {
+                    let _ = reply.send(Err(ReplError::InvalidOp(format!(
+                        "seq {seq} was never submitted"
+                    ))));
+                } else if self.replicated_waiter_count >= REPLICATED_WAITERS_MAX {
+                    let _ = reply.send(Err(ReplError::TooManyWaiters));
+                } else {
+                    self.replicated_waiter_count += 1;
+                    self.replicated_waiters.entry(seq).or_default().push(reply);
+                }
+            }
+            Ctl::Shutdown(done) => {
+                // Handled by the loop; kept for exhaustiveness.
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPermit<Encoded>> {
+    match writer {
+        Some(tx) => tx.reserve_owned().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether reconnecting cannot help.
+fn is_fatal(e: &SourceError) -> bool {
+    match e {
+        SourceError::Refused(RefuseReason::Busy) => false,
+        SourceError::Refused(_)
+        | SourceError::BadAuth
+        | SourceError::WrongVolume
+        | SourceError::TargetRegressed { .. }
+        | SourceError::TargetAhead { .. } => true,
+        _ => false,
+    }
+}
+
+/// The reason a fatal engine error gives to callers, with a hint where one helps.
+fn describe_fatal(e: &SourceError) -> String {
+    match e {
+        SourceError::BadAuth | SourceError::Refused(RefuseReason::BadAuth) => {
+            format!("{e} (do both sides use the same secret?)")
+        }
+        SourceError::WrongVolume | SourceError::Refused(RefuseReason::WrongVolume) => {
+            format!("{e} (check --volume-id)")
+        }
+        SourceError::Refused(RefuseReason::Geometry) => {
+            format!("{e} (check the volume size and block size on both sides)")
+        }
+        _ => e.to_string(),
+    }
+}
+
+async fn read_frames(id: u64, rd: OwnedReadHalf, events: mpsc::Sender<Event>) {
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+    let reason = loop {
+        match read_frame(&mut rd).await {
+            Ok(frame) => {
+                if events.send(Event::Frame(id, frame)).await.is_err() {
+                    return;
+                }
+            }
+            Err(reason) => break reason,
+        }
+    };
+    let _ = events.send(Event::Failed(id, reason)).await;
+}
+
+async fn read_frame(rd: &mut BufReader<OwnedReadHalf>) -> Result<Frame, String> {
+    let mut header = [0u8; HEADER_BYTES];
+    rd.read_exact(&mut header).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            "the target closed the connection".to_string()
+        } else {
+            format!("read from the target: {e}")
+        }
+    })?;
+    let h = wire::decode_header(&header).map_err(|e| format!("bad frame from the target: {e}"))?;
+    // decode_header bounds payload_len by PAYLOAD_BYTES_MAX.
+    let mut payload = BytesMut::zeroed(h.payload_len as usize);
+    rd.read_exact(&mut payload)
+        .await
+        .map_err(|e| format!("read from the target: {e}"))?;
+    wire::decode_body(&h, payload.freeze()).map_err(|e| format!("bad frame from the target: {e}"))
+}
+
+async fn write_frames(
+    id: u64,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Encoded>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut batch: Vec<Encoded> = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.wire_len();
+        batch.push(first);
+        while batch.len() < WRITE_BATCH_FRAMES && bytes < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(frame) => {
+                    bytes += frame.wire_len();
+                    batch.push(frame);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_batch(&mut wr, &batch).await {
+            let _ = events
+                .send(Event::Failed(id, format!("write to the target: {e}")))
+                .await;
+            return;
+        }
+        batch.clear();
+    }
+}
+
+/// Writes every header and payload of `batch` with vectored writes (no copy of the payloads).
+async fn write_batch(wr: &mut OwnedWriteHalf, batch: &[Encoded]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    for frame in batch {
+        parts.push(&frame.header);
+        if !frame.payload.is_empty() {
+            parts.push(&frame.payload);
+        }
+    }
+    let mut index = 0;
+    let mut offset = 0;
+    while index < parts.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - index);
+        slices.push(IoSlice::new(&parts[index][offset..]));
+        slices.extend(parts[index + 1..].iter().map(|p| IoSlice::new(p)));
+        let mut written = wr.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while index < parts.len() && written >= parts[index].len() - offset {
+            written -= parts[index].len() - offset;
+            index += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
+}

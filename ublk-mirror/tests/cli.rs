@@ -1,0 +1,85 @@
+//! The command line's failure modes: one `ublk-mirror: error: ...` line and a non-zero exit.
+//! (Runs against this package's own binary; the end-to-end runs live in the `mirror-tests`
+//! package.)
+
+use std::process::{Command, Output};
+
+fn ublk_mirror(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+        .args(args)
+        .output()
+        .expect("run ublk-mirror")
+}
+
+fn assert_one_error_line(out: &Output, expect: &str) {
+    assert!(!out.status.success(), "succeeded: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr: {stderr:?}");
+    assert!(
+        lines[0].starts_with("ublk-mirror: error: ") && lines[0].contains(expect),
+        "{:?} does not mention {expect:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn unknown_subcommand_and_missing_flags_are_one_line() {
+    assert_one_error_line(&ublk_mirror(&["frobnicate"]), "frobnicate");
+    assert_one_error_line(&ublk_mirror(&["loadgen"]), "required");
+}
+
+#[test]
+fn loadgen_validates_before_touching_the_network() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volume = dir.path().join("vol");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s\n").expect("secret");
+    let base = |extra: &[&str]| {
+        let mut a = vec![
+            "loadgen",
+            "--volume",
+            volume.to_str().unwrap(),
+            "--volume-bytes",
+            "1M",
+            "--peer",
+            "127.0.0.1:9",
+            "--volume-id",
+            "00112233445566778899aabbccddeeff",
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--mode",
+            "sync",
+        ];
+        a.extend_from_slice(extra);
+        ublk_mirror(&a)
+    };
+    assert_one_error_line(&base(&["--max-blocks", "1000"]), "frame limit");
+    assert_one_error_line(&base(&["--block-bytes", "1000"]), "power of two");
+    assert_one_error_line(&base(&["--ops", "5", "--seconds", "1"]), "--seconds");
+    assert_one_error_line(&base(&["--log-bytes-max", "12x"]), "12x");
+    let missing = dir.path().join("nope");
+    let out = ublk_mirror(&[
+        "loadgen",
+        "--volume",
+        volume.to_str().unwrap(),
+        "--volume-bytes",
+        "1M",
+        "--peer",
+        "127.0.0.1:9",
+        "--volume-id",
+        "00112233445566778899aabbccddeeff",
+        "--secret-file",
+        missing.to_str().unwrap(),
+        "--mode",
+        "sync",
+    ]);
+    assert_one_error_line(&out, "secret file");
+}
+
+#[test]
+fn help_lists_loadgen() {
+    let out = ublk_mirror(&["--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loadgen"));
+}
