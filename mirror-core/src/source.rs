@@ -91,7 +91,7 @@ pub enum SourceSabotage {
 }
 
 /// Configuration of a source.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SourceConfig {
     /// The mirrored volume.
     pub volume_id: VolumeId,
@@ -115,6 +115,24 @@ pub struct SourceConfig {
     pub log_bytes_max: usize,
     /// Bound on rollback log entries.
     pub log_entries_max: usize,
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("volume_id", &self.volume_id)
+            .field("node_id", &self.node_id)
+            .field("generation", &self.generation)
+            .field("volume_bytes", &self.volume_bytes)
+            .field("block_bytes", &self.block_bytes)
+            .field("secret", &"<redacted>")
+            .field("mode", &self.mode)
+            .field("flush_replicates", &self.flush_replicates)
+            .field("lock_style", &self.lock_style)
+            .field("log_bytes_max", &self.log_bytes_max)
+            .field("log_entries_max", &self.log_entries_max)
+            .finish()
+    }
 }
 
 /// Errors of the source engine.
@@ -714,5 +732,31 @@ fn kind_name(frame: &Frame) -> &'static str {
         Frame::Nak { .. } => "NAK",
         Frame::Ping { .. } => "PING",
         Frame::Pong { .. } => "PONG",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let cfg = SourceConfig {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(1),
+            generation: Generation(1),
+            volume_bytes: 1 << 20,
+            block_bytes: 4096,
+            secret: b"hunter2-hunter2".to_vec(),
+            mode: Mode::Sync,
+            flush_replicates: false,
+            lock_style: LockStyle::Implied,
+            log_bytes_max: 1 << 20,
+            log_entries_max: 64,
+        };
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("104, 117"), "{text}");
+        assert!(text.contains("<redacted>"));
     }
 }

@@ -45,7 +45,7 @@ pub enum TargetSabotage {
 }
 
 /// Configuration of a target.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TargetConfig {
     /// The volume this target mirrors.
     pub volume_id: VolumeId,
@@ -67,6 +67,23 @@ pub struct TargetConfig {
     pub commit_log_entries_max: usize,
     /// Bound on local locks held at once.
     pub local_locks_max: usize,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("volume_id", &self.volume_id)
+            .field("node_id", &self.node_id)
+            .field("generation", &self.generation)
+            .field("volume_bytes", &self.volume_bytes)
+            .field("block_bytes", &self.block_bytes)
+            .field("secret", &"<redacted>")
+            .field("conflict_policy", &self.conflict_policy)
+            .field("commit_log_bytes_max", &self.commit_log_bytes_max)
+            .field("commit_log_entries_max", &self.commit_log_entries_max)
+            .field("local_locks_max", &self.local_locks_max)
+            .finish()
+    }
 }
 
 /// What the target's driver recovered from its own durable state at start.

@@ -675,6 +675,20 @@ async fn run_session(
             writer.abort();
         }
     }
+    if matches!(close, Close::Engine(_) | Close::Wire(_)) {
+        // The writer has sent the REFUSE and a FIN. Read and drop what the peer had already sent,
+        // briefly and boundedly: closing a socket with unread data resets the connection, and
+        // the reset could reach the peer before it reads why it was refused.
+        let mut sink = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let mut drained = 0usize;
+        while drained < (1 << 20) {
+            match tokio::time::timeout_at(deadline, rd.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+    }
     shared.target().on_disconnect();
     shared.room_wake.notify_one();
     shared.apply_wake.notify_one();
