@@ -106,6 +106,8 @@ stop_target() {
 # start_daemon NAME TAG MODE [EXTRA...]: background daemon on TAG's source volume (sets DEV, DPID)
 start_daemon() {
     local name=$1 tag=$2 mode=$3 st
+    DEV=""
+    DPID=""
     shift 3
     if ! "$UM" start --name "$name" --volume "$W/$tag-src.img" --peer "127.0.0.1:$TPORT" \
         --volume-id "$VID" --secret-file "$W/secret" --mode "$mode" --log-file "$OUT/daemon-$name.log" \
@@ -160,14 +162,15 @@ expect_error() {
     fi
 }
 
-# write_files DIR N: N files of random sizes in nested dirs, each fsynced
+# write_files DIR N: N files of random sizes (4-96 KiB) in 3 directories, each fsynced on close
+# (one fio process per directory: process start-up is slow under software emulation)
 write_files() {
-    local dir=$1 n=$2 i d
-    for i in $(seq "$n"); do
-        d=$dir/d$((i % 10))
-        [ -d "$d" ] || mkdir -p "$d"
-        head -c $(((RANDOM * 7 + i * 131) % 98304 + 1)) /dev/urandom >"$d/f$i" || return 1
-        sync "$d/f$i" || return 1
+    local dir=$1 n=$2 d
+    for d in a b c; do
+        mkdir -p "$dir/$d" || return 1
+        fio --name="files-$d" --directory="$dir/$d" --nrfiles=$((n / 3)) --filesize=4k-96k --bs=4k \
+            --rw=write --ioengine=psync --fsync_on_close=1 --file_service_type=sequential --openfiles=1 \
+            --randseed=$RANDOM --refill_buffers --output="$OUT/write-files.txt" >/dev/null 2>&1 || return 1
     done
     sync -f "$dir"
 }
@@ -206,7 +209,7 @@ case_fs() {
     local fs=$1 mode=$2 tag=$1 why
     new_volumes "$tag"
     start_target "$tag" || { fail "$fs" "target did not start"; return; }
-    why=$(start_daemon "m-$fs" "$tag" "$mode") || { fail "$fs" "$why"; stop_target; return; }
+    start_daemon "m-$fs" "$tag" "$mode" >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail "$fs" "$why"; stop_target; return; }
     note "$fs on $DEV (mode $mode)"
     if [ "$fs" = ext4 ]; then mkfs.ext4 -q -F "$DEV"; else mkfs.xfs -q -f "$DEV"; fi >"$OUT/mkfs-$fs.log" 2>&1 \
         || { fail "$fs" "mkfs failed: $(tail -n 2 "$OUT/mkfs-$fs.log")"; cleanup_all; return; }
@@ -241,7 +244,7 @@ case_fio() {
     local mode=$1 tag=fio-$1 why
     new_volumes "$tag"
     start_target "$tag" || { fail "fio-$mode" "target did not start"; return; }
-    why=$(start_daemon "m-$tag" "$tag" "$mode") || { fail "fio-$mode" "$why"; stop_target; return; }
+    start_daemon "m-$tag" "$tag" "$mode" >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail "fio-$mode" "$why"; stop_target; return; }
     if ! fio --name="v-$mode" --filename="$DEV" --rw=randwrite --bsrange=4k-64k --size=48M --ioengine=libaio \
         --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
         --output="$OUT/fio-$mode.txt" >/dev/null 2>&1; then
@@ -263,13 +266,20 @@ case_kill9() {
     local tag=kill9 why st disc
     new_volumes "$tag"
     start_target "$tag" || { fail kill9 "target did not start"; return; }
-    why=$(start_daemon m-kill9 "$tag" async) || { fail kill9 "$why"; stop_target; return; }
+    start_daemon m-kill9 "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail kill9 "$why"; stop_target; return; }
     fio --name=k9 --filename="$DEV" --rw=randwrite --bs=4k --size=64M --ioengine=libaio --iodepth=16 \
         --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
         --output="$OUT/fio-kill9.txt" >/dev/null 2>&1 &
-    local fpid=$!
-    sleep 3
-    kill -0 "$fpid" 2>/dev/null || note "warning: fio already finished before the kill"
+    local fpid=$! i seq=0
+    # kill the target once writes are flowing (and fio is far from done)
+    for i in $(seq 300); do
+        seq=$("$UM" status --name m-kill9 --json | jq -r .seq.last_local)
+        [ "${seq:-0}" -ge 3000 ] && break
+        kill -0 "$fpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$fpid" 2>/dev/null || { fail kill9 "fio finished before the kill (seq $seq)"; cleanup_all; return; }
+    [ "${seq:-0}" -ge 3000 ] || { fail kill9 "writes did not flow (seq $seq after 30 s)"; kill "$fpid"; cleanup_all; return; }
     kill -9 "$TPID"
     wait "$TPID" 2>/dev/null
     note "target-server killed with -9 (seq now $("$UM" status --name m-kill9 --json | jq -c .seq))"
@@ -294,7 +304,7 @@ case_sigterm() {
     local tag=sigterm why i
     new_volumes "$tag"
     start_target "$tag" || { fail sigterm "target did not start"; return; }
-    why=$(start_daemon m-sigterm "$tag" sync) || { fail sigterm "$why"; stop_target; return; }
+    start_daemon m-sigterm "$tag" sync >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail sigterm "$why"; stop_target; return; }
     dd if=/dev/urandom of="$DEV" bs=1M count=16 oflag=direct status=none || { fail sigterm "dd failed"; cleanup_all; return; }
     kill -TERM "$DPID"
     for i in $(seq 300); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
@@ -311,14 +321,14 @@ case_delete() {
     local tag=del why out id
     new_volumes "$tag"
     start_target "$tag" || { fail list-delete "target did not start"; return; }
-    why=$(start_daemon m-del "$tag" async) || { fail list-delete "$why"; stop_target; return; }
+    start_daemon m-del "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail list-delete "$why"; stop_target; return; }
     out=$("$UM" list 2>&1)
     echo "$out" >"$OUT/list.txt"
     grep -q "m-del.*$DEV" <<<"$out" && pass list || fail list "m-del not listed: $out"
     "$UM" delete --name m-del >"$OUT/delete.out" 2>&1 && [ ! -e "$DEV" ] && pass delete \
         || fail delete "$(cat "$OUT/delete.out")"
     # a daemon killed with -9 leaves its device behind: delete removes it
-    why=$(start_daemon m-del "$tag" async) || { fail delete-stale "$why"; stop_target; return; }
+    start_daemon m-del "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail delete-stale "$why"; stop_target; return; }
     id=${DEV#/dev/ublkb}
     kill -9 "$DPID"
     sleep 0.5
@@ -358,7 +368,7 @@ case_perf() {
     for mode in async sync lock-then-write; do
         new_volumes perf
         start_target perf || { fail perf "target did not start"; return; }
-        why=$(start_daemon m-perf perf "$mode") || { fail perf "$why"; stop_target; return; }
+        start_daemon m-perf perf "$mode" >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail perf "$why"; stop_target; return; }
         r1=$(fio_perf "$mode-qd1" "$DEV" 1)
         r16=$(fio_perf "$mode-qd16" "$DEV" 16)
         echo "| ublk-mirror $mode | ${r1% *} | ${r1#* } | ${r16% *} | ${r16#* } |" >>"$table"

@@ -725,9 +725,8 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         s.peer,
         s.connect_timeout.as_secs()
     );
-    let connected = runtime.block_on(async {
-        tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await
-    });
+    let connected = runtime
+        .block_on(async { tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await });
     match connected {
         Ok(Ok(())) => {}
         Ok(Err(e)) => bail!("cannot mirror to {}: {e}", s.peer),
@@ -833,4 +832,87 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         bail!("stopped, but not every write reached the target: {e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> StartArgs {
+        StartArgs {
+            volume: Some(dir.join("vol.img")),
+            peer: Some("127.0.0.1:7700".into()),
+            volume_id: Some("0123456789abcdef0123456789abcdef".into()),
+            secret_file: Some(dir.join("secret")),
+            ..StartArgs::default()
+        }
+    }
+
+    fn err(args: &StartArgs) -> String {
+        format!("{:#}", Settings::resolve(args).unwrap_err())
+    }
+
+    #[test]
+    fn flags_resolve_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Settings::resolve(&base(dir.path())).unwrap();
+        assert_eq!(s.name, "mirror");
+        assert_eq!(s.mode, Mode::Async);
+        assert_eq!(s.block_bytes, 4096);
+        assert_eq!(s.queues, 2);
+        assert_eq!(s.log_bytes, 64 << 20);
+        assert_eq!(s.connect_timeout, Duration::from_secs(10));
+        assert!(s.control_socket.ends_with("mirror.sock"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = base(dir.path());
+        a.mode = Some("fast".into());
+        assert!(err(&a).contains("--mode"));
+        let mut a = base(dir.path());
+        a.block_bytes = Some(1024);
+        assert!(err(&a).contains("--block-bytes"));
+        let mut a = base(dir.path());
+        a.volume_id = Some("12".into());
+        assert!(err(&a).contains("--volume-id"));
+        let mut a = base(dir.path());
+        a.peer = Some("localhost".into());
+        assert!(err(&a).contains("host:port"));
+        let mut a = base(dir.path());
+        a.log_bytes = Some("4K".into());
+        assert!(err(&a).contains("--log-bytes"));
+        let mut a = base(dir.path());
+        a.volume = None;
+        assert!(err(&a).contains("--volume is required"));
+        let mut a = base(dir.path());
+        a.name = Some("../x".into());
+        assert!(err(&a).contains("--name"));
+    }
+
+    #[test]
+    fn config_file_is_read_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("m.toml");
+        std::fs::write(
+            &cfg,
+            "volume = \"v.img\"\npeer = \"10.0.0.1:7700\"\nvolume_id = \"0123456789abcdef0123456789abcdef\"\n\
+             secret_file = \"/etc/secret\"\nmode = \"sync\"\nlog_bytes = \"8M\"\nqueues = 4\n",
+        )
+        .unwrap();
+        let args = StartArgs {
+            config: Some(cfg.clone()),
+            mode: Some("received".into()),
+            ..StartArgs::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.volume, dir.path().join("v.img"));
+        assert_eq!(s.secret_file, PathBuf::from("/etc/secret"));
+        assert_eq!(s.mode, Mode::Received);
+        assert_eq!(s.log_bytes, 8 << 20);
+        assert_eq!(s.queues, 4);
+        std::fs::write(&cfg, "volume = \"v.img\"\ncolour = \"blue\"\n").unwrap();
+        assert!(err(&args).contains("colour"));
+    }
 }

@@ -209,3 +209,69 @@ pub struct StatusReport {
     /// Sequence number whose rejected lock halts transmission.
     pub halted_at: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let reqs = [
+            Request::Status,
+            Request::SetMode {
+                mode: "sync".into(),
+            },
+            Request::WaitReplicated {
+                seq: Some(42),
+                timeout_secs: Some(1.5),
+            },
+            Request::WaitReplicated {
+                seq: None,
+                timeout_secs: None,
+            },
+            Request::Stop,
+        ];
+        for req in reqs {
+            let line = serde_json::to_string(&req).unwrap();
+            assert!(!line.contains('\n'), "{line}");
+            assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), req);
+        }
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"wait-replicated"}"#).unwrap(),
+            Request::WaitReplicated {
+                seq: None,
+                timeout_secs: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_carry_status_or_error() {
+        let mut st = StatusReport {
+            name: "m".into(),
+            role: "primary".into(),
+            ..StatusReport::default()
+        };
+        st.seq.durable = 7;
+        let resp = Response {
+            ok: true,
+            status: Some(st.clone()),
+            ..Response::default()
+        };
+        let back: Response = serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
+        assert_eq!(back.status, Some(st));
+        let err: Response =
+            serde_json::from_str(&serde_json::to_string(&Response::err("nope")).unwrap()).unwrap();
+        assert!(!err.ok);
+        assert_eq!(err.error.as_deref(), Some("nope"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("mirror-0.a_b").is_ok());
+        for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

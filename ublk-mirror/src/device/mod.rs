@@ -18,7 +18,7 @@
 //! the queue tasks only await its futures (bounded `tokio::sync` channels, which need no tokio
 //! runtime on the waiting side). A queue thread sleeps in `io_uring_enter`, so a wake-up coming
 //! from the replicator's thread must also wake the ring: every replicator future is polled through
-//! [`RingWake`], whose waker writes to a per-queue eventfd on which the queue keeps a POLL_ADD
+//! `RingWake`, whose waker writes to a per-queue eventfd on which the queue keeps a POLL_ADD
 //! armed.
 //!
 //! Stopping: [`Stopper::stop`] (any thread) sends STOP_DEV; the kernel drains the requests in
@@ -140,7 +140,11 @@ impl DeviceConfig {
                 )))
             }
         };
-        if self.volume_bytes == 0 || !self.volume_bytes.is_multiple_of(u64::from(self.block_bytes)) {
+        if self.volume_bytes == 0
+            || !self
+                .volume_bytes
+                .is_multiple_of(u64::from(self.block_bytes))
+        {
             return Err(DeviceError::Invalid(format!(
                 "volume size {} is not a non-zero multiple of the {}-byte block",
                 self.volume_bytes, self.block_bytes
