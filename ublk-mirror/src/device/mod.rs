@@ -7,19 +7,23 @@
 //! - WRITE: the request's data is copied once into a [`Bytes`] (the rollback log's copy) and
 //!   queued to the replicator, which fixes its sequence number; then the local write runs on the
 //!   queue's io_uring; the request completes when both the local write finished and the replicator
-//!   reports the acknowledgement mode satisfied. FUA adds a local `fdatasync` (and a mirrored FLUSH
-//!   when flushes replicate).
+//!   reports the acknowledgement mode satisfied. Enqueue and local write both happen under the
+//!   write's byte range in the [`gate::RangeGate`] shared by all queues, so overlapping writes in
+//!   flight at once reach the mirror (sequence order) and the local volume in the same order.
+//!   FUA adds a local `fdatasync` (and a mirrored FLUSH when flushes replicate).
 //! - FLUSH: a FLUSH barrier to the replicator (which waits for the target when the mode or
 //!   `flush_replicates` says so) and a local `fdatasync`.
 //! - DISCARD / WRITE_ZEROES: mirrored as such; locally `fallocate` (punch hole, or zero range for
-//!   WRITE_ZEROES with NOUNMAP), like the kernel's loop driver.
+//!   WRITE_ZEROES with NOUNMAP), like the kernel's loop driver; under the range gate as writes.
+//! - READ takes no range: a read racing an overlapping write may see either version, as on any
+//!   disk.
 //!
 //! Queue threads never block on the network: the replicator runs on a tokio runtime of its own and
 //! the queue tasks only await its futures (bounded `tokio::sync` channels, which need no tokio
 //! runtime on the waiting side). A queue thread sleeps in `io_uring_enter`, so a wake-up coming
-//! from the replicator's thread must also wake the ring: every replicator future is polled through
-//! `RingWake`, whose waker writes to a per-queue eventfd on which the queue keeps a POLL_ADD
-//! armed.
+//! from the replicator's thread (or from another queue releasing a range) must also wake the ring:
+//! every replicator and range-gate future is polled through `RingWake`, whose waker writes to a
+//! per-queue eventfd on which the queue keeps a POLL_ADD armed.
 //!
 //! Stopping: [`Stopper::stop`] (any thread) sends STOP_DEV; the kernel drains the requests in
 //! flight (each still completes through the replicator), the pending fetches abort, the queue
@@ -27,6 +31,8 @@
 //! DEL_DEV_ASYNC (plain DEL_DEV would block while a filesystem on the device is still mounted).
 
 #![allow(unsafe_code)]
+
+pub mod gate;
 
 use std::fmt;
 use std::fs::File;
@@ -48,6 +54,7 @@ use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
 use mirror_core::Lba;
 
 use crate::replicator::{Handle, Pending, ReplError};
+use gate::{Guard, RangeGate};
 
 /// Largest request the device accepts (the ublk I/O buffer of each tag).
 pub const IO_BUF_BYTES: u32 = 512 << 10;
@@ -301,9 +308,12 @@ impl Device {
         let fd = backing.as_raw_fd();
         let shift = self.shift;
         let volume_bytes = self.cfg.volume_bytes;
+        // Each tag holds at most one range at a time.
+        let gate_entries = usize::from(self.cfg.queues) * usize::from(self.cfg.depth);
         let shared = QueueShared {
             repl,
             flush_replicates: self.cfg.flush_replicates,
+            gate: RangeGate::new(gate_entries),
         };
         self.ctrl
             .run_target(
@@ -558,11 +568,13 @@ async fn bell_task(q: &UblkQueue<'_>, bell: &RingBell) {
 struct QueueShared {
     repl: Handle,
     flush_replicates: bool,
+    gate: Arc<RangeGate>,
 }
 
 struct QueueCtx {
     repl: Handle,
     flush_replicates: bool,
+    gate: Arc<RangeGate>,
     bell: Arc<RingBell>,
 }
 
@@ -580,6 +592,13 @@ impl QueueCtx {
 
     async fn complete(&self, pending: Pending) -> Result<(), ReplError> {
         self.wake(pending).await.map(|_| ())
+    }
+
+    /// Waits until no earlier in-flight write overlaps `bytes` at `off` (the release may come
+    /// from another queue's thread, hence `RingWake`), and holds the range until the guard drops.
+    async fn lock_range(&self, off: u64, bytes: u32) -> Guard {
+        self.wake(self.gate.acquire(off..off.saturating_add(u64::from(bytes))))
+            .await
     }
 }
 
@@ -654,6 +673,9 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
             let data = Bytes::copy_from_slice(unsafe {
                 std::slice::from_raw_parts(buf.cast_const(), bytes as usize)
             });
+            // Held across the enqueue (which fixes the mirror's order) and the local write, so
+            // that an overlapping write in flight cannot land in the other order on one side.
+            let range = ctx.lock_range(off, bytes).await;
             let pending = match ctx
                 .enqueue(Op::Write {
                     lba: Lba(sector),
@@ -665,6 +687,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
                 Err(e) => return repl_errno("write", &e),
             };
             let r = rw_full(q, true, off, buf, bytes).await;
+            drop(range);
             if r < 0 {
                 tracing::error!(errno = -r, offset = off, bytes, "local write failed");
                 // The mirror still gets it; the host sees the local failure.
@@ -721,6 +744,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
                     len_bytes: bytes,
                 }
             };
+            let range = ctx.lock_range(off, bytes).await;
             let pending = match ctx.enqueue(mirrored).await {
                 Ok(p) => p,
                 Err(e) => return repl_errno("discard", &e),
@@ -740,6 +764,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
                     .build(),
             )
             .await;
+            drop(range);
             if r == -libc::EOPNOTSUPP && !zeroes {
                 r = 0; // discard is advisory
             }
@@ -782,6 +807,7 @@ fn queue_thread(qid: u16, dev: &UblkDev, shared: &QueueShared) {
     let ctx = Rc::new(QueueCtx {
         repl: shared.repl.clone(),
         flush_replicates: shared.flush_replicates,
+        gate: shared.gate.clone(),
         bell: bell.clone(),
     });
     let exe_rc = Rc::new(smol::LocalExecutor::new());
