@@ -3,7 +3,7 @@
 # as root, with the binaries already built on the host.
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
-#                                                overlap kill9 sigterm delete perf)
+#                                                overlap blockdev512 kill9 sigterm delete perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -408,8 +408,47 @@ case_perf() {
     pass perf-table
 }
 
+# case_blockdev512: the local volume is a block device (a loop device), with 512-byte logical
+# blocks and one queue; fio verify on the mirrored device, then a byte comparison.
+case_blockdev512() {
+    local tag=bd512 why loopdev
+    new_volumes "$tag"
+    loopdev=$(losetup --find --show "$W/$tag-src.img") || { fail blockdev512 "losetup failed"; return; }
+    PORT=$((PORT + 1))
+    TPORT=$PORT
+    "$TS" --listen "127.0.0.1:$TPORT" --volume "$W/$tag-tgt.img" --create-size "$SIZE" --block-bytes 512 \
+        --volume-id "$VID" --secret-file "$W/secret" >"$OUT/target-$tag.log" 2>&1 &
+    TPID=$!
+    for _ in $(seq 100); do grep -q "listening on" "$OUT/target-$tag.log" && break; sleep 0.1; done
+    if ! "$UM" start --name m-bd512 --volume "$loopdev" --peer "127.0.0.1:$TPORT" --volume-id "$VID" \
+        --secret-file "$W/secret" --mode received --block-bytes 512 --queues 1 \
+        --log-file "$OUT/daemon-m-bd512.log" >"$OUT/start-m-bd512.out" 2>&1; then
+        fail blockdev512 "start failed: $(cat "$OUT/start-m-bd512.out")"
+        stop_target; losetup -d "$loopdev"; return
+    fi
+    DEV=$("$UM" status --name m-bd512 --json | jq -r .device)
+    if [ "$(blockdev --getss "$DEV")" != 512 ]; then
+        fail blockdev512 "$DEV has $(blockdev --getss "$DEV")-byte logical blocks, expected 512"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    if ! fio --name=bd512 --filename="$DEV" --rw=randwrite --bsrange=512-16k --size=8M --ioengine=libaio \
+        --iodepth=8 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+        --output="$OUT/fio-bd512.txt" >/dev/null 2>&1; then
+        fail blockdev512 "fio verify failed: $(grep -m1 -iE 'verify|error' "$OUT/fio-bd512.txt")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    why=$("$UM" wait-replicated last --name m-bd512 --timeout-secs 120 2>&1) || { fail blockdev512 "$why"; cleanup_all; losetup -d "$loopdev"; return; }
+    stop_daemon m-bd512 || { fail blockdev512 "daemon stop failed"; cleanup_all; losetup -d "$loopdev"; return; }
+    stop_target
+    losetup -d "$loopdev"
+    why=$(same_volumes "$tag") || { fail blockdev512 "$why"; return; }
+    pass blockdev512
+    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-bd512.txt" | sed 's/^ *//'); $why"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -422,6 +461,7 @@ for c in "${cases[@]}"; do
         kill9) case_kill9 ;;
         sigterm) case_sigterm ;;
         delete) case_delete ;;
+        blockdev512) case_blockdev512 ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac
