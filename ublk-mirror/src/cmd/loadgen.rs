@@ -100,21 +100,7 @@ pub struct LoadgenArgs {
     node_id: u64,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, mult) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size in bytes (e.g. 4096, 64M)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{text}' is too large"))
-}
+use ublk_mirror::admin::daemon::parse_size;
 
 fn parse_volume_id(text: &str) -> Result<VolumeId, String> {
     VolumeId::parse(text).ok_or_else(|| format!("'{text}' is not 32 hex digits"))
