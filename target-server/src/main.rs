@@ -44,8 +44,9 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => return fail(2, &e.to_string()),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the sessions and the applier (their hand-offs stay on it); file I/O goes to
+    // tokio's blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -16,8 +16,8 @@ use mirror_core::target::{
 };
 use mirror_core::wire::{self, Frame, Kind, RefuseReason, HEADER_BYTES, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Range, Seq, VolumeId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -41,6 +41,8 @@ const SYNC_AFTER_BYTES: usize = 64 << 20;
 /// Frames handled by the reader before it waits for the writer to catch up (bounds the engine's
 /// queue of frames to send when the peer does not read).
 const UNSENT_INPUTS_MAX: usize = 1024;
+/// Receive buffer of a session.
+const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Local locks held at once.
 const LOCAL_LOCKS_MAX: usize = 64;
 /// How long a closing connection may take to send its last frames.
@@ -641,7 +643,10 @@ async fn run_session(
     shared.target().on_connect(nonce);
     shared.unsent_inputs.store(0, Ordering::Relaxed);
     info!(%peer, "source connected");
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    // Frames are read through a buffer: one recv usually brings a header with its payload (and
+    // often the next frames), instead of one recv per header and per payload.
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut writer = tokio::spawn(write_loop(Arc::clone(&shared), wr, closing_rx));
     let mut stop = shared.shutdown.subscribe();
@@ -732,7 +737,7 @@ fn carries_op(kind: Kind) -> bool {
     )
 }
 
-async fn read_loop(shared: &Shared, rd: &mut OwnedReadHalf) -> Close {
+async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
     let idle = shared.idle_timeout;
     loop {
         let mut head = [0u8; HEADER_BYTES];
@@ -907,7 +912,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Applies what is ready (up to a bound), then syncs and records durability once. Returns whether
-/// the bound cut the round short (more may be ready).
+/// the bound cut the round short (more may be ready). The last batch of a round is applied, synced
+/// and recorded in one blocking call: one hand-off to the I/O thread per round trip instead of two.
 async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
     let mut applied_bytes = 0usize;
     let mut more = false;
@@ -922,14 +928,30 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
             break;
         }
         shared.room_wake.notify_one();
+        let batch_bytes: usize = batch.iter().map(|a| a.op.payload_bytes()).sum();
+        // Sync with this batch when it ends the round: nothing else is ready, or the byte bound
+        // is reached. (What arrives meanwhile waits for the next round, as before.)
+        let last = batch.len() < BATCH_OPS_MAX || applied_bytes + batch_bytes >= SYNC_AFTER_BYTES;
+        let sync_meta = match (last, batch.last()) {
+            (true, Some(a)) => Some((a.seq, shared.meta(a.seq, false), shared.meta_path.clone())),
+            _ => None,
+        };
         let volume = Arc::clone(&shared.volume);
-        let batch = blocking(move || {
+        let (batch, synced) = blocking(move || {
             for a in &batch {
                 volume
                     .apply(&a.op)
                     .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
             }
-            Ok(batch)
+            let synced = match sync_meta {
+                Some((seq, meta, path)) => {
+                    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
+                    meta.store(&path).map_err(|e| e.to_string())?;
+                    Some(seq)
+                }
+                None => None,
+            };
+            Ok((batch, synced))
         })
         .await
         .map_err(ServerError::VolumeIo)?;
@@ -937,13 +959,16 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
             let mut target = shared.target();
             for a in &batch {
                 target.handle_applied(a.seq);
-                applied_bytes += a.op.payload_bytes();
+            }
+            if let Some(seq) = synced {
+                target.handle_durable(seq);
             }
         }
+        applied_bytes += batch_bytes;
         shared.room_wake.notify_one();
         shared.tx_wake.notify_one();
-        if applied_bytes >= SYNC_AFTER_BYTES {
-            more = true;
+        if last {
+            more = applied_bytes >= SYNC_AFTER_BYTES;
             break;
         }
     }

@@ -281,3 +281,64 @@ async fn replicator_rejects_invalid_operations_and_keeps_going() {
     handle.shutdown().await.expect("shutdown");
     task.await.expect("engine task");
 }
+
+#[tokio::test]
+async fn async_acks_on_enqueue_until_fatal_and_queued_bytes_stay_bounded() {
+    // Nothing listens on port 1: the engine keeps trying while writes pile up.
+    let mut cfg = config(
+        "127.0.0.1:1".into(),
+        source_config(Mode::Async, VOLUME_ID, SECRET),
+    );
+    cfg.submit_queue_bytes = 1 << 20; // the smallest bound allowed
+    let (handle, task) = replicator::spawn(cfg);
+    assert!(handle.acks_on_enqueue(), "async completes on enqueue");
+    handle.set_mode(Mode::Sync).await.expect("set mode");
+    assert!(!handle.acks_on_enqueue(), "sync waits for the target");
+    handle.set_mode(Mode::Async).await.expect("set mode");
+    assert!(handle.acks_on_enqueue());
+
+    // 64 KiB writes: the log takes LOG_BYTES_MAX / 64 KiB = 4, one waits parked in the engine,
+    // the channel takes 1 MiB / 64 KiB = 16 more; after that enqueue must wait.
+    let op = Op::Write {
+        lba: Lba(0),
+        data: Bytes::from(vec![3u8; 64 << 10]),
+    };
+    let mut accepted = 0usize;
+    let mut pending = Vec::new();
+    while let Ok(p) =
+        tokio::time::timeout(Duration::from_millis(300), handle.enqueue(op.clone())).await
+    {
+        pending.push(p.expect("enqueue"));
+        accepted += 1;
+        assert!(
+            accepted <= 4 + 1 + 16,
+            "the submission channel is not bounded"
+        );
+    }
+    assert_eq!(accepted, 4 + 1 + 16, "every byte of room is used");
+    let st = handle.status().await.expect("status");
+    assert_eq!(st.source.log_bytes, LOG_BYTES_MAX);
+    handle.shutdown().await.expect("shutdown");
+    task.await.expect("engine task");
+    assert!(
+        !handle.acks_on_enqueue(),
+        "a stopped replicator completes nothing"
+    );
+    drop(pending);
+
+    // A fatal error turns the fast path off: the next writes wait and see the error.
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET), 3)
+        .await
+        .expect("mem target");
+    let (handle, task) = replicator::spawn(config(
+        target.addr().to_string(),
+        source_config(Mode::Async, VolumeId([0x22; 16]), SECRET),
+    ));
+    assert!(handle.wait_connected().await.is_err());
+    assert!(
+        !handle.acks_on_enqueue(),
+        "fatal: no completion without the engine"
+    );
+    handle.shutdown().await.expect("shutdown");
+    task.await.expect("engine task");
+}

@@ -25,6 +25,8 @@ use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,7 +39,7 @@ use mirror_core::Seq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -74,6 +76,8 @@ pub struct ReplicatorConfig {
     pub idle_timeout: Duration,
     /// Bound on submissions queued towards the engine.
     pub submit_queue: usize,
+    /// Bound on the payload bytes of those submissions (at least [`PAYLOAD_BYTES_MAX`]).
+    pub submit_queue_bytes: usize,
 }
 
 impl ReplicatorConfig {
@@ -89,6 +93,7 @@ impl ReplicatorConfig {
             ping_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(20),
             submit_queue: 256,
+            submit_queue_bytes: 16 << 20,
         }
     }
 }
@@ -108,6 +113,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("ping_interval", &self.ping_interval)
             .field("idle_timeout", &self.idle_timeout)
             .field("submit_queue", &self.submit_queue)
+            .field("submit_queue_bytes", &self.submit_queue_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +168,8 @@ type Reply<T> = oneshot::Sender<Result<T, ReplError>>;
 struct SubmitReq {
     op: Op,
     reply: Reply<Seq>,
+    /// The op's share of `submit_queue_bytes`, given back when the engine takes it.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 enum Ctl {
@@ -200,6 +208,12 @@ impl Future for Pending {
 #[derive(Debug, Clone)]
 pub struct Handle {
     submit_tx: mpsc::Sender<SubmitReq>,
+    /// Payload bytes that may sit in the submission channel.
+    queued_bytes: Arc<Semaphore>,
+    queued_bytes_max: usize,
+    /// True while an operation is complete as soon as it is queued (see
+    /// [`Handle::acks_on_enqueue`]).
+    fast_ack: Arc<AtomicBool>,
     ctl_tx: mpsc::Sender<Ctl>,
     conn_rx: watch::Receiver<ConnInfo>,
 }
@@ -227,11 +241,34 @@ impl Handle {
     /// Await the returned [`Pending`] for its completion.
     pub async fn enqueue(&self, op: Op) -> Result<Pending, ReplError> {
         let (reply, rx) = oneshot::channel();
+        // Bigger than the bound: the engine refuses it anyway; take the whole bound meanwhile.
+        let share = op.payload_bytes().min(self.queued_bytes_max);
+        let permit = match u32::try_from(share) {
+            Ok(0) => None,
+            Ok(n) => Some(
+                Arc::clone(&self.queued_bytes)
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| ReplError::Shutdown)?,
+            ),
+            Err(_) => return Err(ReplError::InvalidOp(format!("{share} bytes in one op"))),
+        };
         self.submit_tx
-            .send(SubmitReq { op, reply })
+            .send(SubmitReq { op, reply, permit })
             .await
             .map_err(|_| ReplError::Shutdown)?;
         Ok(Pending { rx })
+    }
+
+    /// Whether an operation that [`Handle::enqueue`] accepted is already complete per the mode:
+    /// true in `async` mode while replication has not failed for good. Its place in the sequence
+    /// is fixed and the engine takes it into the rollback log in that order (the submission
+    /// channel is bounded in operations and bytes), so a caller may skip awaiting its
+    /// [`Pending`] and save a round trip through the engine's thread. Only for data operations:
+    /// a flush may still wait for the target (`flush_replicates`).
+    #[must_use]
+    pub fn acks_on_enqueue(&self) -> bool {
+        self.fast_ack.load(Ordering::Acquire)
     }
 
     /// Submits `op` and resolves when it completes per the acknowledgement mode, with its
@@ -309,6 +346,11 @@ impl Handle {
 /// Outside a tokio runtime.
 pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     let (submit_tx, submit_rx) = mpsc::channel(cfg.submit_queue.max(1));
+    let queued_bytes_max = cfg
+        .submit_queue_bytes
+        .clamp(PAYLOAD_BYTES_MAX as usize, Semaphore::MAX_PERMITS);
+    let queued_bytes = Arc::new(Semaphore::new(queued_bytes_max));
+    let fast_ack = Arc::new(AtomicBool::new(cfg.source.mode == Mode::Async));
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = watch::channel(ConnInfo {
         state: ConnState::Disconnected,
@@ -320,6 +362,7 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     let engine = Engine {
         source: Source::new(cfg.source.clone()),
         cfg,
+        fast_ack: Arc::clone(&fast_ack),
         epoch: Instant::now(),
         rng: fastrand::Rng::with_seed(random_u64()),
         events_tx,
@@ -344,6 +387,9 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     (
         Handle {
             submit_tx,
+            queued_bytes,
+            queued_bytes_max,
+            fast_ack,
             ctl_tx,
             conn_rx,
         },
@@ -390,6 +436,8 @@ struct Engine {
     replicated_waiter_count: usize,
     /// A submission taken from the channel that waits for room in the log.
     parked: Option<SubmitReq>,
+    /// Shared with the handles: see [`Handle::acks_on_enqueue`].
+    fast_ack: Arc<AtomicBool>,
     /// The next frame for the writer, taken from the engine but not yet queued.
     staged: Option<Encoded>,
     fatal: Option<String>,
@@ -671,6 +719,7 @@ impl Engine {
 
     fn set_fatal(&mut self, reason: String) {
         tracing::warn!(%reason, "replication stopped");
+        self.fast_ack.store(false, Ordering::Release);
         self.close_conn();
         self.fatal = Some(reason.clone());
         self.last_error = Some(reason.clone());
@@ -695,11 +744,14 @@ impl Engine {
     }
 
     fn stop(&mut self, err: ReplError) {
+        self.fast_ack.store(false, Ordering::Release);
         self.close_conn();
         self.fail_all(&err);
     }
 
-    fn on_submit(&mut self, req: SubmitReq) {
+    fn on_submit(&mut self, mut req: SubmitReq) {
+        // Out of the channel: its bytes no longer count against the channel's bound.
+        drop(req.permit.take());
         if let Some(fatal) = &self.fatal {
             let _ = req.reply.send(Err(ReplError::Fatal(fatal.clone())));
             return;
@@ -748,6 +800,10 @@ impl Engine {
             }
             Ctl::SetMode(mode, reply) => {
                 self.source.set_mode(mode);
+                self.fast_ack.store(
+                    mode == Mode::Async && self.fatal.is_none(),
+                    Ordering::Release,
+                );
                 let _ = reply.send(());
             }
             Ctl::WaitReplicated(seq, reply) => {

@@ -215,9 +215,18 @@ pub fn format_status(st: &StatusReport) -> String {
         ("last error", opt(st.last_error.as_ref()).to_string()),
         ("fatal", opt(st.fatal.as_ref()).to_string()),
     ];
+    // Passthrough (--no-mirror): the mirror rows would only show zeroes.
+    let shown = if st.connection == "off" {
+        3
+    } else {
+        rows.len()
+    };
     let mut out = String::new();
-    for (k, v) in rows {
+    for (k, v) in &rows[..shown] {
         out.push_str(&format!("{k:<11} {v}\n"));
+    }
+    if shown < rows.len() {
+        out.push_str("mirror      off (started with --no-mirror)\n");
     }
     out
 }

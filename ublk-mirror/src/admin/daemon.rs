@@ -103,6 +103,10 @@ pub struct StartArgs {
     /// Stay in the foreground (log to stderr) instead of starting a background daemon.
     #[arg(long)]
     pub foreground: bool,
+    /// Passthrough: serve the local volume with the mirror switched off (no peer, no log; the
+    /// mirror settings are ignored). For measuring what the mirror costs against plain ublk.
+    #[arg(long)]
+    pub no_mirror: bool,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -127,6 +131,16 @@ struct FileConfig {
     stop_drain_secs: Option<u64>,
     log_file: Option<PathBuf>,
     node_id: Option<u64>,
+    no_mirror: Option<bool>,
+}
+
+/// Where and how the daemon mirrors.
+#[derive(Debug, Clone)]
+struct MirrorSettings {
+    peer: String,
+    volume_id: VolumeId,
+    secret_file: PathBuf,
+    mode: Mode,
 }
 
 /// Validated settings of a daemon.
@@ -134,10 +148,8 @@ struct FileConfig {
 pub struct Settings {
     name: String,
     volume: PathBuf,
-    peer: String,
-    volume_id: VolumeId,
-    secret_file: PathBuf,
-    mode: Mode,
+    /// `None`: passthrough (`--no-mirror`).
+    mirror: Option<MirrorSettings>,
     flush_replicates: bool,
     block_bytes: u32,
     queues: u16,
@@ -205,31 +217,41 @@ impl Settings {
         super::check_name(&name).map_err(|e| anyhow!("--name: {e}"))?;
         let volume = path_of(&args.volume, file.volume)
             .ok_or_else(|| anyhow!("--volume is required (flag or config file)"))?;
-        let peer = args
-            .peer
-            .clone()
-            .or(file.peer)
-            .ok_or_else(|| anyhow!("--peer is required (flag or config file)"))?;
-        if !peer.contains(':') {
-            bail!("--peer '{peer}' must be host:port");
-        }
-        let id_text = args
-            .volume_id
-            .clone()
-            .or(file.volume_id)
-            .ok_or_else(|| anyhow!("--volume-id is required (flag or config file)"))?;
-        let volume_id = VolumeId::parse(&id_text)
-            .ok_or_else(|| anyhow!("--volume-id '{id_text}' is not 32 hex digits"))?;
-        let secret_file = path_of(&args.secret_file, file.secret_file)
-            .ok_or_else(|| anyhow!("--secret-file is required (flag or config file)"))?;
-        let mode_text = args
-            .mode
-            .clone()
-            .or(file.mode)
-            .unwrap_or_else(|| "async".into());
-        let mode: Mode = mode_text
-            .parse()
-            .map_err(|e: String| anyhow!("--mode: {e}"))?;
+        let mirror = if args.no_mirror || file.no_mirror.unwrap_or(false) {
+            None
+        } else {
+            let peer = args
+                .peer
+                .clone()
+                .or(file.peer)
+                .ok_or_else(|| anyhow!("--peer is required (flag or config file)"))?;
+            if !peer.contains(':') {
+                bail!("--peer '{peer}' must be host:port");
+            }
+            let id_text = args
+                .volume_id
+                .clone()
+                .or(file.volume_id)
+                .ok_or_else(|| anyhow!("--volume-id is required (flag or config file)"))?;
+            let volume_id = VolumeId::parse(&id_text)
+                .ok_or_else(|| anyhow!("--volume-id '{id_text}' is not 32 hex digits"))?;
+            let secret_file = path_of(&args.secret_file, file.secret_file)
+                .ok_or_else(|| anyhow!("--secret-file is required (flag or config file)"))?;
+            let mode_text = args
+                .mode
+                .clone()
+                .or(file.mode)
+                .unwrap_or_else(|| "async".into());
+            let mode: Mode = mode_text
+                .parse()
+                .map_err(|e: String| anyhow!("--mode: {e}"))?;
+            Some(MirrorSettings {
+                peer,
+                volume_id,
+                secret_file,
+                mode,
+            })
+        };
         let flush_replicates = args.flush_replicates || file.flush_replicates.unwrap_or(false);
         let block_bytes = args.block_bytes.or(file.block_bytes).unwrap_or(4096);
         if block_bytes != 4096 && block_bytes != 512 {
@@ -287,10 +309,7 @@ impl Settings {
             node_id: args.node_id.or(file.node_id).unwrap_or(1),
             name,
             volume,
-            peer,
-            volume_id,
-            secret_file,
-            mode,
+            mirror,
             flush_replicates,
             block_bytes,
             queues,
@@ -319,7 +338,9 @@ impl Settings {
                 self.volume.display()
             );
         }
-        read_secret(&self.secret_file)?;
+        if let Some(m) = &self.mirror {
+            read_secret(&m.secret_file)?;
+        }
         if !Path::new("/dev/ublk-control").exists() {
             return Err(device::DeviceError::NoDriver.into());
         }
@@ -472,7 +493,8 @@ fn open_volume(s: &Settings) -> anyhow::Result<(File, u64)> {
 struct DaemonState {
     s: Settings,
     volume_bytes: u64,
-    repl: Handle,
+    /// `None`: passthrough (`--no-mirror`).
+    repl: Option<Handle>,
     /// When the replicator started (its clock's origin, for the lag in seconds).
     epoch: tokio::time::Instant,
     device: Mutex<Option<Started>>,
@@ -480,13 +502,15 @@ struct DaemonState {
 }
 
 impl DaemonState {
-    async fn status(&self) -> Result<StatusReport, ReplError> {
-        let st = self.repl.status().await?;
-        let src = &st.source;
-        let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let lag_seconds = src
-            .oldest_unconfirmed_ns
-            .map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9);
+    /// The mirror's handle, or the error every mirror request gets in passthrough.
+    fn repl(&self) -> Result<&Handle, String> {
+        self.repl
+            .as_ref()
+            .ok_or_else(|| "mirroring is off (the daemon was started with --no-mirror)".into())
+    }
+
+    /// What every status shares, mirror or not.
+    fn base_status(&self) -> StatusReport {
         let device = self
             .device
             .lock()
@@ -499,7 +523,7 @@ impl DaemonState {
         } else {
             "starting"
         };
-        Ok(StatusReport {
+        StatusReport {
             name: self.s.name.clone(),
             pid: std::process::id(),
             role: "primary".into(),
@@ -509,14 +533,35 @@ impl DaemonState {
             volume: self.s.volume.display().to_string(),
             volume_bytes: self.volume_bytes,
             block_bytes: self.s.block_bytes,
-            peer: self.s.peer.clone(),
+            flush_replicates: self.s.flush_replicates,
+            ..StatusReport::default()
+        }
+    }
+
+    async fn status(&self) -> Result<StatusReport, ReplError> {
+        let (Some(repl), Some(m)) = (&self.repl, &self.s.mirror) else {
+            return Ok(StatusReport {
+                role: "passthrough".into(),
+                peer: "-".into(),
+                connection: "off".into(),
+                mode: "off".into(),
+                ..self.base_status()
+            });
+        };
+        let st = repl.status().await?;
+        let src = &st.source;
+        let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let lag_seconds = src
+            .oldest_unconfirmed_ns
+            .map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9);
+        Ok(StatusReport {
+            peer: m.peer.clone(),
             connection: if st.fatal.is_some() {
                 "failed".into()
             } else {
                 src.conn.to_string()
             },
             mode: src.mode.to_string(),
-            flush_replicates: self.s.flush_replicates,
             seq: super::SeqReport {
                 last_local: src.last_local.0,
                 sent: src.last_sent.0,
@@ -539,6 +584,7 @@ impl DaemonState {
             last_error: st.last_error.clone(),
             fatal: st.fatal.clone(),
             halted_at: src.halted_at.map(|s| s.0),
+            ..self.base_status()
         })
     }
 
@@ -552,29 +598,33 @@ impl DaemonState {
                 },
                 Err(e) => Response::err(e.to_string()),
             },
-            Request::SetMode { mode } => match mode.parse::<Mode>() {
-                Ok(m) => match self.repl.set_mode(m).await {
+            Request::SetMode { mode } => match (self.repl(), mode.parse::<Mode>()) {
+                (Err(e), _) | (_, Err(e)) => Response::err(e),
+                (Ok(repl), Ok(m)) => match repl.set_mode(m).await {
                     Ok(()) => {
                         eprintln!("ublk-mirror: mode set to {m}");
                         Response::ok()
                     }
                     Err(e) => Response::err(e.to_string()),
                 },
-                Err(e) => Response::err(e),
             },
             Request::WaitReplicated { seq, timeout_secs } => {
+                let repl = match self.repl() {
+                    Ok(r) => r,
+                    Err(e) => return Response::err(e),
+                };
                 let secs = timeout_secs.unwrap_or(60.0);
                 if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
                     return Response::err(format!("timeout {secs} s: must be 0 to 86400"));
                 }
                 let seq = match seq {
                     Some(n) => Seq(n),
-                    None => match self.repl.status().await {
+                    None => match repl.status().await {
                         Ok(st) => st.source.last_local,
                         Err(e) => return Response::err(e.to_string()),
                     },
                 };
-                let wait = self.repl.wait_replicated(seq);
+                let wait = repl.wait_replicated(seq);
                 match tokio::time::timeout(Duration::from_secs_f64(secs), wait).await {
                     Ok(Ok(())) => Response {
                         ok: true,
@@ -687,8 +737,58 @@ fn bind_socket(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> 
     Ok(l)
 }
 
+/// Starts the replicator and waits (bounded) for the first handshake.
+fn start_mirror(
+    runtime: &tokio::runtime::Runtime,
+    s: &Settings,
+    m: &MirrorSettings,
+    volume_bytes: u64,
+) -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let secret = read_secret(&m.secret_file)?;
+    let source = SourceConfig {
+        volume_id: m.volume_id,
+        node_id: NodeId(s.node_id),
+        generation: Generation(1),
+        volume_bytes,
+        block_bytes: s.block_bytes,
+        secret,
+        mode: m.mode,
+        flush_replicates: s.flush_replicates,
+        lock_style: LockStyle::Implied,
+        log_bytes_max: usize::try_from(s.log_bytes).unwrap_or(usize::MAX),
+        log_entries_max: s.log_entries,
+    };
+    let cfg = ReplicatorConfig::new(m.peer.clone(), source);
+    let (repl, repl_task) = {
+        let _guard = runtime.enter();
+        replicator::spawn(cfg)
+    };
+    eprintln!(
+        "ublk-mirror: connecting to {} (up to {} s)",
+        m.peer,
+        s.connect_timeout.as_secs()
+    );
+    let connected = runtime
+        .block_on(async { tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await });
+    match connected {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("cannot mirror to {}: {e}", m.peer),
+        Err(_) => bail!(
+            "cannot reach peer {} within {} s: {}",
+            m.peer,
+            s.connect_timeout.as_secs(),
+            repl.last_error()
+                .unwrap_or_else(|| "no handshake completed".into())
+        ),
+    }
+    eprintln!("ublk-mirror: connected to {}", m.peer);
+    Ok((repl, repl_task))
+}
+
 fn run_foreground(s: &Settings) -> anyhow::Result<()> {
-    let secret = read_secret(&s.secret_file)?;
+    if let Some(m) = &s.mirror {
+        read_secret(&m.secret_file)?;
+    }
     let (volume, volume_bytes) = open_volume(s)?;
     // Both must happen while this is the only thread.
     device::private_mount_namespace()?;
@@ -701,44 +801,15 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
 
-    let source = SourceConfig {
-        volume_id: s.volume_id,
-        node_id: NodeId(s.node_id),
-        generation: Generation(1),
-        volume_bytes,
-        block_bytes: s.block_bytes,
-        secret,
-        mode: s.mode,
-        flush_replicates: s.flush_replicates,
-        lock_style: LockStyle::Implied,
-        log_bytes_max: usize::try_from(s.log_bytes).unwrap_or(usize::MAX),
-        log_entries_max: s.log_entries,
-    };
-    let cfg = ReplicatorConfig::new(s.peer.clone(), source);
     let epoch = tokio::time::Instant::now();
-    let (repl, repl_task) = {
-        let _guard = runtime.enter();
-        replicator::spawn(cfg)
+    let mirror = match &s.mirror {
+        Some(m) => Some(start_mirror(&runtime, s, m, volume_bytes)?),
+        None => {
+            eprintln!("ublk-mirror: mirroring is off (--no-mirror): passthrough to the volume");
+            None
+        }
     };
-    eprintln!(
-        "ublk-mirror: connecting to {} (up to {} s)",
-        s.peer,
-        s.connect_timeout.as_secs()
-    );
-    let connected = runtime
-        .block_on(async { tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await });
-    match connected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => bail!("cannot mirror to {}: {e}", s.peer),
-        Err(_) => bail!(
-            "cannot reach peer {} within {} s: {}",
-            s.peer,
-            s.connect_timeout.as_secs(),
-            repl.last_error()
-                .unwrap_or_else(|| "no handshake completed".into())
-        ),
-    }
-    eprintln!("ublk-mirror: connected to {}", s.peer);
+    let repl = mirror.as_ref().map(|(h, _)| h.clone());
 
     let listener = bind_socket(&s.control_socket)?;
     let _cleanup = Cleanup {
@@ -800,25 +871,18 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
     if let Err(e) = &run {
         eprintln!("ublk-mirror: {e}");
     }
-    eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
-
-    // Everything the host wrote is in the log: give the target a bounded time to get it all.
-    let drained = runtime.block_on(async {
-        let last = repl.status().await.map(|st| st.source.last_local)?;
-        match tokio::time::timeout(s.stop_drain, repl.wait_replicated(last)).await {
-            Ok(r) => r.map(|()| last),
-            Err(_) => Err(ReplError::Fatal(format!(
-                "target did not catch up within {} s",
-                s.stop_drain.as_secs()
-            ))),
+    let drained = match mirror {
+        Some((repl, repl_task)) => {
+            let drained = runtime.block_on(drain(&repl, s.stop_drain));
+            let _ = runtime.block_on(repl.shutdown());
+            let _ = runtime.block_on(repl_task);
+            drained
         }
-    });
-    match &drained {
-        Ok(seq) => eprintln!("ublk-mirror: target holds everything through seq {}", seq.0),
-        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e}"),
-    }
-    let _ = runtime.block_on(repl.shutdown());
-    let _ = runtime.block_on(repl_task);
+        None => {
+            eprintln!("ublk-mirror: device stopped");
+            Ok(())
+        }
+    };
     let deleted = dev.delete();
     match &deleted {
         Ok(()) => eprintln!("ublk-mirror: device deleted"),
@@ -832,6 +896,28 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         bail!("stopped, but not every write reached the target: {e}");
     }
     Ok(())
+}
+
+/// After the device stopped, everything the host wrote is in the log: gives the target a bounded
+/// time to get it all.
+async fn drain(repl: &Handle, limit: Duration) -> Result<(), ReplError> {
+    eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
+    let last = repl.status().await.map(|st| st.source.last_local)?;
+    let drained = match tokio::time::timeout(limit, repl.wait_replicated(last)).await {
+        Ok(r) => r,
+        Err(_) => Err(ReplError::Fatal(format!(
+            "target did not catch up within {} s",
+            limit.as_secs()
+        ))),
+    };
+    match &drained {
+        Ok(()) => eprintln!(
+            "ublk-mirror: target holds everything through seq {}",
+            last.0
+        ),
+        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e}"),
+    }
+    drained
 }
 
 #[cfg(test)]
@@ -857,7 +943,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Settings::resolve(&base(dir.path())).unwrap();
         assert_eq!(s.name, "mirror");
-        assert_eq!(s.mode, Mode::Async);
+        assert_eq!(s.mirror.map(|m| m.mode), Some(Mode::Async));
         assert_eq!(s.block_bytes, 4096);
         assert_eq!(s.queues, 2);
         assert_eq!(s.log_bytes, 64 << 20);
@@ -892,6 +978,37 @@ mod tests {
     }
 
     #[test]
+    fn no_mirror_needs_no_peer_and_ignores_mirror_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = StartArgs {
+            volume: Some(dir.path().join("vol.img")),
+            no_mirror: true,
+            ..StartArgs::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert!(s.mirror.is_none());
+        // Without --no-mirror the same flags are incomplete.
+        let args = StartArgs {
+            no_mirror: false,
+            ..args
+        };
+        assert!(err(&args).contains("--peer is required"));
+        // A config file can switch the mirror off too.
+        let cfg = dir.path().join("m.toml");
+        std::fs::write(
+            &cfg,
+            "volume = \"v.img\"\nno_mirror = true\nmode = \"sync\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&StartArgs {
+            config: Some(cfg),
+            ..StartArgs::default()
+        })
+        .unwrap();
+        assert!(s.mirror.is_none());
+    }
+
+    #[test]
     fn config_file_is_read_and_flags_override_it() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("m.toml");
@@ -908,8 +1025,9 @@ mod tests {
         };
         let s = Settings::resolve(&args).unwrap();
         assert_eq!(s.volume, dir.path().join("v.img"));
-        assert_eq!(s.secret_file, PathBuf::from("/etc/secret"));
-        assert_eq!(s.mode, Mode::Received);
+        let m = s.mirror.clone().unwrap();
+        assert_eq!(m.secret_file, PathBuf::from("/etc/secret"));
+        assert_eq!(m.mode, Mode::Received);
         assert_eq!(s.log_bytes, 8 << 20);
         assert_eq!(s.queues, 4);
         std::fs::write(&cfg, "volume = \"v.img\"\ncolour = \"blue\"\n").unwrap();

@@ -7,7 +7,8 @@
 //! - WRITE: the request's data is copied once into a [`Bytes`] (the rollback log's copy) and
 //!   queued to the replicator, which fixes its sequence number; then the local write runs on the
 //!   queue's io_uring; the request completes when both the local write finished and the replicator
-//!   reports the acknowledgement mode satisfied. Enqueue and local write both happen under the
+//!   reports the acknowledgement mode satisfied (in `async` mode: as soon as the op is queued to
+//!   the replicator in order, without a round trip through its thread). Enqueue and local write both happen under the
 //!   write's byte range in the [`gate::RangeGate`] shared by all queues, so overlapping writes in
 //!   flight at once reach the mirror (sequence order) and the local volume in the same order.
 //!   FUA adds a local `fdatasync` (and a mirrored FLUSH when flushes replicate).
@@ -24,6 +25,10 @@
 //! from the replicator's thread (or from another queue releasing a range) must also wake the ring:
 //! every replicator and range-gate future is polled through `RingWake`, whose waker writes to a
 //! per-queue eventfd on which the queue keeps a POLL_ADD armed.
+//!
+//! Passthrough (`repl` = `None`, `ublk-mirror start --no-mirror`): the same device without the
+//! mirror: writes go straight to the local volume (no copy, no range gate), flushes only sync it.
+//! It exists to measure what the mirror itself costs against plain ublk.
 //!
 //! Stopping: [`Stopper::stop`] (any thread) sends STOP_DEV; the kernel drains the requests in
 //! flight (each still completes through the replicator), the pending fetches abort, the queue
@@ -298,11 +303,12 @@ impl Device {
     }
 
     /// Starts the device and serves it until it is stopped: `backing` is the local volume,
-    /// `repl` the replicator every write goes to. `on_started` runs once /dev/ublkbN exists.
+    /// `repl` the replicator every write goes to (`None`: passthrough, the mirror is off and the
+    /// device only serves the local volume). `on_started` runs once /dev/ublkbN exists.
     pub fn run(
         &self,
         backing: &File,
-        repl: Handle,
+        repl: Option<Handle>,
         on_started: impl FnOnce(Started) + Send + Sync + 'static,
     ) -> Result<(), DeviceError> {
         let fd = backing.as_raw_fd();
@@ -566,13 +572,14 @@ async fn bell_task(q: &UblkQueue<'_>, bell: &RingBell) {
 
 #[derive(Clone)]
 struct QueueShared {
-    repl: Handle,
+    repl: Option<Handle>,
     flush_replicates: bool,
     gate: Arc<RangeGate>,
 }
 
 struct QueueCtx {
-    repl: Handle,
+    /// `None`: passthrough (no mirror).
+    repl: Option<Handle>,
     flush_replicates: bool,
     gate: Arc<RangeGate>,
     bell: Arc<RingBell>,
@@ -586,12 +593,31 @@ impl QueueCtx {
         }
     }
 
-    async fn enqueue(&self, op: Op) -> Result<Pending, ReplError> {
-        self.wake(self.repl.enqueue(op)).await
+    /// Queues `op` to the replicator; `None` in passthrough.
+    async fn enqueue(&self, op: Op) -> Result<Option<Pending>, ReplError> {
+        match &self.repl {
+            Some(repl) => self.wake(repl.enqueue(op)).await.map(Some),
+            None => Ok(None),
+        }
     }
 
-    async fn complete(&self, pending: Pending) -> Result<(), ReplError> {
-        self.wake(pending).await.map(|_| ())
+    /// Queues a data operation (write, discard, write-zeroes). `None` when nothing is left to
+    /// await: passthrough, or `async` mode, where the op is complete once its place in the
+    /// sequence is fixed (see [`Handle::acks_on_enqueue`]); this saves the round trip through
+    /// the replicator's thread on every write.
+    async fn enqueue_data(&self, op: Op) -> Result<Option<Pending>, ReplError> {
+        let pending = self.enqueue(op).await?;
+        match &self.repl {
+            Some(repl) if repl.acks_on_enqueue() => Ok(None),
+            _ => Ok(pending),
+        }
+    }
+
+    async fn complete(&self, pending: Option<Pending>) -> Result<(), ReplError> {
+        match pending {
+            Some(p) => self.wake(p).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Waits until no earlier in-flight write overlaps `bytes` at `off` (the release may come
@@ -667,6 +693,17 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
 
     match op {
         sys::UBLK_IO_OP_READ => rw_full(q, false, off, buf, bytes).await,
+        sys::UBLK_IO_OP_WRITE if ctx.repl.is_none() => {
+            // Passthrough: no copy, no range gate (like the loop driver).
+            let r = rw_full(q, true, off, buf, bytes).await;
+            if r >= 0 && flags & sys::UBLK_IO_F_FUA != 0 {
+                let s = sqe(q, fdatasync()).await;
+                if s < 0 {
+                    return s;
+                }
+            }
+            r
+        }
         sys::UBLK_IO_OP_WRITE => {
             // The one copy: the rollback log keeps it until the target has it durable.
             // SAFETY: the driver copied `bytes` (<= the buffer size) of write data into buf.
@@ -677,7 +714,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
             // that an overlapping write in flight cannot land in the other order on one side.
             let range = ctx.lock_range(off, bytes).await;
             let pending = match ctx
-                .enqueue(Op::Write {
+                .enqueue_data(Op::Write {
                     lba: Lba(sector),
                     data,
                 })
@@ -697,7 +734,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
             let fua = flags & sys::UBLK_IO_F_FUA != 0;
             let flush = if fua && ctx.flush_replicates {
                 match ctx.enqueue(Op::Flush).await {
-                    Ok(p) => Some(p),
+                    Ok(p) => p,
                     Err(e) => return repl_errno("write (FUA)", &e),
                 }
             } else {
@@ -712,8 +749,8 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
             if let Err(e) = ctx.complete(pending).await {
                 return repl_errno("write", &e);
             }
-            if let Some(p) = flush {
-                if let Err(e) = ctx.complete(p).await {
+            if flush.is_some() {
+                if let Err(e) = ctx.complete(flush).await {
                     return repl_errno("write (FUA)", &e);
                 }
             }
@@ -745,7 +782,7 @@ async fn handle_io(q: &UblkQueue<'_>, ctx: &QueueCtx, tag: u16, buf: *mut u8) ->
                 }
             };
             let range = ctx.lock_range(off, bytes).await;
-            let pending = match ctx.enqueue(mirrored).await {
+            let pending = match ctx.enqueue_data(mirrored).await {
                 Ok(p) => p,
                 Err(e) => return repl_errno("discard", &e),
             };
