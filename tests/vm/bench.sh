@@ -7,6 +7,7 @@
 # For each emulated round-trip time (netem on lo) and each configuration, runs fio workloads and
 # writes OUTDIR/bench.md (markdown table), OUTDIR/bench.json (every run and the medians) and logs.
 # Configurations: loop (raw loop device on a file, not network dependent: measured once, at the
+# first RTT), passthrough (the ublk daemon with --no-mirror over the same kind of file, also once),
 # first RTT), ublk-mirror async/received/sync/lock-then-write (volumes are files in /tmp, the
 # target-server on 127.0.0.1), drbd-A / drbd-C (DRBD 8.4 kernel module, two resources in this one
 # kernel connected over 127.0.0.1:7789 <-> 127.0.0.1:7790, each on its own loop device).
@@ -35,8 +36,13 @@ TS=$BIN/target-server
 RTTS=${BENCH_RTTS:-"0 2 10"}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECS:-5}
-CONFIGS=${BENCH_CONFIGS:-"loop async received sync lock-then-write drbd-A drbd-C"}
+CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C"}
 WORKLOADS=${BENCH_WORKLOADS:-"rand4k-qd1 rand4k-qd16 seq1m-qd4"}
+LAG=${BENCH_LAG:-1}              # run the replication-lag benchmark (0: skip)
+LAG_RTT=${BENCH_LAG_RTT:-10}     # its round trip (ms)
+LAG_RATE=${BENCH_LAG_RATE:-40mbit} # its bandwidth cap (netem rate, both directions)
+LAG_MB=${BENCH_LAG_MB:-32}       # MiB written per lag run (4 KiB random writes, QD16, hot spot)
+LAG_RESULTS=$OUT/lag.jsonl
 export UBLK_MIRROR_RUN_DIR=/run/ublk-mirror
 W=/tmp/bench
 VID=be4c0000aaaa4bbbcccc0123456789ab
@@ -81,12 +87,13 @@ echo "bench-secret-$RANDOM$RANDOM$RANDOM" >"$W/secret"
 : >"$RESULTS"
 
 # --- link emulation ------------------------------------------------------------------------------
-set_rtt() { # set_rtt MS: netem delay MS/2 on lo (no qdisc for 0)
+set_rtt() { # set_rtt MS [RATE]: netem delay MS/2 (and a rate cap) on lo (no qdisc for 0 and no rate)
     tc qdisc del dev lo root 2>/dev/null
-    [ "$1" = 0 ] && return 0
-    local half
+    [ "$1" = 0 ] && [ -z "${2:-}" ] && return 0
+    local half rate=()
     half=$(awk -v r="$1" 'BEGIN { printf "%gms", r / 2 }')
-    tc qdisc add dev lo root netem delay "$half" limit 100000 || die "tc netem failed"
+    [ -n "${2:-}" ] && rate=(rate "$2")
+    tc qdisc add dev lo root netem delay "$half" "${rate[@]}" limit 100000 || die "tc netem failed"
 }
 
 measure_rtt() { # prints the median TCP echo round trip on 127.0.0.1 in ms
@@ -156,39 +163,57 @@ bench_loop() {
 }
 
 PORT=7700
-bench_mirror() { # bench_mirror MODE RTT
-    local mode=$1 rtt=$2 name=b-$1 log dev st
+MDEV=""
+# mirror_up MODE TAG: target-server + daemon NAME=b-MODE on fresh volumes; sets MDEV. MODE
+# "passthrough" starts the daemon with --no-mirror (no target).
+mirror_up() {
+    local mode=$1 tag=$2 st
+    MDEV=""
     PORT=$((PORT + 1))
     rm -f "$W"/m-src.img "$W"/m-tgt.img*
     truncate -s "$SIZE" "$W/m-src.img"
-    log=$OUT/target-$mode-rtt$rtt.log
-    "$TS" --listen "127.0.0.1:$PORT" --volume "$W/m-tgt.img" --create-size "$SIZE" --volume-id "$VID" \
-        --secret-file "$W/secret" >"$log" 2>&1 &
-    TPID=$!
-    for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
-    if ! "$UM" start --name "$name" --volume "$W/m-src.img" --peer "127.0.0.1:$PORT" --volume-id "$VID" \
-        --secret-file "$W/secret" --mode "$mode" --log-file "$OUT/daemon-$mode-rtt$rtt.log" \
-        >"$OUT/start-$mode-rtt$rtt.out" 2>&1; then
-        note "ublk-mirror start failed ($mode rtt=$rtt): $(cat "$OUT/start-$mode-rtt$rtt.out")"
-        FAILED=1
-    else
-        st=$("$UM" status --name "$name" --json)
-        dev=$(jq -r .device <<<"$st")
-        if [ -b "$dev" ]; then
-            run_cell "$mode" "$rtt" "$dev"
-        else
-            note "no block device for $mode: $st"
-            FAILED=1
-        fi
-        timeout 120 "$UM" stop --name "$name" >"$OUT/stop-$mode-rtt$rtt.out" 2>&1 \
-            || { note "stop failed: $(cat "$OUT/stop-$mode-rtt$rtt.out")"; timeout 30 "$UM" delete --name "$name" >/dev/null 2>&1; }
+    local args=(--no-mirror)
+    if [ "$mode" != passthrough ]; then
+        "$TS" --listen "127.0.0.1:$PORT" --volume "$W/m-tgt.img" --create-size "$SIZE" --volume-id "$VID" \
+            --secret-file "$W/secret" >"$OUT/target-$tag.log" 2>&1 &
+        TPID=$!
+        for _ in $(seq 100); do grep -q "listening on" "$OUT/target-$tag.log" && break; sleep 0.1; done
+        args=(--peer "127.0.0.1:$PORT" --volume-id "$VID" --secret-file "$W/secret" --mode "$mode")
     fi
-    kill -TERM "$TPID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$TPID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$TPID" 2>/dev/null
-    wait "$TPID" 2>/dev/null
-    TPID=""
+    if ! "$UM" start --name "b-$mode" --volume "$W/m-src.img" "${args[@]}" --log-file "$OUT/daemon-$tag.log" \
+        >"$OUT/start-$tag.out" 2>&1; then
+        note "ublk-mirror start failed ($tag): $(cat "$OUT/start-$tag.out")"
+        return 1
+    fi
+    st=$("$UM" status --name "b-$mode" --json)
+    MDEV=$(jq -r .device <<<"$st")
+    [ -b "$MDEV" ] || { note "no block device for $tag: $st"; return 1; }
+}
+
+mirror_down() { # mirror_down MODE TAG
+    local mode=$1 tag=$2
+    if [ -S "/run/ublk-mirror/b-$mode.sock" ]; then
+        timeout 120 "$UM" stop --name "b-$mode" >"$OUT/stop-$tag.out" 2>&1 \
+            || { note "stop failed: $(cat "$OUT/stop-$tag.out")"; timeout 30 "$UM" delete --name "b-$mode" >/dev/null 2>&1; }
+    fi
+    if [ -n "$TPID" ]; then
+        kill -TERM "$TPID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$TPID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$TPID" 2>/dev/null
+        wait "$TPID" 2>/dev/null
+        TPID=""
+    fi
     rm -f "$W"/m-src.img "$W"/m-tgt.img*
+}
+
+bench_mirror() { # bench_mirror MODE RTT
+    local mode=$1 rtt=$2
+    if mirror_up "$mode" "$mode-rtt$rtt"; then
+        run_cell "$mode" "$rtt" "$MDEV"
+    else
+        FAILED=1
+    fi
+    mirror_down "$mode" "$mode-rtt$rtt"
 }
 
 # DRBD 8.4 with both ends in this kernel: drbdadm would need two `on HOST` sections, one of them
@@ -272,6 +297,7 @@ for rtt in $RTTS; do
     for cfg in $CONFIGS; do
         case "$cfg" in
             loop) [ "$first" = 1 ] && bench_loop "$rtt" ;;
+            passthrough) [ "$first" = 1 ] && bench_mirror passthrough "$rtt" ;;
             async | received | sync | lock-then-write) bench_mirror "$cfg" "$rtt" ;;
             drbd-A | drbd-C) bench_drbd "${cfg#drbd-}" "$rtt" ;;
             *) die "unknown configuration $cfg" ;;
@@ -281,17 +307,122 @@ for rtt in $RTTS; do
 done
 tc qdisc del dev lo root 2>/dev/null
 
+# --- replication lag on a bandwidth-capped link -----------------------------------------------------
+# A hot-spot workload (fio zoned distribution: 90 % of the writes go to 1 % of the device) writes
+# LAG_MB MiB of 4 KiB random writes at QD16 as fast as the host can, on a link of LAG_RTT ms and
+# LAG_RATE. Measured: the host's write rate, the catch-up time after fio ends (until the secondary
+# holds everything), the largest lag seen while sampling once a second, and the bytes sent.
+#   ublk-mirror async: lag = status lag.bytes / lag.seconds; catch-up = `wait-replicated`;
+#     shipped = status shipped.bytes (frame headers + payloads, resends included).
+#   DRBD protocol A: lag = KiB sent by the primary and not yet written by the secondary
+#     (/proc/drbd ns of r0 - dw of r1); catch-up = until r1's dw reaches r0's ns and r0 has no
+#     pending requests; shipped = ns of r0 (payload KiB; DRBD's headers are not counted).
+drbd_field() { # drbd_field MINOR NAME: a counter of /proc/drbd
+    awk -v m="$1:" -v k="$2" '$1 == m { found = 1; next } found && /ns:/ {
+        for (i = 1; i <= NF; i++) { split($i, kv, ":"); if (kv[1] == k) print kv[2] }; exit }' /proc/drbd
+}
+
+lag_fio() { # lag_fio DEV JSON: the hot-spot write burst
+    timeout 600 fio --name=lag --filename="$1" --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+        --direct=1 --io_size="${LAG_MB}M" --size="$SIZE" --random_distribution=zoned:90/1:10/99 \
+        --randseed=42 --output-format=json --output="$2" >"$2.err" 2>&1
+}
+
+lag_mirror() { # lag_mirror RUN
+    local run=$1 tag=lag-async-$1 json st0 st1 t0 t1 t2 maxb=0 maxs=0 sampler s b
+    mirror_up async "$tag" || { FAILED=1; mirror_down async "$tag"; return; }
+    json=$OUT/fio/$tag.json
+    st0=$("$UM" status --name b-async --json)
+    (
+        while :; do
+            "$UM" status --name b-async --json 2>/dev/null | jq -c '[.lag.bytes, .lag.seconds]'
+            sleep 1
+        done
+    ) >"$OUT/$tag.samples" &
+    sampler=$!
+    t0=$(date +%s.%N)
+    lag_fio "$MDEV" "$json" || { note "lag fio failed: $(tail -n 2 "$json.err")"; FAILED=1; }
+    t1=$(date +%s.%N)
+    timeout 600 "$UM" wait-replicated last --name b-async --timeout-secs 590 >/dev/null || { note "wait-replicated failed"; FAILED=1; }
+    t2=$(date +%s.%N)
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+    st1=$("$UM" status --name b-async --json)
+    while read -r b s; do
+        maxb=$(awk -v a="$maxb" -v b="$b" 'BEGIN { print (b > a) ? b : a }')
+        maxs=$(awk -v a="$maxs" -v b="$s" 'BEGIN { print (b > a) ? b : a }')
+    done < <(jq -r '"\(.[0]) \(.[1])"' "$OUT/$tag.samples")
+    jq -c -n --arg cfg async --argjson run "$run" --slurpfile f "$json" --argjson a "$st0" --argjson b "$st1" \
+        --argjson t0 "$t0" --argjson t1 "$t1" --argjson t2 "$t2" --argjson maxb "$maxb" --argjson maxs "$maxs" \
+        '{config: $cfg, run: $run, written_bytes: $f[0].jobs[0].write.io_bytes,
+          host_mib_s: ($f[0].jobs[0].write.bw_bytes / 1048576), host_s: ($t1 - $t0), catchup_s: ($t2 - $t1),
+          max_lag_bytes: $maxb, max_lag_s: $maxs, shipped_bytes: ($b.shipped.bytes - $a.shipped.bytes)}' >>"$LAG_RESULTS"
+    mirror_down async "$tag"
+}
+
+lag_drbd() { # lag_drbd RUN
+    local run=$1 tag=lag-drbd-A-$1 json ns0 t0 t1 t2 maxb=0 sampler ns dw pe
+    : >"$OUT/$tag.log"
+    drbd_up A "$OUT/$tag.log" || { set +x; note "DRBD setup failed (lag)"; FAILED=1; drbd_down; return; }
+    json=$OUT/fio/$tag.json
+    ns0=$(drbd_field 0 ns)
+    (
+        while :; do
+            echo "$(drbd_field 0 ns) $(drbd_field 1 dw)"
+            sleep 1
+        done
+    ) >"$OUT/$tag.samples" &
+    sampler=$!
+    t0=$(date +%s.%N)
+    lag_fio /dev/drbd0 "$json" || { note "lag fio failed: $(tail -n 2 "$json.err")"; FAILED=1; }
+    t1=$(date +%s.%N)
+    for _ in $(seq 6000); do
+        ns=$(drbd_field 0 ns); dw=$(drbd_field 1 dw); pe=$(drbd_field 0 pe)
+        [ "$dw" -ge "$ns" ] && [ "$pe" = 0 ] && break
+        sleep 0.1
+    done
+    t2=$(date +%s.%N)
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+    while read -r ns dw; do
+        maxb=$(awk -v a="$maxb" -v n="$ns" -v d="$dw" 'BEGIN { l = (n - d) * 1024; print (l > a) ? l : a }')
+    done <"$OUT/$tag.samples"
+    cat /proc/drbd >>"$OUT/$tag.log"
+    jq -c -n --arg cfg drbd-A --argjson run "$run" --slurpfile f "$json" --argjson t0 "$t0" --argjson t1 "$t1" \
+        --argjson t2 "$t2" --argjson maxb "$maxb" --argjson shipped "$((($(drbd_field 0 ns) - ns0) * 1024))" \
+        '{config: $cfg, run: $run, written_bytes: $f[0].jobs[0].write.io_bytes,
+          host_mib_s: ($f[0].jobs[0].write.bw_bytes / 1048576), host_s: ($t1 - $t0), catchup_s: ($t2 - $t1),
+          max_lag_bytes: $maxb, max_lag_s: null, shipped_bytes: $shipped}' >>"$LAG_RESULTS"
+    drbd_down
+}
+
+: >"$LAG_RESULTS"
+if [ "$LAG" = 1 ]; then
+    set_rtt "$LAG_RTT" "$LAG_RATE"
+    note "lag: netem '$(tc qdisc show dev lo | head -n1)', ${LAG_MB} MiB hot-spot writes, $RUNS run(s) each"
+    mkdir -p "$OUT/fio"
+    for r in $(seq "$RUNS"); do
+        [[ " $CONFIGS " == *" async "* ]] && lag_mirror "$r"
+        [[ " $CONFIGS " == *" drbd-A "* ]] && lag_drbd "$r"
+    done
+    tc qdisc del dev lo root 2>/dev/null
+fi
+
 # --- report --------------------------------------------------------------------------------------
 median='def med: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
     else (.[length / 2 - 1] + .[length / 2]) / 2 end;'
 jq -s "$median"' group_by([.config, .rtt_ms, .workload]) | map({config: .[0].config, rtt_ms: .[0].rtt_ms,
     workload: .[0].workload, runs: length, iops: (map(.iops) | med), mib_s: (map(.mib_s) | med),
     lat_mean_us: (map(.lat_mean_us) | med), lat_p99_us: (map(.lat_p99_us) | med)})' "$RESULTS" >"$OUT/medians.json"
-jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --argjson rtt "$RTT_MEASURED" \
+jq -s "$median"' group_by(.config) | map(. as $g | {config: .[0].config, runs: length}
+    + ([ "written_bytes", "host_mib_s", "host_s", "catchup_s", "max_lag_bytes", "max_lag_s", "shipped_bytes"]
+       | map({key: ., value: (. as $k | $g | map(.[$k]) | map(select(. != null)) | med)}) | from_entries))' \
+    "$LAG_RESULTS" >"$OUT/lag-medians.json"
+jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfile lagruns "$LAG_RESULTS" \
+    --slurpfile lagmed "$OUT/lag-medians.json" --argjson lag_rtt "$LAG_RTT" --arg lag_rate "$LAG_RATE" --argjson lag_mb "$LAG_MB" --argjson rtt "$RTT_MEASURED" \
     --arg kernel "$(uname -r)" --argjson cpus "$(nproc)" --argjson secs "$SECS" --argjson nruns "$RUNS" \
     --arg drbd "$(head -n1 /proc/drbd 2>/dev/null)" \
     '{kernel: $kernel, vcpus: $cpus, seconds_per_run: $secs, runs_per_cell: $nruns, drbd: $drbd,
-      measured_tcp_rtt_ms: $rtt, medians: $med[0], runs: $runs}' >"$OUT/bench.json"
+      measured_tcp_rtt_ms: $rtt, medians: $med[0], runs: $runs,
+      lag: {rtt_ms: $lag_rtt, rate: $lag_rate, mib: $lag_mb, medians: $lagmed[0], runs: $lagruns}}' >"$OUT/bench.json"
 
 {
     echo "fio, libaio, O_DIRECT, 1 s ramp + ${SECS} s, median of ${RUNS} run(s) per cell; kernel $(uname -r), $(nproc) vCPU"
@@ -299,15 +430,25 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --argjson 
     echo ""
     echo "| config | RTT ms | 4k QD1 IOPS | QD1 mean us | QD1 p99 us | 4k QD16 IOPS | QD16 mean us | QD16 p99 us | 1M seq MiB/s | seq mean us | seq p99 us |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    jq -r --argjson order '["loop","async","received","sync","lock-then-write","drbd-A","drbd-C"]' '
+    jq -r --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C"]' '
         def f: if . == null then "-" else (. | floor | tostring) end;
         def c($w; $k): (map(select(.workload == $w)) | .[0][$k]) | f;
         group_by([.config, .rtt_ms]) | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c))])
-        | .[] | "| \(.[0].config) | \(if .[0].config == "loop" then "-" else .[0].rtt_ms end) | "
+        | .[] | "| \(.[0].config) | \(if .[0].config == "loop" or .[0].config == "passthrough" then "-" else .[0].rtt_ms end) | "
           + ([c("rand4k-qd1"; "iops"), c("rand4k-qd1"; "lat_mean_us"), c("rand4k-qd1"; "lat_p99_us"),
               c("rand4k-qd16"; "iops"), c("rand4k-qd16"; "lat_mean_us"), c("rand4k-qd16"; "lat_p99_us"),
               c("seq1m-qd4"; "mib_s"), c("seq1m-qd4"; "lat_mean_us"), c("seq1m-qd4"; "lat_p99_us")] | join(" | ")) + " |"
     ' "$OUT/medians.json"
+    if [ -s "$LAG_RESULTS" ]; then
+        echo ""
+        echo "Replication lag: ${LAG_MB} MiB of 4 KiB random writes at QD16, 90 % of them to 1 % of the device;"
+        echo "link RTT ${LAG_RTT} ms, rate ${LAG_RATE}; median of ${RUNS} run(s)."
+        echo ""
+        echo "| config | host MiB/s | host s | catch-up s | max lag MiB | max lag s | shipped MiB | shipped / written |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        jq -r 'def f(d): if . == null then "-" else (. * d | round / d | tostring) end;
+            .[] | "| \(.config) | \(.host_mib_s | f(10)) | \(.host_s | f(10)) | \(.catchup_s | f(10)) | \(if .max_lag_bytes == null then null else .max_lag_bytes / 1048576 end | f(10)) | \(.max_lag_s | f(10)) | \(.shipped_bytes / 1048576 | f(10)) | \(.shipped_bytes / .written_bytes | f(100)) |"' "$OUT/lag-medians.json"
+    fi
 } >"$OUT/bench.md"
 cat "$OUT/bench.md"
 note "done in $(($(date +%s) - T0)) s inside the VM; results in $OUT"

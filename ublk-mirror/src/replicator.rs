@@ -150,6 +150,10 @@ pub struct ReplicatorStatus {
     pub fatal: Option<String>,
     /// Handshakes completed.
     pub connects: u64,
+    /// Frames handed to the connection since start (resends included).
+    pub sent_frames: u64,
+    /// Their bytes on the wire: headers and payloads (resends included).
+    pub sent_bytes: u64,
     /// Connections dropped after they were opened (including failed handshakes).
     pub disconnects: u64,
 }
@@ -381,6 +385,8 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         last_error: None,
         connects: 0,
         disconnects: 0,
+        sent_frames: 0,
+        sent_bytes: 0,
         was_connected: false,
     };
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx, events_rx));
@@ -444,6 +450,8 @@ struct Engine {
     last_error: Option<String>,
     connects: u64,
     disconnects: u64,
+    sent_frames: u64,
+    sent_bytes: u64,
     was_connected: bool,
 }
 
@@ -525,6 +533,10 @@ impl Engine {
         }
         if self.staged.is_none() && self.conn.is_some() {
             self.staged = self.source.poll_transmit().map(|f| f.encode());
+            if let Some(e) = &self.staged {
+                self.sent_frames += 1;
+                self.sent_bytes += e.wire_len() as u64;
+            }
         }
         let state = self.source.status().conn;
         if state == ConnState::Connected && !self.was_connected {
@@ -796,6 +808,8 @@ impl Engine {
                     fatal: self.fatal.clone(),
                     connects: self.connects,
                     disconnects: self.disconnects,
+                    sent_frames: self.sent_frames,
+                    sent_bytes: self.sent_bytes,
                 });
             }
             Ctl::SetMode(mode, reply) => {

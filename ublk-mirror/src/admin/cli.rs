@@ -212,6 +212,10 @@ pub fn format_status(st: &StatusReport) -> String {
                 st.lag.entries, st.lag.bytes, st.lag.seconds
             ),
         ),
+        (
+            "shipped",
+            format!("{} frames, {} bytes", st.shipped.frames, st.shipped.bytes),
+        ),
         ("last error", opt(st.last_error.as_ref()).to_string()),
         ("fatal", opt(st.fatal.as_ref()).to_string()),
     ];

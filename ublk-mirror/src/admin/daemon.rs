@@ -579,6 +579,10 @@ impl DaemonState {
                 bytes: src.log_bytes as u64,
                 seconds: lag_seconds,
             },
+            shipped: super::ShippedReport {
+                frames: st.sent_frames,
+                bytes: st.sent_bytes,
+            },
             connects: st.connects,
             disconnects: st.disconnects,
             last_error: st.last_error.clone(),

@@ -163,6 +163,15 @@ pub struct LagReport {
     pub seconds: f64,
 }
 
+/// What went over the link since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShippedReport {
+    /// Frames sent (resends included).
+    pub frames: u64,
+    /// Their bytes on the wire, headers included.
+    pub bytes: u64,
+}
+
 /// `status`: everything an operator wants to see.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -198,6 +207,9 @@ pub struct StatusReport {
     pub log: LogReport,
     /// Replication lag.
     pub lag: LagReport,
+    /// Frames and bytes sent to the target.
+    #[serde(default)]
+    pub shipped: ShippedReport,
     /// Handshakes completed.
     pub connects: u64,
     /// Connections dropped.
