@@ -447,8 +447,39 @@ case_blockdev512() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 
+# case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
+# status says so, mirror requests are refused with one clear line.
+case_passthrough() {
+    local tag=pt st
+    truncate -s "$SIZE" "$W/$tag-src.img"
+    if ! "$UM" start --name m-pt --volume "$W/$tag-src.img" --no-mirror --log-file "$OUT/daemon-m-pt.log" \
+        >"$OUT/start-m-pt.out" 2>&1; then
+        fail passthrough "start failed: $(cat "$OUT/start-m-pt.out")"
+        return
+    fi
+    st=$("$UM" status --name m-pt --json)
+    DEV=$(jq -r .device <<<"$st")
+    [ "$(jq -r '.role + " " + .connection + " " + .mode' <<<"$st")" = "passthrough off off" ] \
+        || { fail passthrough "status does not say passthrough: $st"; cleanup_all; return; }
+    "$UM" status --name m-pt | grep -q '^mirror *off' || { fail passthrough "status table lacks 'mirror off'"; cleanup_all; return; }
+    if ! fio --name=v-pt --filename="$DEV" --rw=randwrite --bsrange=4k-64k --size=32M --ioengine=libaio \
+        --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+        --output="$OUT/fio-pt.txt" >/dev/null 2>&1; then
+        fail passthrough "fio verify failed: $(grep -m1 -iE 'verify|error' "$OUT/fio-pt.txt")"
+        cleanup_all
+        return
+    fi
+    expect_error passthrough-set-mode "--no-mirror" "$UM" set-mode sync --name m-pt
+    expect_error passthrough-wait-replicated "--no-mirror" "$UM" wait-replicated last --name m-pt
+    stop_daemon m-pt || { fail passthrough "stop failed"; cleanup_all; return; }
+    [ -e "$DEV" ] && { fail passthrough "$DEV still exists after stop"; return; }
+    pass passthrough
+    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-pt.txt" | sed 's/^ *//')"
+    rm -f "$W/$tag-src.img"
+}
+
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 passthrough kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -462,6 +493,7 @@ for c in "${cases[@]}"; do
         sigterm) case_sigterm ;;
         delete) case_delete ;;
         blockdev512) case_blockdev512 ;;
+        passthrough) case_passthrough ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac
