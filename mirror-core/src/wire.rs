@@ -508,6 +508,16 @@ impl Frame {
 }
 
 fn encode_header(raw: &RawHeader, payload: &[u8]) -> [u8; HEADER_BYTES] {
+    let mut h = header_fields(raw, payload.len());
+    let frame_crc = frame_crc(&h, payload);
+    h[48..52].copy_from_slice(&frame_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&h[0..52]);
+    h[52..56].copy_from_slice(&header_crc.to_le_bytes());
+    h
+}
+
+/// The header's fields (bytes 0..48); both checksums still zero.
+fn header_fields(raw: &RawHeader, payload_len: usize) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4] = VERSION;
@@ -516,16 +526,17 @@ fn encode_header(raw: &RawHeader, payload: &[u8]) -> [u8; HEADER_BYTES] {
     h[8..16].copy_from_slice(&raw.seq.to_le_bytes());
     h[16..24].copy_from_slice(&raw.lba.to_le_bytes());
     h[24..28].copy_from_slice(&raw.len.to_le_bytes());
-    let payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let payload_len = u32::try_from(payload_len).unwrap_or(u32::MAX);
     h[28..32].copy_from_slice(&payload_len.to_le_bytes());
     h[32..40].copy_from_slice(&raw.aux.to_le_bytes());
     h[40..44].copy_from_slice(&raw.epoch.to_le_bytes());
     // 44..48 reserved, zero.
-    let frame_crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..48]), payload);
-    h[48..52].copy_from_slice(&frame_crc.to_le_bytes());
-    let header_crc = crc32c::crc32c(&h[0..52]);
-    h[52..56].copy_from_slice(&header_crc.to_le_bytes());
     h
+}
+
+/// The frame checksum: CRC32C over the header's fields and the payload.
+fn frame_crc(fields: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&fields[0..48]), payload)
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
@@ -689,8 +700,8 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
         aux: header.aux,
         epoch: header.epoch,
     };
-    let rebuilt = encode_header(&raw, &payload);
-    if le_u32(&rebuilt, 48) != header.frame_crc {
+    // Only the frame checksum: decode_header already checked the header's own.
+    if frame_crc(&header_fields(&raw, payload.len()), &payload) != header.frame_crc {
         return Err(WireError::PayloadChecksum {
             kind: header.kind,
             seq: header.seq,
