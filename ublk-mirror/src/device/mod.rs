@@ -8,9 +8,10 @@
 //!   queued to the replicator, which fixes its sequence number; then the local write runs on the
 //!   queue's io_uring; the request completes when both the local write finished and the replicator
 //!   reports the acknowledgement mode satisfied (in `async` mode: as soon as the op is queued to
-//!   the replicator in order, without a round trip through its thread). Enqueue and local write both happen under the
-//!   write's byte range in the [`gate::RangeGate`] shared by all queues, so overlapping writes in
-//!   flight at once reach the mirror (sequence order) and the local volume in the same order.
+//!   the replicator in order, without a round trip through its thread). Enqueue and local write
+//!   both happen under the write's byte range in the [`gate::RangeGate`] shared by all queues, so
+//!   overlapping writes in flight at once reach the mirror (sequence order) and the local volume
+//!   in the same order.
 //!   FUA adds a local `fdatasync` (and a mirrored FLUSH when flushes replicate).
 //! - FLUSH: a FLUSH barrier to the replicator (which waits for the target when the mode or
 //!   `flush_replicates` says so) and a local `fdatasync`.
