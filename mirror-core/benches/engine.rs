@@ -251,6 +251,17 @@ fn lba_of(seq: Seq) -> Lba {
     Lba::from_bytes(seq.0 % blocks * u64::from(BLOCK_BYTES))
 }
 
+/// Submits a 4 KiB write as operation `next` (async: complete at once) and returns its seq.
+fn submit_write(source: &mut Source, next: Seq, data: &Bytes) -> Seq {
+    let op = Op::Write {
+        lba: lba_of(next),
+        data: data.clone(),
+    };
+    let seq = source.submit(op, next.0).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(source.poll_completion(), Some(seq));
+    seq
+}
+
 fn bench_source(c: &mut Criterion) {
     let data = payload(4 * KIB);
     let mut group = c.benchmark_group("engine");
@@ -263,12 +274,7 @@ fn bench_source(c: &mut Criterion) {
         let (mut source, _target) = connected_pair(Mode::Async);
         let mut next = Seq(1);
         b.iter(|| {
-            let op = Op::Write {
-                lba: lba_of(next),
-                data: data.clone(),
-            };
-            let seq = source.submit(op, next.0).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(source.poll_completion(), Some(seq));
+            let seq = submit_write(&mut source, next, &data);
             match source.poll_transmit() {
                 Some(Frame::Op { seq: sent, .. }) if sent == seq => {}
                 other => panic!("expected the WRITE of seq {seq}, got {other:?}"),
@@ -296,12 +302,7 @@ fn bench_source(c: &mut Criterion) {
         let (mut source, mut target) = connected_pair(Mode::Async);
         let mut next = Seq(1);
         b.iter(|| {
-            let op = Op::Write {
-                lba: lba_of(next),
-                data: data.clone(),
-            };
-            let seq = source.submit(op, next.0).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(source.poll_completion(), Some(seq));
+            let seq = submit_write(&mut source, next, &data);
             while let Some(frame) = source.poll_transmit() {
                 let encoded = frame.encode();
                 target
