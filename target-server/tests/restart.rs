@@ -9,7 +9,7 @@ use common::*;
 use mirror_core::source::{Mode, Source};
 use mirror_core::wire::Frame;
 use mirror_core::{Seq, VolumeId};
-use target_server::meta::{Meta, MetaError};
+use target_server::meta::{Meta, MetaError, SLOT_BYTES};
 use target_server::ServerError;
 
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -77,10 +77,12 @@ async fn corrupt_or_torn_meta_refuses_to_start() {
         .await
         .unwrap();
     let good = std::fs::read(&cfg.meta_path).unwrap();
+    // One bad record is a torn update and the other slot is used; both bad is corruption.
     let mut flipped = good.clone();
     flipped[20] ^= 0x04;
+    flipped[SLOT_BYTES + 20] ^= 0x04;
     for (what, bytes) in [
-        ("flipped bit", flipped),
+        ("flipped bit in both records", flipped),
         ("torn", good[..30].to_vec()),
         ("empty", Vec::new()),
     ] {
