@@ -38,6 +38,7 @@ fn write_frame(seq: u64, data: Bytes) -> Frame {
             lba: Lba(seq * 8),
             data,
         },
+        ack_on_receipt: false,
     }
 }
 

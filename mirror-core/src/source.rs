@@ -639,6 +639,9 @@ impl<L: RollbackLog> Source<L> {
             seq,
             epoch: self.epoch,
             op: entry.op,
+            // Only `received` completes writes on receipt; the other modes learn it with the
+            // durability ACK.
+            ack_on_receipt: self.cfg.mode == Mode::Received,
         }
     }
 

@@ -195,6 +195,9 @@ pub struct Target {
     locks: LockTable,
     out: VecDeque<Frame>,
     ack_dirty: bool,
+    /// An operation asked for an ACK on receipt ([`crate::wire::FLAG_ACK_ON_RECEIPT`]): the next advance
+    /// of `received` is acknowledged at once instead of with the next durability ACK.
+    receipt_wanted: bool,
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
     /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
     inconsistent_until: Option<Seq>,
@@ -223,6 +226,7 @@ impl Target {
             locks,
             out: VecDeque::new(),
             ack_dirty: false,
+            receipt_wanted: false,
             inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
             lock_only: 0,
             #[cfg(feature = "sabotage")]
@@ -267,6 +271,7 @@ impl Target {
         self.resend = None;
         self.out.clear();
         self.ack_dirty = false;
+        self.receipt_wanted = false;
     }
 
     /// Last sequence number handed to the driver (applied or being applied).
@@ -430,10 +435,19 @@ impl Target {
                 }
                 self.new_entry(seq, Some(range), want_grant, None)
             }
-            (Conn::Ready, Frame::Op { seq, epoch, op }) => {
+            (
+                Conn::Ready,
+                Frame::Op {
+                    seq,
+                    epoch,
+                    op,
+                    ack_on_receipt,
+                },
+            ) => {
                 if !self.accept_epoch(seq, epoch)? {
                     return Ok(());
                 }
+                self.receipt_wanted |= ack_on_receipt;
                 let range = match op.range() {
                     Some(r) => Some(self.check_extent(r.offset_bytes, r.len_bytes)?),
                     None => None,
@@ -676,7 +690,10 @@ impl Target {
         }
         if received != self.received {
             self.received = received;
-            self.ack_dirty = true;
+            if self.receipt_wanted {
+                self.receipt_wanted = false;
+                self.ack_dirty = true;
+            }
         }
     }
 
@@ -855,5 +872,122 @@ impl Target {
     #[must_use]
     pub fn lock_counts(&self) -> (usize, usize) {
         (self.locks.mirror_count(), self.locks.local_count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{LockStyle, Mode, Source, SourceConfig};
+    use crate::types::Lba;
+    use crate::wire::decode;
+    use bytes::Bytes;
+
+    const VOLUME_BYTES: u64 = 1 << 20;
+
+    fn pair(mode: Mode) -> (Source, Target) {
+        let (id, secret) = (VolumeId([7; 16]), b"s".to_vec());
+        let mut source = Source::new(SourceConfig {
+            volume_id: id,
+            node_id: NodeId(1),
+            generation: Generation(1),
+            volume_bytes: VOLUME_BYTES,
+            block_bytes: 4096,
+            secret: secret.clone(),
+            mode,
+            flush_replicates: false,
+            lock_style: LockStyle::Implied,
+            log_bytes_max: 1 << 20,
+            log_entries_max: 64,
+        });
+        let mut target = Target::new(
+            TargetConfig {
+                volume_id: id,
+                node_id: NodeId(2),
+                generation: Generation(1),
+                volume_bytes: VOLUME_BYTES,
+                block_bytes: 4096,
+                secret,
+                conflict_policy: ConflictPolicy::Wait,
+                commit_log_bytes_max: 1 << 20,
+                commit_log_entries_max: 64,
+                local_locks_max: 4,
+            },
+            Restored {
+                durable: Seq::NONE,
+                clean: true,
+            },
+        );
+        target.on_connect([1; MAC_BYTES]);
+        source.on_connect([2; MAC_BYTES]);
+        let acks = exchange(&mut source, &mut target);
+        assert!(target.is_ready(), "handshake");
+        assert_eq!(
+            acks,
+            vec![(Seq::NONE, Seq::NONE)],
+            "the ACK that opens a session"
+        );
+        (source, target)
+    }
+
+    /// Moves frames both ways, through the codec, until both are quiet. Returns the ACKs the
+    /// target sent as (received, durable).
+    fn exchange(source: &mut Source, target: &mut Target) -> Vec<(Seq, Seq)> {
+        let mut acks = Vec::new();
+        for _ in 0..16 {
+            let mut moved = false;
+            while let Some(frame) = source.poll_transmit() {
+                let bytes = frame.encode().to_vec();
+                let (decoded, _) = decode(&bytes).unwrap().unwrap();
+                target.handle_frame(decoded).unwrap();
+                moved = true;
+            }
+            while let Some(frame) = target.poll_transmit() {
+                if let Frame::Ack { received, durable } = frame {
+                    acks.push((received, durable));
+                }
+                source.handle_frame(frame).unwrap();
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+        acks
+    }
+
+    #[test]
+    fn receipt_is_acknowledged_at_once_only_in_received_mode() {
+        for mode in [Mode::Async, Mode::Received, Mode::Sync, Mode::LockThenWrite] {
+            let (mut source, mut target) = pair(mode);
+            let op = Op::Write {
+                lba: Lba(8),
+                data: Bytes::from(vec![0x5a; 4096]),
+            };
+            let seq = source.submit(op, 1).unwrap();
+            let acks = exchange(&mut source, &mut target);
+            assert_eq!(target.status().received, seq, "{mode:?}");
+            let completed = source.poll_completion() == Some(seq);
+            if mode == Mode::Received {
+                assert_eq!(acks, vec![(seq, Seq::NONE)], "{mode:?}");
+                assert!(completed, "{mode:?}: received write completes on receipt");
+            } else {
+                // No frame just for receipt: it travels with the durability ACK.
+                assert_eq!(acks, vec![], "{mode:?}");
+                assert_eq!(completed, mode == Mode::Async, "{mode:?}");
+            }
+            let apply = target.poll_apply().unwrap();
+            target.handle_applied(apply.seq);
+            target.handle_durable(apply.seq);
+            assert_eq!(
+                exchange(&mut source, &mut target),
+                vec![(seq, seq)],
+                "{mode:?}"
+            );
+            if !matches!(mode, Mode::Async | Mode::Received) {
+                assert_eq!(source.poll_completion(), Some(seq), "{mode:?}");
+            }
+            assert_eq!(source.status().log_entries, 0, "{mode:?}");
+        }
     }
 }

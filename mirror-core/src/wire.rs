@@ -29,7 +29,11 @@ const MAC_LEN: u32 = 32;
 
 /// Flag on LOCK: the source waits for GRANTED before sending the data (`lock-then-write`).
 pub const FLAG_WANT_GRANT: u16 = 1;
-const FLAGS_KNOWN: u16 = FLAG_WANT_GRANT;
+/// Flag on an operation (WRITE, DISCARD, WRITE_ZEROES, FLUSH): acknowledge it as soon as it is in
+/// the commit log. Without it the target reports receipt with the next durability ACK, which
+/// saves an ACK frame per operation in the modes that wait for durability (or for nothing).
+pub const FLAG_ACK_ON_RECEIPT: u16 = 2;
+const FLAGS_KNOWN: u16 = FLAG_WANT_GRANT | FLAG_ACK_ON_RECEIPT;
 
 /// Frame kind codes (byte 5 of the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +236,8 @@ pub enum Frame {
         epoch: u32,
         /// The operation.
         op: Op,
+        /// Acknowledge receipt at once ([`FLAG_ACK_ON_RECEIPT`]; the source's `received` mode).
+        ack_on_receipt: bool,
     },
     /// Cumulative acknowledgement: all operations through `received` are in the commit log, all
     /// through `durable` are applied and durable on the target volume.
@@ -451,7 +457,12 @@ impl Frame {
                 raw.flags = if *want_grant { FLAG_WANT_GRANT } else { 0 };
                 Bytes::new()
             }
-            Frame::Op { seq, epoch, op } => {
+            Frame::Op {
+                seq,
+                epoch,
+                op,
+                ack_on_receipt,
+            } => {
                 let (kind, lba, len, payload) = op_parts(op);
                 assert!(
                     payload.len() <= PAYLOAD_BYTES_MAX as usize,
@@ -463,6 +474,11 @@ impl Frame {
                 raw.epoch = *epoch;
                 raw.lba = lba;
                 raw.len = len;
+                raw.flags = if *ack_on_receipt {
+                    FLAG_ACK_ON_RECEIPT
+                } else {
+                    0
+                };
                 payload
             }
             Frame::Ack { received, durable } => {
@@ -632,7 +648,14 @@ fn check_fields(header: &Header) -> Result<(), WireError> {
             "a field this frame kind does not use is not zero",
         ));
     }
-    if header.flags & !FLAGS_KNOWN != 0 || (header.flags != 0 && kind != Kind::Lock) {
+    let is_op = matches!(
+        kind,
+        Kind::Write | Kind::Discard | Kind::WriteZeroes | Kind::Flush
+    );
+    if header.flags & !FLAGS_KNOWN != 0
+        || (header.flags & FLAG_WANT_GRANT != 0 && kind != Kind::Lock)
+        || (header.flags & FLAG_ACK_ON_RECEIPT != 0 && !is_op)
+    {
         return Err(WireError::Malformed("unknown flags"));
     }
     if header.payload_len > PAYLOAD_BYTES_MAX {
@@ -732,11 +755,13 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             want_grant: header.flags & FLAG_WANT_GRANT != 0,
         },
         Kind::Write => Frame::Op {
+            ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
             op: Op::Write { lba, data: payload },
         },
         Kind::Discard => Frame::Op {
+            ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
             op: Op::Discard {
@@ -745,6 +770,7 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             },
         },
         Kind::WriteZeroes => Frame::Op {
+            ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
             op: Op::WriteZeroes {
@@ -753,6 +779,7 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             },
         },
         Kind::Flush => Frame::Op {
+            ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
             op: Op::Flush,
@@ -829,6 +856,7 @@ mod tests {
                 lba: Lba(16),
                 data: Bytes::from(vec![0xab; 4096]),
             },
+            ack_on_receipt: true,
         }
     }
 

@@ -246,7 +246,14 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         ),
         // Operations more often: WRITE is the frame that carries data.
-        4 => (seq(), any::<u32>(), op()).prop_map(|(seq, epoch, op)| Frame::Op { seq, epoch, op }),
+        4 => (seq(), any::<u32>(), op(), any::<bool>()).prop_map(|(seq, epoch, op, ack_on_receipt)| {
+            Frame::Op {
+                seq,
+                epoch,
+                op,
+                ack_on_receipt,
+            }
+        }),
         1 => (seq(), seq()).prop_map(|(received, durable)| Frame::Ack { received, durable }),
         1 => (seq(), any::<u32>()).prop_map(|(seq, epoch)| Frame::Reject { seq, epoch }),
         1 => (seq(), any::<u32>()).prop_map(|(seq, epoch)| Frame::Granted { seq, epoch }),
@@ -630,6 +637,7 @@ fn any_single_corrupted_byte_is_detected() {
                         seq,
                         epoch,
                         op: Op::Write { .. },
+                        ..
                     } => Some((*seq, *epoch)),
                     _ => None,
                 };
@@ -789,6 +797,7 @@ fn largest_write_round_trips_and_larger_claims_are_refused() {
             lba: Lba((u64::MAX - u64::from(PAYLOAD_BYTES_MAX)) / SECTOR_BYTES),
             data,
         },
+        ack_on_receipt: true,
     };
     let bytes = frame.encode().to_vec();
     assert_eq!(bytes.len(), FRAME_BYTES_MAX);
@@ -831,6 +840,7 @@ fn extents_at_the_end_of_the_address_space() {
             lba: Lba(lba_max),
             len_bytes: len,
         },
+        ack_on_receipt: false,
     };
     let bytes = ok.encode().to_vec();
     assert_eq!(decode(&bytes), Ok(Some((ok, bytes.len()))));

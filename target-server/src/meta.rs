@@ -266,7 +266,7 @@ impl MetaFile {
     }
 
     fn slot_offset(generation: u64) -> usize {
-        if generation % 2 == 0 {
+        if generation.is_multiple_of(2) {
             0
         } else {
             SLOT_BYTES

@@ -165,6 +165,7 @@ async fn wrong_secret_is_refused() {
             lba: Lba(0),
             data: Bytes::from(vec![0xee; 4096]),
         },
+        ack_on_receipt: false,
     };
     // The server may already have closed: ignore send errors.
     let _ = tokio::io::AsyncWriteExt::write_all(&mut c.stream, &write.encode().to_vec()).await;
@@ -294,6 +295,7 @@ async fn malformed_frames_close_the_connection_and_write_nothing() {
             lba: Lba(lba),
             data: Bytes::from(data),
         },
+        ack_on_receipt: false,
     };
     let fix_header_crc = |h: &mut [u8]| {
         let crc = crc32c::crc32c(&h[0..52]);
@@ -373,6 +375,7 @@ async fn malformed_frames_close_the_connection_and_write_nothing() {
                         lba: Lba(volume_sectors - 8),
                         len_bytes: 1 << 20,
                     },
+                    ack_on_receipt: false,
                 }
                 .encode()
                 .to_vec()
