@@ -23,4 +23,4 @@ pub mod target;
 pub mod types;
 pub mod wire;
 
-pub use types::{Generation, Lba, NodeId, Range, Seq, VolumeId, SECTOR_BYTES};
+pub use types::{parse_size, Generation, Lba, NodeId, Range, Seq, Size, VolumeId, SECTOR_BYTES};

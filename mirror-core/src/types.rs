@@ -117,6 +117,65 @@ impl Range {
     }
 }
 
+/// A byte count as operators write it: digits with an optional `K`, `M`, `G` or `T` suffix
+/// (powers of 1024, either case): `4096`, `64M`, `2g`. Flags parse it from text
+/// ([`parse_size`]); configuration files take either such a string or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Size(pub u64);
+
+/// Parses a [`Size`] from text; the error is one line that quotes the input.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size in bytes (e.g. 4096, 64M)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{text}' is too large"))
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Size, String> {
+        parse_size(text).map(Size)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Size;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size in bytes: an integer or a string such as \"64M\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("size {v} must not be negative")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +194,20 @@ mod tests {
         assert!(a.overlaps(&Range::new(4095, 1)));
         assert!(!a.overlaps(&Range::new(4096, 10)));
         assert!(!Range::new(10, 0).overlaps(&a));
+    }
+
+    #[test]
+    fn sizes_take_suffixes_and_refuse_garbage() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size(" 64M "), Ok(64 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!("1T".parse::<Size>(), Ok(Size(1 << 40)));
+        for bad in ["12Q", "", "M", "-1", "1.5G", "99999999999T"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(
+                err.contains(bad.trim()) && !err.contains('\n'),
+                "{bad}: {err}"
+            );
+        }
     }
 }

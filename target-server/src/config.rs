@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use mirror_core::target::ConflictPolicy;
-use mirror_core::{NodeId, VolumeId};
+use mirror_core::{NodeId, Size, VolumeId};
 use serde::Deserialize;
 
 use crate::meta::default_meta_path;
@@ -46,9 +46,9 @@ pub struct Cli {
     /// The target volume file (must exist unless --create-size is given).
     #[arg(long, value_name = "PATH")]
     pub volume: Option<PathBuf>,
-    /// Create the volume (sparse) with this many bytes if it does not exist.
-    #[arg(long, value_name = "BYTES")]
-    pub create_size: Option<u64>,
+    /// Create the volume (sparse) with this many bytes if it does not exist (K/M/G/T suffixes).
+    #[arg(long, value_name = "SIZE")]
+    pub create_size: Option<Size>,
     /// Id of the mirrored volume: 32 hex digits (dashes allowed).
     #[arg(long, value_name = "HEX32")]
     pub volume_id: Option<String>,
@@ -64,9 +64,9 @@ pub struct Cli {
     /// This node's id [default: 0].
     #[arg(long, value_name = "N")]
     pub node_id: Option<u64>,
-    /// Bound on the commit log's payload bytes [default: 67108864; at least 1048576].
-    #[arg(long, value_name = "BYTES")]
-    pub commit_log_bytes: Option<u64>,
+    /// Bound on the commit log's payload bytes (K/M/G suffixes) [default: 64M; at least 1M].
+    #[arg(long, value_name = "SIZE")]
+    pub commit_log_bytes: Option<Size>,
     /// TOML file with the same settings (snake_case keys); flags override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -86,8 +86,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// See [`Cli::volume`].
     pub volume: Option<PathBuf>,
-    /// See [`Cli::create_size`].
-    pub create_size: Option<u64>,
+    /// See [`Cli::create_size`] (an integer or a string such as `"1G"`).
+    pub create_size: Option<Size>,
     /// See [`Cli::volume_id`].
     pub volume_id: Option<String>,
     /// See [`Cli::secret_file`].
@@ -98,8 +98,8 @@ pub struct FileConfig {
     pub conflict_policy: Option<Policy>,
     /// See [`Cli::node_id`].
     pub node_id: Option<u64>,
-    /// See [`Cli::commit_log_bytes`].
-    pub commit_log_bytes: Option<u64>,
+    /// See [`Cli::commit_log_bytes`] (an integer or a string such as `"64M"`).
+    pub commit_log_bytes: Option<Size>,
     /// See [`Cli::meta`].
     pub meta: Option<PathBuf>,
     /// See [`Cli::idle_timeout_secs`].
@@ -239,7 +239,7 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
     if let Some(listen) = cli.listen.or(file.listen) {
         cfg.listen = listen;
     }
-    cfg.create_bytes = cli.create_size.or(file.create_size);
+    cfg.create_bytes = cli.create_size.or(file.create_size).map(|s| s.0);
     if let Some(block) = cli.block_bytes.or(file.block_bytes) {
         if block != 512 && block != 4096 {
             return Err(ConfigError::Invalid(format!(
@@ -254,7 +254,7 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
     if let Some(node) = cli.node_id.or(file.node_id) {
         cfg.node_id = NodeId(node);
     }
-    if let Some(bytes) = cli.commit_log_bytes.or(file.commit_log_bytes) {
+    if let Some(Size(bytes)) = cli.commit_log_bytes.or(file.commit_log_bytes) {
         let min = u64::from(mirror_core::wire::PAYLOAD_BYTES_MAX);
         let usable = usize::try_from(bytes).ok().filter(|_| bytes >= min);
         cfg.commit_log_bytes_max = usable.ok_or_else(|| {
@@ -301,7 +301,7 @@ mod tests {
             format!(
                 "listen = \"127.0.0.1:9000\"\nvolume = \"vol.img\"\nvolume_id = \"{ID}\"\n\
                  secret_file = \"secret\"\nblock_bytes = 512\nconflict_policy = \"reject\"\n\
-                 node_id = 7\ncommit_log_bytes = 2097152\nidle_timeout_secs = 5\n"
+                 node_id = 7\ncommit_log_bytes = \"2M\"\ncreate_size = 65536\nidle_timeout_secs = 5\n"
             ),
         )
         .unwrap();
@@ -319,6 +319,7 @@ mod tests {
         assert_eq!(cfg.conflict_policy, ConflictPolicy::Reject);
         assert_eq!(cfg.node_id, NodeId(7));
         assert_eq!(cfg.commit_log_bytes_max, 2 << 20);
+        assert_eq!(cfg.create_bytes, Some(65536));
         assert_eq!(cfg.idle_timeout, Duration::from_secs(5));
         assert_eq!(cfg.volume_id.to_string(), ID.replace('-', ""));
     }
@@ -372,7 +373,7 @@ mod tests {
             ),
             (
                 Cli {
-                    commit_log_bytes: Some(4096),
+                    commit_log_bytes: Some(Size(4096)),
                     ..base.clone()
                 },
                 "out of range",
@@ -390,6 +391,31 @@ mod tests {
             assert!(msg.contains(want), "{msg:?} lacks {want:?}");
             assert!(!msg.contains('\n'), "{msg:?}");
         }
+    }
+
+    #[test]
+    fn sizes_take_suffixes_on_the_command_line_and_in_the_file() {
+        let cli = Cli::try_parse_from([
+            "target-server",
+            "--create-size",
+            "1G",
+            "--commit-log-bytes",
+            "8m",
+        ])
+        .unwrap();
+        assert_eq!(cli.create_size, Some(Size(1 << 30)));
+        assert_eq!(cli.commit_log_bytes, Some(Size(8 << 20)));
+        let err = Cli::try_parse_from(["target-server", "--create-size", "12Q"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'12Q' is not a size"), "{err}");
+        let file = FileConfig::parse("create_size = \"3K\"\ncommit_log_bytes = 4194304\n").unwrap();
+        assert_eq!(file.create_size, Some(Size(3 << 10)));
+        assert_eq!(file.commit_log_bytes, Some(Size(4 << 20)));
+        let err = FileConfig::parse("create_size = \"lots\"").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("'lots'"), "{err}");
+        let err = FileConfig::parse("create_size = -5").unwrap_err();
+        assert!(err.contains("must not be negative"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use mirror_core::source::{LockStyle, Mode, SourceConfig};
-use mirror_core::{Generation, NodeId, Seq, VolumeId};
+use mirror_core::{parse_size, Generation, NodeId, Seq, Size, VolumeId};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -122,7 +122,7 @@ struct FileConfig {
     block_bytes: Option<u32>,
     queues: Option<u16>,
     depth: Option<u16>,
-    log_bytes: Option<toml::Value>,
+    log_bytes: Option<Size>,
     log_entries: Option<usize>,
     name: Option<String>,
     control_socket: Option<PathBuf>,
@@ -162,23 +162,6 @@ pub struct Settings {
     stop_drain: Duration,
     log_file: PathBuf,
     node_id: u64,
-}
-
-/// Parses a size with an optional K/M/G/T suffix (powers of 1024).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, mult) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size in bytes (e.g. 4096, 64M)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{text}' is too large"))
 }
 
 fn relative_to(base: Option<&Path>, p: PathBuf) -> PathBuf {
@@ -267,13 +250,7 @@ impl Settings {
         }
         let log_bytes = match (&args.log_bytes, file.log_bytes) {
             (Some(text), _) => parse_size(text).map_err(|e| anyhow!("--log-bytes: {e}"))?,
-            (None, Some(toml::Value::Integer(n))) => {
-                u64::try_from(n).map_err(|_| anyhow!("log_bytes {n} must not be negative"))?
-            }
-            (None, Some(toml::Value::String(s))) => {
-                parse_size(&s).map_err(|e| anyhow!("log_bytes: {e}"))?
-            }
-            (None, Some(other)) => bail!("log_bytes: {other} is not a size"),
+            (None, Some(Size(n))) => n,
             (None, None) => 64 << 20,
         };
         if log_bytes < u64::from(device::IO_BUF_BYTES) {

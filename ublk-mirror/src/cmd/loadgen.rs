@@ -100,7 +100,7 @@ pub struct LoadgenArgs {
     node_id: u64,
 }
 
-use ublk_mirror::admin::daemon::parse_size;
+use mirror_core::parse_size;
 
 fn parse_volume_id(text: &str) -> Result<VolumeId, String> {
     VolumeId::parse(text).ok_or_else(|| format!("'{text}' is not 32 hex digits"))
@@ -633,16 +633,6 @@ fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn histogram_quantiles_are_within_a_few_percent() {
