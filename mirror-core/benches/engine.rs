@@ -42,6 +42,19 @@ fn write_frame(seq: u64, data: Bytes) -> Frame {
     }
 }
 
+/// A 4 KiB WRITE as operation `seq`, its address cycling over the volume.
+fn wrapped_write(seq: u64, data: &Bytes) -> Frame {
+    Frame::Op {
+        seq: Seq(seq),
+        epoch: 0,
+        op: Op::Write {
+            lba: lba_of(Seq(seq)),
+            data: data.clone(),
+        },
+        ack_on_receipt: false,
+    }
+}
+
 fn lock_frame() -> Frame {
     Frame::Lock {
         seq: Seq(7),
@@ -333,6 +346,38 @@ fn bench_source(c: &mut Criterion) {
         );
         assert_eq!(status.log_entries, 0, "every write must be released");
     });
+
+    // The target alone with a deep commit log (the applier behind the network, as under a burst
+    // of async writes): receive one 4 KiB WRITE, hand out and apply the oldest entry. The cost
+    // per write must not grow with the depth (it did: every frame scanned the whole commit log
+    // and lock table, which made the target the bottleneck of async QD16).
+    for depth in [0u64, 4000] {
+        group.bench_function(format!("target_4k_receive_apply_{depth}_queued"), |b| {
+            let (_source, mut target) = connected_pair(Mode::Async);
+            let mut next = 1u64;
+            for _ in 0..depth {
+                target
+                    .handle_frame(wrapped_write(next, &data))
+                    .unwrap_or_else(|e| panic!("target: {e}"));
+                next += 1;
+            }
+            b.iter(|| {
+                target
+                    .handle_frame(wrapped_write(next, &data))
+                    .unwrap_or_else(|e| panic!("target: {e}"));
+                next += 1;
+                let apply = target.poll_apply().expect("an entry is ready");
+                target.handle_applied(apply.seq);
+                black_box(apply.seq)
+            });
+            let status = target.status();
+            assert_eq!(
+                status.commit_log_entries as u64, depth,
+                "the commit log keeps its depth"
+            );
+            assert_eq!(status.received.0, next - 1, "every write was received");
+        });
+    }
     group.finish();
 }
 

@@ -5,6 +5,8 @@
 //! shared among local holders and exclusive against the mirror. While a mirror lock waits for a
 //! region, no new local lock is granted over it, so the mirror cannot be starved.
 
+use std::collections::VecDeque;
+
 use crate::types::{Range, Seq};
 
 /// Handle of a local lock, returned by [`LockTable::try_lock_local`].
@@ -26,19 +28,20 @@ pub enum LockError {
     BadRange,
 }
 
-#[derive(Debug)]
-enum Holder {
-    Mirror(Seq),
-    Local(LocalLockId),
-}
-
 /// Lock table over byte ranges.
+///
+/// Costs: the mirror takes and releases one lock per operation, so those paths must not grow with
+/// the commit log. Checking a mirror lock scans only the local locks (at most `locals_max`);
+/// releasing one finds it at the front in the usual case (operations are applied in order).
+/// Only the rare paths (a local lock request, a reconnect) scan the mirror's locks.
 #[derive(Debug)]
 pub struct LockTable {
-    held: Vec<(Range, Holder)>,
+    /// Mirror locks held, in the order they were taken (mostly sequence order).
+    mirror: VecDeque<(Range, Seq)>,
+    /// Mirror operations waiting for a region.
     waiting: Vec<(Range, Seq)>,
+    locals: Vec<(Range, LocalLockId)>,
     next_local: u64,
-    locals: usize,
     locals_max: usize,
 }
 
@@ -47,10 +50,10 @@ impl LockTable {
     #[must_use]
     pub fn new(locals_max: usize) -> LockTable {
         LockTable {
-            held: Vec::new(),
+            mirror: VecDeque::new(),
             waiting: Vec::new(),
+            locals: Vec::new(),
             next_local: 1,
-            locals: 0,
             locals_max,
         }
     }
@@ -60,42 +63,31 @@ impl LockTable {
         if range.len_bytes == 0 {
             return Err(LockError::BadRange);
         }
-        if self.locals >= self.locals_max {
+        if self.locals.len() >= self.locals_max {
             return Err(LockError::TooMany);
         }
-        let mirror_busy = self
-            .held
-            .iter()
-            .any(|(r, h)| matches!(h, Holder::Mirror(_)) && r.overlaps(&range))
+        let mirror_busy = self.mirror.iter().any(|(r, _)| r.overlaps(&range))
             || self.waiting.iter().any(|(r, _)| r.overlaps(&range));
         if mirror_busy {
             return Err(LockError::Busy);
         }
         let id = LocalLockId(self.next_local);
         self.next_local += 1;
-        self.locals += 1;
-        self.held.push((range, Holder::Local(id)));
+        self.locals.push((range, id));
         Ok(id)
     }
 
     /// Releases a local lock; false if it was not held.
     pub fn unlock_local(&mut self, id: LocalLockId) -> bool {
-        let before = self.held.len();
-        self.held
-            .retain(|(_, h)| !matches!(h, Holder::Local(l) if *l == id));
-        let released = self.held.len() != before;
-        if released {
-            self.locals -= 1;
-        }
-        released
+        let before = self.locals.len();
+        self.locals.retain(|(_, l)| *l != id);
+        self.locals.len() != before
     }
 
     /// Whether a local lock overlaps `range`.
     #[must_use]
     pub fn conflicts_with_local(&self, range: &Range) -> bool {
-        self.held
-            .iter()
-            .any(|(r, h)| matches!(h, Holder::Local(_)) && r.overlaps(range))
+        self.locals.iter().any(|(r, _)| r.overlaps(range))
     }
 
     /// Takes the mirror lock for `seq` unless a local lock overlaps. Clears a waiter for `seq`.
@@ -103,8 +95,10 @@ impl LockTable {
         if self.conflicts_with_local(&range) {
             return false;
         }
-        self.waiting.retain(|(_, s)| *s != seq);
-        self.held.push((range, Holder::Mirror(seq)));
+        if !self.waiting.is_empty() {
+            self.waiting.retain(|(_, s)| *s != seq);
+        }
+        self.mirror.push_back((range, seq));
         true
     }
 
@@ -115,30 +109,44 @@ impl LockTable {
         }
     }
 
+    /// Whether any mirror operation waits for a region.
+    #[must_use]
+    pub fn has_waiters(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// Releases every mirror lock and waiter of `seq`.
     pub fn unlock_mirror(&mut self, seq: Seq) {
-        self.held
-            .retain(|(_, h)| !matches!(h, Holder::Mirror(s) if *s == seq));
-        self.waiting.retain(|(_, s)| *s != seq);
+        // An operation holds at most one lock, and operations are applied in order: the lock is
+        // almost always the oldest one.
+        if let Some(i) = self.mirror.iter().position(|(_, s)| *s == seq) {
+            self.mirror.remove(i);
+        }
+        debug_assert!(
+            self.mirror.iter().all(|(_, s)| *s != seq),
+            "two mirror locks for seq {seq}"
+        );
+        if !self.waiting.is_empty() {
+            self.waiting.retain(|(_, s)| *s != seq);
+        }
     }
 
     /// Releases every mirror lock and waiter of operations at or after `seq`.
     pub fn unlock_mirror_from(&mut self, seq: Seq) {
-        self.held
-            .retain(|(_, h)| !matches!(h, Holder::Mirror(s) if *s >= seq));
+        self.mirror.retain(|(_, s)| *s < seq);
         self.waiting.retain(|(_, s)| *s < seq);
     }
 
     /// Number of local locks held.
     #[must_use]
     pub fn local_count(&self) -> usize {
-        self.locals
+        self.locals.len()
     }
 
     /// Number of mirror locks held plus waiters (bounded by the commit log).
     #[must_use]
     pub fn mirror_count(&self) -> usize {
-        self.held.len() - self.locals + self.waiting.len()
+        self.mirror.len() + self.waiting.len()
     }
 }
 

@@ -457,7 +457,7 @@ impl Target {
                         "commit log overflow: peer ignored back-pressure".into(),
                     ));
                 }
-                if let Some(index) = self.log.iter().position(|e| e.seq == seq) {
+                if let Some(index) = self.index_of(seq) {
                     return self.attach_data(index, seq, range, op);
                 }
                 if seq != self.next_new_seq() {
@@ -591,6 +591,10 @@ impl Target {
                     wait.seq
                 )));
             }
+            // After a REJECT the lock was taken when it was granted; the resent frame takes it
+            // again below (nothing can come between), so an operation never holds two. (After
+            // a NAK there is none: this finds nothing.)
+            self.locks.unlock_mirror(seq);
             self.resend = None;
         }
         Ok(true)
@@ -680,9 +684,30 @@ impl Target {
         });
     }
 
+    /// Index of the commit log entry of `seq`. The log holds consecutive sequence numbers, so
+    /// this is arithmetic (with a search as the fallback that never runs in an honest engine).
+    fn index_of(&self, seq: Seq) -> Option<usize> {
+        let (front, back) = (self.log.front()?.seq, self.log.back()?.seq);
+        if seq > back {
+            return None;
+        }
+        let guess = usize::try_from(seq.0.checked_sub(front.0)?).ok()?;
+        match self.log.get(guess) {
+            Some(e) if e.seq == seq => Some(guess),
+            _ => self.log.iter().position(|e| e.seq == seq),
+        }
+    }
+
+    /// Recomputes `received`: everything handed out, then the commit log's entries in order
+    /// while they carry their data. Entries up to the current `received` already do (data is
+    /// never taken back from an entry), so the scan resumes after it: O(new entries), not
+    /// O(commit log), per frame.
     fn update_received(&mut self) {
-        let mut received = self.last_handed_out();
-        for e in &self.log {
+        let floor = self.last_handed_out();
+        let end = self.log.back().map_or(floor, |e| e.seq).max(floor);
+        let mut received = self.received.clamp(floor, end);
+        let start = self.log.partition_point(|e| e.seq <= received);
+        for e in self.log.range(start..) {
             if e.op.is_none() {
                 break;
             }
@@ -699,6 +724,11 @@ impl Target {
 
     /// Retries waiting locks (after a local lock is released or an entry is applied).
     fn pump_locks(&mut self) {
+        // Every waiting lock (an entry's or a resend's) is registered in the table: without
+        // waiters there is nothing to retry, and the scan of the commit log is skipped.
+        if !self.locks.has_waiters() {
+            return;
+        }
         if let Some(wait) = self.resend {
             if let Some(range) = wait.pending_range {
                 if self.locks.try_lock_mirror(wait.seq, range) {
