@@ -34,6 +34,8 @@ pub const COMMIT_LOG_ENTRIES_DEFAULT: usize = 16 << 10;
 pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Largest read a local lock holder may make at once.
 pub const READ_BYTES_MAX: usize = 64 << 20;
+/// Payload bytes the reader takes in before it lets the applier run (see `read_loop`).
+const YIELD_AFTER_BYTES: usize = 1 << 20;
 /// Operations handed to one blocking write call.
 const BATCH_OPS_MAX: usize = 256;
 /// Bytes applied before a sync even if more operations are ready (bounds the durable ack delay).
@@ -750,6 +752,8 @@ fn carries_op(kind: Kind) -> bool {
 
 async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
     let idle = shared.idle_timeout;
+    // Payload bytes read since this task last let the others run (see the end of the loop).
+    let mut unyielded = 0usize;
     loop {
         let mut head = [0u8; HEADER_BYTES];
         match read_full(rd, &mut head, idle).await {
@@ -799,6 +803,16 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
         };
         shared.apply_wake.notify_one();
         shared.tx_wake.notify_one();
+        // The applier runs on this thread too. While the socket always has data, this task
+        // would not give it the thread until a read would block: with 512 KiB frames the
+        // reader took in ~10 MiB while the I/O thread sat idle, then the applier applied it
+        // while the source, its log full, waited (strace). Yielding every YIELD_AFTER_BYTES lets
+        // the applier hand a batch to the I/O thread while reading goes on.
+        unyielded += payload_len;
+        if unyielded >= YIELD_AFTER_BYTES {
+            unyielded = 0;
+            tokio::task::yield_now().await;
+        }
         if let Err(e) = result {
             return match e {
                 TargetError::Wire(w) => Close::Wire(w),
