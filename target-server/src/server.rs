@@ -886,10 +886,7 @@ async fn applier(shared: Arc<Shared>, mut cmds: mpsc::Receiver<Cmd>) -> Result<(
             let meta_file = Arc::clone(&shared.meta_file);
             let synced = shared
                 .io
-                .run(move || {
-                    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
-                    meta_file.update(&meta).map_err(|e| e.to_string())
-                })
+                .run(move || sync_and_record(&volume, &meta_file, &meta))
                 .await;
             if let Err(e) = synced {
                 error!("final sync failed: {e}");
@@ -928,6 +925,13 @@ async fn applier_rounds(
             }
         }
     }
+}
+
+/// Makes everything applied durable, then records `meta` (its durable seq) in the metadata file.
+/// Runs on the I/O thread; the order is what lets a restarted target trust its record.
+fn sync_and_record(volume: &Volume, meta_file: &MetaFile, meta: &Meta) -> Result<(), String> {
+    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
+    meta_file.update(meta).map_err(|e| e.to_string())
 }
 
 /// A job for the I/O thread.
@@ -1014,8 +1018,7 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
                 }
                 let synced = match sync_meta {
                     Some((seq, meta, meta_file)) => {
-                        volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
-                        meta_file.update(&meta).map_err(|e| e.to_string())?;
+                        sync_and_record(&volume, &meta_file, &meta)?;
                         Some(seq)
                     }
                     None => None,
@@ -1051,10 +1054,7 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
         let meta_file = Arc::clone(&shared.meta_file);
         shared
             .io
-            .run(move || {
-                volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
-                meta_file.update(&meta).map_err(|e| e.to_string())
-            })
+            .run(move || sync_and_record(&volume, &meta_file, &meta))
             .await
             .map_err(ServerError::VolumeIo)?;
         shared.target().handle_durable(applied);
