@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::target::{
     Apply, ConflictPolicy, Restored, Target, TargetConfig, TargetError, TargetStatus,
@@ -712,16 +712,18 @@ async fn run_session(
     shared.apply_wake.notify_one();
 }
 
-/// Reads into `buf` completely. The idle timeout restarts with every chunk received. `Ok(false)`
-/// means the peer closed before the first byte.
-async fn read_full<R: AsyncRead + Unpin>(
+/// Reads until `buf` is full (its `remaining_mut`). The idle timeout restarts with every chunk
+/// received. `Ok(false)` means the peer closed before the first byte. Takes any `BufMut`, so a payload is read straight into
+/// uninitialized capacity (no zero-fill pass over every payload first).
+async fn read_full<R: AsyncRead + Unpin, B: BufMut>(
     rd: &mut R,
-    buf: &mut [u8],
+    mut buf: B,
     idle: Duration,
 ) -> Result<bool, Close> {
+    let want = buf.remaining_mut();
     let mut got = 0;
-    while got < buf.len() {
-        let n = match tokio::time::timeout(idle, rd.read(&mut buf[got..])).await {
+    while buf.has_remaining_mut() {
+        let n = match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
             Err(_) => return Err(Close::Idle),
             Ok(Err(e)) => return Err(Close::Io(e)),
             Ok(Ok(n)) => n,
@@ -732,10 +734,7 @@ async fn read_full<R: AsyncRead + Unpin>(
             }
             return Err(Close::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection closed inside a frame ({got} of {} bytes)",
-                    buf.len()
-                ),
+                format!("connection closed inside a frame ({got} of {want} bytes)"),
             )));
         }
         got += n;
@@ -756,7 +755,7 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
     let mut unyielded = 0usize;
     loop {
         let mut head = [0u8; HEADER_BYTES];
-        match read_full(rd, &mut head, idle).await {
+        match read_full(rd, &mut head[..], idle).await {
             Ok(true) => {}
             Ok(false) => return Close::PeerClosed,
             Err(close) => return close,
@@ -777,8 +776,8 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
             }
         }
         // At most PAYLOAD_BYTES_MAX, checked by decode_header.
-        let mut payload = vec![0u8; payload_len];
-        match read_full(rd, &mut payload, idle).await {
+        let mut payload = BytesMut::with_capacity(payload_len);
+        match read_full(rd, (&mut payload).limit(payload_len), idle).await {
             Ok(true) => {}
             Ok(false) if payload_len == 0 => {}
             Ok(false) => {
@@ -791,7 +790,7 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
         }
         let result = {
             let mut target = shared.target();
-            match wire::decode_body(&header, Bytes::from(payload)) {
+            match wire::decode_body(&header, payload.freeze()) {
                 Ok(frame) => target.handle_frame(frame),
                 Err(e) => {
                     if e.nak_seq().is_some() {
