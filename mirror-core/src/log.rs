@@ -5,15 +5,15 @@
 use std::collections::VecDeque;
 
 use crate::types::Seq;
-use crate::wire::Op;
+use crate::wire::SummedOp;
 
 /// One logged operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
     /// Its sequence number.
     pub seq: Seq,
-    /// The operation (write data is shared, not copied).
-    pub op: Op,
+    /// The operation with its checksum (write data is shared, not copied).
+    pub op: SummedOp,
     /// When the host submitted it (driver's clock, nanoseconds), for lag in seconds.
     pub submitted_ns: u64,
 }
@@ -82,7 +82,7 @@ impl RollbackLog for MemLog {
                 });
             }
         }
-        self.bytes += entry.op.payload_bytes();
+        self.bytes += entry.op.op().payload_bytes();
         self.entries.push_back(entry);
         Ok(())
     }
@@ -96,7 +96,7 @@ impl RollbackLog for MemLog {
     fn release_through(&mut self, seq: Seq) -> Result<(), LogError> {
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             if let Some(e) = self.entries.pop_front() {
-                self.bytes -= e.op.payload_bytes();
+                self.bytes -= e.op.op().payload_bytes();
             }
         }
         Ok(())

@@ -38,7 +38,7 @@ use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
 use crate::target::{Apply, ConflictPolicy, Restored, Target, TargetConfig};
-use crate::wire::{self, Frame, Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES};
+use crate::wire::{self, Encoded, Frame, Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES};
 use crate::{Generation, Lba, NodeId, Range, Seq, VolumeId};
 
 #[cfg(feature = "sabotage")]
@@ -1187,8 +1187,8 @@ impl<'a> Sim<'a> {
         Ok(true)
     }
 
-    fn send(&mut self, dir: Dir, frame: &Frame) {
-        let mut bytes = frame.encode().to_vec();
+    fn send(&mut self, dir: Dir, frame: &Encoded) {
+        let mut bytes = frame.to_vec();
         let mut corruption = Corruption::None;
         if self.faults_on && self.rng.u32(0..1000) < self.cfg.corrupt_per_mille {
             let payload = bytes.len() - HEADER_BYTES;
@@ -1228,7 +1228,8 @@ impl<'a> Sim<'a> {
     fn source_send(&mut self) -> bool {
         let mut progress = false;
         while self.link_up && self.s2t.bytes < self.cfg.link_bytes_max {
-            let Some(frame) = self.source.poll_transmit() else {
+            // As the daemon does: a WRITE goes out with the checksum taken at submit.
+            let Some(frame) = self.source.poll_transmit_encoded() else {
                 break;
             };
             self.send(Dir::ToTarget, &frame);
@@ -1243,7 +1244,7 @@ impl<'a> Sim<'a> {
             let Some(frame) = self.target.poll_transmit() else {
                 break;
             };
-            self.send(Dir::ToSource, &frame);
+            self.send(Dir::ToSource, &frame.encode());
             progress = true;
         }
         progress

@@ -18,7 +18,9 @@ use std::str::FromStr;
 use crate::auth::{self, Signer};
 use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
 use crate::types::{Generation, NodeId, Seq, VolumeId};
-use crate::wire::{Frame, Hello, Op, RefuseReason, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use crate::wire::{
+    Encoded, Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX,
+};
 
 /// When a host write counts as complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -373,14 +375,16 @@ impl<L: RollbackLog> Source<L> {
     }
 
     /// Logs a host operation and returns its sequence number. Its completion is reported by
-    /// [`Source::poll_completion`] once the mode allows.
-    pub fn submit(&mut self, op: Op, now_ns: u64) -> Result<Seq, SourceError> {
-        self.validate(&op)?;
-        if !self.has_room(op.payload_bytes()) {
+    /// [`Source::poll_completion`] once the mode allows. An [`Op`] is checksummed here; pass a
+    /// [`SummedOp`] to have that done where the data was captured (another thread).
+    pub fn submit(&mut self, op: impl Into<SummedOp>, now_ns: u64) -> Result<Seq, SourceError> {
+        let op = op.into();
+        self.validate(op.op())?;
+        if !self.has_room(op.op().payload_bytes()) {
             return Err(SourceError::LogFull);
         }
         let seq = self.last_local.next();
-        let is_flush = op == Op::Flush;
+        let is_flush = *op.op() == Op::Flush;
         self.log.append(LogEntry {
             seq,
             op,
@@ -610,8 +614,22 @@ impl<L: RollbackLog> Source<L> {
 
     /// The next frame to send, or `None` until something changes.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.next_frame().map(|(frame, _)| frame)
+    }
+
+    /// [`Source::poll_transmit`], encoded. A data frame reuses the checksum its operation got at
+    /// [`Source::submit`] instead of reading the payload again.
+    pub fn poll_transmit_encoded(&mut self) -> Option<Encoded> {
+        Some(match self.next_frame()? {
+            (frame, Some(summed)) => frame.encode_summed(&summed),
+            (frame, None) => frame.encode(),
+        })
+    }
+
+    /// The next frame, with the logged operation when it is a data frame.
+    fn next_frame(&mut self) -> Option<(Frame, Option<SummedOp>)> {
         if let Some(frame) = self.out.pop_front() {
-            return Some(frame);
+            return Some((frame, None));
         }
         if self.conn != Conn::Ready || self.halted.is_some() {
             return None;
@@ -630,23 +648,24 @@ impl<L: RollbackLog> Source<L> {
         }
     }
 
-    fn data_frame(&mut self, entry: LogEntry) -> Frame {
+    fn data_frame(&mut self, entry: LogEntry) -> (Frame, Option<SummedOp>) {
         let seq = entry.seq;
         self.next_send = seq.next();
         self.next_lock = self.next_lock.max(self.next_send);
         self.last_sent = self.last_sent.max(seq);
-        Frame::Op {
+        let frame = Frame::Op {
             seq,
             epoch: self.epoch,
-            op: entry.op,
+            op: entry.op.op().clone(),
             // Only `received` completes writes on receipt; the other modes learn it with the
             // durability ACK.
             ack_on_receipt: self.cfg.mode == Mode::Received,
-        }
+        };
+        (frame, Some(entry.op))
     }
 
     fn lock_frame(&mut self, entry: &LogEntry, want_grant: bool) -> Option<Frame> {
-        let range = entry.op.range()?;
+        let range = entry.op.op().range()?;
         self.next_lock = entry.seq.next();
         Some(Frame::Lock {
             seq: entry.seq,
@@ -657,23 +676,23 @@ impl<L: RollbackLog> Source<L> {
         })
     }
 
-    fn next_speculative(&mut self) -> Option<Frame> {
+    fn next_speculative(&mut self) -> Option<(Frame, Option<SummedOp>)> {
         if self.next_send > self.last_local {
             return None;
         }
         let entry = self.entry(self.next_send);
         if self.cfg.lock_style == LockStyle::Explicit && self.next_lock == self.next_send {
             if let Some(frame) = self.lock_frame(&entry, false) {
-                return Some(frame);
+                return Some((frame, None));
             }
         }
         Some(self.data_frame(entry))
     }
 
-    fn next_lock_then_write(&mut self) -> Option<Frame> {
+    fn next_lock_then_write(&mut self) -> Option<(Frame, Option<SummedOp>)> {
         if self.next_send <= self.last_local {
             let entry = self.entry(self.next_send);
-            let needs_grant = entry.op.range().is_some();
+            let needs_grant = entry.op.op().range().is_some();
             if !needs_grant || self.granted.remove(&entry.seq) {
                 return Some(self.data_frame(entry));
             }
@@ -683,7 +702,7 @@ impl<L: RollbackLog> Source<L> {
             let entry = self.entry(self.next_lock);
             // A flush has no lock; later locks wait until it is sent, so the target sees
             // operations in order.
-            return self.lock_frame(&entry, true);
+            return self.lock_frame(&entry, true).map(|frame| (frame, None));
         }
         None
     }

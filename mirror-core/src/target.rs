@@ -910,7 +910,7 @@ mod tests {
     use super::*;
     use crate::source::{LockStyle, Mode, Source, SourceConfig};
     use crate::types::Lba;
-    use crate::wire::decode;
+    use crate::wire::{decode, SummedOp};
     use bytes::Bytes;
 
     const VOLUME_BYTES: u64 = 1 << 20;
@@ -984,6 +984,44 @@ mod tests {
             }
         }
         acks
+    }
+
+    /// The daemon checksums a write on its capture thread ([`SummedOp`]) and the source sends
+    /// it with [`Source::poll_transmit_encoded`]: the frames must be byte for byte those of the
+    /// plain path, in every mode (lock-then-write adds LOCK frames), and the target takes them.
+    #[test]
+    fn writes_checksummed_at_submit_go_out_as_plain_frames() {
+        for mode in Mode::ALL {
+            let (mut summed_src, mut target) = pair(mode);
+            let (mut plain_src, _) = pair(mode);
+            for i in 0..3u8 {
+                let op = Op::Write {
+                    lba: Lba(8 * u64::from(i)),
+                    data: Bytes::from(vec![i ^ 0xa5; 4096]),
+                };
+                summed_src.submit(SummedOp::new(op.clone()), 1).unwrap();
+                plain_src.submit(op, 1).unwrap();
+            }
+            let mut sent = 0;
+            while let Some(encoded) = summed_src.poll_transmit_encoded() {
+                let plain = plain_src.poll_transmit().expect("same frames").encode();
+                assert_eq!(encoded.to_vec(), plain.to_vec(), "{mode:?}");
+                let (frame, _) = decode(&encoded.to_vec()).unwrap().unwrap();
+                target.handle_frame(frame).unwrap();
+                sent += 1;
+                if mode == Mode::LockThenWrite {
+                    // Grants come back before the WRITEs go.
+                    while let Some(f) = target.poll_transmit() {
+                        summed_src.handle_frame(f.clone()).unwrap();
+                        plain_src.handle_frame(f).unwrap();
+                    }
+                }
+            }
+            assert!(plain_src.poll_transmit().is_none(), "{mode:?}");
+            let writes = if mode == Mode::LockThenWrite { 6 } else { 3 };
+            assert_eq!(sent, writes, "{mode:?}");
+            assert_eq!(target.status().received, Seq(3), "{mode:?}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::types::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 /// `"UBMR"` in little-endian byte order on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UBMR");
 /// The protocol version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 56;
 /// Largest payload a frame may carry (write data).
@@ -131,6 +131,60 @@ impl Op {
             _ => 0,
         }
     }
+}
+
+/// An operation with the CRC32C of its write data ([`payload_crc`]), taken once where the data
+/// was captured. The rollback log keeps the checksum with the entry and [`Frame::encode_summed`]
+/// uses it, so a WRITE is checksummed once however often it is sent, and the data is covered from
+/// capture on: damage while it waits in the log reaches the target as a checksum failure instead
+/// of travelling under a fresh, matching checksum. The only way to build one is from the data, so
+/// the checksum cannot disagree with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummedOp {
+    op: Op,
+    payload_crc: u32,
+}
+
+impl SummedOp {
+    /// Checksums the operation's write data (one pass over it; nothing for other kinds).
+    #[must_use]
+    pub fn new(op: Op) -> SummedOp {
+        let payload_crc = match &op {
+            Op::Write { data, .. } => payload_crc(data),
+            _ => payload_crc(&[]),
+        };
+        SummedOp { op, payload_crc }
+    }
+
+    /// The operation.
+    #[must_use]
+    pub fn op(&self) -> &Op {
+        &self.op
+    }
+
+    /// CRC32C of its write data ([`payload_crc`]; that of no bytes for other kinds).
+    #[must_use]
+    pub fn payload_crc(&self) -> u32 {
+        self.payload_crc
+    }
+
+    /// The operation and its checksum.
+    #[must_use]
+    pub fn into_parts(self) -> (Op, u32) {
+        (self.op, self.payload_crc)
+    }
+}
+
+impl From<Op> for SummedOp {
+    fn from(op: Op) -> SummedOp {
+        SummedOp::new(op)
+    }
+}
+
+/// CRC32C of a frame's payload alone: where the frame checksum starts (see [`Frame::encode`]).
+#[must_use]
+pub fn payload_crc(payload: &[u8]) -> u32 {
+    crc32c::crc32c(payload)
 }
 
 /// The HELLO payload: who is speaking and where it stands.
@@ -412,12 +466,32 @@ fn op_parts(op: &Op) -> (Kind, u64, u32, Bytes) {
 }
 
 impl Frame {
-    /// Encodes the frame. Write data is shared, not copied.
+    /// Encodes the frame. Write data is shared, not copied; the frame checksum is computed over
+    /// the payload here (see [`Frame::encode_summed`] to reuse one taken earlier).
     ///
     /// # Panics
     /// If a WRITE carries more than [`PAYLOAD_BYTES_MAX`] bytes: callers split larger writes.
     #[must_use]
     pub fn encode(&self) -> Encoded {
+        self.encode_with(None)
+    }
+
+    /// Encodes a frame whose payload's checksum is already known: `summed` must be the
+    /// operation this frame carries (as the rollback log kept it). The payload is not read
+    /// again; debug builds check that `summed` matches.
+    ///
+    /// # Panics
+    /// As [`Frame::encode`].
+    #[must_use]
+    pub fn encode_summed(&self, summed: &SummedOp) -> Encoded {
+        debug_assert!(
+            matches!(self, Frame::Op { op, .. } if op == summed.op()),
+            "encode_summed with another operation's checksum"
+        );
+        self.encode_with(Some(summed.payload_crc()))
+    }
+
+    fn encode_with(&self, known_payload_crc: Option<u32>) -> Encoded {
         let mut raw = RawHeader {
             kind: Kind::Ping,
             flags: 0,
@@ -516,16 +590,23 @@ impl Frame {
                 Bytes::new()
             }
         };
+        let crc = match known_payload_crc {
+            Some(crc) => {
+                debug_assert_eq!(crc, payload_crc(&payload), "a stale payload checksum");
+                crc
+            }
+            None => payload_crc(&payload),
+        };
         Encoded {
-            header: encode_header(&raw, &payload),
+            header: encode_header(&raw, payload.len(), crc),
             payload,
         }
     }
 }
 
-fn encode_header(raw: &RawHeader, payload: &[u8]) -> [u8; HEADER_BYTES] {
-    let mut h = header_fields(raw, payload.len());
-    let frame_crc = frame_crc(&h, payload);
+fn encode_header(raw: &RawHeader, payload_len: usize, payload_crc: u32) -> [u8; HEADER_BYTES] {
+    let mut h = header_fields(raw, payload_len);
+    let frame_crc = frame_crc(&h, payload_crc);
     h[48..52].copy_from_slice(&frame_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&h[0..52]);
     h[52..56].copy_from_slice(&header_crc.to_le_bytes());
@@ -550,9 +631,11 @@ fn header_fields(raw: &RawHeader, payload_len: usize) -> [u8; HEADER_BYTES] {
     h
 }
 
-/// The frame checksum: CRC32C over the header's fields and the payload.
-fn frame_crc(fields: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&fields[0..48]), payload)
+/// The frame checksum: CRC32C over the payload, then the header's fields (bytes 0..48). The
+/// payload comes first so that a checksum of it taken earlier ([`SummedOp`]) is extended by the
+/// 48 header bytes instead of the payload being read again.
+fn frame_crc(fields: &[u8; HEADER_BYTES], payload_crc: u32) -> u32 {
+    crc32c::crc32c_append(payload_crc, &fields[0..48])
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
@@ -724,7 +807,8 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
         epoch: header.epoch,
     };
     // Only the frame checksum: decode_header already checked the header's own.
-    if frame_crc(&header_fields(&raw, payload.len()), &payload) != header.frame_crc {
+    let payload_crc = payload_crc(&payload);
+    if frame_crc(&header_fields(&raw, payload.len()), payload_crc) != header.frame_crc {
         return Err(WireError::PayloadChecksum {
             kind: header.kind,
             seq: header.seq,
@@ -868,6 +952,47 @@ mod tests {
         let (back, used) = decode(&bytes).unwrap().unwrap();
         assert_eq!(back, f);
         assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn summed_encoding_equals_plain_encoding_and_the_documented_checksum() {
+        let ops = [
+            Op::Flush,
+            Op::Discard {
+                lba: Lba(8),
+                len_bytes: 4096,
+            },
+            Op::Write {
+                lba: Lba(0),
+                data: Bytes::from(vec![0x11; 512]),
+            },
+            Op::Write {
+                lba: Lba(16),
+                data: Bytes::from((0..=255u8).cycle().take(4096).collect::<Vec<_>>()),
+            },
+            Op::Write {
+                lba: Lba(2048),
+                data: Bytes::from(vec![0xee; PAYLOAD_BYTES_MAX as usize]),
+            },
+        ];
+        for op in ops {
+            let frame = Frame::Op {
+                seq: Seq(9),
+                epoch: 3,
+                op: op.clone(),
+                ack_on_receipt: false,
+            };
+            let plain = frame.encode();
+            let summed = frame.encode_summed(&SummedOp::new(op.clone()));
+            assert_eq!(summed.header, plain.header, "{op:?}");
+            assert_eq!(summed.payload, plain.payload, "{op:?}");
+            // docs/protocol.md: CRC32C of the payload, then of header bytes 0..48.
+            let expected =
+                crc32c::crc32c_append(crc32c::crc32c(&plain.payload), &plain.header[..48]);
+            assert_eq!(le_u32(&plain.header, 48), expected, "{op:?}");
+            let (back, _) = decode(&plain.to_vec()).unwrap().unwrap();
+            assert_eq!(back, frame);
+        }
     }
 
     #[test]

@@ -337,7 +337,8 @@ impl RawFrame {
         h[44..48].copy_from_slice(&self.reserved.to_le_bytes());
         let frame_crc = if self.good_frame_crc {
             let claimed = (self.payload_len as usize).min(self.payload.len());
-            crc32c::crc32c_append(crc32c::crc32c(&h[0..48]), &self.payload[..claimed])
+            // Protocol version 2: the payload first, then header bytes 0..48.
+            crc32c::crc32c_append(crc32c::crc32c(&self.payload[..claimed]), &h[0..48])
         } else {
             self.frame_crc
         };

@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::wire::{
-    self, Encoded, Frame, Op, RefuseReason, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
+    self, Encoded, Frame, Op, RefuseReason, SummedOp, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
 };
 use mirror_core::Seq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -170,7 +170,8 @@ struct ConnInfo {
 type Reply<T> = oneshot::Sender<Result<T, ReplError>>;
 
 struct SubmitReq {
-    op: Op,
+    /// Checksummed by the caller's thread (see [`SummedOp`]), not the engine's.
+    op: SummedOp,
     reply: Reply<Seq>,
     /// The op's share of `submit_queue_bytes`, given back when the engine takes it.
     permit: Option<OwnedSemaphorePermit>,
@@ -257,6 +258,9 @@ impl Handle {
             ),
             Err(_) => return Err(ReplError::InvalidOp(format!("{share} bytes in one op"))),
         };
+        // The checksum is taken here, on the caller's thread (a ublk queue thread), so the
+        // engine's single network thread does not read every payload again.
+        let op = SummedOp::new(op);
         self.submit_tx
             .send(SubmitReq { op, reply, permit })
             .await
@@ -509,7 +513,7 @@ impl Engine {
     /// replication waiters, the next frame to send.
     fn pump(&mut self) {
         if let Some(req) = self.parked.take() {
-            if self.source.has_room(req.op.payload_bytes()) {
+            if self.source.has_room(req.op.op().payload_bytes()) {
                 self.submit_now(req);
             } else {
                 self.parked = Some(req);
@@ -532,7 +536,7 @@ impl Engine {
             }
         }
         if self.staged.is_none() && self.conn.is_some() {
-            self.staged = self.source.poll_transmit().map(|f| f.encode());
+            self.staged = self.source.poll_transmit_encoded();
             if let Some(e) = &self.staged {
                 self.sent_frames += 1;
                 self.sent_bytes += e.wire_len() as u64;
@@ -768,7 +772,7 @@ impl Engine {
             let _ = req.reply.send(Err(ReplError::Fatal(fatal.clone())));
             return;
         }
-        let bytes = req.op.payload_bytes();
+        let bytes = req.op.op().payload_bytes();
         if bytes > self.cfg.source.log_bytes_max || bytes > PAYLOAD_BYTES_MAX as usize {
             let _ = req.reply.send(Err(ReplError::InvalidOp(format!(
                 "operation of {bytes} bytes can never fit the rollback log"
