@@ -10,7 +10,9 @@
 # first RTT), passthrough (the ublk daemon with --no-mirror over the same kind of file, also once),
 # first RTT), ublk-mirror async/received/sync/lock-then-write (volumes are files in /tmp, the
 # target-server on 127.0.0.1), drbd-A / drbd-C (DRBD 8.4 kernel module, two resources in this one
-# kernel connected over 127.0.0.1:7789 <-> 127.0.0.1:7790, each on its own loop device).
+# kernel connected over 127.0.0.1:7789 <-> 127.0.0.1:7790, each on its own loop device), and
+# drbd-C-crc32c (protocol C with data-integrity-alg crc32c: DRBD checksums every data packet, as
+# ublk-mirror always does; DRBD's default is no checksum).
 # Workloads: rand4k-qd1, rand4k-qd16 (4 KiB random writes), seq1m-qd4 (1 MiB sequential writes,
 # iodepth 4); libaio, O_DIRECT, 1 s ramp then BENCH_SECS measured. Each cell is the median of
 # BENCH_RUNS runs (median taken per metric).
@@ -21,7 +23,8 @@
 #
 # environment: UBLK_MIRROR_BIN_DIR (default <repo>/target/release), BENCH_RTTS (default "0 2 10",
 #   in ms), BENCH_RUNS (default 3), BENCH_SECS (default 5),
-#   BENCH_CONFIGS (default "loop async received sync lock-then-write drbd-A drbd-C"),
+#   BENCH_CONFIGS (default "loop passthrough async received sync lock-then-write drbd-A drbd-C
+#   drbd-C-crc32c"),
 #   BENCH_WORKLOADS (default "rand4k-qd1 rand4k-qd16 seq1m-qd4").
 # Exit status: 0 if every cell produced a number; 1 otherwise (the table shows `-` for those).
 set -u
@@ -36,7 +39,7 @@ TS=$BIN/target-server
 RTTS=${BENCH_RTTS:-"0 2 10"}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECS:-5}
-CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C"}
+CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C drbd-C-crc32c"}
 WORKLOADS=${BENCH_WORKLOADS:-"rand4k-qd1 rand4k-qd16 seq1m-qd4"}
 LAG=${BENCH_LAG:-1}              # run the replication-lag benchmark (0: skip)
 LAG_RTT=${BENCH_LAG_RTT:-10}     # its round trip (ms)
@@ -233,8 +236,9 @@ drbd_down() {
     rm -f "$W"/drbd-*.img
 }
 
-drbd_up() { # drbd_up PROTOCOL LOG: returns non-zero when r0 is not Connected/UpToDate primary
+drbd_up() { # drbd_up PROTOCOL LOG [CONNECT-OPTION...]: non-zero when r0 is not Connected/UpToDate primary
     local proto=$1 log=$2 l0 l1
+    shift 2
     {
         truncate -s "$SIZE" "$W/drbd-0.img" "$W/drbd-1.img"
         l0=$(losetup -f --show "$W/drbd-0.img") || return 1
@@ -251,8 +255,8 @@ drbd_up() { # drbd_up PROTOCOL LOG: returns non-zero when r0 is not Connected/Up
         "$DRBDSETUP" new-minor r1 1 0 || return 1
         "$DRBDSETUP" attach 0 "$l0" "$l0" internal || return 1
         "$DRBDSETUP" attach 1 "$l1" "$l1" internal || return 1
-        "$DRBDSETUP" connect r0 ipv4:127.0.0.1:7789 ipv4:127.0.0.1:7790 --protocol="$proto" || return 1
-        "$DRBDSETUP" connect r1 ipv4:127.0.0.1:7790 ipv4:127.0.0.1:7789 --protocol="$proto" || return 1
+        "$DRBDSETUP" connect r0 ipv4:127.0.0.1:7789 ipv4:127.0.0.1:7790 --protocol="$proto" "$@" || return 1
+        "$DRBDSETUP" connect r1 ipv4:127.0.0.1:7790 ipv4:127.0.0.1:7789 --protocol="$proto" "$@" || return 1
         set +x
         for _ in $(seq 300); do
             "$DRBDSETUP" cstate 0 2>/dev/null | grep -q '^Connected' && break
@@ -272,15 +276,17 @@ drbd_up() { # drbd_up PROTOCOL LOG: returns non-zero when r0 is not Connected/Up
     } >>"$log" 2>&1
 }
 
-bench_drbd() { # bench_drbd PROTOCOL RTT
-    local proto=$1 rtt=$2 log=$OUT/drbd-$1-rtt$2.log
+bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32c
+    local cfg=$1 rtt=$2 log=$OUT/$1-rtt$2.log proto opts=()
+    proto=${cfg:5:1}
+    [[ "$cfg" == *-crc32c ]] && opts=(--data-integrity-alg=crc32c)
     : >"$log"
-    if drbd_up "$proto" "$log"; then
-        run_cell "drbd-$proto" "$rtt" /dev/drbd0
+    if drbd_up "$proto" "$log" "${opts[@]}"; then
+        run_cell "$cfg" "$rtt" /dev/drbd0
         cat /proc/drbd >>"$log"
     else
         set +x
-        note "DRBD protocol $proto setup failed (rtt=$rtt): $(tail -n 4 "$log" | tr '\n' ' ')"
+        note "DRBD $cfg setup failed (rtt=$rtt): $(tail -n 4 "$log" | tr '\n' ' ')"
         FAILED=1
     fi
     drbd_down
@@ -299,7 +305,7 @@ for rtt in $RTTS; do
             loop) [ "$first" = 1 ] && bench_loop "$rtt" ;;
             passthrough) [ "$first" = 1 ] && bench_mirror passthrough "$rtt" ;;
             async | received | sync | lock-then-write) bench_mirror "$cfg" "$rtt" ;;
-            drbd-A | drbd-C) bench_drbd "${cfg#drbd-}" "$rtt" ;;
+            drbd-A | drbd-C | drbd-C-crc32c) bench_drbd "$cfg" "$rtt" ;;
             *) die "unknown configuration $cfg" ;;
         esac
     done
@@ -430,7 +436,7 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
     echo ""
     echo "| config | RTT ms | 4k QD1 IOPS | QD1 mean us | QD1 p99 us | 4k QD16 IOPS | QD16 mean us | QD16 p99 us | 1M seq MiB/s | seq mean us | seq p99 us |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    jq -r --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C"]' '
+    jq -r --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
         def f: if . == null then "-" else (. | floor | tostring) end;
         def c($w; $k): (map(select(.workload == $w)) | .[0][$k]) | f;
         group_by([.config, .rtt_ms]) | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c))])
