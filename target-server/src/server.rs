@@ -713,8 +713,8 @@ async fn run_session(
 }
 
 /// Reads until `buf` is full (its `remaining_mut`). The idle timeout restarts with every chunk
-/// received. `Ok(false)` means the peer closed before the first byte. Takes any `BufMut`, so a payload is read straight into
-/// uninitialized capacity (no zero-fill pass over every payload first).
+/// received. `Ok(false)` means the peer closed before the first byte. Takes any `BufMut`, so a
+/// payload is read straight into uninitialized capacity (no zero-fill pass over it first).
 async fn read_full<R: AsyncRead + Unpin, B: BufMut>(
     rd: &mut R,
     mut buf: B,

@@ -68,7 +68,8 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Rewrites the frame checksum (bytes 48..52: header bytes 0..48 + payload) and the header
+/// Rewrites the frame checksum (bytes 48..52: the payload, then header bytes 0..48; protocol
+/// version 2) and the header
 /// checksum (bytes 52..56: header bytes 0..52) of each frame laid end to end in `buf`, following
 /// the payload length at bytes 28..32 (see docs/protocol.md).
 fn fix_checksums(buf: &mut [u8]) {
@@ -79,8 +80,8 @@ fn fix_checksums(buf: &mut [u8]) {
         let whole = payload_len <= PAYLOAD_BYTES_MAX && end <= buf.len();
         if whole {
             let crc = crc32c::crc32c_append(
-                crc32c::crc32c(&buf[at..at + 48]),
-                &buf[at + HEADER_BYTES..end],
+                crc32c::crc32c(&buf[at + HEADER_BYTES..end]),
+                &buf[at..at + 48],
             );
             buf[at + 48..at + 52].copy_from_slice(&crc.to_le_bytes());
         }
