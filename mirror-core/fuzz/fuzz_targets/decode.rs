@@ -12,21 +12,65 @@
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use mirror_core::wire::{
-    decode, decode_body, decode_header, FRAME_BYTES_MAX, HEADER_BYTES, PAYLOAD_BYTES_MAX,
+    decode, decode_body, decode_header, Frame, Op, WireError, FRAME_BYTES_MAX, HEADER_BYTES,
+    PAYLOAD_BYTES_MAX,
 };
+use mirror_core::{Lba, Seq};
+
+static SELF_CHECK: std::sync::Once = std::sync::Once::new();
 
 fuzz_target!(|data: &[u8]| {
-    check_stream(data);
+    SELF_CHECK.call_once(fix_checksums_agrees_with_the_codec);
+    check_stream(data, false);
     let mut fixed = data.to_vec();
     fix_checksums(&mut fixed);
-    check_stream(&fixed);
+    check_stream(&fixed, true);
 });
 
-/// Decodes frames from the front of `data` until one fails or more bytes would be needed.
-fn check_stream(data: &[u8]) {
+/// `fix_checksums` must compute what the codec computes, or the fixed-up pass tests nothing past
+/// the checksums. It once did, silently, after protocol version 2 changed the CRC order, because
+/// random inputs rarely get as far as a checksum; this catches that on the first input.
+fn fix_checksums_agrees_with_the_codec() {
+    let frame = Frame::Op {
+        seq: Seq(1),
+        epoch: 1,
+        op: Op::Write {
+            lba: Lba(8),
+            data: Bytes::from(vec![7u8; 512]),
+        },
+        ack_on_receipt: false,
+    };
+    let mut bytes = frame.encode().to_vec();
+    bytes[48..HEADER_BYTES].fill(0);
+    fix_checksums(&mut bytes);
+    match decode(&bytes) {
+        Ok(Some((back, used))) => assert!(back == frame && used == bytes.len()),
+        other => panic!("fix_checksums disagrees with the codec: {other:?}"),
+    }
+}
+
+/// Decodes frames from the front of `data` until one fails or more bytes would be needed. With
+/// `checksums_fixed`, a failure must not be a checksum: otherwise `fix_checksums` computes them
+/// differently from the codec, and this pass would silently stop at the first frame.
+fn check_stream(data: &[u8], checksums_fixed: bool) {
     let mut rest = data;
     // Bounded: each decoded frame consumes at least a header.
-    while let Ok(Some((frame, used))) = decode(rest) {
+    loop {
+        let (frame, used) = match decode(rest) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => return,
+            Err(e) => {
+                assert!(
+                    !(checksums_fixed
+                        && matches!(
+                            e,
+                            WireError::HeaderChecksum | WireError::PayloadChecksum { .. }
+                        )),
+                    "a frame with fixed-up checksums failed its checksum: {e}"
+                );
+                return;
+            }
+        };
         assert!(
             used >= HEADER_BYTES,
             "frame of {used} bytes is shorter than a header"
