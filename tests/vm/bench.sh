@@ -25,7 +25,9 @@
 #   in ms), BENCH_RUNS (default 3), BENCH_SECS (default 5),
 #   BENCH_CONFIGS (default "loop passthrough async received sync lock-then-write drbd-A drbd-C
 #   drbd-C-crc32c"),
-#   BENCH_WORKLOADS (default "rand4k-qd1 rand4k-qd16 seq1m-qd4").
+#   BENCH_WORKLOADS (default "rand4k-qd1 rand4k-qd16 seq1m-qd4"),
+#   BENCH_RATE (default none: a netem bandwidth cap such as 100mbit for the whole matrix; lo carries
+#   both directions, so the cap is on their sum).
 # Exit status: 0 if every cell produced a number; 1 otherwise (the table shows `-` for those).
 set -u
 
@@ -41,6 +43,7 @@ RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECS:-5}
 CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C drbd-C-crc32c"}
 WORKLOADS=${BENCH_WORKLOADS:-"rand4k-qd1 rand4k-qd16 seq1m-qd4"}
+RATE=${BENCH_RATE:-}             # bandwidth cap of the matrix's link (netem rate; empty: none)
 LAG=${BENCH_LAG:-1}              # run the replication-lag benchmark (0: skip)
 LAG_RTT=${BENCH_LAG_RTT:-10}     # its round trip (ms)
 LAG_RATE=${BENCH_LAG_RATE:-40mbit} # its bandwidth cap (netem rate, both directions)
@@ -72,7 +75,7 @@ cleanup() {
 }
 
 echo "bench: kernel $(uname -r), $(nproc) cpus, binaries from $BIN"
-echo "bench: rtts='$RTTS' runs=$RUNS secs=$SECS configs='$CONFIGS' workloads='$WORKLOADS'"
+echo "bench: rtts='$RTTS' rate='${RATE:-none}' runs=$RUNS secs=$SECS configs='$CONFIGS' workloads='$WORKLOADS'"
 for t in fio jq tc losetup python3; do command -v "$t" >/dev/null || die "missing tool $t (run scripts/vm/setup)"; done
 for b in "$UM" "$TS"; do [ -x "$b" ] || die "missing binary $b (run cargo build --release --workspace)"; done
 modprobe ublk_drv || die "modprobe ublk_drv failed"
@@ -296,7 +299,7 @@ bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32
 RTT_MEASURED="{}"
 first=1
 for rtt in $RTTS; do
-    set_rtt "$rtt"
+    set_rtt "$rtt" "$RATE"
     m=$(measure_rtt) || m=null
     RTT_MEASURED=$(jq -c --arg k "$rtt" --argjson v "${m:-null}" '. + {($k): $v}' <<<"$RTT_MEASURED")
     note "RTT $rtt ms: netem '$(tc qdisc show dev lo | head -n1)', measured TCP round trip ${m} ms"
@@ -425,14 +428,14 @@ jq -s "$median"' group_by(.config) | map(. as $g | {config: .[0].config, runs: l
 jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfile lagruns "$LAG_RESULTS" \
     --slurpfile lagmed "$OUT/lag-medians.json" --argjson lag_rtt "$LAG_RTT" --arg lag_rate "$LAG_RATE" --argjson lag_mb "$LAG_MB" --argjson rtt "$RTT_MEASURED" \
     --arg kernel "$(uname -r)" --argjson cpus "$(nproc)" --argjson secs "$SECS" --argjson nruns "$RUNS" \
-    --arg drbd "$(head -n1 /proc/drbd 2>/dev/null)" \
+    --arg drbd "$(head -n1 /proc/drbd 2>/dev/null)" --arg rate "$RATE" \
     '{kernel: $kernel, vcpus: $cpus, seconds_per_run: $secs, runs_per_cell: $nruns, drbd: $drbd,
-      measured_tcp_rtt_ms: $rtt, medians: $med[0], runs: $runs,
+      rate: (if $rate == "" then null else $rate end), measured_tcp_rtt_ms: $rtt, medians: $med[0], runs: $runs,
       lag: {rtt_ms: $lag_rtt, rate: $lag_rate, mib: $lag_mb, medians: $lagmed[0], runs: $lagruns}}' >"$OUT/bench.json"
 
 {
     echo "fio, libaio, O_DIRECT, 1 s ramp + ${SECS} s, median of ${RUNS} run(s) per cell; kernel $(uname -r), $(nproc) vCPU"
-    echo "measured TCP round trip on 127.0.0.1 per emulated RTT (ms): $RTT_MEASURED"
+    echo "link bandwidth cap: ${RATE:-none}; measured TCP round trip on 127.0.0.1 per emulated RTT (ms): $RTT_MEASURED"
     echo ""
     echo "| config | RTT ms | 4k QD1 IOPS | QD1 mean us | QD1 p99 us | 4k QD16 IOPS | QD16 mean us | QD16 p99 us | 1M seq MiB/s | seq mean us | seq p99 us |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
