@@ -800,8 +800,12 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
                 }
             }
         };
-        shared.apply_wake.notify_one();
+        // The writer first: on this single-threaded runtime woken tasks run in the order they
+        // were woken, so the acknowledgement (RECEIVED, in `received` mode the one the host
+        // waits for) goes out before the applier hands the write to the I/O thread (a futex
+        // wake-up, seen with strace on the ack's path when the applier was woken first).
         shared.tx_wake.notify_one();
+        shared.apply_wake.notify_one();
         // The applier runs on this thread too. While the socket always has data, this task
         // would not give it the thread until a read would block: with 512 KiB frames the
         // reader took in ~10 MiB while the I/O thread sat idle, then the applier applied it
