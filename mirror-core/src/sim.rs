@@ -1228,11 +1228,10 @@ impl<'a> Sim<'a> {
     fn source_send(&mut self) -> bool {
         let mut progress = false;
         while self.link_up && self.s2t.bytes < self.cfg.link_bytes_max {
-            // As the daemon does: a WRITE goes out with the checksum taken at submit.
-            let Some(frame) = self.source.poll_transmit_encoded() else {
+            let Some(frame) = self.source.poll_transmit() else {
                 break;
             };
-            self.send(Dir::ToTarget, &frame);
+            self.send(Dir::ToTarget, &frame.encode());
             progress = true;
         }
         progress

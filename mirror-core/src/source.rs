@@ -18,9 +18,7 @@ use std::str::FromStr;
 use crate::auth::{self, Signer};
 use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
 use crate::types::{Generation, NodeId, Seq, VolumeId};
-use crate::wire::{
-    Encoded, Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX,
-};
+use crate::wire::{Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 
 /// When a host write counts as complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -612,24 +610,12 @@ impl<L: RollbackLog> Source<L> {
         self.granted.retain(|s| *s < seq);
     }
 
-    /// The next frame to send, or `None` until something changes.
+    /// The next frame to send, or `None` until something changes. A data frame carries the
+    /// operation as the log keeps it, with the checksum taken at [`Source::submit`], so encoding
+    /// it does not read the payload again.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
-        self.next_frame().map(|(frame, _)| frame)
-    }
-
-    /// [`Source::poll_transmit`], encoded. A data frame reuses the checksum its operation got at
-    /// [`Source::submit`] instead of reading the payload again.
-    pub fn poll_transmit_encoded(&mut self) -> Option<Encoded> {
-        Some(match self.next_frame()? {
-            (frame, Some(summed)) => frame.encode_summed(&summed),
-            (frame, None) => frame.encode(),
-        })
-    }
-
-    /// The next frame, with the logged operation when it is a data frame.
-    fn next_frame(&mut self) -> Option<(Frame, Option<SummedOp>)> {
         if let Some(frame) = self.out.pop_front() {
-            return Some((frame, None));
+            return Some(frame);
         }
         if self.conn != Conn::Ready || self.halted.is_some() {
             return None;
@@ -648,20 +634,19 @@ impl<L: RollbackLog> Source<L> {
         }
     }
 
-    fn data_frame(&mut self, entry: LogEntry) -> (Frame, Option<SummedOp>) {
+    fn data_frame(&mut self, entry: LogEntry) -> Frame {
         let seq = entry.seq;
         self.next_send = seq.next();
         self.next_lock = self.next_lock.max(self.next_send);
         self.last_sent = self.last_sent.max(seq);
-        let frame = Frame::Op {
+        Frame::Op {
             seq,
             epoch: self.epoch,
-            op: entry.op.op().clone(),
+            op: entry.op,
             // Only `received` completes writes on receipt; the other modes learn it with the
             // durability ACK.
             ack_on_receipt: self.cfg.mode == Mode::Received,
-        };
-        (frame, Some(entry.op))
+        }
     }
 
     fn lock_frame(&mut self, entry: &LogEntry, want_grant: bool) -> Option<Frame> {
@@ -676,20 +661,20 @@ impl<L: RollbackLog> Source<L> {
         })
     }
 
-    fn next_speculative(&mut self) -> Option<(Frame, Option<SummedOp>)> {
+    fn next_speculative(&mut self) -> Option<Frame> {
         if self.next_send > self.last_local {
             return None;
         }
         let entry = self.entry(self.next_send);
         if self.cfg.lock_style == LockStyle::Explicit && self.next_lock == self.next_send {
             if let Some(frame) = self.lock_frame(&entry, false) {
-                return Some((frame, None));
+                return Some(frame);
             }
         }
         Some(self.data_frame(entry))
     }
 
-    fn next_lock_then_write(&mut self) -> Option<(Frame, Option<SummedOp>)> {
+    fn next_lock_then_write(&mut self) -> Option<Frame> {
         if self.next_send <= self.last_local {
             let entry = self.entry(self.next_send);
             let needs_grant = entry.op.op().range().is_some();
@@ -702,7 +687,7 @@ impl<L: RollbackLog> Source<L> {
             let entry = self.entry(self.next_lock);
             // A flush has no lock; later locks wait until it is sent, so the target sees
             // operations in order.
-            return self.lock_frame(&entry, true).map(|frame| (frame, None));
+            return self.lock_frame(&entry, true);
         }
         None
     }

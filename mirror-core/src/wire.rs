@@ -134,11 +134,12 @@ impl Op {
 }
 
 /// An operation with the CRC32C of its write data ([`payload_crc`]), taken once where the data
-/// was captured. The rollback log keeps the checksum with the entry and [`Frame::encode_summed`]
-/// uses it, so a WRITE is checksummed once however often it is sent, and the data is covered from
-/// capture on: damage while it waits in the log reaches the target as a checksum failure instead
-/// of travelling under a fresh, matching checksum. The only way to build one is from the data, so
-/// the checksum cannot disagree with it.
+/// was captured. [`Frame::Op`] carries one and [`Frame::encode`] extends its checksum by the header,
+/// so a WRITE kept in the rollback log is checksummed once however often it is sent, and the data
+/// is covered from capture on: damage while it waits in the log reaches the target as a checksum
+/// failure instead of travelling under a fresh, matching checksum. It is built only from the data
+/// ([`SummedOp::new`]) or by [`decode_body`] from the checksum it has just verified, so the
+/// checksum cannot disagree with the data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SummedOp {
     op: Op,
@@ -153,6 +154,11 @@ impl SummedOp {
             Op::Write { data, .. } => payload_crc(data),
             _ => payload_crc(&[]),
         };
+        SummedOp { op, payload_crc }
+    }
+
+    /// `op` with the checksum [`decode_body`] just computed over exactly its payload.
+    fn verified(op: Op, payload_crc: u32) -> SummedOp {
         SummedOp { op, payload_crc }
     }
 
@@ -288,8 +294,8 @@ pub enum Frame {
         seq: Seq,
         /// Resend epoch.
         epoch: u32,
-        /// The operation.
-        op: Op,
+        /// The operation, with the checksum of its write data.
+        op: SummedOp,
         /// Acknowledge receipt at once ([`FLAG_ACK_ON_RECEIPT`]; the source's `received` mode).
         ack_on_receipt: bool,
     },
@@ -466,32 +472,14 @@ fn op_parts(op: &Op) -> (Kind, u64, u32, Bytes) {
 }
 
 impl Frame {
-    /// Encodes the frame. Write data is shared, not copied; the frame checksum is computed over
-    /// the payload here (see [`Frame::encode_summed`] to reuse one taken earlier).
+    /// Encodes the frame. Write data is shared, not copied, and not read again: the frame
+    /// checksum extends the one the operation carries ([`SummedOp`]) by the header.
     ///
     /// # Panics
     /// If a WRITE carries more than [`PAYLOAD_BYTES_MAX`] bytes: callers split larger writes.
     #[must_use]
     pub fn encode(&self) -> Encoded {
-        self.encode_with(None)
-    }
-
-    /// Encodes a frame whose payload's checksum is already known: `summed` must be the
-    /// operation this frame carries (as the rollback log kept it). The payload is not read
-    /// again; debug builds check that `summed` matches.
-    ///
-    /// # Panics
-    /// As [`Frame::encode`].
-    #[must_use]
-    pub fn encode_summed(&self, summed: &SummedOp) -> Encoded {
-        debug_assert!(
-            matches!(self, Frame::Op { op, .. } if op == summed.op()),
-            "encode_summed with another operation's checksum"
-        );
-        self.encode_with(Some(summed.payload_crc()))
-    }
-
-    fn encode_with(&self, known_payload_crc: Option<u32>) -> Encoded {
+        let mut known_payload_crc = None;
         let mut raw = RawHeader {
             kind: Kind::Ping,
             flags: 0,
@@ -537,7 +525,8 @@ impl Frame {
                 op,
                 ack_on_receipt,
             } => {
-                let (kind, lba, len, payload) = op_parts(op);
+                known_payload_crc = Some(op.payload_crc());
+                let (kind, lba, len, payload) = op_parts(op.op());
                 assert!(
                     payload.len() <= PAYLOAD_BYTES_MAX as usize,
                     "write of {} bytes exceeds the frame limit",
@@ -592,7 +581,7 @@ impl Frame {
         };
         let crc = match known_payload_crc {
             Some(crc) => {
-                debug_assert_eq!(crc, payload_crc(&payload), "a stale payload checksum");
+                debug_assert_eq!(crc, payload_crc(&payload), "an operation's stale checksum");
                 crc
             }
             None => payload_crc(&payload),
@@ -842,31 +831,37 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
-            op: Op::Write { lba, data: payload },
+            op: SummedOp::verified(Op::Write { lba, data: payload }, payload_crc),
         },
         Kind::Discard => Frame::Op {
             ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
-            op: Op::Discard {
-                lba,
-                len_bytes: header.len,
-            },
+            op: SummedOp::verified(
+                Op::Discard {
+                    lba,
+                    len_bytes: header.len,
+                },
+                payload_crc,
+            ),
         },
         Kind::WriteZeroes => Frame::Op {
             ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
-            op: Op::WriteZeroes {
-                lba,
-                len_bytes: header.len,
-            },
+            op: SummedOp::verified(
+                Op::WriteZeroes {
+                    lba,
+                    len_bytes: header.len,
+                },
+                payload_crc,
+            ),
         },
         Kind::Flush => Frame::Op {
             ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
             seq,
             epoch,
-            op: Op::Flush,
+            op: SummedOp::verified(Op::Flush, payload_crc),
         },
         Kind::Ack => Frame::Ack {
             received: seq,
@@ -939,7 +934,8 @@ mod tests {
             op: Op::Write {
                 lba: Lba(16),
                 data: Bytes::from(vec![0xab; 4096]),
-            },
+            }
+            .into(),
             ack_on_receipt: true,
         }
     }
@@ -955,7 +951,7 @@ mod tests {
     }
 
     #[test]
-    fn summed_encoding_equals_plain_encoding_and_the_documented_checksum() {
+    fn op_frames_carry_their_checksum_and_encode_the_documented_one() {
         let ops = [
             Op::Flush,
             Op::Discard {
@@ -976,22 +972,26 @@ mod tests {
             },
         ];
         for op in ops {
+            let summed = SummedOp::new(op.clone());
+            let data: &[u8] = match &op {
+                Op::Write { data, .. } => data,
+                _ => &[],
+            };
+            assert_eq!(summed.payload_crc(), crc32c::crc32c(data), "{op:?}");
             let frame = Frame::Op {
                 seq: Seq(9),
                 epoch: 3,
-                op: op.clone(),
+                op: summed,
                 ack_on_receipt: false,
             };
-            let plain = frame.encode();
-            let summed = frame.encode_summed(&SummedOp::new(op.clone()));
-            assert_eq!(summed.header, plain.header, "{op:?}");
-            assert_eq!(summed.payload, plain.payload, "{op:?}");
+            let encoded = frame.encode();
+            assert_eq!(&encoded.payload[..], data, "{op:?}");
             // docs/protocol.md: CRC32C of the payload, then of header bytes 0..48.
-            let expected =
-                crc32c::crc32c_append(crc32c::crc32c(&plain.payload), &plain.header[..48]);
-            assert_eq!(le_u32(&plain.header, 48), expected, "{op:?}");
-            let (back, _) = decode(&plain.to_vec()).unwrap().unwrap();
-            assert_eq!(back, frame);
+            let expected = crc32c::crc32c_append(crc32c::crc32c(data), &encoded.header[..48]);
+            assert_eq!(le_u32(&encoded.header, 48), expected, "{op:?}");
+            // Decoding gives the same operation with the checksum it verified.
+            let (back, _) = decode(&encoded.to_vec()).unwrap().unwrap();
+            assert_eq!(back, frame, "{op:?}");
         }
     }
 

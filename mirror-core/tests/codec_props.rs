@@ -250,7 +250,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             Frame::Op {
                 seq,
                 epoch,
-                op,
+                op: op.into(),
                 ack_on_receipt,
             }
         }),
@@ -269,7 +269,7 @@ fn kind_of(frame: &Frame) -> Kind {
         Frame::Auth { .. } => Kind::Auth,
         Frame::Refuse { .. } => Kind::Refuse,
         Frame::Lock { .. } => Kind::Lock,
-        Frame::Op { op, .. } => match op {
+        Frame::Op { op, .. } => match op.op() {
             Op::Write { .. } => Kind::Write,
             Op::Discard { .. } => Kind::Discard,
             Op::WriteZeroes { .. } => Kind::WriteZeroes,
@@ -289,10 +289,7 @@ fn payload_len_of(frame: &Frame) -> usize {
     match frame {
         Frame::Hello(_) => HELLO_PAYLOAD_BYTES,
         Frame::Auth { .. } => MAC_BYTES,
-        Frame::Op {
-            op: Op::Write { data, .. },
-            ..
-        } => data.len(),
+        Frame::Op { op, .. } => op.op().payload_bytes(),
         _ => 0,
     }
 }
@@ -634,12 +631,9 @@ fn any_single_corrupted_byte_is_detected() {
             } else {
                 // A corrupted payload keeps the header: a WRITE is repaired by NAK(seq, epoch).
                 let expected = match &frame {
-                    Frame::Op {
-                        seq,
-                        epoch,
-                        op: Op::Write { .. },
-                        ..
-                    } => Some((*seq, *epoch)),
+                    Frame::Op { seq, epoch, op, .. } if matches!(op.op(), Op::Write { .. }) => {
+                        Some((*seq, *epoch))
+                    }
                     _ => None,
                 };
                 prop_assert!(
@@ -735,11 +729,14 @@ fn header_shaped_garbage_is_rejected_or_decoded_within_limits() {
                     prop_assert_eq!(*used, HEADER_BYTES + h.payload_len as usize);
                     prop_assert_eq!(raw.reserved, 0);
                     prop_assert!(raw.good_frame_crc, "a random frame checksum was accepted");
-                    if let Frame::Op {
-                        op: Op::Write { lba, data },
-                        ..
-                    } = frame
-                    {
+                    let write = match frame {
+                        Frame::Op { op, .. } => match op.op() {
+                            Op::Write { lba, data } => Some((lba, data)),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    if let Some((lba, data)) = write {
                         prop_assert!(!data.is_empty() && data.len() % 512 == 0);
                         let end = lba
                             .bytes()
@@ -797,7 +794,8 @@ fn largest_write_round_trips_and_larger_claims_are_refused() {
         op: Op::Write {
             lba: Lba((u64::MAX - u64::from(PAYLOAD_BYTES_MAX)) / SECTOR_BYTES),
             data,
-        },
+        }
+        .into(),
         ack_on_receipt: true,
     };
     let bytes = frame.encode().to_vec();
@@ -840,7 +838,8 @@ fn extents_at_the_end_of_the_address_space() {
         op: Op::Discard {
             lba: Lba(lba_max),
             len_bytes: len,
-        },
+        }
+        .into(),
         ack_on_receipt: false,
     };
     let bytes = ok.encode().to_vec();

@@ -164,7 +164,8 @@ async fn wrong_secret_is_refused() {
         op: Op::Write {
             lba: Lba(0),
             data: Bytes::from(vec![0xee; 4096]),
-        },
+        }
+        .into(),
         ack_on_receipt: false,
     };
     // The server may already have closed: ignore send errors.
@@ -294,7 +295,8 @@ async fn malformed_frames_close_the_connection_and_write_nothing() {
         op: Op::Write {
             lba: Lba(lba),
             data: Bytes::from(data),
-        },
+        }
+        .into(),
         ack_on_receipt: false,
     };
     let fix_header_crc = |h: &mut [u8]| {
@@ -374,7 +376,8 @@ async fn malformed_frames_close_the_connection_and_write_nothing() {
                     op: Op::Discard {
                         lba: Lba(volume_sectors - 8),
                         len_bytes: 1 << 20,
-                    },
+                    }
+                    .into(),
                     ack_on_receipt: false,
                 }
                 .encode()

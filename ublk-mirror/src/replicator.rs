@@ -536,7 +536,7 @@ impl Engine {
             }
         }
         if self.staged.is_none() && self.conn.is_some() {
-            self.staged = self.source.poll_transmit_encoded();
+            self.staged = self.source.poll_transmit().map(|frame| frame.encode());
             if let Some(e) = &self.staged {
                 self.sent_frames += 1;
                 self.sent_bytes += e.wire_len() as u64;

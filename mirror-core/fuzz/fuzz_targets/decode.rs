@@ -37,7 +37,8 @@ fn fix_checksums_agrees_with_the_codec() {
         op: Op::Write {
             lba: Lba(8),
             data: Bytes::from(vec![7u8; 512]),
-        },
+        }
+        .into(),
         ack_on_receipt: false,
     };
     let mut bytes = frame.encode().to_vec();
