@@ -23,4 +23,6 @@ pub mod target;
 pub mod types;
 pub mod wire;
 
-pub use types::{parse_size, Generation, Lba, NodeId, Range, Seq, Size, VolumeId, SECTOR_BYTES};
+pub use types::{
+    one_line_error, parse_size, Generation, Lba, NodeId, Range, Seq, Size, VolumeId, SECTOR_BYTES,
+};

@@ -123,6 +123,25 @@ impl Range {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Size(pub u64);
 
+/// Folds a command-line parser's error message (clap prints several lines: the error, an
+/// indented list such as the missing arguments, then usage) into one line: its first paragraph,
+/// lines trimmed and joined with spaces, without the leading `error: `.
+#[must_use]
+pub fn one_line_error(text: &str) -> String {
+    let joined = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = joined.strip_prefix("error: ").unwrap_or(&joined);
+    if line.is_empty() {
+        "invalid arguments".into()
+    } else {
+        line.to_string()
+    }
+}
+
 /// Parses a [`Size`] from text; the error is one line that quotes the input.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -178,6 +197,17 @@ impl<'de> serde::Deserialize<'de> for Size {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clap_errors_fold_into_their_first_paragraph() {
+        let text = "error: the following required arguments were not provided:\n  --watch <SECS>\n\nUsage: ublk-mirror status --watch <SECS> --count <N>\n";
+        assert_eq!(
+            super::one_line_error(text),
+            "the following required arguments were not provided: --watch <SECS>"
+        );
+        assert_eq!(super::one_line_error("error: bad flag\n"), "bad flag");
+        assert_eq!(super::one_line_error(""), "invalid arguments");
+    }
+
     use super::*;
 
     #[test]

@@ -27,9 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("bad arguments");
-            return fail(2, line.trim_start_matches("error: "));
+            return fail(2, &mirror_core::one_line_error(&e.to_string()));
         }
     };
     tracing_subscriber::fmt()

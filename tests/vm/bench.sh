@@ -27,7 +27,9 @@
 #   drbd-C-crc32c"),
 #   BENCH_WORKLOADS (default "rand4k-qd1 rand4k-qd16 seq1m-qd4"),
 #   BENCH_RATE (default none: a netem bandwidth cap such as 100mbit for the whole matrix; lo carries
-#   both directions, so the cap is on their sum).
+#   both directions, so the cap is on their sum),
+#   BENCH_SAMPLE (default 0; 1 samples per-thread CPU and the daemon's status once a second during
+#   every fio run: OUTDIR/samples/, .sample in each run of bench.json, a table in bench.md).
 # Exit status: 0 if every cell produced a number; 1 otherwise (the table shows `-` for those).
 set -u
 
@@ -44,6 +46,8 @@ SECS=${BENCH_SECS:-5}
 CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C drbd-C-crc32c"}
 WORKLOADS=${BENCH_WORKLOADS:-"rand4k-qd1 rand4k-qd16 seq1m-qd4"}
 RATE=${BENCH_RATE:-}             # bandwidth cap of the matrix's link (netem rate; empty: none)
+SAMPLE=${BENCH_SAMPLE:-0}        # sample per-thread CPU and status once a second during fio (1: on)
+STATUS_NAME=""                   # the ublk-mirror daemon under test (sampled with status), if any
 LAG=${BENCH_LAG:-1}              # run the replication-lag benchmark (0: skip)
 LAG_RTT=${BENCH_LAG_RTT:-10}     # its round trip (ms)
 LAG_RATE=${BENCH_LAG_RATE:-40mbit} # its bandwidth cap (netem rate, both directions)
@@ -75,7 +79,7 @@ cleanup() {
 }
 
 echo "bench: kernel $(uname -r), $(nproc) cpus, binaries from $BIN"
-echo "bench: rtts='$RTTS' rate='${RATE:-none}' runs=$RUNS secs=$SECS configs='$CONFIGS' workloads='$WORKLOADS'"
+echo "bench: rtts='$RTTS' rate='${RATE:-none}' sample=$SAMPLE runs=$RUNS secs=$SECS configs='$CONFIGS' workloads='$WORKLOADS'"
 for t in fio jq tc losetup python3; do command -v "$t" >/dev/null || die "missing tool $t (run scripts/vm/setup)"; done
 for b in "$UM" "$TS"; do [ -x "$b" ] || die "missing binary $b (run cargo build --release --workspace)"; done
 modprobe ublk_drv || die "modprobe ublk_drv failed"
@@ -122,6 +126,135 @@ print("%.2f" % statistics.median(rtts))
 EOF
 }
 
+# --- sampling (BENCH_SAMPLE=1) ----------------------------------------------------------------------
+# While each fio run lasts, about once a second: the VM's cpu line of /proc/stat, the writes the
+# device under test has completed (/proc/diskstats), the CPU ticks (user + system) of the daemon, the
+# target-server, fio and the kernel threads (kworker, ksoftirqd, drbd_*; those alive when the run
+# starts) as processes and (but the kernel threads) per thread, named PROCESS/THREAD with numbers
+# stripped (ublk-mirror/ublk-mirror-net, target-server/target-io, ...); and for ublk-mirror
+# configurations `status --json --watch 1` (log bytes and entries against their limits, lag, seq
+# numbers). Raw samples go to OUTDIR/samples/RUN.jsonl and RUN.status.jsonl; each run's results line
+# gets a summary of its steady part (.sample), and bench.md a table of it. The sampler is a bash loop
+# that starts no process (a fork or exec costs ~50-90 ms of a vCPU under TCG) and reads /proc with
+# builtins; its CPU and the status watcher's are reported as sampler/*.
+
+# proc_ticks FILE: sets COMM (numbers and /... stripped) and TICKS (utime + stime, and with a
+# second argument also cutime + cstime) from a /proc stat file; non-zero if it has gone
+proc_ticks() {
+    local line f
+    read -r line <"$1" 2>/dev/null || return 1
+    COMM=${line#*(}
+    COMM=${COMM%)*}
+    COMM=${COMM%%[/:]*}
+    [[ "$COMM" =~ ^(.*)-[0-9]+$ ]] && COMM=${BASH_REMATCH[1]}
+    COMM=${COMM//[\"\\]/_}
+    read -r -a f <<<"${line##*) }" # f[0] is field 3 (state): utime, stime, cutime, cstime are 14 to 17
+    TICKS=$((f[11] + f[12]))
+    [ -z "${2:-}" ] || TICKS=$((TICKS + f[13] + f[14]))
+}
+
+# thread_ticks SELF WATCHER KTHREADS PID...: sets THREADS to a JSON list of [ID, "NAME", TICKS]:
+# "sampler/*" for SELF (with the processes it has waited for) plus WATCHER (a pid or ""), then for
+# each PID its process ("PROCESS/*": its threads that have exited included) and each of its
+# threads ("PROCESS/THREAD"); the first KTHREADS pids are kernel threads, counted as processes only.
+thread_ticks() {
+    local self=$1 watcher=$2 nk=$3 p t pname total
+    shift 3
+    proc_ticks "/proc/$self/stat" all || return 1
+    total=$TICKS
+    [ -n "$watcher" ] && proc_ticks "/proc/$watcher/stat" all && total=$((total + TICKS))
+    THREADS="[$self,\"sampler/*\",$total]"
+    for p in "$@"; do
+        proc_ticks "/proc/$p/stat" || continue
+        THREADS+=",[$p,\"$COMM/*\",$TICKS]"
+        if [ "$nk" -gt 0 ]; then nk=$((nk - 1)); continue; fi
+        pname=$COMM
+        for t in /proc/"$p"/task/[0-9]*; do
+            proc_ticks "$t/stat" && THREADS+=",[${t##*/},\"$pname/$COMM\",$TICKS]"
+        done
+    done
+}
+
+SLEEP_FD=""
+sampler() { # sampler FILE DEVICE PID [WATCHER-PID]: a JSON line about once a second into FILE until
+    # killed; PID is fio's (or its parent's: its children and theirs are sampled too)
+    local file=$1 dev=${2##*/} fio=$3 watcher=${4:-} daemon="" user nice sys idle iowait irq softirq
+    local f c kthreads=() n disk w kids more k self=$BASHPID
+    [ -n "$SLEEP_FD" ] || { mkfifo "$W/sleep.fifo" && exec {SLEEP_FD}<>"$W/sleep.fifo"; } # read -t: a sleep without a process
+    for f in /proc/[0-9]*/comm; do
+        read -r c <"$f" 2>/dev/null || continue
+        case "$c" in kworker* | ksoftirqd* | drbd*) f=${f#/proc/}; kthreads+=("${f%/comm}") ;; esac
+    done
+    for f in /proc/[0-9]*/comm; do # the daemon under test (the one ublk-mirror that is not the watcher)
+        read -r c <"$f" 2>/dev/null || continue
+        f=${f#/proc/}; f=${f%/comm}
+        [ "$c" = ublk-mirror ] && [ "$f" != "$watcher" ] && daemon=$f
+    done
+    while :; do
+        read -r _ user nice sys idle iowait irq softirq _ </proc/stat
+        disk=0
+        while read -r _ _ n _ _ _ _ w _; do [ "$n" = "$dev" ] && disk=$w; done </proc/diskstats
+        kids=""
+        read -r kids <"/proc/$fio/task/$fio/children" 2>/dev/null
+        for k in $kids; do
+            more=""
+            read -r more <"/proc/$k/task/$k/children" 2>/dev/null
+            kids+=" $more"
+        done
+        THREADS=""
+        thread_ticks "$self" "$watcher" "${#kthreads[@]}" "${kthreads[@]}" $daemon ${TPID:-} "$fio" $kids
+        printf '{"t":%s,"stat":[%s,%s,%s,%s,%s,%s,%s],"dev_writes":%s,"threads":[%s]}\n' \
+            "$EPOCHREALTIME" "$user" "$nice" "$sys" "$idle" "$iowait" "$irq" "$softirq" "$disk" "$THREADS"
+        read -r -t 1 -u "$SLEEP_FD" _
+    done >"$file"
+}
+
+# sample_summary SAMPLES STATUS: one JSON object from a run's samples, over its steady part: the
+# intervals between samples in which the device completed writes, less the first and the last of
+# them (fio's ramp and its end) when there are 3 or more. CPU in % of one vCPU (200 = both vCPUs
+# busy): per process ("NAME/*") and per thread name (threads present at both ends of an interval;
+# short-lived ones such as io_uring workers show only in their process), the VM's user / system /
+# irq / softirq / iowait / idle; dev_writes_per_s checks the window against fio's IOPS. From the
+# status reports taken within the window (STATUS, JSON lines; may be empty): the largest log fill
+# (% of whichever of bytes and entries is nearer its limit), the largest lag, and the rates at which
+# seq numbers were written locally and received by the target.
+HZ=$(getconf CLK_TCK)
+sample_summary() {
+    jq -s -c --argjson hz "$HZ" --slurpfile status "$2" '
+        def pct($d; $dt): $d / $hz / $dt * 100 | . * 10 | round / 10;
+        def rate($d; $dt): if $dt > 0 then $d / $dt | round else null end;
+        . as $all
+        | [range(1; length) | select($all[.].dev_writes > $all[. - 1].dev_writes)] as $act
+        | (if ($act | length) >= 3 then $act[1:-1] else $act end) as $win
+        | if ($win | length) == 0 then {samples: length, intervals: 0} else
+        ($win | map($all[.].t - $all[. - 1].t) | add) as $dt
+        | ($all[$win[0] - 1].t) as $from | ($all[$win[-1]].t) as $to
+        | [$status[] | select(.unix_time >= $from and .unix_time <= $to and .log.bytes_max > 0 and .log.entries_max > 0)] as $s
+        | {samples: length, intervals: ($win | length), seconds: ($dt * 10 | round / 10),
+           dev_writes_per_s: rate($win | map($all[.].dev_writes - $all[. - 1].dev_writes) | add; $dt),
+           cpu: ([$win[] as $i | $all[$i - 1] as $a | $all[$i]
+                  | ($a.threads | map({key: "\(.[0]) \(.[1])", value: .[2]}) | from_entries) as $prev
+                  | .threads[] | select($prev["\(.[0]) \(.[1])"] != null)
+                  | {name: .[1], d: (.[2] - $prev["\(.[0]) \(.[1])"])}]
+                 | group_by(.name) | map({key: .[0].name, value: pct(map(.d) | add; $dt)})
+                 | map(select(.value >= 0.5)) | sort_by(-.value) | from_entries),
+           vm: ([$win[] as $i | [$all[$i].stat, $all[$i - 1].stat] | transpose | map(.[0] - .[1])]
+                | transpose | map(add)
+                | {user: pct(.[0] + .[1]; $dt), system: pct(.[2]; $dt), idle: pct(.[3]; $dt),
+                   iowait: pct(.[4]; $dt), irq: pct(.[5]; $dt), softirq: pct(.[6]; $dt)})}
+        + if ($s | length) == 0 then {} else
+          {status_reports: ($s | length),
+           log_fill_max_pct: ($s | map([.log.bytes / .log.bytes_max, .log.entries / .log.entries_max] | max)
+                               | max * 1000 | round / 10),
+           lag_max_s: ($s | map(.lag.seconds) | max * 1000 | round / 1000),
+           lag_max_entries: ($s | map(.lag.entries) | max)}
+          + if ($s | length) < 2 then {} else
+            (($s[-1].unix_time - $s[0].unix_time)) as $sdt
+            | {written_per_s: rate($s[-1].seq.last_local - $s[0].seq.last_local; $sdt),
+               received_per_s: rate($s[-1].seq.received - $s[0].seq.received; $sdt)} end
+          end end' "$1"
+}
+
 # --- fio -----------------------------------------------------------------------------------------
 # run_fio CONFIG RTT WORKLOAD RUN DEV: one fio run, appends a JSON line to $RESULTS
 run_fio() {
@@ -134,16 +267,38 @@ run_fio() {
     esac
     json=$OUT/fio/$cfg-rtt$rtt-$wl-$run.json
     mkdir -p "$OUT/fio"
-    if ! timeout $((SECS + 120)) fio --name="$cfg-$wl" --filename="$dev" "${args[@]}" --ioengine=libaio --direct=1 \
+    local samples=$OUT/samples/$cfg-rtt$rtt-$wl-$run summary=null sampler_pid="" watcher_pid=""
+    local rc=0 fio_pid
+    timeout $((SECS + 120)) fio --name="$cfg-$wl" --filename="$dev" "${args[@]}" --ioengine=libaio --direct=1 \
         --time_based --runtime="$SECS" --ramp_time=1 --output-format=json --output="$json" \
-        >"$json.err" 2>&1; then
+        >"$json.err" 2>&1 &
+    fio_pid=$!
+    if [ "$SAMPLE" = 1 ]; then
+        mkdir -p "$OUT/samples"
+        : >"$samples.status.jsonl"
+        if [ -n "$STATUS_NAME" ]; then
+            "$UM" status --name "$STATUS_NAME" --json --watch 1 >"$samples.status.jsonl" 2>"$samples.status.err" &
+            watcher_pid=$!
+        fi
+        sampler "$samples.jsonl" "$(readlink -f "$dev")" "$fio_pid" "$watcher_pid" &
+        sampler_pid=$!
+    fi
+    wait "$fio_pid" || rc=1
+    if [ -n "$sampler_pid" ]; then
+        kill "$sampler_pid" $watcher_pid 2>/dev/null
+        wait "$sampler_pid" $watcher_pid 2>/dev/null
+        summary=$(sample_summary "$samples.jsonl" "$samples.status.jsonl") && [ -n "$summary" ] ||
+            { note "sample summary failed: $samples.jsonl"; summary=null; }
+    fi
+    if [ "$rc" != 0 ]; then
         note "fio failed: $cfg rtt=$rtt $wl run $run: $(tail -n 2 "$json.err" | tr '\n' ' ')"
         return 1
     fi
-    jq -c --arg cfg "$cfg" --argjson rtt "$rtt" --arg wl "$wl" --argjson run "$run" \
+    jq -c --arg cfg "$cfg" --argjson rtt "$rtt" --arg wl "$wl" --argjson run "$run" --argjson sample "$summary" \
         '.jobs[0].write | {config: $cfg, rtt_ms: $rtt, workload: $wl, run: $run,
           iops: .iops, mib_s: (.bw_bytes / 1048576), lat_mean_us: (.lat_ns.mean / 1000),
-          lat_p99_us: ((.clat_ns.percentile["99.000000"] // 0) / 1000)}' "$json" >>"$RESULTS"
+          lat_p99_us: ((.clat_ns.percentile["99.000000"] // 0) / 1000)}
+          + (if $sample == null then {} else {sample: $sample} end)' "$json" >>"$RESULTS"
 }
 
 # run_cell CONFIG RTT DEV: every workload, BENCH_RUNS times
@@ -215,7 +370,9 @@ mirror_down() { # mirror_down MODE TAG
 bench_mirror() { # bench_mirror MODE RTT
     local mode=$1 rtt=$2
     if mirror_up "$mode" "$mode-rtt$rtt"; then
+        STATUS_NAME=b-$mode
         run_cell "$mode" "$rtt" "$MDEV"
+        STATUS_NAME=""
     else
         FAILED=1
     fi
@@ -448,6 +605,28 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
               c("rand4k-qd16"; "iops"), c("rand4k-qd16"; "lat_mean_us"), c("rand4k-qd16"; "lat_p99_us"),
               c("seq1m-qd4"; "mib_s"), c("seq1m-qd4"; "lat_mean_us"), c("seq1m-qd4"; "lat_p99_us")] | join(" | ")) + " |"
     ' "$OUT/medians.json"
+    if [ "$SAMPLE" = 1 ]; then
+        echo ""
+        echo "Where the CPU went (BENCH_SAMPLE=1), the median-IOPS run of each cell; CPU in % of one vCPU"
+        echo "(200 = both busy), threads named PROCESS/THREAD; log fill, lag and seq rates from \`status\`."
+        echo ""
+        echo "| config | RTT ms | workload | IOPS | VM busy % | softirq % | ublk-mirror % | target-server % | fio % | kernel threads % | sampler % | busiest threads (% of a vCPU) | log fill max % | lag max s | written/s | received/s |"
+        echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+        jq -r -s --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
+            def f: if . == null then "-" else tostring end;
+            map(select(.sample.vm != null)) | group_by([.config, .rtt_ms, .workload])
+            | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c)), .[0].workload])
+            | .[] | sort_by(.iops) | .[(length - 1) / 2 | floor] as $r | $r.sample as $s
+            | ($s.cpu | to_entries) as $c
+            | "| \($r.config) | \($r.rtt_ms) | \($r.workload) | \($r.iops | floor) | "
+              + "\($s.vm | .user + .system + .irq + .softirq | . * 10 | round / 10) | \($s.vm.softirq) | "
+              + "\($s.cpu["ublk-mirror/*"] // 0) | \($s.cpu["target-server/*"] // 0) | \($s.cpu["fio/*"] // 0) | "
+              + "\([$c[] | select(.key | test("^(kworker|ksoftirqd|drbd)[^/]*/[*]$")) | .value] | add // 0 | . * 10 | round / 10) | "
+              + "\($s.cpu["sampler/*"] // 0) | "
+              + ([$c[] | select(.key | endswith("/*") | not)][:5] | map("\(.key) \(.value)") | join(", ")) + " | "
+              + "\($s.log_fill_max_pct | f) | \($s.lag_max_s | f) | \($s.written_per_s | f) | \($s.received_per_s | f) |"
+        ' "$RESULTS"
+    fi
     if [ -s "$LAG_RESULTS" ]; then
         echo ""
         echo "Replication lag: ${LAG_MB} MiB of 4 KiB random writes at QD16, 90 % of them to 1 % of the device;"

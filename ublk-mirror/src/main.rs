@@ -47,10 +47,8 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("ublk-mirror: error: {first} (see --help)");
+            let line = mirror_core::one_line_error(&e.to_string());
+            eprintln!("ublk-mirror: error: {line} (see --help)");
             return ExitCode::from(2);
         }
     };

@@ -43,11 +43,9 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
             eprintln!(
                 "faultproxy: error: {}",
-                first.strip_prefix("error: ").unwrap_or(first)
+                mirror_core::one_line_error(&e.to_string())
             );
             return ExitCode::from(2);
         }

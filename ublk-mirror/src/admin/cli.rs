@@ -43,6 +43,24 @@ pub struct StatusArgs {
     /// Print the status as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Print it again every SECS seconds (decimals allowed, at least 0.01) until interrupted or
+    /// the daemon goes away; with --json, one compact JSON object per line.
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    watch: Option<Duration>,
+    /// With --watch: stop after N reports.
+    #[arg(long, value_name = "N", requires = "watch",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+}
+
+/// `--watch SECS`: a positive, finite number of seconds, from 0.01 to one day.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.01..=86_400.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0.01 to 86400"
+        )),
+    }
 }
 
 /// `ublk-mirror set-mode` flags.
@@ -136,13 +154,60 @@ fn fetch_status(socket: &Path) -> anyhow::Result<StatusReport> {
 }
 
 fn status(a: &StatusArgs) -> anyhow::Result<()> {
-    let st = fetch_status(&a.target.socket()?)?;
+    let socket = a.target.socket()?;
+    if let Some(every) = a.watch {
+        return watch_status(
+            &socket,
+            a.json,
+            every,
+            a.count,
+            &mut std::io::stdout().lock(),
+        );
+    }
+    let st = fetch_status(&socket)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
         print!("{}", format_status(&st));
     }
     Ok(())
+}
+
+/// `status --watch`: a report every `every` (on a fixed schedule: a slow answer shortens the next
+/// wait, and one later than a whole interval starts the schedule again rather than bursting),
+/// `count` of them or until the daemon cannot be asked. JSON reports are one line each; tables are
+/// separated by a blank line.
+fn watch_status(
+    socket: &Path,
+    json: bool,
+    every: Duration,
+    count: Option<u64>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let mut next = Instant::now();
+    let mut printed = 0u64;
+    loop {
+        let st = fetch_status(socket)?;
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&st)?)?;
+        } else {
+            if printed > 0 {
+                writeln!(out)?;
+            }
+            write!(out, "{}", format_status(&st))?;
+        }
+        out.flush()?;
+        printed += 1;
+        if count.is_some_and(|n| printed >= n) {
+            return Ok(());
+        }
+        next += every;
+        let now = Instant::now();
+        match next.checked_duration_since(now) {
+            Some(wait) => std::thread::sleep(wait),
+            None => next = now,
+        }
+    }
 }
 
 fn opt(s: Option<&String>) -> &str {
@@ -382,4 +447,93 @@ fn list(a: &ListArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A control socket that answers `answers` status requests (one per connection, the report's
+    /// `connects` counting them) and then closes.
+    fn fake_daemon(dir: &Path, answers: u64) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path = dir.join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for n in 1..=answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                assert_eq!(
+                    serde_json::from_str::<Request>(&line).unwrap(),
+                    Request::Status
+                );
+                let report = StatusReport {
+                    name: "fake".into(),
+                    connects: n,
+                    ..StatusReport::default()
+                };
+                let resp = Response {
+                    status: Some(report),
+                    ..Response::ok()
+                };
+                let mut w = &stream;
+                writeln!(w, "{}", serde_json::to_string(&resp).unwrap()).unwrap();
+            }
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn status_watch_prints_count_json_lines_on_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, server) = fake_daemon(dir.path(), 3);
+        let every = Duration::from_millis(50);
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        watch_status(&socket, true, every, Some(3), &mut out).unwrap();
+        let took = t0.elapsed();
+        server.join().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let reports: Vec<StatusReport> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            reports.iter().map(|r| r.connects).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "{text}"
+        );
+        assert!(took >= 2 * every, "3 reports 50 ms apart took {took:?}");
+    }
+
+    #[test]
+    fn status_watch_fails_when_the_daemon_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, server) = fake_daemon(dir.path(), 2);
+        let mut out = Vec::new();
+        let err = watch_status(&socket, false, Duration::from_millis(10), None, &mut out)
+            .unwrap_err()
+            .to_string();
+        server.join().unwrap();
+        assert!(
+            err.contains("talking to the daemon") || err.contains("no daemon"),
+            "{err}"
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.matches("fake").count(),
+            2,
+            "two tables before the error: {text}"
+        );
+    }
+
+    #[test]
+    fn watch_intervals_are_checked() {
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "nan", "inf", "1e9", "x", ""] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+    }
 }

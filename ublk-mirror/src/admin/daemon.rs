@@ -501,6 +501,9 @@ impl DaemonState {
             "starting"
         };
         StatusReport {
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             name: self.s.name.clone(),
             pid: std::process::id(),
             role: "primary".into(),

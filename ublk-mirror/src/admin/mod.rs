@@ -175,6 +175,10 @@ pub struct ShippedReport {
 /// `status`: everything an operator wants to see.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// When the daemon took this report, in seconds since the Unix epoch (0 from a daemon too old
+    /// to say).
+    #[serde(default)]
+    pub unix_time: f64,
     /// Daemon name.
     pub name: String,
     /// Daemon process id.
