@@ -129,8 +129,8 @@ EOF
 # --- sampling (BENCH_SAMPLE=1) ----------------------------------------------------------------------
 # While each fio run lasts, about once a second: the VM's cpu line of /proc/stat, the writes the
 # device under test has completed (/proc/diskstats), the CPU ticks (user + system) of the daemon, the
-# target-server, fio and the kernel threads (kworker, ksoftirqd, drbd_*; those alive when the run
-# starts) as processes and (but the kernel threads) per thread, named PROCESS/THREAD with numbers
+# target-server, fio and the kernel threads (ksoftirqd, drbd_*, and but for ublk-mirror kworker;
+# those alive when the run starts) as processes and (but the kernel threads) per thread, named PROCESS/THREAD with numbers
 # stripped (ublk-mirror/ublk-mirror-net, target-server/target-io, ...); and for ublk-mirror
 # configurations `status --json --watch 1` (log bytes and entries against their limits, lag, seq
 # numbers). Raw samples go to OUTDIR/samples/RUN.jsonl and RUN.status.jsonl; each run's results line
@@ -141,16 +141,16 @@ EOF
 # proc_ticks FILE: sets COMM (numbers and /... stripped) and TICKS (utime + stime, and with a
 # second argument also cutime + cstime) from a /proc stat file; non-zero if it has gone
 proc_ticks() {
-    local line f
+    local line all=${2:-}
     read -r line <"$1" 2>/dev/null || return 1
     COMM=${line#*(}
     COMM=${COMM%)*}
     COMM=${COMM%%[/:]*}
-    [[ "$COMM" =~ ^(.*)-[0-9]+$ ]] && COMM=${BASH_REMATCH[1]}
+    case "$COMM" in *-[0-9]*) [[ "$COMM" =~ ^(.*)-[0-9]+$ ]] && COMM=${BASH_REMATCH[1]} ;; esac
     COMM=${COMM//[\"\\]/_}
-    read -r -a f <<<"${line##*) }" # f[0] is field 3 (state): utime, stime, cutime, cstime are 14 to 17
-    TICKS=$((f[11] + f[12]))
-    [ -z "${2:-}" ] || TICKS=$((TICKS + f[13] + f[14]))
+    set -- ${line##*) } # $1 is field 3 (state): utime, stime, cutime, cstime are fields 14 to 17
+    TICKS=$((${12} + ${13}))
+    [ -z "$all" ] || TICKS=$((TICKS + ${14} + ${15}))
 }
 
 # thread_ticks SELF WATCHER KTHREADS PID...: sets THREADS to a JSON list of [ID, "NAME", TICKS]:
@@ -175,15 +175,23 @@ thread_ticks() {
     done
 }
 
-SLEEP_FD=""
+# read -t on a FIFO that nobody writes: a sleep that starts no process
+if [ "$SAMPLE" = 1 ]; then
+    mkfifo "$W/sleep.fifo" && exec {SLEEP_FD}<>"$W/sleep.fifo" || die "cannot make $W/sleep.fifo"
+fi
 sampler() { # sampler FILE DEVICE PID [WATCHER-PID]: a JSON line about once a second into FILE until
     # killed; PID is fio's (or its parent's: its children and theirs are sampled too)
     local file=$1 dev=${2##*/} fio=$3 watcher=${4:-} daemon="" user nice sys idle iowait irq softirq
     local f c kthreads=() n disk w kids more k self=$BASHPID
-    [ -n "$SLEEP_FD" ] || { mkfifo "$W/sleep.fifo" && exec {SLEEP_FD}<>"$W/sleep.fifo"; } # read -t: a sleep without a process
     for f in /proc/[0-9]*/comm; do
         read -r c <"$f" 2>/dev/null || continue
-        case "$c" in kworker* | ksoftirqd* | drbd*) f=${f#/proc/}; kthreads+=("${f%/comm}") ;; esac
+        case "$c" in
+            ksoftirqd* | drbd*) ;;
+            kworker*) [ -z "$watcher" ] || continue ;; # many; they matter to loop and DRBD, not ublk
+            *) continue ;;
+        esac
+        f=${f#/proc/}
+        kthreads+=("${f%/comm}")
     done
     for f in /proc/[0-9]*/comm; do # the daemon under test (the one ublk-mirror that is not the watcher)
         read -r c <"$f" 2>/dev/null || continue
