@@ -7,7 +7,7 @@
 # For each emulated round-trip time (netem on lo) and each configuration, runs fio workloads and
 # writes OUTDIR/bench.md (markdown table), OUTDIR/bench.json (every run and the medians) and logs.
 # Configurations: loop (raw loop device on a file, not network dependent: measured once, at the
-# first RTT), passthrough (the ublk daemon with --no-mirror over the same kind of file, also once),
+# first RTT, and again as loop-end after the matrix, a control of the VM's speed), passthrough (the ublk daemon with --no-mirror over the same kind of file, also once),
 # first RTT), ublk-mirror async/received/sync/lock-then-write (volumes are files in /tmp, the
 # target-server on 127.0.0.1), drbd-A / drbd-C (DRBD 8.4 kernel module, two resources in this one
 # kernel connected over 127.0.0.1:7789 <-> 127.0.0.1:7790, each on its own loop device), and
@@ -143,7 +143,7 @@ EOF
 # second argument also cutime + cstime) from a /proc stat file; non-zero if it has gone
 proc_ticks() {
     local line all=${2:-}
-    read -r line <"$1" 2>/dev/null || return 1
+    read -r line 2>/dev/null <"$1" || return 1
     COMM=${line#*(}
     COMM=${COMM%)*}
     COMM=${COMM%%[/:]*}
@@ -189,13 +189,13 @@ sampler() { # sampler FILE DEVICE PID [WATCHER-PID]: a JSON line about once a se
     local file=$1 dev=${2##*/} fio=$3 watcher=${4:-} daemon="" user nice sys idle iowait irq softirq
     local f c kthreads=() n disk w kids more k self=$BASHPID
     for f in /proc/[0-9]*/comm; do
-        read -r c <"$f" 2>/dev/null || continue
+        read -r c 2>/dev/null <"$f" || continue
         case "$c" in ksoftirqd* | drbd*) ;; *) continue ;; esac # not the ~50 kworkers: the rest column
         f=${f#/proc/}
         kthreads+=("${f%/comm}")
     done
     for f in /proc/[0-9]*/comm; do # the daemon under test (the one ublk-mirror that is not the watcher)
-        read -r c <"$f" 2>/dev/null || continue
+        read -r c 2>/dev/null <"$f" || continue
         f=${f#/proc/}; f=${f%/comm}
         [ "$c" = ublk-mirror ] && [ "$f" != "$watcher" ] && daemon=$f
     done
@@ -204,10 +204,10 @@ sampler() { # sampler FILE DEVICE PID [WATCHER-PID]: a JSON line about once a se
         disk=0
         while read -r _ _ n _ _ _ _ w _; do [ "$n" = "$dev" ] && disk=$w; done </proc/diskstats
         kids=""
-        read -r kids <"/proc/$fio/task/$fio/children" 2>/dev/null
+        read -r kids 2>/dev/null <"/proc/$fio/task/$fio/children"
         for k in $kids; do
             more=""
-            read -r more <"/proc/$k/task/$k/children" 2>/dev/null
+            read -r more 2>/dev/null <"/proc/$k/task/$k/children"
             kids+=" $more"
         done
         THREADS=""
@@ -323,11 +323,11 @@ run_cell() {
 }
 
 # --- configurations ------------------------------------------------------------------------------
-bench_loop() {
+bench_loop() { # bench_loop RTT [NAME]: NAME (default loop) is what the results call it
     local dev
     truncate -s "$SIZE" "$W/loop.img"
     dev=$(losetup -f --show "$W/loop.img") || { note "losetup failed"; FAILED=1; return; }
-    run_cell loop "$1" "$dev"
+    run_cell "${2:-loop}" "$1" "$dev"
     losetup -d "$dev"
     rm -f "$W/loop.img"
 }
@@ -481,6 +481,13 @@ for rtt in $RTTS; do
     first=0
 done
 tc qdisc del dev lo root 2>/dev/null
+# The control: the VM's speed can drift within one boot (between boots it differs up to 2x), and
+# the RTTs are measured one after the other, so loop (no network) is measured again after the
+# matrix as `loop-end`. loop-end / loop near 1 means the RTT columns compare like with like.
+if [[ " $CONFIGS " == *" loop "* ]]; then
+    note "control: loop again after the matrix"
+    bench_loop "$rtt" loop-end
+fi
 
 # --- replication lag on a bandwidth-capped link -----------------------------------------------------
 # A hot-spot workload (fio zoned distribution: 90 % of the writes go to 1 % of the device) writes
@@ -605,11 +612,11 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
     echo ""
     echo "| config | RTT ms | 4k QD1 IOPS | QD1 mean us | QD1 p99 us | 4k QD16 IOPS | QD16 mean us | QD16 p99 us | 1M seq MiB/s | seq mean us | seq p99 us |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    jq -r --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
+    jq -r --argjson order '["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
         def f: if . == null then "-" else (. | floor | tostring) end;
         def c($w; $k): (map(select(.workload == $w)) | .[0][$k]) | f;
         group_by([.config, .rtt_ms]) | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c))])
-        | .[] | "| \(.[0].config) | \(if .[0].config == "loop" or .[0].config == "passthrough" then "-" else .[0].rtt_ms end) | "
+        | .[] | "| \(.[0].config) | \(if .[0].config | IN("loop", "loop-end", "passthrough") then "-" else .[0].rtt_ms end) | "
           + ([c("rand4k-qd1"; "iops"), c("rand4k-qd1"; "lat_mean_us"), c("rand4k-qd1"; "lat_p99_us"),
               c("rand4k-qd16"; "iops"), c("rand4k-qd16"; "lat_mean_us"), c("rand4k-qd16"; "lat_p99_us"),
               c("seq1m-qd4"; "mib_s"), c("seq1m-qd4"; "lat_mean_us"), c("seq1m-qd4"; "lat_p99_us")] | join(" | ")) + " |"
@@ -624,7 +631,7 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
         echo ""
         echo "| config | RTT ms | workload | IOPS | VM busy % | softirq % | ublk-mirror % | target-server % | fio % | kernel threads % | sampler % | rest % | busiest threads (% of a vCPU) | log fill max % | lag max s | written/s | received/s |"
         echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
-        jq -r -s --argjson order '["loop","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
+        jq -r -s --argjson order '["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
             def f: if . == null then "-" else tostring end;
             map(select(.sample.vm != null)) | group_by([.config, .rtt_ms, .workload])
             | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c)), .[0].workload])
