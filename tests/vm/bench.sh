@@ -462,31 +462,41 @@ bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32
 }
 
 # --- the matrix ----------------------------------------------------------------------------------
+# Configuration by configuration, each at every RTT in turn: the VM's speed drifts within a boot
+# (seen: the CPU each write costs rose 10-25 % over a run, whichever RTT came later), so one
+# configuration's RTT columns are measured minutes apart, not a whole matrix apart. loop and
+# passthrough (no network) are measured once, at the first RTT.
 RTT_MEASURED="{}"
-first=1
-for rtt in $RTTS; do
-    set_rtt "$rtt" "$RATE"
-    m=$(measure_rtt) || m=null
-    RTT_MEASURED=$(jq -c --arg k "$rtt" --argjson v "${m:-null}" '. + {($k): $v}' <<<"$RTT_MEASURED")
-    note "RTT $rtt ms: netem '$(tc qdisc show dev lo | head -n1)', measured TCP round trip ${m} ms"
-    for cfg in $CONFIGS; do
+for cfg in $CONFIGS; do
+    case "$cfg" in
+        loop | passthrough | async | received | sync | lock-then-write | drbd-A | drbd-C | drbd-C-crc32c) ;;
+        *) die "unknown configuration $cfg" ;;
+    esac
+    for rtt in $RTTS; do
+        set_rtt "$rtt" "$RATE"
+        if [ "$(jq --arg k "$rtt" 'has($k)' <<<"$RTT_MEASURED")" = false ]; then
+            m=$(measure_rtt) || m=null
+            RTT_MEASURED=$(jq -c --arg k "$rtt" --argjson v "${m:-null}" '. + {($k): $v}' <<<"$RTT_MEASURED")
+            note "RTT $rtt ms: netem '$(tc qdisc show dev lo | head -n1)', measured TCP round trip ${m} ms"
+        fi
         case "$cfg" in
-            loop) [ "$first" = 1 ] && bench_loop "$rtt" ;;
-            passthrough) [ "$first" = 1 ] && bench_mirror passthrough "$rtt" ;;
+            loop) bench_loop "$rtt"; break ;;
+            passthrough) bench_mirror passthrough "$rtt"; break ;;
             async | received | sync | lock-then-write) bench_mirror "$cfg" "$rtt" ;;
             drbd-A | drbd-C | drbd-C-crc32c) bench_drbd "$cfg" "$rtt" ;;
-            *) die "unknown configuration $cfg" ;;
         esac
     done
-    first=0
 done
 tc qdisc del dev lo root 2>/dev/null
-# The control: the VM's speed can drift within one boot (between boots it differs up to 2x), and
-# the RTTs are measured one after the other, so loop (no network) is measured again after the
-# matrix as `loop-end`. loop-end / loop near 1 means the RTT columns compare like with like.
+# The control: the VM's speed can drift within one boot (between boots it differs up to 2x), so
+# loop (no network) is measured again after the matrix as `loop-end` (at the first RTT, where
+# loop was). loop-end / loop near 1 means the VM kept its speed through the run.
 if [[ " $CONFIGS " == *" loop "* ]]; then
     note "control: loop again after the matrix"
+    read -r rtt _ <<<"$RTTS"
+    set_rtt "$rtt" "$RATE"
     bench_loop "$rtt" loop-end
+    tc qdisc del dev lo root 2>/dev/null
 fi
 
 # --- replication lag on a bandwidth-capped link -----------------------------------------------------
