@@ -4,11 +4,13 @@
 #
 # usage: tests/vm/bench.sh OUTDIR
 #
-# For each emulated round-trip time (netem on lo) and each configuration, runs fio workloads and
-# writes OUTDIR/bench.md (markdown table), OUTDIR/bench.json (every run and the medians) and logs.
+# For each configuration and, in turn, each emulated round-trip time (netem on lo), runs fio
+# workloads and writes OUTDIR/bench.md (markdown table), OUTDIR/bench.json (every run and the
+# medians) and logs.
 # Configurations: loop (raw loop device on a file, not network dependent: measured once, at the
-# first RTT, and again as loop-end after the matrix, a control of the VM's speed), passthrough (the ublk daemon with --no-mirror over the same kind of file, also once),
-# first RTT), ublk-mirror async/received/sync/lock-then-write (volumes are files in /tmp, the
+# first RTT, and again as loop-end after the matrix, a control of the VM's speed), passthrough (the
+# ublk daemon with --no-mirror over the same kind of file, also once, at the first RTT),
+# ublk-mirror async/received/sync/lock-then-write (volumes are files in /tmp, the
 # target-server on 127.0.0.1), drbd-A / drbd-C (DRBD 8.4 kernel module, two resources in this one
 # kernel connected over 127.0.0.1:7789 <-> 127.0.0.1:7790, each on its own loop device), and
 # drbd-C-crc32c (protocol C with data-integrity-alg crc32c: DRBD checksums every data packet, as
@@ -130,8 +132,9 @@ EOF
 # While each fio run lasts, about once a second: the VM's cpu line of /proc/stat, the writes the
 # device under test has completed (/proc/diskstats), the CPU ticks (user + system) of the daemon, the
 # target-server, fio and the kernel threads ksoftirqd and drbd_* (those alive when the run starts;
-# not the ~50 kworkers, which would cost more to read than all the rest) as processes and (but the kernel threads) per thread, named PROCESS/THREAD with numbers
-# stripped (ublk-mirror/ublk-mirror-net, target-server/target-io, ...); and for ublk-mirror
+# not the ~50 kworkers, which would cost more to read than all the rest), as processes and per
+# thread, named PROCESS/THREAD with numbers stripped (ublk-mirror/ublk-mirror-net,
+# target-server/target-io, ksoftirqd/ksoftirqd, ...); and for ublk-mirror
 # configurations `status --json --watch 1` (log bytes and entries against their limits, lag, seq
 # numbers). Raw samples go to OUTDIR/samples/RUN.jsonl and RUN.status.jsonl; each run's results line
 # gets a summary of its steady part (.sample), and bench.md a table of it. The sampler is a bash loop
