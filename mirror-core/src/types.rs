@@ -197,18 +197,18 @@ impl<'de> serde::Deserialize<'de> for Size {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn clap_errors_fold_into_their_first_paragraph() {
         let text = "error: the following required arguments were not provided:\n  --watch <SECS>\n\nUsage: ublk-mirror status --watch <SECS> --count <N>\n";
         assert_eq!(
-            super::one_line_error(text),
+            one_line_error(text),
             "the following required arguments were not provided: --watch <SECS>"
         );
-        assert_eq!(super::one_line_error("error: bad flag\n"), "bad flag");
-        assert_eq!(super::one_line_error(""), "invalid arguments");
+        assert_eq!(one_line_error("error: bad flag\n"), "bad flag");
+        assert_eq!(one_line_error(""), "invalid arguments");
     }
-
-    use super::*;
 
     #[test]
     fn volume_id_parses_uuid_form() {

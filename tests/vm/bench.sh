@@ -187,20 +187,15 @@ thread_ticks() {
 if [ "$SAMPLE" = 1 ]; then
     mkfifo "$W/sleep.fifo" && exec {SLEEP_FD}<>"$W/sleep.fifo" || die "cannot make $W/sleep.fifo"
 fi
-sampler() { # sampler FILE DEVICE PID [WATCHER-PID]: a JSON line about once a second into FILE until
-    # killed; PID is fio's (or its parent's: its children and theirs are sampled too)
-    local file=$1 dev=${2##*/} fio=$3 watcher=${4:-} daemon="" user nice sys idle iowait irq softirq
+sampler() { # sampler FILE DEVICE PID [WATCHER-PID [DAEMON-PID]]: a JSON line about once a second
+    # into FILE until killed; PID is fio's (or its parent's: its children and theirs are sampled too)
+    local file=$1 dev=${2##*/} fio=$3 watcher=${4:-} daemon=${5:-} user nice sys idle iowait irq softirq
     local f c kthreads=() n disk w kids more k self=$BASHPID
     for f in /proc/[0-9]*/comm; do
         read -r c 2>/dev/null <"$f" || continue
         case "$c" in ksoftirqd* | drbd*) ;; *) continue ;; esac # not the ~50 kworkers: the rest column
         f=${f#/proc/}
         kthreads+=("${f%/comm}")
-    done
-    for f in /proc/[0-9]*/comm; do # the daemon under test (the one ublk-mirror that is not the watcher)
-        read -r c 2>/dev/null <"$f" || continue
-        f=${f#/proc/}; f=${f%/comm}
-        [ "$c" = ublk-mirror ] && [ "$f" != "$watcher" ] && daemon=$f
     done
     while :; do
         read -r _ user nice sys idle iowait irq softirq _ </proc/stat
@@ -292,7 +287,7 @@ run_fio() {
             "$UM" status --name "$STATUS_NAME" --json --watch 1 >"$samples.status.jsonl" 2>"$samples.status.err" &
             watcher_pid=$!
         fi
-        sampler "$samples.jsonl" "$(readlink -f "$dev")" "$fio_pid" "$watcher_pid" &
+        sampler "$samples.jsonl" "$(readlink -f "$dev")" "$fio_pid" "$watcher_pid" "${STATUS_NAME:+$MPID}" &
         sampler_pid=$!
     fi
     wait "$fio_pid" || rc=1
@@ -337,6 +332,7 @@ bench_loop() { # bench_loop RTT [NAME]: NAME (default loop) is what the results 
 
 PORT=7700
 MDEV=""
+MPID="" # the daemon's pid (mirror_up)
 # mirror_up MODE TAG: target-server + daemon NAME=b-MODE on fresh volumes; sets MDEV. MODE
 # "passthrough" starts the daemon with --no-mirror (no target).
 mirror_up() {
@@ -360,6 +356,7 @@ mirror_up() {
     fi
     st=$("$UM" status --name "b-$mode" --json)
     MDEV=$(jq -r .device <<<"$st")
+    MPID=$(jq -r .pid <<<"$st")
     [ -b "$MDEV" ] || { note "no block device for $tag: $st"; return 1; }
 }
 
@@ -602,6 +599,7 @@ if [ "$LAG" = 1 ]; then
 fi
 
 # --- report --------------------------------------------------------------------------------------
+ORDER='["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' # row order
 median='def med: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
     else (.[length / 2 - 1] + .[length / 2]) / 2 end;'
 jq -s "$median"' group_by([.config, .rtt_ms, .workload]) | map({config: .[0].config, rtt_ms: .[0].rtt_ms,
@@ -625,7 +623,7 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
     echo ""
     echo "| config | RTT ms | 4k QD1 IOPS | QD1 mean us | QD1 p99 us | 4k QD16 IOPS | QD16 mean us | QD16 p99 us | 1M seq MiB/s | seq mean us | seq p99 us |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    jq -r --argjson order '["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
+    jq -r --argjson order "$ORDER" '
         def f: if . == null then "-" else (. | floor | tostring) end;
         def c($w; $k): (map(select(.workload == $w)) | .[0][$k]) | f;
         group_by([.config, .rtt_ms]) | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c))])
@@ -644,7 +642,7 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
         echo ""
         echo "| config | RTT ms | workload | IOPS | VM busy % | softirq % | ublk-mirror % | target-server % | fio % | kernel threads % | sampler % | rest % | busiest threads (% of a vCPU) | log fill max % | lag max s | written/s | received/s |"
         echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
-        jq -r -s --argjson order '["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' '
+        jq -r -s --argjson order "$ORDER" '
             def f: if . == null then "-" else tostring end;
             map(select(.sample.vm != null)) | group_by([.config, .rtt_ms, .workload])
             | sort_by([.[0].rtt_ms, (.[0].config as $c | $order | index($c)), .[0].workload])
