@@ -18,7 +18,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod commit;
 pub mod config;
 pub mod meta;
 mod server;

@@ -23,7 +23,6 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::commit::{Commit, Disk, Report, Store};
 use crate::meta::{default_meta_path, Meta, MetaError, MetaFile};
 use crate::volume::Volume;
 
@@ -37,10 +36,10 @@ pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const READ_BYTES_MAX: usize = 64 << 20;
 /// Payload bytes the reader takes in before it lets the applier run (see `read_loop`).
 const YIELD_AFTER_BYTES: usize = 1 << 20;
-/// Operations in one round (one blocking write call).
+/// Operations handed to one blocking write call.
 const BATCH_OPS_MAX: usize = 256;
-/// I/O threads, and rounds in flight at once: one syncing while the next writes (see `commit`).
-const IO_THREADS: usize = 2;
+/// Bytes applied before a sync even if more operations are ready (bounds the durable ack delay).
+const SYNC_AFTER_BYTES: usize = 64 << 20;
 /// Frames handled by the reader before it waits for the writer to catch up (bounds the engine's
 /// queue of frames to send when the peer does not read).
 const UNSENT_INPUTS_MAX: usize = 1024;
@@ -176,12 +175,7 @@ struct Shared {
     target: Mutex<Target>,
     volume: Arc<Volume>,
     meta_file: Arc<MetaFile>,
-    /// The I/O threads, the order their rounds keep, and how many rounds are in flight.
-    io: IoThreads,
-    commit: Commit,
-    rounds_in_flight: AtomicUsize,
-    /// A round has finished.
-    round_done: Notify,
+    io: IoThread,
     volume_id: VolumeId,
     idle_timeout: Duration,
     local_lock_timeout: Duration,
@@ -277,10 +271,8 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         target: Mutex::new(target),
         volume: Arc::new(volume),
         meta_file: Arc::new(meta_file),
-        io: IoThreads::spawn(IO_THREADS)?,
-        commit: Commit::default(),
-        rounds_in_flight: AtomicUsize::new(0),
-        round_done: Notify::new(),
+        io: IoThread::spawn()
+            .map_err(|e| ServerError::Internal(format!("cannot start the I/O thread: {e}")))?,
         volume_id: cfg.volume_id,
         idle_timeout: cfg.idle_timeout,
         local_lock_timeout: cfg.local_lock_timeout,
@@ -884,7 +876,7 @@ async fn write_loop(
     }
 }
 
-/// Applies operations in order in overlapped rounds (see `commit`), records the durable sequence number. Runs
+/// Applies operations in order, syncs once per batch, records the durable sequence number. Runs
 /// until the command channel closes, then marks the metadata clean.
 async fn applier(shared: Arc<Shared>, mut cmds: mpsc::Receiver<Cmd>) -> Result<(), ServerError> {
     let result = applier_rounds(&shared, &mut cmds).await;
@@ -897,15 +889,7 @@ async fn applier(shared: Arc<Shared>, mut cmds: mpsc::Receiver<Cmd>) -> Result<(
             let meta_file = Arc::clone(&shared.meta_file);
             let synced = shared
                 .io
-                .run(move || {
-                    let disk = Disk {
-                        volume: &volume,
-                        meta_file: &meta_file,
-                        meta,
-                    };
-                    disk.sync()?;
-                    disk.record(meta.durable)
-                })
+                .run(move || sync_and_record(&volume, &meta_file, &meta))
                 .await;
             if let Err(e) = synced {
                 error!("final sync failed: {e}");
@@ -926,159 +910,64 @@ async fn applier_rounds(
     shared: &Arc<Shared>,
     cmds: &mut mpsc::Receiver<Cmd>,
 ) -> Result<(), ServerError> {
-    let mut rounds = 0u64;
     loop {
-        start_rounds(shared, &mut rounds)?;
-        let room = shared.rounds_in_flight.load(Ordering::Acquire) < IO_THREADS;
+        if round(shared).await? {
+            continue;
+        }
         tokio::select! {
-            // New operations can start a round only while a thread is free for it.
-            _ = shared.apply_wake.notified(), if room => {}
-            _ = shared.round_done.notified() => {}
-            cmd = cmds.recv() => {
-                drain(shared, &mut rounds).await?;
-                match cmd {
-                    Some(Cmd::Flush(done)) => {
-                        let _ = done.send(());
-                    }
-                    None => return Ok(()),
+            _ = shared.apply_wake.notified() => {}
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::Flush(done)) => {
+                    while round(shared).await? {}
+                    let _ = done.send(());
+                }
+                None => {
+                    while round(shared).await? {}
+                    return Ok(());
                 }
             }
         }
     }
 }
 
-/// Hands ready operations to the I/O threads, a batch per round, while a thread is free.
-fn start_rounds(shared: &Arc<Shared>, rounds: &mut u64) -> Result<(), ServerError> {
-    if let Some(why) = shared.commit.failure() {
-        return Err(ServerError::VolumeIo(why));
-    }
-    while shared.rounds_in_flight.load(Ordering::Acquire) < IO_THREADS {
-        let batch: Vec<Apply> = {
-            let mut target = shared.target();
-            std::iter::from_fn(|| target.poll_apply())
-                .take(BATCH_OPS_MAX)
-                .collect()
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
-        shared.room_wake.notify_one();
-        *rounds += 1;
-        let k = *rounds;
-        shared.rounds_in_flight.fetch_add(1, Ordering::AcqRel);
-        let job_shared = Arc::clone(shared);
-        let submitted = shared.io.submit(move || {
-            let shared = job_shared;
-            // Counts the round out even if it panics (an engine assertion), and then fails the
-            // commit so the applier stops.
-            let mut done = RoundDone {
-                shared: &shared,
-                finished: false,
-            };
-            let disk = Disk {
-                volume: &shared.volume,
-                meta_file: &shared.meta_file,
-                meta: shared.meta(Seq::NONE, false),
-            };
-            let result = shared.commit.run_round(&disk, &*shared, k, &batch);
-            done.finished = true;
-            result
-        });
-        if let Err(e) = submitted {
-            shared.rounds_in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(ServerError::VolumeIo(e));
-        }
-    }
-    Ok(())
-}
-
-/// Waits until every ready operation is written, synced and recorded.
-async fn drain(shared: &Arc<Shared>, rounds: &mut u64) -> Result<(), ServerError> {
-    loop {
-        let done = shared.round_done.notified();
-        start_rounds(shared, rounds)?;
-        if shared.rounds_in_flight.load(Ordering::Acquire) == 0 && !shared.commit.busy() {
-            return Ok(());
-        }
-        done.await;
-    }
-}
-
-/// Counts a round out when its job ends, however it ends.
-struct RoundDone<'a> {
-    shared: &'a Shared,
-    finished: bool,
-}
-
-impl Drop for RoundDone<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.shared
-                .commit
-                .fail("an I/O thread failed (panicked)".to_string());
-        }
-        self.shared.rounds_in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.shared.round_done.notify_one();
-    }
-}
-
-impl Report for Shared {
-    fn applied(&self, batch: &[Apply]) {
-        {
-            let mut target = self.target();
-            for a in batch {
-                target.handle_applied(a.seq);
-            }
-        }
-        self.room_wake.notify_one();
-        self.tx_wake.notify_one();
-    }
-
-    fn durable(&self, seq: Seq) {
-        self.target().handle_durable(seq);
-        self.tx_wake.notify_one();
-    }
+/// Makes everything applied durable, then records `meta` (its durable seq) in the metadata file.
+/// Runs on the I/O thread; the order is what lets a restarted target trust its record.
+fn sync_and_record(volume: &Volume, meta_file: &MetaFile, meta: &Meta) -> Result<(), String> {
+    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
+    meta_file.update(meta).map_err(|e| e.to_string())
 }
 
 /// A job for the I/O thread.
 type IoJob = Box<dyn FnOnce() + Send>;
 
-/// The threads that do the applier's blocking volume I/O (rounds: apply, fdatasync, metadata; see
-/// `commit`), taking jobs from one queue. Dedicated threads rather than tokio's blocking pool:
-/// handing a job over is a single wake-up, where the pool's hand-off also contends for its lock
-/// (three futex calls and an extra context switch per group commit, seen with strace). They exit
-/// when the sender is dropped.
+/// The thread that does the applier's blocking volume I/O (apply, fdatasync, metadata). One
+/// dedicated thread rather than tokio's blocking pool: handing a job over is a single wake-up,
+/// where the pool's hand-off also contends for its lock (three futex calls and an extra context
+/// switch per group commit, seen with strace). It exits when the last sender is dropped.
 #[derive(Debug)]
-struct IoThreads {
+struct IoThread {
     jobs: std::sync::mpsc::SyncSender<IoJob>,
 }
 
-impl IoThreads {
-    fn spawn(count: usize) -> Result<IoThreads, ServerError> {
-        // At most `count` rounds are in flight, plus the final sync once they are done.
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<IoJob>(count);
-        let rx = Arc::new(Mutex::new(rx));
-        for index in 0..count {
-            let rx = Arc::clone(&rx);
-            std::thread::Builder::new()
-                .name(format!("target-io{index}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(job) = job else { return };
-                    // A panicking job has already reported itself (its result sender or its
-                    // round's guard); the thread goes on.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                })
-                .map_err(|e| ServerError::Internal(format!("cannot start an I/O thread: {e}")))?;
-        }
-        Ok(IoThreads { jobs })
+impl IoThread {
+    fn spawn() -> io::Result<IoThread> {
+        // The applier waits for each job, so at most one is ever queued.
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<IoJob>(1);
+        std::thread::Builder::new()
+            .name("target-io".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(IoThread { jobs })
     }
 
-    /// Hands `f` to an I/O thread; its result arrives on the returned receiver.
-    fn submit<T: Send + 'static>(
+    /// Runs `f` on the I/O thread and waits for its result.
+    async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, String> + Send + 'static,
-    ) -> Result<oneshot::Receiver<Result<T, String>>, String> {
+    ) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
         let job: IoJob = Box::new(move || {
             // A panic in `f` drops `tx`, which the receiver reports.
@@ -1087,16 +976,92 @@ impl IoThreads {
         self.jobs
             .send(job)
             .map_err(|_| "the I/O thread has stopped".to_string())?;
-        Ok(rx)
-    }
-
-    /// Runs `f` on an I/O thread and waits for its result.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
-        self.submit(f)?
-            .await
+        rx.await
             .map_err(|_| "the I/O thread failed (panicked)".to_string())?
     }
+}
+
+/// Applies what is ready (up to a bound), then syncs and records durability once. Returns whether
+/// the bound cut the round short (more may be ready). The last batch of a round is applied, synced
+/// and recorded in one blocking call: one hand-off to the I/O thread per round trip instead of two.
+async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
+    let mut applied_bytes = 0usize;
+    let mut more = false;
+    loop {
+        let batch: Vec<Apply> = {
+            let mut target = shared.target();
+            std::iter::from_fn(|| target.poll_apply())
+                .take(BATCH_OPS_MAX)
+                .collect()
+        };
+        if batch.is_empty() {
+            break;
+        }
+        shared.room_wake.notify_one();
+        let batch_bytes: usize = batch.iter().map(|a| a.op.payload_bytes()).sum();
+        // Sync with this batch when it ends the round: nothing else is ready, or the byte bound
+        // is reached. (What arrives meanwhile waits for the next round, as before.)
+        let last = batch.len() < BATCH_OPS_MAX || applied_bytes + batch_bytes >= SYNC_AFTER_BYTES;
+        let sync_meta = match (last, batch.last()) {
+            (true, Some(a)) => Some((
+                a.seq,
+                shared.meta(a.seq, false),
+                Arc::clone(&shared.meta_file),
+            )),
+            _ => None,
+        };
+        let volume = Arc::clone(&shared.volume);
+        let (batch, synced) = shared
+            .io
+            .run(move || {
+                for a in &batch {
+                    volume
+                        .apply(&a.op)
+                        .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
+                }
+                let synced = match sync_meta {
+                    Some((seq, meta, meta_file)) => {
+                        sync_and_record(&volume, &meta_file, &meta)?;
+                        Some(seq)
+                    }
+                    None => None,
+                };
+                Ok((batch, synced))
+            })
+            .await
+            .map_err(ServerError::VolumeIo)?;
+        {
+            let mut target = shared.target();
+            for a in &batch {
+                target.handle_applied(a.seq);
+            }
+            if let Some(seq) = synced {
+                target.handle_durable(seq);
+            }
+        }
+        applied_bytes += batch_bytes;
+        shared.room_wake.notify_one();
+        shared.tx_wake.notify_one();
+        if last {
+            more = applied_bytes >= SYNC_AFTER_BYTES;
+            break;
+        }
+    }
+    let (needs_sync, applied) = {
+        let target = shared.target();
+        (target.needs_sync(), target.applied())
+    };
+    if needs_sync {
+        let meta = shared.meta(applied, false);
+        let volume = Arc::clone(&shared.volume);
+        let meta_file = Arc::clone(&shared.meta_file);
+        shared
+            .io
+            .run(move || sync_and_record(&volume, &meta_file, &meta))
+            .await
+            .map_err(ServerError::VolumeIo)?;
+        shared.target().handle_durable(applied);
+        shared.tx_wake.notify_one();
+    }
+    Ok(more)
 }
