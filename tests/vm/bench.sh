@@ -45,8 +45,11 @@ TS=$BIN/target-server
 RTTS=${BENCH_RTTS:-"0 2 10"}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECS:-5}
-CONFIGS=${BENCH_CONFIGS:-"loop passthrough async received sync lock-then-write drbd-A drbd-C drbd-C-crc32c"}
-WORKLOADS=${BENCH_WORKLOADS:-"rand4k-qd1 rand4k-qd16 seq1m-qd4"}
+# Every configuration and workload, in report order (the defaults).
+CONFIG_NAMES="loop passthrough async received sync lock-then-write drbd-A drbd-C drbd-C-crc32c"
+WORKLOAD_NAMES="rand4k-qd1 rand4k-qd16 seq1m-qd4"
+CONFIGS=${BENCH_CONFIGS:-$CONFIG_NAMES}
+WORKLOADS=${BENCH_WORKLOADS:-$WORKLOAD_NAMES}
 RATE=${BENCH_RATE:-}             # bandwidth cap of the matrix's link (netem rate; empty: none)
 SAMPLE=${BENCH_SAMPLE:-0}        # sample per-thread CPU and status once a second during fio (1: on)
 STATUS_NAME=""                   # the ublk-mirror daemon under test (sampled with status), if any
@@ -76,12 +79,15 @@ cleanup() {
             || timeout 30 "$UM" delete --name "$(basename "$s" .sock)" >/dev/null 2>&1
     done
     [ -n "$TPID" ] && kill -9 "$TPID" 2>/dev/null
-    drbd_down
+    declare -F drbd_down >/dev/null && drbd_down # not yet defined when an early check fails
     losetup -D 2>/dev/null
 }
 
 echo "bench: kernel $(uname -r), $(nproc) cpus, binaries from $BIN"
 echo "bench: rtts='$RTTS' rate='${RATE:-none}' sample=$SAMPLE runs=$RUNS secs=$SECS configs='$CONFIGS' workloads='$WORKLOADS'"
+# Unknown names are refused before anything runs, not when the matrix reaches them.
+for c in $CONFIGS; do [[ " $CONFIG_NAMES " == *" $c "* ]] || die "unknown configuration $c (known: $CONFIG_NAMES)"; done
+for w in $WORKLOADS; do [[ " $WORKLOAD_NAMES " == *" $w "* ]] || die "unknown workload $w (known: $WORKLOAD_NAMES)"; done
 for t in fio jq tc losetup python3; do command -v "$t" >/dev/null || die "missing tool $t (run scripts/vm/setup)"; done
 for b in "$UM" "$TS"; do [ -x "$b" ] || die "missing binary $b (run cargo build --release --workspace)"; done
 modprobe ublk_drv || die "modprobe ublk_drv failed"
@@ -270,7 +276,6 @@ run_fio() {
         rand4k-qd1) args=(--rw=randwrite --bs=4k --iodepth=1 --size=128M) ;;
         rand4k-qd16) args=(--rw=randwrite --bs=4k --iodepth=16 --size=128M) ;;
         seq1m-qd4) args=(--rw=write --bs=1M --iodepth=4 --size=128M) ;;
-        *) die "unknown workload $wl" ;;
     esac
     json=$OUT/fio/$cfg-rtt$rtt-$wl-$run.json
     mkdir -p "$OUT/fio"
@@ -458,7 +463,7 @@ bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32
         note "DRBD $cfg setup failed (rtt=$rtt): $(tail -n 4 "$log" | tr '\n' ' ')"
         FAILED=1
     fi
-    drbd_down
+    declare -F drbd_down >/dev/null && drbd_down # not yet defined when an early check fails
 }
 
 # --- the matrix ----------------------------------------------------------------------------------
@@ -468,10 +473,6 @@ bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32
 # passthrough (no network) are measured once, at the first RTT.
 RTT_MEASURED="{}"
 for cfg in $CONFIGS; do
-    case "$cfg" in
-        loop | passthrough | async | received | sync | lock-then-write | drbd-A | drbd-C | drbd-C-crc32c) ;;
-        *) die "unknown configuration $cfg" ;;
-    esac
     for rtt in $RTTS; do
         set_rtt "$rtt" "$RATE"
         if [ "$(jq --arg k "$rtt" 'has($k)' <<<"$RTT_MEASURED")" = false ]; then
@@ -583,7 +584,7 @@ lag_drbd() { # lag_drbd RUN
         '{config: $cfg, run: $run, written_bytes: $f[0].jobs[0].write.io_bytes,
           host_mib_s: ($f[0].jobs[0].write.bw_bytes / 1048576), host_s: ($t1 - $t0), catchup_s: ($t2 - $t1),
           max_lag_bytes: $maxb, max_lag_s: null, shipped_bytes: $shipped}' >>"$LAG_RESULTS"
-    drbd_down
+    declare -F drbd_down >/dev/null && drbd_down # not yet defined when an early check fails
 }
 
 : >"$LAG_RESULTS"
@@ -599,7 +600,7 @@ if [ "$LAG" = 1 ]; then
 fi
 
 # --- report --------------------------------------------------------------------------------------
-ORDER='["loop","loop-end","passthrough","async","received","sync","lock-then-write","drbd-A","drbd-C","drbd-C-crc32c"]' # row order
+ORDER=$(jq -cn --arg c "$CONFIG_NAMES" '$c | split(" ") | .[:1] + ["loop-end"] + .[1:]') # row order
 median='def med: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
     else (.[length / 2 - 1] + .[length / 2]) / 2 end;'
 jq -s "$median"' group_by([.config, .rtt_ms, .workload]) | map({config: .[0].config, rtt_ms: .[0].rtt_ms,
