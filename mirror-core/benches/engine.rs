@@ -12,7 +12,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mirror_core::log::{LogEntry, MemLog, RollbackLog};
 use mirror_core::source::{ConnState, LockStyle, Mode, Source, SourceConfig};
-use mirror_core::target::{ConflictPolicy, Restored, Target, TargetConfig};
+use mirror_core::target::{
+    ConflictPolicy, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
+    HANDSHAKE_TIMEOUT_NS_DEFAULT,
+};
 use mirror_core::wire::{self, Frame, Op, SummedOp, MAC_BYTES};
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
 
@@ -211,6 +214,9 @@ fn source_config(mode: Mode) -> SourceConfig {
     }
 }
 
+/// The benchmarks' one connection.
+const C: ConnId = ConnId(1);
+
 fn target_config() -> TargetConfig {
     TargetConfig {
         volume_id: VolumeId([0x42; 16]),
@@ -223,6 +229,8 @@ fn target_config() -> TargetConfig {
         commit_log_bytes_max: 64 * MIB,
         commit_log_entries_max: 4096,
         local_locks_max: 64,
+        handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
+        handshakes_max: HANDSHAKES_MAX_DEFAULT,
     }
 }
 
@@ -236,18 +244,18 @@ fn connected_pair(mode: Mode) -> (Source, Target) {
             clean: true,
         },
     );
-    target.on_connect([1; MAC_BYTES]);
+    target.on_connect(C, [1; MAC_BYTES], 0).unwrap();
     source.on_connect([2; MAC_BYTES]);
     // Bounded: the handshake takes four frames.
     for _ in 0..8 {
         let mut moved = false;
         while let Some(frame) = source.poll_transmit() {
             target
-                .handle_frame(frame)
+                .handle_frame(C, frame)
                 .unwrap_or_else(|e| panic!("target: {e}"));
             moved = true;
         }
-        while let Some(frame) = target.poll_transmit() {
+        while let Some(frame) = target.poll_transmit(C) {
             source
                 .handle_frame(frame)
                 .unwrap_or_else(|e| panic!("source: {e}"));
@@ -335,7 +343,7 @@ fn bench_source(c: &mut Criterion) {
             let seq = submit_write(&mut source, next, &writes);
             while let Some(encoded) = source.poll_transmit().map(|frame| frame.encode()) {
                 target
-                    .handle_frame(decode(&encoded.header, encoded.payload))
+                    .handle_frame(C, decode(&encoded.header, encoded.payload))
                     .unwrap_or_else(|e| panic!("target: {e}"));
             }
             match target.poll_apply() {
@@ -346,7 +354,7 @@ fn bench_source(c: &mut Criterion) {
             }
             target.handle_applied(seq);
             target.handle_durable(seq);
-            while let Some(frame) = target.poll_transmit() {
+            while let Some(frame) = target.poll_transmit(C) {
                 let encoded = frame.encode();
                 source
                     .handle_frame(decode(&encoded.header, encoded.payload))
@@ -373,13 +381,13 @@ fn bench_source(c: &mut Criterion) {
             let mut next = 1u64;
             for _ in 0..depth {
                 target
-                    .handle_frame(wrapped_write(next, &deep))
+                    .handle_frame(C, wrapped_write(next, &deep))
                     .unwrap_or_else(|e| panic!("target: {e}"));
                 next += 1;
             }
             b.iter(|| {
                 target
-                    .handle_frame(wrapped_write(next, &deep))
+                    .handle_frame(C, wrapped_write(next, &deep))
                     .unwrap_or_else(|e| panic!("target: {e}"));
                 next += 1;
                 let apply = target.poll_apply().expect("an entry is ready");

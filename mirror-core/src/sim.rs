@@ -37,7 +37,9 @@ use bytes::Bytes;
 use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
-use crate::target::{Apply, ConflictPolicy, Restored, Target, TargetConfig};
+use crate::target::{
+    Apply, ConflictPolicy, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
+};
 use crate::wire::{self, Encoded, Frame, Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES};
 use crate::{Generation, Lba, NodeId, Range, Seq, VolumeId};
 
@@ -364,6 +366,8 @@ pub struct SimReport {
     pub resets: u64,
     /// Handshakes completed (source reached "connected").
     pub handshakes: u64,
+    /// Connections the target closed on its own (a handshake past its deadline).
+    pub target_closes: u64,
     /// Target crashes losing volatile data.
     pub crashes: u64,
     /// Crashes where some volatile blocks reached the durable image anyway.
@@ -677,6 +681,9 @@ impl<'a> Sim<'a> {
             commit_log_bytes_max: cfg.commit_bytes_max,
             commit_log_entries_max: cfg.commit_entries_max,
             local_locks_max: cfg.local_locks_max,
+            // A handshake is three one-way trips on a link the connect has just cleared.
+            handshake_timeout_ns: (cfg.latency_ticks * 8 + 1_000) * TICK_NS,
+            handshakes_max: HANDSHAKES_MAX_DEFAULT,
         };
         let ops_u64 = u64::try_from(opts.ops).unwrap_or(u64::MAX);
         let max_steps = if opts.max_steps > 0 {
@@ -947,7 +954,12 @@ impl<'a> Sim<'a> {
         self.rng.fill(&mut nonce_s);
         self.s2t.clear(self.now);
         self.t2s.clear(self.now);
-        self.target.on_connect(nonce_t);
+        if let Err(e) = self
+            .target
+            .on_connect(ConnId(self.conn), nonce_t, self.now * TICK_NS)
+        {
+            unreachable!("the simulator's only connection was refused: {e}");
+        }
         self.source.on_connect(nonce_s);
         self.link_up = true;
         self.was_connected = false;
@@ -961,7 +973,7 @@ impl<'a> Sim<'a> {
         self.s2t.clear(self.now);
         self.t2s.clear(self.now);
         self.source.on_disconnect();
-        self.target.on_disconnect();
+        self.target.on_disconnect(ConnId(self.conn));
         self.conn += 1;
         let delay = self.rng.u64(1..=self.cfg.reconnect_ticks_max);
         self.schedule(self.now + delay, Event::Reconnect { conn: self.conn });
@@ -1110,6 +1122,13 @@ impl<'a> Sim<'a> {
     // ----- pumping the engines -----
 
     fn pump(&mut self) -> Step<()> {
+        self.target.handle_timeout(self.now * TICK_NS);
+        while let Some((conn, _)) = self.target.poll_close() {
+            if conn == ConnId(self.conn) && self.link_up {
+                self.report.target_closes += 1;
+                self.disconnect();
+            }
+        }
         for _ in 0..PUMP_ROUNDS_MAX {
             let mut progress = self.host_submit()?;
             progress |= self.source_send();
@@ -1240,7 +1259,7 @@ impl<'a> Sim<'a> {
     fn target_send(&mut self) -> bool {
         let mut progress = false;
         while self.link_up && self.t2s.bytes < self.cfg.link_bytes_max {
-            let Some(frame) = self.target.poll_transmit() else {
+            let Some(frame) = self.target.poll_transmit(ConnId(self.conn)) else {
                 break;
             };
             self.send(Dir::ToSource, &frame.encode());
@@ -1285,7 +1304,7 @@ impl<'a> Sim<'a> {
                             ),
                         ));
                     }
-                    if let Err(e) = self.target.handle_frame(decoded) {
+                    if let Err(e) = self.target.handle_frame(ConnId(self.conn), decoded) {
                         return Err(self.violation(
                             Check::Protocol,
                             format!("target closed the connection: {e}"),
@@ -1306,7 +1325,7 @@ impl<'a> Sim<'a> {
                         ));
                     }
                     let repairable = err.nak_seq().is_some();
-                    match self.target.handle_wire_error(&err) {
+                    match self.target.handle_wire_error(ConnId(self.conn), &err) {
                         Ok(()) if repairable => {}
                         Ok(()) => {
                             return Err(self.violation(

@@ -1,15 +1,24 @@
 //! The target side: commit log, lock table, in-order apply, acknowledgements.
 //!
 //! A driver (the target server, the simulator) pumps it:
-//! - [`Target::on_connect`] when a source connects, then [`Target::handle_frame`] for each decoded
-//!   frame and [`Target::handle_wire_error`] for each frame that failed to decode;
-//! - [`Target::poll_transmit`] for frames to send back;
+//! - [`Target::on_connect`] for each accepted connection (named by a [`ConnId`]), then
+//!   [`Target::handle_frame`] for each decoded frame and [`Target::handle_wire_error`] for each
+//!   frame that failed to decode, and [`Target::on_disconnect`] when it is gone;
+//! - [`Target::poll_transmit`] for frames to send back on a connection, [`Target::poll_close`] for
+//!   connections the engine is done with, [`Target::poll_timeout`] / [`Target::handle_timeout`]
+//!   for the handshake deadline;
 //! - [`Target::poll_apply`] for the next operation to apply to the volume, in sequence order, then
 //!   [`Target::handle_applied`] once written, and [`Target::handle_durable`] once the volume (and the
 //!   driver's record of the durable sequence number) is synced.
 //!
 //! An error from `handle_*` means the connection must be closed after the frames already queued
 //! (a REFUSE, say) are sent.
+//!
+//! Admission: any number of connections may be in their handshake (up to
+//! [`TargetConfig::handshakes_max`], each until [`TargetConfig::handshake_timeout_ns`]); none of
+//! them touches the target's state. Only a connection whose AUTH verified becomes the session. A
+//! new session of the node that holds the current one replaces it (its old connection is dead but
+//! not yet timed out); another node's gets REFUSE(Busy).
 
 use std::collections::VecDeque;
 
@@ -21,6 +30,39 @@ use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
 
 /// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.
 const OUT_FRAMES_MAX: usize = 64;
+
+/// Default for [`TargetConfig::handshake_timeout_ns`]: 5 s.
+pub const HANDSHAKE_TIMEOUT_NS_DEFAULT: u64 = 5_000_000_000;
+/// Default for [`TargetConfig::handshakes_max`].
+pub const HANDSHAKES_MAX_DEFAULT: usize = 8;
+
+/// A connection, named by the driver; unique for the engine's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Why the engine is done with a connection ([`Target::poll_close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The handshake did not finish within [`TargetConfig::handshake_timeout_ns`].
+    HandshakeTimeout,
+    /// The same node authenticated a new session; this older one is dead.
+    Replaced,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::HandshakeTimeout => "the handshake did not finish in time",
+            CloseReason::Replaced => "a new session of the same source replaced it",
+        })
+    }
+}
 
 /// What the target does when a mirrored lock conflicts with a local lock holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +109,10 @@ pub struct TargetConfig {
     pub commit_log_entries_max: usize,
     /// Bound on local locks held at once.
     pub local_locks_max: usize,
+    /// How long a connection may take from accept to a verified AUTH.
+    pub handshake_timeout_ns: u64,
+    /// Connections in their handshake at once; more are refused with Busy.
+    pub handshakes_max: usize,
 }
 
 impl std::fmt::Debug for TargetConfig {
@@ -82,6 +128,8 @@ impl std::fmt::Debug for TargetConfig {
             .field("commit_log_bytes_max", &self.commit_log_bytes_max)
             .field("commit_log_entries_max", &self.commit_log_entries_max)
             .field("local_locks_max", &self.local_locks_max)
+            .field("handshake_timeout_ns", &self.handshake_timeout_ns)
+            .field("handshakes_max", &self.handshakes_max)
             .finish()
     }
 }
@@ -139,16 +187,35 @@ struct Entry {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Conn {
-    Idle,
-    AwaitHello {
-        nonce: [u8; MAC_BYTES],
-    },
+enum HandshakeState {
+    AwaitHello,
     AwaitAuth {
-        nonce: [u8; MAC_BYTES],
         peer_nonce: [u8; MAC_BYTES],
+        peer_node: NodeId,
+        peer_last_seq: Seq,
+        /// The position our HELLO told the peer; the session starts from it.
+        told: Seq,
     },
-    Ready,
+    /// Refused: the REFUSE waits in `out`, the driver closes after sending it.
+    Refused,
+}
+
+/// A connection that has not authenticated: it owns nothing but its own frames.
+#[derive(Debug)]
+struct Handshake {
+    conn: ConnId,
+    nonce: [u8; MAC_BYTES],
+    deadline_ns: u64,
+    state: HandshakeState,
+    /// At most a HELLO and a REFUSE.
+    out: VecDeque<Frame>,
+}
+
+/// The authenticated connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Session {
+    conn: ConnId,
+    node: NodeId,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -183,7 +250,9 @@ pub struct TargetStatus {
 #[derive(Debug)]
 pub struct Target {
     cfg: TargetConfig,
-    conn: Conn,
+    session: Option<Session>,
+    handshakes: Vec<Handshake>,
+    closing: VecDeque<(ConnId, CloseReason)>,
     log: VecDeque<Entry>,
     log_bytes: usize,
     applying: VecDeque<Seq>,
@@ -214,7 +283,9 @@ impl Target {
         let locks = LockTable::new(cfg.local_locks_max);
         Target {
             cfg,
-            conn: Conn::Idle,
+            session: None,
+            handshakes: Vec::new(),
+            closing: VecDeque::new(),
             log: VecDeque::new(),
             log_bytes: 0,
             applying: VecDeque::new(),
@@ -246,18 +317,87 @@ impl Target {
         &self.cfg
     }
 
-    /// A new connection (the previous one, if any, is gone). `nonce` must be fresh and random.
-    ///
-    /// Entries not yet handed to the driver are dropped: the source resends them.
-    pub fn on_connect(&mut self, nonce: [u8; MAC_BYTES]) {
-        self.drop_connection_state();
-        self.conn = Conn::AwaitHello { nonce };
+    /// A new connection, accepted at `now_ns`. `nonce` must be fresh and random. Nothing of the
+    /// target's state changes until the connection authenticates. Refused with Busy (a REFUSE is
+    /// queued for it) when [`TargetConfig::handshakes_max`] handshakes are already in flight.
+    pub fn on_connect(
+        &mut self,
+        conn: ConnId,
+        nonce: [u8; MAC_BYTES],
+        now_ns: u64,
+    ) -> Result<(), TargetError> {
+        let full = self.handshakes.len() >= self.cfg.handshakes_max;
+        self.handshakes.push(Handshake {
+            conn,
+            nonce,
+            deadline_ns: now_ns.saturating_add(self.cfg.handshake_timeout_ns),
+            state: HandshakeState::AwaitHello,
+            out: VecDeque::new(),
+        });
+        if full {
+            let last = self.handshakes.len() - 1;
+            return Self::refuse_handshake(&mut self.handshakes[last], RefuseReason::Busy);
+        }
+        Ok(())
     }
 
-    /// The connection is gone.
-    pub fn on_disconnect(&mut self) {
-        self.drop_connection_state();
-        self.conn = Conn::Idle;
+    /// A connection is gone. If it was the session, entries not yet handed to the driver are
+    /// dropped: the source resends them.
+    pub fn on_disconnect(&mut self, conn: ConnId) {
+        self.handshakes.retain(|h| h.conn != conn);
+        self.closing.retain(|(c, _)| *c != conn);
+        if self.session.is_some_and(|s| s.conn == conn) {
+            self.drop_connection_state();
+            self.session = None;
+        }
+    }
+
+    /// The next connection the driver must close (after sending what [`Self::poll_transmit`]
+    /// still has for it), and why.
+    pub fn poll_close(&mut self) -> Option<(ConnId, CloseReason)> {
+        self.closing.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called, if any deadline is pending.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.handshakes.iter().map(|h| h.deadline_ns).min()
+    }
+
+    /// Time has reached `now_ns`: handshakes past their deadline (refused ones whose driver has
+    /// not closed them included) are forgotten, their slots free, and their connections are to
+    /// be closed ([`Self::poll_close`]).
+    pub fn handle_timeout(&mut self, now_ns: u64) {
+        let closing = &mut self.closing;
+        self.handshakes.retain(|h| {
+            let expired = h.deadline_ns <= now_ns;
+            if expired {
+                closing.push_back((h.conn, CloseReason::HandshakeTimeout));
+            }
+            !expired
+        });
+    }
+
+    /// The authenticated connection, if any.
+    #[must_use]
+    pub fn session(&self) -> Option<ConnId> {
+        self.session.map(|s| s.conn)
+    }
+
+    /// Whether the engine still has a use for `conn`: it is the session, or a handshake that was
+    /// neither refused nor timed out. Once false, the driver sends what [`Self::poll_transmit`]
+    /// still has for it (a REFUSE, say) and closes it.
+    #[must_use]
+    pub fn is_open(&self, conn: ConnId) -> bool {
+        self.is_session(conn)
+            || self
+                .handshakes
+                .iter()
+                .any(|h| h.conn == conn && h.state != HandshakeState::Refused)
+    }
+
+    fn is_session(&self, conn: ConnId) -> bool {
+        self.session.is_some_and(|s| s.conn == conn)
     }
 
     fn drop_connection_state(&mut self) {
@@ -279,10 +419,10 @@ impl Target {
         self.applying.back().copied().unwrap_or(self.applied)
     }
 
-    /// Whether a source is authenticated on the current connection.
+    /// Whether a source is authenticated.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.conn == Conn::Ready
+        self.session.is_some()
     }
 
     /// Whether the commit log has room for an operation carrying `payload_bytes`. A driver stops
@@ -304,11 +444,11 @@ impl Target {
 
     /// A frame that failed to decode. A corrupted write payload (intact header) is answered with
     /// NAK and the stream goes on; anything else ends the connection.
-    pub fn handle_wire_error(&mut self, err: &WireError) -> Result<(), TargetError> {
+    pub fn handle_wire_error(&mut self, conn: ConnId, err: &WireError) -> Result<(), TargetError> {
         let Some((seq, epoch)) = err.nak_seq() else {
             return Err(TargetError::Wire(err.clone()));
         };
-        if self.conn != Conn::Ready {
+        if !self.is_session(conn) {
             return Err(TargetError::Wire(err.clone()));
         }
         if epoch < self.epoch {
@@ -367,9 +507,12 @@ impl Target {
         self.update_received();
     }
 
-    /// One decoded frame from the source. On a protocol violation a REFUSE is queued before the
-    /// error is returned, so the peer learns why it is disconnected.
-    pub fn handle_frame(&mut self, frame: Frame) -> Result<(), TargetError> {
+    /// One decoded frame from connection `conn`. On a protocol violation a REFUSE is queued
+    /// before the error is returned, so the peer learns why it is disconnected.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame) -> Result<(), TargetError> {
+        if !self.is_session(conn) {
+            return self.handle_handshake_frame(conn, frame);
+        }
         let result = self.handle_frame_inner(frame);
         if let Err(TargetError::Protocol(_)) = &result {
             let refusal = Frame::Refuse {
@@ -382,43 +525,145 @@ impl Target {
         result
     }
 
+    /// A frame of a connection that has not authenticated. Nothing here changes the target's
+    /// state before the AUTH verified.
+    fn handle_handshake_frame(&mut self, conn: ConnId, frame: Frame) -> Result<(), TargetError> {
+        let Some(index) = self.handshakes.iter().position(|h| h.conn == conn) else {
+            return Err(TargetError::Protocol(format!(
+                "connection {conn} is neither in its handshake nor the session"
+            )));
+        };
+        let told = self.last_handed_out();
+        let h = &mut self.handshakes[index];
+        match (h.state, frame) {
+            (_, Frame::Pong { .. }) => Ok(()),
+            (HandshakeState::AwaitHello, Frame::Hello(hello)) => {
+                if hello.volume_id != self.cfg.volume_id {
+                    return Self::refuse_handshake(h, RefuseReason::WrongVolume);
+                }
+                if hello.volume_bytes != self.cfg.volume_bytes
+                    || hello.block_bytes != self.cfg.block_bytes
+                {
+                    return Self::refuse_handshake(h, RefuseReason::Geometry);
+                }
+                let mac = auth::sign(
+                    &self.cfg.secret,
+                    Signer::Target,
+                    &hello.nonce,
+                    &h.nonce,
+                    &self.cfg.volume_id,
+                );
+                h.out.push_back(Frame::Hello(Hello {
+                    volume_id: self.cfg.volume_id,
+                    node_id: self.cfg.node_id,
+                    generation: self.cfg.generation,
+                    last_seq: told,
+                    volume_bytes: self.cfg.volume_bytes,
+                    block_bytes: self.cfg.block_bytes,
+                    nonce: h.nonce,
+                    mac,
+                }));
+                h.state = HandshakeState::AwaitAuth {
+                    peer_nonce: hello.nonce,
+                    peer_node: hello.node_id,
+                    peer_last_seq: hello.last_seq,
+                    told,
+                };
+                Ok(())
+            }
+            (
+                HandshakeState::AwaitAuth {
+                    peer_nonce,
+                    peer_node,
+                    peer_last_seq,
+                    told,
+                },
+                Frame::Auth { mac },
+            ) => {
+                let ok = auth::verify(
+                    &self.cfg.secret,
+                    Signer::Source,
+                    &h.nonce,
+                    &peer_nonce,
+                    &self.cfg.volume_id,
+                    &mac,
+                );
+                if !ok {
+                    return Self::refuse_handshake(h, RefuseReason::BadAuth);
+                }
+                self.admit(index, peer_node, peer_last_seq, told)
+            }
+            (HandshakeState::Refused, _) => Err(TargetError::Protocol(format!(
+                "connection {conn} sent a frame after it was refused"
+            ))),
+            (_, _) => {
+                h.out.push_back(Frame::Refuse {
+                    reason: RefuseReason::Protocol,
+                });
+                h.state = HandshakeState::Refused;
+                Err(TargetError::Protocol(
+                    "peer sent a frame before authentication".into(),
+                ))
+            }
+        }
+    }
+
+    fn refuse_handshake(h: &mut Handshake, reason: RefuseReason) -> Result<(), TargetError> {
+        h.out.push_back(Frame::Refuse { reason });
+        h.state = HandshakeState::Refused;
+        Err(TargetError::Refused(reason))
+    }
+
+    /// The handshake at `index` authenticated: it becomes the session, or is refused with Busy
+    /// when another node holds the session, or when the target moved since our HELLO (a replaced
+    /// session of the same node was still handing out operations; the source retries).
+    fn admit(
+        &mut self,
+        index: usize,
+        node: NodeId,
+        peer_last_seq: Seq,
+        told: Seq,
+    ) -> Result<(), TargetError> {
+        if let Some(old) = self.session {
+            if old.node != node {
+                return Self::refuse_handshake(&mut self.handshakes[index], RefuseReason::Busy);
+            }
+            self.drop_connection_state();
+            self.session = None;
+            self.closing.push_back((old.conn, CloseReason::Replaced));
+        }
+        if self.last_handed_out() != told {
+            return Self::refuse_handshake(&mut self.handshakes[index], RefuseReason::Busy);
+        }
+        let h = self.handshakes.swap_remove(index);
+        self.out = h.out;
+        if let Some(until) = self.inconsistent_until {
+            // The source's last sequence number bounds what must be re-applied.
+            self.inconsistent_until = Some(until.min(peer_last_seq));
+            self.check_consistent();
+        }
+        self.session = Some(Session { conn: h.conn, node });
+        self.ack_dirty = true;
+        Ok(())
+    }
+
     fn handle_frame_inner(&mut self, frame: Frame) -> Result<(), TargetError> {
-        match (self.conn, frame) {
-            (Conn::Ready, Frame::Ping { token }) => {
+        match frame {
+            Frame::Ping { token } => {
                 // A peer that pings faster than it reads loses PONGs, not memory.
                 if self.out.len() < OUT_FRAMES_MAX + self.cfg.commit_log_entries_max {
                     self.out.push_back(Frame::Pong { token });
                 }
                 Ok(())
             }
-            (_, Frame::Pong { .. }) => Ok(()),
-            (Conn::AwaitHello { nonce }, Frame::Hello(hello)) => self.on_hello(nonce, &hello),
-            (Conn::AwaitAuth { nonce, peer_nonce }, Frame::Auth { mac }) => {
-                let ok = auth::verify(
-                    &self.cfg.secret,
-                    Signer::Source,
-                    &nonce,
-                    &peer_nonce,
-                    &self.cfg.volume_id,
-                    &mac,
-                );
-                if !ok {
-                    return self.refuse(RefuseReason::BadAuth);
-                }
-                self.conn = Conn::Ready;
-                self.ack_dirty = true;
-                Ok(())
-            }
-            (
-                Conn::Ready,
-                Frame::Lock {
-                    seq,
-                    epoch,
-                    lba,
-                    len_bytes,
-                    want_grant,
-                },
-            ) => {
+            Frame::Pong { .. } => Ok(()),
+            Frame::Lock {
+                seq,
+                epoch,
+                lba,
+                len_bytes,
+                want_grant,
+            } => {
                 if !self.accept_epoch(seq, epoch)? {
                     return Ok(());
                 }
@@ -435,15 +680,12 @@ impl Target {
                 }
                 self.new_entry(seq, Some(range), want_grant, None)
             }
-            (
-                Conn::Ready,
-                Frame::Op {
-                    seq,
-                    epoch,
-                    op,
-                    ack_on_receipt,
-                },
-            ) => {
+            Frame::Op {
+                seq,
+                epoch,
+                op,
+                ack_on_receipt,
+            } => {
                 if !self.accept_epoch(seq, epoch)? {
                     return Ok(());
                 }
@@ -470,14 +712,7 @@ impl Target {
                 }
                 self.new_entry(seq, range, false, Some(op))
             }
-            (conn, frame) => {
-                let what = match conn {
-                    Conn::Ready => "a frame only a target sends",
-                    _ => "a frame before authentication",
-                };
-                let _ = frame;
-                self.refuse_protocol(what)
-            }
+            _ => self.refuse_protocol("a frame a source does not send in a session"),
         }
     }
 
@@ -519,53 +754,11 @@ impl Target {
         Ok(())
     }
 
-    fn refuse(&mut self, reason: RefuseReason) -> Result<(), TargetError> {
-        self.out.push_back(Frame::Refuse { reason });
-        Err(TargetError::Refused(reason))
-    }
-
     fn refuse_protocol(&mut self, what: &str) -> Result<(), TargetError> {
         self.out.push_back(Frame::Refuse {
             reason: RefuseReason::Protocol,
         });
         Err(TargetError::Protocol(format!("peer sent {what}")))
-    }
-
-    fn on_hello(&mut self, nonce: [u8; MAC_BYTES], hello: &Hello) -> Result<(), TargetError> {
-        if hello.volume_id != self.cfg.volume_id {
-            return self.refuse(RefuseReason::WrongVolume);
-        }
-        if hello.volume_bytes != self.cfg.volume_bytes || hello.block_bytes != self.cfg.block_bytes
-        {
-            return self.refuse(RefuseReason::Geometry);
-        }
-        if let Some(until) = self.inconsistent_until {
-            // The source's last sequence number bounds what must be re-applied.
-            self.inconsistent_until = Some(until.min(hello.last_seq));
-            self.check_consistent();
-        }
-        let mac = auth::sign(
-            &self.cfg.secret,
-            Signer::Target,
-            &hello.nonce,
-            &nonce,
-            &self.cfg.volume_id,
-        );
-        self.out.push_back(Frame::Hello(Hello {
-            volume_id: self.cfg.volume_id,
-            node_id: self.cfg.node_id,
-            generation: self.cfg.generation,
-            last_seq: self.last_handed_out(),
-            volume_bytes: self.cfg.volume_bytes,
-            block_bytes: self.cfg.block_bytes,
-            nonce,
-            mac,
-        }));
-        self.conn = Conn::AwaitAuth {
-            nonce,
-            peer_nonce: hello.nonce,
-        };
-        Ok(())
     }
 
     /// Decides whether a data frame of `epoch` is processed (true), silently dropped (false), or
@@ -852,12 +1045,16 @@ impl Target {
         }
     }
 
-    /// The next frame to send to the source.
-    pub fn poll_transmit(&mut self) -> Option<Frame> {
+    /// The next frame to send on connection `conn`.
+    pub fn poll_transmit(&mut self, conn: ConnId) -> Option<Frame> {
+        if !self.is_session(conn) {
+            let h = self.handshakes.iter_mut().find(|h| h.conn == conn)?;
+            return h.out.pop_front();
+        }
         if let Some(frame) = self.out.pop_front() {
             return Some(frame);
         }
-        if self.ack_dirty && self.conn == Conn::Ready {
+        if self.ack_dirty {
             self.ack_dirty = false;
             return Some(Frame::Ack {
                 received: self.received,
@@ -889,7 +1086,7 @@ impl Target {
     #[must_use]
     pub fn status(&self) -> TargetStatus {
         TargetStatus {
-            connected: self.conn == Conn::Ready,
+            connected: self.session.is_some(),
             received: self.received,
             applied: self.applied,
             durable: self.durable,
@@ -916,41 +1113,53 @@ mod tests {
     use bytes::Bytes;
 
     const VOLUME_BYTES: u64 = 1 << 20;
+    const C: ConnId = ConnId(1);
 
-    fn pair(mode: Mode) -> (Source, Target) {
-        let (id, secret) = (VolumeId([7; 16]), b"s".to_vec());
-        let mut source = Source::new(SourceConfig {
-            volume_id: id,
-            node_id: NodeId(1),
+    fn new_source(mode: Mode, node: u64) -> Source {
+        Source::new(SourceConfig {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(node),
             generation: Generation(1),
             volume_bytes: VOLUME_BYTES,
             block_bytes: 4096,
-            secret: secret.clone(),
+            secret: b"s".to_vec(),
             mode,
             flush_replicates: false,
             lock_style: LockStyle::Implied,
             log_bytes_max: 1 << 20,
             log_entries_max: 64,
-        });
-        let mut target = Target::new(
+        })
+    }
+
+    fn new_target(restored: Restored) -> Target {
+        Target::new(
             TargetConfig {
-                volume_id: id,
+                volume_id: VolumeId([7; 16]),
                 node_id: NodeId(2),
                 generation: Generation(1),
                 volume_bytes: VOLUME_BYTES,
                 block_bytes: 4096,
-                secret,
+                secret: b"s".to_vec(),
                 conflict_policy: ConflictPolicy::Wait,
                 commit_log_bytes_max: 1 << 20,
                 commit_log_entries_max: 64,
                 local_locks_max: 4,
+                handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
+                handshakes_max: HANDSHAKES_MAX_DEFAULT,
             },
-            Restored {
-                durable: Seq::NONE,
-                clean: true,
-            },
-        );
-        target.on_connect([1; MAC_BYTES]);
+            restored,
+        )
+    }
+
+    const FRESH: Restored = Restored {
+        durable: Seq::NONE,
+        clean: true,
+    };
+
+    fn pair(mode: Mode) -> (Source, Target) {
+        let mut source = new_source(mode, 1);
+        let mut target = new_target(FRESH);
+        target.on_connect(C, [1; MAC_BYTES], 0).unwrap();
         source.on_connect([2; MAC_BYTES]);
         let acks = exchange(&mut source, &mut target);
         assert!(target.is_ready(), "handshake");
@@ -965,27 +1174,241 @@ mod tests {
     /// Moves frames both ways, through the codec, until both are quiet. Returns the ACKs the
     /// target sent as (received, durable).
     fn exchange(source: &mut Source, target: &mut Target) -> Vec<(Seq, Seq)> {
+        exchange_on(source, target, C).unwrap()
+    }
+
+    /// [`exchange`] on connection `conn`; the first error either side reports ends it.
+    fn exchange_on(
+        source: &mut Source,
+        target: &mut Target,
+        conn: ConnId,
+    ) -> Result<Vec<(Seq, Seq)>, String> {
         let mut acks = Vec::new();
         for _ in 0..16 {
             let mut moved = false;
             while let Some(frame) = source.poll_transmit() {
                 let bytes = frame.encode().to_vec();
                 let (decoded, _) = decode(&bytes).unwrap().unwrap();
-                target.handle_frame(decoded).unwrap();
+                target
+                    .handle_frame(conn, decoded)
+                    .map_err(|e| format!("target: {e}"))?;
                 moved = true;
             }
-            while let Some(frame) = target.poll_transmit() {
+            while let Some(frame) = target.poll_transmit(conn) {
                 if let Frame::Ack { received, durable } = frame {
                     acks.push((received, durable));
                 }
-                source.handle_frame(frame).unwrap();
+                source
+                    .handle_frame(frame)
+                    .map_err(|e| format!("source: {e}"))?;
                 moved = true;
             }
             if !moved {
                 break;
             }
         }
-        acks
+        Ok(acks)
+    }
+
+    fn write(source: &mut Source, block: u64) -> Seq {
+        let op = Op::Write {
+            lba: Lba(8 * block),
+            data: Bytes::from(vec![0x3c; 4096]),
+        };
+        source.submit(op, 1).unwrap()
+    }
+
+    /// A HELLO as anyone who knows the volume's id and geometry (not the secret) can send it.
+    fn forged_hello(last_seq: Seq) -> Frame {
+        Frame::Hello(Hello {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(1),
+            generation: Generation(1),
+            last_seq,
+            volume_bytes: VOLUME_BYTES,
+            block_bytes: 4096,
+            nonce: [9; MAC_BYTES],
+            mac: [0; MAC_BYTES],
+        })
+    }
+
+    /// Item 9a: before this fix the forged HELLO alone cleared "inconsistent" (the HELLO's
+    /// `last_seq` 0 bounded the resend that an unclean restart needs).
+    #[test]
+    fn an_unauthenticated_hello_changes_nothing() {
+        let mut target = new_target(Restored {
+            durable: Seq(5),
+            clean: false,
+        });
+        let before = target.status();
+        assert!(!before.consistent);
+        let intruder = ConnId(9);
+        target.on_connect(intruder, [1; MAC_BYTES], 0).unwrap();
+        target
+            .handle_frame(intruder, forged_hello(Seq::NONE))
+            .unwrap();
+        assert!(matches!(
+            target.poll_transmit(intruder),
+            Some(Frame::Hello(_))
+        ));
+        assert_eq!(
+            target.handle_frame(
+                intruder,
+                Frame::Auth {
+                    mac: [0; MAC_BYTES]
+                }
+            ),
+            Err(TargetError::Refused(RefuseReason::BadAuth))
+        );
+        assert_eq!(
+            target.poll_transmit(intruder),
+            Some(Frame::Refuse {
+                reason: RefuseReason::BadAuth
+            })
+        );
+        target.on_disconnect(intruder);
+        assert_eq!(target.status(), before);
+
+        // The real source's HELLO, once authenticated, bounds the resend: consistent again once
+        // its last seq (7) is durable.
+        let mut source = new_source(Mode::Sync, 1);
+        for block in 0..7 {
+            write(&mut source, block);
+        }
+        source.on_connect([2; MAC_BYTES]);
+        target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+        exchange(&mut source, &mut target);
+        for want in [6, 7] {
+            assert!(!target.status().consistent);
+            let apply = target.poll_apply().unwrap();
+            assert_eq!(apply.seq, Seq(want));
+            target.handle_applied(apply.seq);
+            target.handle_durable(apply.seq);
+        }
+        assert!(target.status().consistent);
+    }
+
+    /// Item 9b: a silent connection neither takes the session nor outlives its deadline, and
+    /// handshakes in flight are bounded.
+    #[test]
+    fn a_silent_connection_blocks_nobody() {
+        let mut target = new_target(FRESH);
+        let silent = ConnId(9);
+        target.on_connect(silent, [1; MAC_BYTES], 0).unwrap();
+        let mut source = new_source(Mode::Sync, 1);
+        source.on_connect([2; MAC_BYTES]);
+        target.on_connect(C, [3; MAC_BYTES], 10).unwrap();
+        exchange_on(&mut source, &mut target, C).unwrap();
+        assert_eq!(target.session(), Some(C));
+
+        assert_eq!(target.poll_timeout(), Some(HANDSHAKE_TIMEOUT_NS_DEFAULT));
+        target.handle_timeout(HANDSHAKE_TIMEOUT_NS_DEFAULT - 1);
+        assert_eq!(target.poll_close(), None);
+        target.handle_timeout(HANDSHAKE_TIMEOUT_NS_DEFAULT);
+        assert_eq!(
+            target.poll_close(),
+            Some((silent, CloseReason::HandshakeTimeout))
+        );
+        assert_eq!(target.poll_timeout(), None);
+        assert_eq!(target.session(), Some(C), "the session is not timed out");
+
+        let now = HANDSHAKE_TIMEOUT_NS_DEFAULT;
+        for i in 0..HANDSHAKES_MAX_DEFAULT as u64 {
+            target
+                .on_connect(ConnId(100 + i), [1; MAC_BYTES], now)
+                .unwrap();
+        }
+        let over = ConnId(200);
+        assert_eq!(
+            target.on_connect(over, [1; MAC_BYTES], now),
+            Err(TargetError::Refused(RefuseReason::Busy))
+        );
+        assert_eq!(
+            target.poll_transmit(over),
+            Some(Frame::Refuse {
+                reason: RefuseReason::Busy
+            })
+        );
+        target.on_disconnect(over);
+        target.handle_timeout(now + HANDSHAKE_TIMEOUT_NS_DEFAULT);
+        let closed = std::iter::from_fn(|| target.poll_close()).count();
+        assert_eq!(closed, HANDSHAKES_MAX_DEFAULT);
+        target.on_connect(ConnId(300), [1; MAC_BYTES], now).unwrap();
+    }
+
+    /// Item 9c: the source reconnects while its old connection is still open on the target (a
+    /// lost FIN): the new session replaces the stale one. Another node gets Busy.
+    #[test]
+    fn a_reconnect_replaces_its_own_stale_session() {
+        let (mut source, mut target) = pair(Mode::Sync);
+        let seq = write(&mut source, 0);
+        exchange(&mut source, &mut target);
+        let apply = target.poll_apply().unwrap();
+        target.handle_applied(apply.seq);
+        target.handle_durable(apply.seq);
+        exchange(&mut source, &mut target);
+        assert_eq!(source.poll_completion(), Some(seq));
+
+        // The source saw the link die; the target did not.
+        source.on_disconnect();
+        let second = write(&mut source, 1);
+        let fresh = ConnId(2);
+        source.on_connect([4; MAC_BYTES]);
+        target.on_connect(fresh, [5; MAC_BYTES], 0).unwrap();
+        exchange_on(&mut source, &mut target, fresh).unwrap();
+        assert_eq!(target.session(), Some(fresh));
+        assert_eq!(target.poll_close(), Some((C, CloseReason::Replaced)));
+        assert_eq!(target.status().received, second);
+        assert!(
+            target.handle_frame(C, Frame::Ping { token: 1 }).is_err(),
+            "the replaced connection is dead"
+        );
+
+        let mut other = new_source(Mode::Sync, 3);
+        other.on_connect([6; MAC_BYTES]);
+        let third = ConnId(3);
+        target.on_connect(third, [7; MAC_BYTES], 0).unwrap();
+        let refused = exchange_on(&mut other, &mut target, third);
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(
+            target.session(),
+            Some(fresh),
+            "another node does not replace it"
+        );
+    }
+
+    /// A replaced session's operations were still being handed out after our HELLO told the new
+    /// connection where the target stands: the new one is refused with Busy, and its retry works.
+    #[test]
+    fn a_replacement_that_raced_the_old_session_retries() {
+        let (mut old, mut target) = pair(Mode::Sync);
+        // The same node after a restart, say: its log has the write the old connection carries.
+        let mut new = new_source(Mode::Sync, 1);
+        write(&mut new, 0);
+        new.on_connect([4; MAC_BYTES]);
+        let fresh = ConnId(2);
+        target.on_connect(fresh, [5; MAC_BYTES], 0).unwrap();
+        let hello = new.poll_transmit().unwrap();
+        target.handle_frame(fresh, hello).unwrap();
+        let ours = target.poll_transmit(fresh).unwrap();
+        new.handle_frame(ours).unwrap();
+        // Meanwhile the old connection delivers a write that is handed out.
+        write(&mut old, 0);
+        exchange(&mut old, &mut target);
+        assert!(target.poll_apply().is_some());
+        let auth = new.poll_transmit().unwrap();
+        assert_eq!(
+            target.handle_frame(fresh, auth),
+            Err(TargetError::Refused(RefuseReason::Busy))
+        );
+        assert_eq!(target.poll_close(), Some((C, CloseReason::Replaced)));
+        target.on_disconnect(fresh);
+        assert_eq!(target.session(), None);
+        new.on_disconnect();
+        new.on_connect([6; MAC_BYTES]);
+        target.on_connect(ConnId(3), [7; MAC_BYTES], 0).unwrap();
+        exchange_on(&mut new, &mut target, ConnId(3)).unwrap();
+        assert_eq!(target.session(), Some(ConnId(3)));
     }
 
     /// The daemon checksums a write on its capture thread ([`SummedOp`]); the source's data
@@ -1012,11 +1435,11 @@ mod tests {
                 }
                 let (back, _) = decode(&frame.encode().to_vec()).unwrap().unwrap();
                 assert_eq!(back, frame, "{mode:?}");
-                target.handle_frame(back).unwrap();
+                target.handle_frame(C, back).unwrap();
                 sent += 1;
                 if mode == Mode::LockThenWrite {
                     // Grants come back before the WRITEs go.
-                    while let Some(f) = target.poll_transmit() {
+                    while let Some(f) = target.poll_transmit(C) {
                         src.handle_frame(f).unwrap();
                     }
                 }

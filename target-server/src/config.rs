@@ -76,6 +76,10 @@ pub struct Cli {
     /// Close a connection that sends nothing for this many seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout_secs: Option<u64>,
+    /// Close a connection that has not authenticated this many seconds after it was accepted
+    /// [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 /// The configuration file: the flags' keys in snake_case (without `config`).
@@ -104,6 +108,8 @@ pub struct FileConfig {
     pub meta: Option<PathBuf>,
     /// See [`Cli::idle_timeout_secs`].
     pub idle_timeout_secs: Option<u64>,
+    /// See [`Cli::handshake_timeout_secs`].
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 /// A configuration that cannot be used. The message is one line.
@@ -276,6 +282,14 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
         }
         cfg.idle_timeout = Duration::from_secs(secs);
     }
+    if let Some(secs) = cli.handshake_timeout_secs.or(file.handshake_timeout_secs) {
+        if secs == 0 || secs > 3_600 {
+            return Err(ConfigError::Invalid(format!(
+                "handshake timeout of {secs} s is out of range (1 to 3600)"
+            )));
+        }
+        cfg.handshake_timeout = Duration::from_secs(secs);
+    }
     Ok(cfg)
 }
 
@@ -301,7 +315,7 @@ mod tests {
             format!(
                 "listen = \"127.0.0.1:9000\"\nvolume = \"vol.img\"\nvolume_id = \"{ID}\"\n\
                  secret_file = \"secret\"\nblock_bytes = 512\nconflict_policy = \"reject\"\n\
-                 node_id = 7\ncommit_log_bytes = \"2M\"\ncreate_size = 65536\nidle_timeout_secs = 5\n"
+                 node_id = 7\ncommit_log_bytes = \"2M\"\ncreate_size = 65536\nidle_timeout_secs = 5\nhandshake_timeout_secs = 2\n"
             ),
         )
         .unwrap();
@@ -321,6 +335,7 @@ mod tests {
         assert_eq!(cfg.commit_log_bytes_max, 2 << 20);
         assert_eq!(cfg.create_bytes, Some(65536));
         assert_eq!(cfg.idle_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.handshake_timeout, Duration::from_secs(2));
         assert_eq!(cfg.volume_id.to_string(), ID.replace('-', ""));
     }
 
@@ -377,6 +392,13 @@ mod tests {
                     ..base.clone()
                 },
                 "out of range",
+            ),
+            (
+                Cli {
+                    handshake_timeout_secs: Some(0),
+                    ..base.clone()
+                },
+                "handshake timeout of 0 s is out of range",
             ),
             (
                 Cli {

@@ -1,20 +1,23 @@
-//! The server's tasks: the accept loop, one session (reader and writer) per connection, the applier,
-//! and the local lock API. They share the engine behind a mutex that is only held for engine calls,
-//! never across I/O.
+//! The server's tasks: the accept loop (which also runs the engine's handshake timer), one reader
+//! and one writer per connection, the applier, and the local lock API. They share the engine behind
+//! a mutex that is only held for engine calls, never across I/O. The engine decides which
+//! connection is the session; a connection it is done with ([`Target::is_open`]) is closed by its
+//! writer.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::target::{
-    Apply, ConflictPolicy, Restored, Target, TargetConfig, TargetError, TargetStatus,
+    Apply, ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetError, TargetStatus,
+    HANDSHAKES_MAX_DEFAULT,
 };
-use mirror_core::wire::{self, Frame, Kind, RefuseReason, HEADER_BYTES, MAC_BYTES};
+use mirror_core::wire::{self, Kind, HEADER_BYTES, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Range, Seq, VolumeId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -32,6 +35,12 @@ pub const COMMIT_LOG_BYTES_DEFAULT: usize = 64 << 20;
 pub const COMMIT_LOG_ENTRIES_DEFAULT: usize = 16 << 10;
 /// Default idle timeout: a connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default handshake timeout: a connection not authenticated this long after accept is closed.
+pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration =
+    Duration::from_nanos(mirror_core::target::HANDSHAKE_TIMEOUT_NS_DEFAULT);
+/// Connections open at once (handshakes, the session, and refused ones still closing); beyond it
+/// an accepted connection is closed at once.
+const CONNECTIONS_MAX: usize = 4 * HANDSHAKES_MAX_DEFAULT + 4;
 /// Largest read a local lock holder may make at once.
 pub const READ_BYTES_MAX: usize = 64 << 20;
 /// Payload bytes the reader takes in before it lets the applier run (see `read_loop`).
@@ -80,6 +89,8 @@ pub struct ServerConfig {
     pub commit_log_entries_max: usize,
     /// Close a connection that sends nothing for this long.
     pub idle_timeout: Duration,
+    /// Close a connection that has not authenticated this long after it was accepted.
+    pub handshake_timeout: Duration,
     /// How long a local lock holder retries while the mirror holds its region.
     pub local_lock_timeout: Duration,
 }
@@ -101,6 +112,7 @@ impl ServerConfig {
             commit_log_bytes_max: COMMIT_LOG_BYTES_DEFAULT,
             commit_log_entries_max: COMMIT_LOG_ENTRIES_DEFAULT,
             idle_timeout: IDLE_TIMEOUT_DEFAULT,
+            handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
             local_lock_timeout: Duration::from_secs(10),
         }
     }
@@ -181,13 +193,19 @@ struct Shared {
     local_lock_timeout: Duration,
     /// Something may be ready to apply.
     apply_wake: Notify,
-    /// Frames may be waiting to be sent.
+    /// Frames may be waiting to be sent, or a connection may have been closed by the engine:
+    /// every writer looks (`notify_waiters`).
     tx_wake: Notify,
     /// The commit log may have room again.
     room_wake: Notify,
     /// The writer has caught up.
     drained_wake: Notify,
+    /// Frames the session's reader handled since its writer last caught up.
     unsent_inputs: AtomicUsize,
+    /// Connections open now (see [`CONNECTIONS_MAX`]).
+    connections: AtomicUsize,
+    /// The engine's clock: nanoseconds since this instant.
+    epoch_instant: Instant,
     shutdown: watch::Sender<bool>,
 }
 
@@ -196,6 +214,15 @@ impl Shared {
         // The engine is never left half-updated by a panic of ours (it asserts before mutating),
         // so a poisoned lock still holds a usable engine.
         self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch_instant.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Wakes every writer (see `tx_wake`).
+    fn wake_writers(&self) {
+        self.tx_wake.notify_waiters();
     }
 
     fn meta(&self, durable: Seq, clean: bool) -> Meta {
@@ -241,9 +268,12 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             wire::PAYLOAD_BYTES_MAX
         )));
     }
-    if cfg.commit_log_entries_max == 0 || cfg.idle_timeout.is_zero() {
+    if cfg.commit_log_entries_max == 0
+        || cfg.idle_timeout.is_zero()
+        || cfg.handshake_timeout.is_zero()
+    {
         return Err(ServerError::Config(
-            "commit log entries and idle timeout must be positive".into(),
+            "commit log entries, idle timeout and handshake timeout must be positive".into(),
         ));
     }
     let (volume, created) = open_volume(&cfg)?;
@@ -281,6 +311,8 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         room_wake: Notify::new(),
         drained_wake: Notify::new(),
         unsent_inputs: AtomicUsize::new(0),
+        connections: AtomicUsize::new(0),
+        epoch_instant: Instant::now(),
         shutdown,
     });
     let listener = TcpListener::bind(cfg.listen)
@@ -419,6 +451,8 @@ fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {
         commit_log_bytes_max: cfg.commit_log_bytes_max,
         commit_log_entries_max: cfg.commit_log_entries_max,
         local_locks_max: LOCAL_LOCKS_MAX,
+        handshake_timeout_ns: u64::try_from(cfg.handshake_timeout.as_nanos()).unwrap_or(u64::MAX),
+        handshakes_max: HANDSHAKES_MAX_DEFAULT,
     }
 }
 
@@ -570,7 +604,7 @@ impl RegionLock {
         if let Some(id) = self.id.take() {
             self.shared.target().unlock_local(id);
             self.shared.apply_wake.notify_one();
-            self.shared.tx_wake.notify_one();
+            self.shared.wake_writers();
         }
     }
 }
@@ -583,10 +617,30 @@ impl Drop for RegionLock {
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cmds: mpsc::Sender<Cmd>) {
     let mut stop = shared.shutdown.subscribe();
-    let mut session: Option<JoinHandle<()>> = None;
+    let next_conn = AtomicU64::new(1);
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
+        let deadline = shared.target().poll_timeout();
+        let timer = async {
+            match deadline {
+                Some(ns) => {
+                    let wait = Duration::from_nanos(ns.saturating_sub(shared.now_ns()));
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
+            () = timer => {
+                let mut target = shared.target();
+                target.handle_timeout(shared.now_ns());
+                log_closes(&mut target);
+                drop(target);
+                shared.wake_writers();
+                continue;
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -598,35 +652,38 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cmds: mpsc::Sen
                 continue;
             }
         };
-        if session.as_ref().is_some_and(|s| !s.is_finished()) {
-            info!(%peer, "refusing a second source: busy");
-            tokio::spawn(refuse_busy(stream));
+        if shared.connections.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
+            warn!(%peer, "closing a connection at once: {CONNECTIONS_MAX} are open");
             continue;
         }
-        session = Some(tokio::spawn(run_session(
+        let mut nonce = [0u8; MAC_BYTES];
+        if let Err(e) = getrandom::fill(&mut nonce) {
+            error!(%peer, "no OS randomness for a nonce: {e}");
+            continue;
+        }
+        let conn = ConnId(next_conn.fetch_add(1, Ordering::Relaxed));
+        let admitted = shared.target().on_connect(conn, nonce, shared.now_ns());
+        if let Err(e) = admitted {
+            info!(%peer, %conn, "refusing: {e}");
+        }
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        sessions.spawn(run_session(
             Arc::clone(&shared),
             stream,
             peer,
+            conn,
             cmds.clone(),
-        )));
+        ));
     }
     drop(listener);
-    if let Some(s) = session {
-        let _ = s.await;
-    }
+    while sessions.join_next().await.is_some() {}
 }
 
-async fn refuse_busy(mut stream: TcpStream) {
-    let frame = Frame::Refuse {
-        reason: RefuseReason::Busy,
+/// Logs the connections the engine is done with; their writers see it and close them.
+fn log_closes(target: &mut Target) {
+    while let Some((conn, why)) = target.poll_close() {
+        info!(%conn, "closing: {why}");
     }
-    .encode()
-    .to_vec();
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(&frame).await?;
-        stream.shutdown().await
-    })
-    .await;
 }
 
 /// Why a session ended.
@@ -638,6 +695,8 @@ enum Close {
     Wire(wire::WireError),
     Engine(TargetError),
     Shutdown,
+    /// The engine is done with the connection (refused, replaced, handshake timed out).
+    Dropped,
     WriterGone,
 }
 
@@ -645,39 +704,40 @@ async fn run_session(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
+    conn: ConnId,
     cmds: mpsc::Sender<Cmd>,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut nonce = [0u8; MAC_BYTES];
-    if let Err(e) = getrandom::fill(&mut nonce) {
-        error!(%peer, "no OS randomness for a nonce: {e}");
-        return;
-    }
-    shared.target().on_connect(nonce);
-    shared.unsent_inputs.store(0, Ordering::Relaxed);
-    info!(%peer, "source connected");
+    debug!(%peer, %conn, "connection accepted");
     let (rd, wr) = stream.into_split();
     // Frames are read through a buffer: one recv usually brings a header with its payload (and
     // often the next frames), instead of one recv per header and per payload.
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (closing_tx, closing_rx) = watch::channel(false);
-    let mut writer = tokio::spawn(write_loop(Arc::clone(&shared), wr, closing_rx));
+    let mut writer = tokio::spawn(write_loop(Arc::clone(&shared), conn, wr, closing_rx));
     let mut stop = shared.shutdown.subscribe();
     let close = tokio::select! {
-        close = read_loop(&shared, &mut rd) => close,
+        close = read_loop(&shared, conn, &mut rd) => close,
         _ = stop.wait_for(|s| *s) => Close::Shutdown,
-        _ = &mut writer => Close::WriterGone,
+        end = &mut writer => match end {
+            Ok(WriterEnd::Dropped) => Close::Dropped,
+            _ => Close::WriterGone,
+        },
     };
+    let was_session = shared.target().session() == Some(conn);
     match &close {
-        Close::PeerClosed => info!(%peer, "source closed the connection"),
-        Close::Idle => info!(%peer, "closing: nothing received for {:?}", shared.idle_timeout),
-        Close::Io(e) => info!(%peer, "closing: {e}"),
-        Close::Wire(e) => warn!(%peer, "closing: malformed frame: {e}"),
-        Close::Engine(e) => warn!(%peer, "closing: {e}"),
-        Close::Shutdown => info!(%peer, "closing: server shutting down"),
-        Close::WriterGone => info!(%peer, "closing: cannot send to the source"),
+        Close::PeerClosed => info!(%peer, %conn, "source closed the connection"),
+        Close::Idle => {
+            info!(%peer, %conn, "closing: nothing received for {:?}", shared.idle_timeout)
+        }
+        Close::Io(e) => info!(%peer, %conn, "closing: {e}"),
+        Close::Wire(e) => warn!(%peer, %conn, "closing: malformed frame: {e}"),
+        Close::Engine(e) => warn!(%peer, %conn, "closing: {e}"),
+        Close::Shutdown => info!(%peer, %conn, "closing: server shutting down"),
+        Close::Dropped => debug!(%peer, %conn, "closed"),
+        Close::WriterGone => info!(%peer, %conn, "closing: cannot send to the source"),
     }
-    if matches!(close, Close::Shutdown) {
+    if matches!(close, Close::Shutdown) && was_session {
         // Finish what is ready so the last acknowledgement tells the source where we stand.
         let (done_tx, done_rx) = oneshot::channel();
         if cmds.send(Cmd::Flush(done_tx)).await.is_ok() {
@@ -686,6 +746,7 @@ async fn run_session(
     }
     if !writer.is_finished() {
         closing_tx.send_replace(true);
+        shared.wake_writers();
         if tokio::time::timeout(CLOSE_GRACE, &mut writer)
             .await
             .is_err()
@@ -693,7 +754,7 @@ async fn run_session(
             writer.abort();
         }
     }
-    if matches!(close, Close::Engine(_) | Close::Wire(_)) {
+    if matches!(close, Close::Engine(_) | Close::Wire(_) | Close::Dropped) {
         // The writer has sent the REFUSE and a FIN. Read and drop what the peer had already sent,
         // briefly and boundedly: closing a socket with unread data resets the connection, and
         // the reset could reach the peer before it reads why it was refused.
@@ -707,9 +768,12 @@ async fn run_session(
             }
         }
     }
-    shared.target().on_disconnect();
-    shared.room_wake.notify_one();
-    shared.apply_wake.notify_one();
+    shared.target().on_disconnect(conn);
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    if was_session {
+        shared.room_wake.notify_one();
+        shared.apply_wake.notify_one();
+    }
 }
 
 /// Reads until `buf` is full (its `remaining_mut`). The idle timeout restarts with every chunk
@@ -749,7 +813,7 @@ fn carries_op(kind: Kind) -> bool {
     )
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
+async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, conn: ConnId, rd: &mut R) -> Close {
     let idle = shared.idle_timeout;
     // Payload bytes read since this task last let the others run (see the end of the loop).
     let mut unyielded = 0usize;
@@ -788,23 +852,25 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
             }
             Err(close) => return close,
         }
-        let result = {
+        let (result, is_session) = {
             let mut target = shared.target();
-            match wire::decode_body(&header, payload.freeze()) {
-                Ok(frame) => target.handle_frame(frame),
+            let result = match wire::decode_body(&header, payload.freeze()) {
+                Ok(frame) => target.handle_frame(conn, frame),
                 Err(e) => {
                     if e.nak_seq().is_some() {
                         debug!("corrupted payload: {e}");
                     }
-                    target.handle_wire_error(&e)
+                    target.handle_wire_error(conn, &e)
                 }
-            }
+            };
+            log_closes(&mut target);
+            (result, target.session() == Some(conn))
         };
         // The writer first: on this single-threaded runtime woken tasks run in the order they
         // were woken, so the acknowledgement (RECEIVED, in `received` mode the one the host
         // waits for) goes out before the applier hands the write to the I/O thread (a futex
         // wake-up, seen with strace on the ack's path when the applier was woken first).
-        shared.tx_wake.notify_one();
+        shared.wake_writers();
         shared.apply_wake.notify_one();
         // The applier runs on this thread too. While the socket always has data, this task
         // would not give it the thread until a read would block: with 512 KiB frames the
@@ -822,55 +888,81 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, rd: &mut R) -> Close {
                 other => Close::Engine(other),
             };
         }
-        // Bound what the engine queues for a peer that does not read its answers.
-        while shared.unsent_inputs.fetch_add(1, Ordering::Relaxed) >= UNSENT_INPUTS_MAX {
+        // Bound what the engine queues for a peer that does not read its answers. (A connection
+        // in its handshake queues at most two frames.)
+        while is_session
+            && shared.unsent_inputs.fetch_add(1, Ordering::Relaxed) >= UNSENT_INPUTS_MAX
+        {
             shared.unsent_inputs.fetch_sub(1, Ordering::Relaxed);
             shared.drained_wake.notified().await;
         }
     }
 }
 
+/// Why a writer stopped.
+#[derive(Debug)]
+enum WriterEnd {
+    /// The engine is done with the connection; everything it had for it was sent.
+    Dropped,
+    /// The session is closing (`closing`), or the peer cannot be written to.
+    Closed,
+}
+
 async fn write_loop(
     shared: Arc<Shared>,
+    conn: ConnId,
     mut wr: OwnedWriteHalf,
     mut closing: watch::Receiver<bool>,
-) {
+) -> WriterEnd {
     let mut buf = Vec::with_capacity(4096);
     loop {
+        // Registered before looking, so a wake-up between the look and the wait is not lost.
+        let wake = shared.tx_wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
         buf.clear();
-        {
+        let (open, is_session) = {
             let mut target = shared.target();
             while buf.len() < (1 << 20) {
-                let Some(frame) = target.poll_transmit() else {
+                let Some(frame) = target.poll_transmit(conn) else {
                     break;
                 };
                 buf.extend_from_slice(&frame.encode().to_vec());
             }
-        }
+            (target.is_open(conn), target.session() == Some(conn))
+        };
         if !buf.is_empty() {
             match tokio::time::timeout(shared.idle_timeout, wr.write_all(&buf)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    debug!("write to source failed: {e}");
-                    return;
+                    debug!(%conn, "write to source failed: {e}");
+                    return WriterEnd::Closed;
                 }
                 Err(_) => {
-                    debug!("source did not read for {:?}", shared.idle_timeout);
-                    return;
+                    debug!(%conn, "source did not read for {:?}", shared.idle_timeout);
+                    return WriterEnd::Closed;
                 }
             }
-            shared.unsent_inputs.store(0, Ordering::Relaxed);
-            shared.drained_wake.notify_one();
+            if is_session {
+                shared.unsent_inputs.store(0, Ordering::Relaxed);
+                shared.drained_wake.notify_one();
+            }
             continue;
         }
-        shared.unsent_inputs.store(0, Ordering::Relaxed);
-        shared.drained_wake.notify_one();
-        if *closing.borrow() {
+        if is_session {
+            shared.unsent_inputs.store(0, Ordering::Relaxed);
+            shared.drained_wake.notify_one();
+        }
+        if !open || *closing.borrow() {
             let _ = wr.shutdown().await;
-            return;
+            return if open {
+                WriterEnd::Closed
+            } else {
+                WriterEnd::Dropped
+            };
         }
         tokio::select! {
-            _ = shared.tx_wake.notified() => {}
+            () = &mut wake => {}
             _ = closing.changed() => {}
         }
     }
@@ -1041,7 +1133,7 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
         }
         applied_bytes += batch_bytes;
         shared.room_wake.notify_one();
-        shared.tx_wake.notify_one();
+        shared.wake_writers();
         if last {
             more = applied_bytes >= SYNC_AFTER_BYTES;
             break;
@@ -1061,7 +1153,7 @@ async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
             .await
             .map_err(ServerError::VolumeIo)?;
         shared.target().handle_durable(applied);
-        shared.tx_wake.notify_one();
+        shared.wake_writers();
     }
     Ok(more)
 }

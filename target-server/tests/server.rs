@@ -182,25 +182,6 @@ async fn wrong_secret_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn second_source_is_refused_busy() {
-    let fx = start_server(VOLUME_BYTES, |_| {}).await;
-    let src = Source::new(source_config(VOLUME_BYTES, Mode::Sync));
-    let mut first = Client::connect_ready(fx.addr(), src, 6).await;
-    let mut second = tokio::net::TcpStream::connect(fx.addr()).await.unwrap();
-    let frames = read_until_closed(&mut second, Duration::from_secs(5)).await;
-    assert_eq!(
-        frames,
-        vec![Frame::Refuse {
-            reason: RefuseReason::Busy
-        }]
-    );
-    // The first one is unaffected.
-    first.write(0, vec![9; 4096]);
-    first.sync().await;
-    assert_eq!(&fx.volume_content()[..4096], &[9u8; 4096][..]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_is_closed() {
     let fx = start_server(VOLUME_BYTES, |cfg| {
         cfg.idle_timeout = Duration::from_millis(500);

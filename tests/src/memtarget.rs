@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use mirror_core::target::{ConflictPolicy, Restored, Target, TargetConfig, TargetStatus};
+use mirror_core::target::{
+    ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetStatus, HANDSHAKES_MAX_DEFAULT,
+    HANDSHAKE_TIMEOUT_NS_DEFAULT,
+};
 use mirror_core::wire::{self, Frame, Op, WireError, HEADER_BYTES, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Seq, VolumeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -52,6 +55,8 @@ pub fn target_config(
         commit_log_bytes_max: 64 << 20,
         commit_log_entries_max: 16384,
         local_locks_max: 64,
+        handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
+        handshakes_max: HANDSHAKES_MAX_DEFAULT,
     }
 }
 
@@ -121,8 +126,11 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, seed: u64) {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                if let Some((_, _, reader)) = current.take() {
+                if let Some((old, _, reader)) = current.take() {
                     reader.abort();
+                    if let Ok(mut s) = state.lock() {
+                        s.target.on_disconnect(ConnId(old));
+                    }
                 }
                 let _ = stream.set_nodelay(true);
                 next_id += 1;
@@ -132,21 +140,22 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, seed: u64) {
                 let mut nonce = [0u8; MAC_BYTES];
                 rng.fill(&mut nonce);
                 if let Ok(mut s) = state.lock() {
-                    s.target.on_connect(nonce);
+                    // The only connection: a refusal is impossible.
+                    let _ = s.target.on_connect(ConnId(next_id), nonce, 0);
                 }
             }
             Some(event) = events_rx.recv() => {
                 let Some((id, _, _)) = &current else { continue };
                 let id = *id;
                 let keep = match event {
-                    Event::Frame(eid, frame) if eid == id => handle(&state, |t| t.handle_frame(frame).is_ok()),
+                    Event::Frame(eid, frame) if eid == id => handle(&state, |t| t.handle_frame(ConnId(id), frame).is_ok()),
                     Event::Wire(eid, err, framed) if eid == id => {
-                        handle(&state, |t| t.handle_wire_error(&err).is_ok()) && framed
+                        handle(&state, |t| t.handle_wire_error(ConnId(id), &err).is_ok()) && framed
                     }
                     Event::Closed(eid) if eid == id => false,
                     _ => continue,
                 };
-                let out = drain(&state);
+                let out = drain(&state, ConnId(id));
                 let mut write_ok = true;
                 if let Some((_, wr, _)) = &mut current {
                     for frame in out {
@@ -162,7 +171,7 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, seed: u64) {
                         reader.abort();
                     }
                     if let Ok(mut s) = state.lock() {
-                        s.target.on_disconnect();
+                        s.target.on_disconnect(ConnId(id));
                     }
                 }
             }
@@ -178,7 +187,7 @@ fn handle(state: &Mutex<State>, f: impl FnOnce(&mut Target) -> bool) -> bool {
 }
 
 /// Applies what is ready (durable at once: the volume is memory) and returns frames to send.
-fn drain(state: &Mutex<State>) -> Vec<Frame> {
+fn drain(state: &Mutex<State>, conn: ConnId) -> Vec<Frame> {
     let Ok(mut guard) = state.lock() else {
         return Vec::new();
     };
@@ -192,7 +201,7 @@ fn drain(state: &Mutex<State>) -> Vec<Frame> {
         s.target.handle_durable(applied);
     }
     let mut out = Vec::new();
-    while let Some(frame) = s.target.poll_transmit() {
+    while let Some(frame) = s.target.poll_transmit(conn) {
         out.push(frame);
     }
     out
