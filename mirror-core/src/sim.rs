@@ -43,9 +43,7 @@ use crate::target::{
 use crate::wire::{self, Encoded, Frame, Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES};
 use crate::{Generation, Lba, NodeId, Range, Seq, VolumeId};
 
-#[cfg(feature = "sabotage")]
 use crate::source::SourceSabotage;
-#[cfg(feature = "sabotage")]
 use crate::target::TargetSabotage;
 
 /// Simulated nanoseconds per tick (only used for the submission time the source records).
@@ -63,10 +61,8 @@ pub struct SimOptions {
     /// Bound on steps (events); 0 derives one from `ops`.
     pub max_steps: u64,
     /// Deliberate target bug (tests only).
-    #[cfg(feature = "sabotage")]
     pub target_sabotage: TargetSabotage,
     /// Deliberate source bug (tests only).
-    #[cfg(feature = "sabotage")]
     pub source_sabotage: SourceSabotage,
 }
 
@@ -75,9 +71,7 @@ impl Default for SimOptions {
         SimOptions {
             ops: 150,
             max_steps: 0,
-            #[cfg(feature = "sabotage")]
             target_sabotage: TargetSabotage::None,
-            #[cfg(feature = "sabotage")]
             source_sabotage: SourceSabotage::None,
         }
     }
@@ -1816,20 +1810,14 @@ fn op_name(op: &Op) -> &'static str {
     }
 }
 
-#[cfg_attr(not(feature = "sabotage"), allow(unused_variables))]
 fn new_source(cfg: SourceConfig, opts: &SimOptions) -> Source {
-    #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
     let mut source = Source::new(cfg);
-    #[cfg(feature = "sabotage")]
     source.set_sabotage(opts.source_sabotage);
     source
 }
 
-#[cfg_attr(not(feature = "sabotage"), allow(unused_variables))]
 fn new_target(cfg: TargetConfig, restored: Restored, opts: &SimOptions) -> Target {
-    #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
     let mut target = Target::new(cfg, restored);
-    #[cfg(feature = "sabotage")]
     target.set_sabotage(opts.target_sabotage);
     target
 }

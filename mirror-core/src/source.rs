@@ -78,7 +78,6 @@ pub enum LockStyle {
 }
 
 /// Deliberate bugs for tests that prove the simulator's checkers bite.
-#[cfg(feature = "sabotage")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SourceSabotage {
     /// Behave correctly.
@@ -267,7 +266,6 @@ pub struct Source<L: RollbackLog = MemLog> {
     pending: VecDeque<(Seq, bool)>,
     completed: VecDeque<Seq>,
     out: VecDeque<Frame>,
-    #[cfg(feature = "sabotage")]
     sabotage: SourceSabotage,
 }
 
@@ -300,13 +298,11 @@ impl<L: RollbackLog> Source<L> {
             pending: VecDeque::new(),
             completed: VecDeque::new(),
             out: VecDeque::new(),
-            #[cfg(feature = "sabotage")]
             sabotage: SourceSabotage::None,
         }
     }
 
     /// Breaks the engine on purpose (tests that prove the checkers bite).
-    #[cfg(feature = "sabotage")]
     pub fn set_sabotage(&mut self, sabotage: SourceSabotage) {
         self.sabotage = sabotage;
     }
@@ -568,7 +564,6 @@ impl<L: RollbackLog> Source<L> {
         }
         self.received = received;
         self.durable = durable;
-        #[cfg(feature = "sabotage")]
         let durable = if self.sabotage == SourceSabotage::ReleaseOnReceived {
             received
         } else {
@@ -580,7 +575,6 @@ impl<L: RollbackLog> Source<L> {
     }
 
     fn on_reject(&mut self, seq: Seq, epoch: u32) -> Result<(), SourceError> {
-        #[cfg(feature = "sabotage")]
         if self.sabotage == SourceSabotage::IgnoreReject {
             return Ok(());
         }

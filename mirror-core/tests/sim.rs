@@ -1,5 +1,5 @@
 //! The deterministic simulator over many seeds, the proof that its checkers bite (engines broken
-//! on purpose through the `sabotage` feature), and determinism.
+//! on purpose through their sabotage switches, which only these tests turn on), and determinism.
 //!
 //! `SIM_SEED_START` and `SIM_SEEDS` choose the seeds of `many_seeds_hold_every_invariant`
 //! (default 1..=2000). A failure prints the seed and `scripts/sim --seed N` to replay it.
