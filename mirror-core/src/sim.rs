@@ -468,13 +468,14 @@ enum Event {
     Deliver,
     /// The host produces its next operation.
     HostArrive,
-    /// The oldest operation being applied on the target is written.
+    /// The oldest operation being applied on the target is written (`target_run`: which life of
+    /// the target process scheduled it; a crash starts a new one and voids older events).
     ApplyDone {
-        generation: u64,
+        target_run: u64,
     },
     /// The target syncs its volume.
     Fsync {
-        generation: u64,
+        target_run: u64,
     },
     /// Reconnect after disconnect number `conn`.
     Reconnect {
@@ -623,7 +624,9 @@ struct Sim<'a> {
 
     applying: VecDeque<Apply>,
     apply_busy_until: u64,
-    generation: u64,
+    /// Which life of the target process this is: a crash starts the next, and events scheduled
+    /// by an earlier life are ignored.
+    target_run: u64,
     fsync_pending: bool,
 
     next_op: usize,
@@ -732,7 +735,7 @@ impl<'a> Sim<'a> {
             was_connected: false,
             applying: VecDeque::new(),
             apply_busy_until: 0,
-            generation: 0,
+            target_run: 0,
             fsync_pending: false,
             next_op: 0,
             parked: None,
@@ -844,13 +847,13 @@ impl<'a> Sim<'a> {
                     self.log_full_noted = false;
                 }
             }
-            Event::ApplyDone { generation } => {
-                if generation == self.generation {
+            Event::ApplyDone { target_run } => {
+                if target_run == self.target_run {
                     self.apply_done();
                 }
             }
-            Event::Fsync { generation } => {
-                if generation == self.generation {
+            Event::Fsync { target_run } => {
+                if target_run == self.target_run {
                     self.fsync_pending = false;
                     self.fsync();
                 }
@@ -1005,7 +1008,7 @@ impl<'a> Sim<'a> {
         self.view.copy_from_slice(&self.durable);
         self.touched.push((0, self.view.len()));
         self.applying.clear();
-        self.generation += 1;
+        self.target_run += 1;
         self.fsync_pending = false;
         self.target = new_target(
             self.target_cfg.clone(),
@@ -1088,7 +1091,7 @@ impl<'a> Sim<'a> {
             self.schedule(
                 self.now,
                 Event::Fsync {
-                    generation: self.generation,
+                    target_run: self.target_run,
                 },
             );
         }
@@ -1137,7 +1140,7 @@ impl<'a> Sim<'a> {
                 self.schedule(
                     self.now + delay,
                     Event::Fsync {
-                        generation: self.generation,
+                        target_run: self.target_run,
                     },
                 );
             }
@@ -1412,7 +1415,7 @@ impl<'a> Sim<'a> {
             self.schedule(
                 t,
                 Event::ApplyDone {
-                    generation: self.generation,
+                    target_run: self.target_run,
                 },
             );
         }

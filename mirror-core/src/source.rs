@@ -178,6 +178,45 @@ pub enum SourceError {
     Protocol(String),
 }
 
+impl SourceError {
+    /// Whether reconnecting cannot help: the pair is misconfigured or the target's data cannot
+    /// be trusted, so the driver stops and tells the operator. Anything else (a dropped or
+    /// broken connection, a busy target) is retried with a new connection.
+    #[must_use]
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            SourceError::Refused(RefuseReason::Busy) => false,
+            SourceError::Refused(_)
+            | SourceError::BadAuth
+            | SourceError::WrongVolume
+            | SourceError::TargetRegressed { .. }
+            | SourceError::TargetAhead { .. } => true,
+            SourceError::LogFull
+            | SourceError::InvalidOp(_)
+            | SourceError::Log(_)
+            | SourceError::Protocol(_) => false,
+        }
+    }
+
+    /// The message for the operator, with what to check where a hint helps.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let hint = match self {
+            SourceError::BadAuth | SourceError::Refused(RefuseReason::BadAuth) => {
+                " (do both sides use the same secret?)"
+            }
+            SourceError::WrongVolume | SourceError::Refused(RefuseReason::WrongVolume) => {
+                " (check --volume-id)"
+            }
+            SourceError::Refused(RefuseReason::Geometry) => {
+                " (check the volume size and block size on both sides)"
+            }
+            _ => "",
+        };
+        format!("{self}{hint}")
+    }
+}
+
 /// Connection state as status reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
@@ -739,6 +778,36 @@ fn kind_name(frame: &Frame) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A busy target or a broken connection is retried; a misconfigured pair or an untrustworthy
+    /// target stops the driver, with a hint where one helps.
+    #[test]
+    fn fatal_errors_are_those_a_reconnect_cannot_cure() {
+        let retried = [
+            SourceError::Refused(RefuseReason::Busy),
+            SourceError::Protocol("bad ACK".into()),
+            SourceError::LogFull,
+        ];
+        for e in &retried {
+            assert!(!e.is_fatal(), "{e}");
+        }
+        let fatal = [
+            SourceError::BadAuth,
+            SourceError::Refused(RefuseReason::WrongVolume),
+            SourceError::Refused(RefuseReason::Geometry),
+            SourceError::TargetAhead {
+                target: Seq(2),
+                local: Seq(1),
+            },
+        ];
+        for e in &fatal {
+            assert!(e.is_fatal(), "{e}");
+        }
+        assert!(SourceError::BadAuth.describe().contains("same secret"));
+        assert!(SourceError::Refused(RefuseReason::WrongVolume)
+            .describe()
+            .contains("--volume-id"));
+    }
 
     #[test]
     fn debug_output_never_shows_the_secret() {

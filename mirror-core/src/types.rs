@@ -5,6 +5,21 @@ use std::fmt;
 /// Size of the unit that [`Lba`] counts, in bytes (the Linux sector).
 pub const SECTOR_BYTES: u64 = 512;
 
+/// A logical block size other than 512 or 4096, the two a mirrored volume may have (every side,
+/// every driver: [`block_shift`] is the one check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("block size {0} is not supported (512 or 4096)")]
+pub struct BadBlockSize(pub u32);
+
+/// Checks a logical block size; returns its log2 (what ublk's parameters take).
+pub fn block_shift(block_bytes: u32) -> Result<u8, BadBlockSize> {
+    match block_bytes {
+        512 => Ok(9),
+        4096 => Ok(12),
+        other => Err(BadBlockSize(other)),
+    }
+}
+
 /// Sequence number of one mirrored operation. `Seq(0)` means "none yet"; real operations start at 1
 /// and only grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

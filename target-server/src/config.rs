@@ -247,11 +247,7 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
     }
     cfg.create_bytes = cli.create_size.or(file.create_size).map(|s| s.0);
     if let Some(block) = cli.block_bytes.or(file.block_bytes) {
-        if block != 512 && block != 4096 {
-            return Err(ConfigError::Invalid(format!(
-                "bad block size {block} (expected 4096 or 512)"
-            )));
-        }
+        mirror_core::block_shift(block).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         cfg.block_bytes = block;
     }
     if let Some(policy) = cli.conflict_policy.or(file.conflict_policy) {
@@ -384,7 +380,7 @@ mod tests {
                     block_bytes: Some(1024),
                     ..base.clone()
                 },
-                "bad block size",
+                "block size 1024 is not supported",
             ),
             (
                 Cli {

@@ -12,7 +12,7 @@
 //! | 16..32 | volume id      | the mirrored volume                                 |
 //! | 32..40 | durable seq    | last operation applied and synced                   |
 //! | 40..48 | volume bytes   | size of the volume when written                     |
-//! | 48..56 | generation     | incremented by every update                         |
+//! | 48..56 | write_count    | incremented by every update                         |
 //! | 56..60 | crc32c         | CRC32C of bytes 0..56                               |
 //!
 //! The file is created atomically (written to `<path>.tmp`, fsynced, renamed over `<path>`, the
@@ -20,11 +20,11 @@
 //! does *not* hold the newest record and then fdatasyncs: one `pwrite` and one `fdatasync` per
 //! group commit instead of a file replacement. A crash in the middle of an update tears at most
 //! that slot, and the other one still holds the previous record, so the loader takes the valid
-//! record with the highest generation. (If that ever were older than what the target had already
+//! record with the highest write count. (If that ever were older than what the target had already
 //! reported durable, the source refuses the connection: the target regressed.) A file with no
 //! valid record is never trusted: the server refuses to start.
 //!
-//! A version-1 file (one 52-byte record without a generation, replaced on every update) is still
+//! A version-1 file (one 52-byte record without a write count, replaced on every update) is still
 //! read; the server rewrites it in this format when it starts.
 
 use std::fs::{self, File, OpenOptions};
@@ -96,9 +96,9 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 }
 
 impl Meta {
-    /// The on-disk record carrying `generation`.
+    /// The on-disk record carrying `write_count`.
     #[must_use]
-    pub fn encode(&self, generation: u64) -> [u8; RECORD_BYTES] {
+    pub fn encode(&self, write_count: u64) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
         b[0..8].copy_from_slice(&META_MAGIC);
         b[8..12].copy_from_slice(&META_VERSION.to_le_bytes());
@@ -107,13 +107,13 @@ impl Meta {
         b[16..32].copy_from_slice(&self.volume_id.0);
         b[32..40].copy_from_slice(&self.durable.0.to_le_bytes());
         b[40..48].copy_from_slice(&self.volume_bytes.to_le_bytes());
-        b[48..56].copy_from_slice(&generation.to_le_bytes());
+        b[48..56].copy_from_slice(&write_count.to_le_bytes());
         let crc = crc32c::crc32c(&b[0..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Parses one record (the first [`RECORD_BYTES`] of `bytes`) and its generation; the error
+    /// Parses one record (the first [`RECORD_BYTES`] of `bytes`) and its write count; the error
     /// says which check failed.
     pub fn decode(bytes: &[u8]) -> Result<(Meta, u64), String> {
         if bytes.len() < RECORD_BYTES {
@@ -126,7 +126,7 @@ impl Meta {
         Ok((meta, u64_at(bytes, 48)))
     }
 
-    /// Parses a whole version-1 file (52 bytes, no generation).
+    /// Parses a whole version-1 file (52 bytes, no write count).
     fn decode_v1(bytes: &[u8]) -> Result<Meta, String> {
         Self::decode_fields(bytes, 1, 48)
     }
@@ -162,7 +162,7 @@ impl Meta {
         })
     }
 
-    /// Parses a whole file: the valid record with the highest generation (and that generation).
+    /// Parses a whole file: the valid record with the highest write count (and that write count).
     fn decode_file(bytes: &[u8]) -> Result<(Meta, u64), String> {
         if bytes.len() == V1_BYTES {
             return Self::decode_v1(bytes)
@@ -199,9 +199,9 @@ impl Meta {
 pub struct MetaFile {
     path: PathBuf,
     file: File,
-    /// Generation of the newest record on disk; the next update writes `generation + 1` into
-    /// slot `(generation + 1) % 2`. The lock also serializes updates.
-    generation: Mutex<u64>,
+    /// Write count of the newest record on disk; the next update writes `write_count + 1` into
+    /// slot `(write_count + 1) % 2`. The lock also serializes updates.
+    write_count: Mutex<u64>,
 }
 
 impl MetaFile {
@@ -225,20 +225,20 @@ impl MetaFile {
     }
 
     /// Replaces `path` atomically with a file holding `meta` (temp file, fsync, rename, fsync
-    /// directory) and opens it for updates. The record's generation continues from the file it
+    /// directory) and opens it for updates. The record's write count continues from the file it
     /// replaces, if that is valid.
     pub fn create(path: &Path, meta: &Meta) -> Result<MetaFile, MetaError> {
         let io_err = |source| MetaError::Io {
             path: path.to_owned(),
             source,
         };
-        let generation = match Self::read(path) {
+        let write_count = match Self::read(path) {
             Ok(Some((_, g))) => g + 1,
             _ => 0,
         };
         let mut bytes = vec![0u8; META_FILE_BYTES];
-        let slot = Self::slot_offset(generation);
-        bytes[slot..slot + RECORD_BYTES].copy_from_slice(&meta.encode(generation));
+        let slot = Self::slot_offset(write_count);
+        bytes[slot..slot + RECORD_BYTES].copy_from_slice(&meta.encode(write_count));
         let tmp = temp_path(path);
         let mut file = OpenOptions::new()
             .write(true)
@@ -261,12 +261,12 @@ impl MetaFile {
         Ok(MetaFile {
             path: path.to_owned(),
             file,
-            generation: Mutex::new(generation),
+            write_count: Mutex::new(write_count),
         })
     }
 
-    fn slot_offset(generation: u64) -> usize {
-        if generation.is_multiple_of(2) {
+    fn slot_offset(write_count: u64) -> usize {
+        if write_count.is_multiple_of(2) {
             0
         } else {
             SLOT_BYTES
@@ -279,16 +279,16 @@ impl MetaFile {
             path: self.path.clone(),
             source,
         };
-        let mut generation = self
-            .generation
+        let mut write_count = self
+            .write_count
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = *generation + 1;
+        let next = *write_count + 1;
         self.file
             .write_all_at(&meta.encode(next), Self::slot_offset(next) as u64)
             .map_err(io_err)?;
         self.file.sync_data().map_err(io_err)?;
-        *generation = next;
+        *write_count = next;
         Ok(())
     }
 }
@@ -338,7 +338,7 @@ mod tests {
             assert_eq!(Meta::load(&path).unwrap(), Some(m), "update {i}");
             assert_eq!(fs::metadata(&path).unwrap().len(), META_FILE_BYTES as u64);
         }
-        // A new run continues the generation count (so its first update wins over both slots).
+        // A new run continues the write count (so its first update wins over both slots).
         drop(file);
         let file = MetaFile::create(&path, &sample()).unwrap();
         assert_eq!(Meta::load(&path).unwrap(), Some(sample()));
@@ -361,7 +361,7 @@ mod tests {
         };
         file.update(&newer).unwrap();
         let good = fs::read(&path).unwrap();
-        // Generation 0 sits in slot 0, generation 1 in slot 1.
+        // Write count 0 sits in slot 0, write count 1 in slot 1.
         assert_eq!(Meta::decode(&good[..SLOT_BYTES]).unwrap(), (sample(), 0));
         assert_eq!(Meta::decode(&good[SLOT_BYTES..]).unwrap(), (newer, 1));
         for torn_at in [1, 30, 56, RECORD_BYTES - 1] {

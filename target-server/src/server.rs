@@ -255,12 +255,7 @@ impl std::fmt::Debug for Cmd {
 /// Metadata: a missing file means a fresh start (durable 0, clean); a corrupt one, or one of
 /// another volume, is an error. The file is rewritten as "not clean" before serving.
 pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
-    if cfg.block_bytes != 512 && cfg.block_bytes != 4096 {
-        return Err(ServerError::Config(format!(
-            "block size {} (expected 512 or 4096)",
-            cfg.block_bytes
-        )));
-    }
+    mirror_core::block_shift(cfg.block_bytes).map_err(|e| ServerError::Config(e.to_string()))?;
     if cfg.commit_log_bytes_max < wire::PAYLOAD_BYTES_MAX as usize {
         return Err(ServerError::Config(format!(
             "commit log of {} bytes cannot hold one {}-byte write",

@@ -109,7 +109,10 @@ fn bad_input_gives_one_error_line_and_a_nonzero_exit() {
             ],
             "not a positive multiple",
         ),
-        (with(&["--block-bytes", "1024"]), "bad block size"),
+        (
+            with(&["--block-bytes", "1024"]),
+            "block size 1024 is not supported",
+        ),
         (with(&["--listen", "nowhere"]), "invalid value"),
         (with(&["--conflict-policy", "maybe"]), "invalid value"),
         (

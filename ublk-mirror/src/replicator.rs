@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::wire::{
-    self, Encoded, Frame, Op, RefuseReason, SummedOp, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
+    self, Encoded, Frame, Op, SummedOp, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
 };
 use mirror_core::Seq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -668,8 +668,8 @@ impl Engine {
                 }
                 c.last_rx = Instant::now();
                 if let Err(e) = self.source.handle_frame(frame) {
-                    if is_fatal(&e) {
-                        self.set_fatal(describe_fatal(&e));
+                    if e.is_fatal() {
+                        self.set_fatal(e.describe());
                     } else {
                         self.drop_conn(format!("engine error: {e}"));
                     }
@@ -852,35 +852,6 @@ async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPer
     match writer {
         Some(tx) => tx.reserve_owned().await.ok(),
         None => std::future::pending().await,
-    }
-}
-
-/// Whether reconnecting cannot help.
-fn is_fatal(e: &SourceError) -> bool {
-    match e {
-        SourceError::Refused(RefuseReason::Busy) => false,
-        SourceError::Refused(_)
-        | SourceError::BadAuth
-        | SourceError::WrongVolume
-        | SourceError::TargetRegressed { .. }
-        | SourceError::TargetAhead { .. } => true,
-        _ => false,
-    }
-}
-
-/// The reason a fatal engine error gives to callers, with a hint where one helps.
-fn describe_fatal(e: &SourceError) -> String {
-    match e {
-        SourceError::BadAuth | SourceError::Refused(RefuseReason::BadAuth) => {
-            format!("{e} (do both sides use the same secret?)")
-        }
-        SourceError::WrongVolume | SourceError::Refused(RefuseReason::WrongVolume) => {
-            format!("{e} (check --volume-id)")
-        }
-        SourceError::Refused(RefuseReason::Geometry) => {
-            format!("{e} (check the volume size and block size on both sides)")
-        }
-        _ => e.to_string(),
     }
 }
 

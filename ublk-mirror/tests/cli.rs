@@ -55,7 +55,12 @@ fn loadgen_validates_before_touching_the_network() {
         ublk_mirror(&a)
     };
     assert_one_error_line(&base(&["--max-blocks", "1000"]), "frame limit");
-    assert_one_error_line(&base(&["--block-bytes", "1000"]), "power of two");
+    assert_one_error_line(
+        &base(&["--block-bytes", "1000"]),
+        "block size 1000 is not supported",
+    );
+    // A power of two the device path cannot serve: loadgen takes the device's rule.
+    assert_one_error_line(&base(&["--block-bytes", "1024"]), "(512 or 4096)");
     assert_one_error_line(&base(&["--ops", "5", "--seconds", "1"]), "--seconds");
     assert_one_error_line(&base(&["--log-bytes-max", "12x"]), "12x");
     let missing = dir.path().join("nope");

@@ -237,9 +237,7 @@ impl Settings {
         };
         let flush_replicates = args.flush_replicates || file.flush_replicates.unwrap_or(false);
         let block_bytes = args.block_bytes.or(file.block_bytes).unwrap_or(4096);
-        if block_bytes != 4096 && block_bytes != 512 {
-            bail!("--block-bytes {block_bytes}: must be 4096 or 512");
-        }
+        mirror_core::block_shift(block_bytes).map_err(|e| anyhow!("--block-bytes: {e}"))?;
         let queues = args.queues.or(file.queues).unwrap_or(2);
         if !(1..=64).contains(&queues) {
             bail!("--queues {queues}: must be between 1 and 64");

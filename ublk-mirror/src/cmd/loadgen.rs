@@ -121,9 +121,7 @@ struct Plan {
 impl Plan {
     fn new(args: &LoadgenArgs) -> anyhow::Result<Plan> {
         let block = args.block_bytes;
-        if block < 512 || !block.is_power_of_two() {
-            bail!("--block-bytes {block} must be a power of two of at least 512");
-        }
+        mirror_core::block_shift(block).map_err(|e| anyhow::anyhow!("--block-bytes: {e}"))?;
         let block_bytes = u64::from(block);
         if args.volume_bytes == 0 || !args.volume_bytes.is_multiple_of(block_bytes) {
             bail!(

@@ -144,15 +144,8 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     fn validate(&self) -> Result<u8, DeviceError> {
-        let shift = match self.block_bytes {
-            512 => 9,
-            4096 => 12,
-            other => {
-                return Err(DeviceError::Invalid(format!(
-                    "block size {other} is not supported (512 or 4096)"
-                )))
-            }
-        };
+        let shift = mirror_core::block_shift(self.block_bytes)
+            .map_err(|e| DeviceError::Invalid(e.to_string()))?;
         if self.volume_bytes == 0
             || !self
                 .volume_bytes
