@@ -5,6 +5,9 @@
 //!   WRITE sent back to back, halt on REJECT, go-back-N on NAK, completions per [`source::Mode`].
 //! - [`target::Target`]: the commit log, the [`lock::LockTable`] shared with local lock holders,
 //!   in-order apply, separate "received" and "applied and durable" acknowledgements.
+//! - [`commit::GroupCommit`]: the target's group commit (which operations are written together,
+//!   when the volume is synced and durability recorded), run by the target server and the
+//!   simulator alike.
 //! - [`sim`]: a seeded simulation of both over a faulty link, with invariant checkers.
 //!
 //! Nothing here reads a clock, a socket or a file: drivers pass time and bytes in and take frames,
@@ -15,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod commit;
 pub mod lock;
 pub mod log;
 pub mod sim;

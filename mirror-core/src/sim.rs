@@ -34,6 +34,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 
+use crate::commit::{Batch, CommitConfig, CommitSabotage, GroupCommit};
 use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
@@ -64,6 +65,8 @@ pub struct SimOptions {
     pub target_sabotage: TargetSabotage,
     /// Deliberate source bug (tests only).
     pub source_sabotage: SourceSabotage,
+    /// Deliberate group-commit bug (tests only).
+    pub commit_sabotage: CommitSabotage,
 }
 
 impl Default for SimOptions {
@@ -73,6 +76,7 @@ impl Default for SimOptions {
             max_steps: 0,
             target_sabotage: TargetSabotage::None,
             source_sabotage: SourceSabotage::None,
+            commit_sabotage: CommitSabotage::None,
         }
     }
 }
@@ -622,12 +626,18 @@ struct Sim<'a> {
     conn: u64,
     was_connected: bool,
 
+    /// The target's group commit, the same planner the target server runs.
+    commit: GroupCommit,
+    /// The batch out, and its operations not yet written (in order).
+    batch: Option<Batch>,
+    /// Last operation written to the target's (volatile) volume: the engine hears of a batch only
+    /// once it is done, so this runs ahead of the engine's applied seq.
+    written: Seq,
     applying: VecDeque<Apply>,
     apply_busy_until: u64,
     /// Which life of the target process this is: a crash starts the next, and events scheduled
     /// by an earlier life are ignored.
     target_run: u64,
-    fsync_pending: bool,
 
     next_op: usize,
     parked: Option<Op>,
@@ -733,10 +743,12 @@ impl<'a> Sim<'a> {
             link_up: false,
             conn: 0,
             was_connected: false,
+            commit: new_commit(&cfg, opts),
+            batch: None,
+            written: Seq::NONE,
             applying: VecDeque::new(),
             apply_busy_until: 0,
             target_run: 0,
-            fsync_pending: false,
             next_op: 0,
             parked: None,
             outstanding: 0,
@@ -853,9 +865,11 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::Fsync { target_run } => {
-                if target_run == self.target_run {
-                    self.fsync_pending = false;
-                    self.fsync();
+                if let Some(seq) = self.batch.as_ref().and_then(|b| b.sync) {
+                    if target_run == self.target_run {
+                        self.fsync(seq);
+                        self.batch_done();
+                    }
                 }
             }
             Event::Reconnect { conn } => {
@@ -981,8 +995,14 @@ impl<'a> Sim<'a> {
         self.holders.clear();
         let clean = self.rng.u32(0..4) == 0 && self.target.status().consistent;
         if clean {
-            // A clean shutdown syncs what was applied and records that it stopped cleanly.
-            self.fsync();
+            // A clean shutdown finishes the batch out, syncs what was applied and records that
+            // it stopped cleanly.
+            while !self.applying.is_empty() {
+                self.apply_done();
+            }
+            self.batch_done();
+            let applied = self.target.applied();
+            self.fsync(applied);
             self.report.clean_restarts += 1;
         } else {
             self.report.crashes += 1;
@@ -1008,8 +1028,10 @@ impl<'a> Sim<'a> {
         self.view.copy_from_slice(&self.durable);
         self.touched.push((0, self.view.len()));
         self.applying.clear();
+        self.written = self.persisted;
+        self.batch = None;
+        self.commit = new_commit(&self.cfg, self.opts);
         self.target_run += 1;
-        self.fsync_pending = false;
         self.target = new_target(
             self.target_cfg.clone(),
             Restored {
@@ -1074,10 +1096,12 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 
+    /// One operation of the batch out is written (to the volatile view).
     fn apply_done(&mut self) {
         let Some(apply) = self.applying.pop_front() else {
             return;
         };
+        self.written = apply.seq;
         if let Some(r) = apply.op.range() {
             let r = byte_range(r);
             apply_op(&mut self.view, &apply.op);
@@ -1085,21 +1109,36 @@ impl<'a> Sim<'a> {
             let last = (r.end - 1) / CHECK_BLOCK_BYTES;
             self.dirty.extend(first..=last);
             self.touched.push((r.start, r.end));
-        } else if !self.fsync_pending {
-            // A flush: sync soon.
-            self.fsync_pending = true;
-            self.schedule(
-                self.now,
-                Event::Fsync {
-                    target_run: self.target_run,
-                },
-            );
         }
-        self.target.handle_applied(apply.seq);
+        if self.applying.is_empty() {
+            self.batch_written();
+        }
     }
 
-    fn fsync(&mut self) {
-        let seq = self.target.applied();
+    /// Every operation of the batch out is written: sync it if it says so, else it is done.
+    fn batch_written(&mut self) {
+        match self.batch.as_ref().and_then(|b| b.sync) {
+            Some(_) => {
+                let delay = self.rng.u64(0..=self.cfg.fsync_ticks_max);
+                self.schedule(
+                    self.now + delay,
+                    Event::Fsync {
+                        target_run: self.target_run,
+                    },
+                );
+            }
+            None => self.batch_done(),
+        }
+    }
+
+    fn batch_done(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.commit.handle_done(&mut self.target, &batch);
+        }
+    }
+
+    /// The volume is synced: what was written is durable, and `seq` is recorded as durable.
+    fn fsync(&mut self, seq: Seq) {
         let dirty = std::mem::take(&mut self.dirty);
         for b in dirty {
             let r = b * CHECK_BLOCK_BYTES..(b + 1) * CHECK_BLOCK_BYTES;
@@ -1113,7 +1152,6 @@ impl<'a> Sim<'a> {
             &self.ops,
             &self.initial,
         );
-        self.target.handle_durable(seq);
     }
 
     // ----- pumping the engines -----
@@ -1134,16 +1172,6 @@ impl<'a> Sim<'a> {
             progress |= self.source_receive()?;
             progress |= self.target_apply();
             progress |= self.completions()?;
-            if self.target.needs_sync() && !self.fsync_pending {
-                self.fsync_pending = true;
-                let delay = self.rng.u64(0..=self.cfg.fsync_ticks_max);
-                self.schedule(
-                    self.now + delay,
-                    Event::Fsync {
-                        target_run: self.target_run,
-                    },
-                );
-            }
             if self.source.status().conn == crate::source::ConnState::Connected
                 && !self.was_connected
             {
@@ -1404,14 +1432,16 @@ impl<'a> Sim<'a> {
         Ok(progress)
     }
 
+    /// Takes the planner's next batch and schedules its writes, one after another.
     fn target_apply(&mut self) -> bool {
-        let mut progress = false;
-        while let Some(apply) = self.target.poll_apply() {
-            progress = true;
+        let Some(batch) = self.commit.poll_batch(&mut self.target) else {
+            return false;
+        };
+        for apply in &batch.ops {
             let t =
                 self.apply_busy_until.max(self.now) + self.rng.u64(0..=self.cfg.apply_ticks_max);
             self.apply_busy_until = t;
-            self.applying.push_back(apply);
+            self.applying.push_back(apply.clone());
             self.schedule(
                 t,
                 Event::ApplyDone {
@@ -1419,7 +1449,12 @@ impl<'a> Sim<'a> {
                 },
             );
         }
-        progress
+        let empty = batch.ops.is_empty();
+        self.batch = Some(batch);
+        if empty {
+            self.batch_written();
+        }
+        true
     }
 
     fn completions(&mut self) -> Step<bool> {
@@ -1503,8 +1538,8 @@ impl<'a> Sim<'a> {
     // ----- checkers -----
 
     fn check(&mut self) -> Step<()> {
-        // (a) prefix: advance the shadow to what the target applied, then compare what changed.
-        let applied = self.target.applied();
+        // (a) prefix: advance the shadow to what the driver wrote, then compare what changed.
+        let applied = self.written;
         if applied < self.shadow_seq {
             self.shadow.copy_from_slice(&self.initial);
             self.shadow_seq = Seq::NONE;
@@ -1556,7 +1591,7 @@ impl<'a> Sim<'a> {
             return Err(self.violation(
                 Check::Prefix,
                 format!(
-                    "target reports consistent with applied seq {applied}, but its volume \
+                    "target reports consistent with seq {applied} written, but its volume \
                      differs from the replay of ops 1..={applied} at byte {} ({} of {} check \
                      blocks differ)",
                     b * CHECK_BLOCK_BYTES,
@@ -1823,4 +1858,15 @@ fn new_target(cfg: TargetConfig, restored: Restored, opts: &SimOptions) -> Targe
     let mut target = Target::new(cfg, restored);
     target.set_sabotage(opts.target_sabotage);
     target
+}
+
+/// The planner for a run, with bounds small enough that batches are cut by both (derived from the
+/// commit log's bounds, so the seed's draws stay as they were).
+fn new_commit(cfg: &SimConfig, opts: &SimOptions) -> GroupCommit {
+    let mut commit = GroupCommit::new(CommitConfig {
+        batch_ops_max: (cfg.commit_entries_max / 4).max(1),
+        sync_after_bytes: (cfg.commit_bytes_max / 2).max(1),
+    });
+    commit.set_sabotage(opts.commit_sabotage);
+    commit
 }

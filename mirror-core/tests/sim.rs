@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use mirror_core::commit::CommitSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport};
 use mirror_core::source::SourceSabotage;
 use mirror_core::target::TargetSabotage;
@@ -200,6 +201,17 @@ fn releasing_on_received_is_caught_by_the_rollback_log_check() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 50, &[Check::RollbackLog]);
+}
+
+/// The group-commit planner (the same one the target server runs) acknowledging durability before
+/// the sync: a crash then loses what the source was told is durable.
+#[test]
+fn durable_before_sync_is_caught() {
+    let opts = SimOptions {
+        commit_sabotage: CommitSabotage::DurableBeforeSync,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::AckedDurable, Check::RollbackLog]);
 }
 
 #[test]

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+use mirror_core::commit::{CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::target::{
-    Apply, ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetError, TargetStatus,
+    ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetError, TargetStatus,
     HANDSHAKES_MAX_DEFAULT,
 };
 use mirror_core::wire::{self, Kind, HEADER_BYTES, MAC_BYTES};
@@ -45,10 +46,6 @@ const CONNECTIONS_MAX: usize = 4 * HANDSHAKES_MAX_DEFAULT + 4;
 pub const READ_BYTES_MAX: usize = 64 << 20;
 /// Payload bytes the reader takes in before it lets the applier run (see `read_loop`).
 const YIELD_AFTER_BYTES: usize = 1 << 20;
-/// Operations handed to one blocking write call.
-const BATCH_OPS_MAX: usize = 256;
-/// Bytes applied before a sync even if more operations are ready (bounds the durable ack delay).
-const SYNC_AFTER_BYTES: usize = 64 << 20;
 /// Frames handled by the reader before it waits for the writer to catch up (bounds the engine's
 /// queue of frames to send when the peer does not read).
 const UNSENT_INPUTS_MAX: usize = 1024;
@@ -997,19 +994,21 @@ async fn applier_rounds(
     shared: &Arc<Shared>,
     cmds: &mut mpsc::Receiver<Cmd>,
 ) -> Result<(), ServerError> {
+    // The applier owns the planner: one batch at a time goes to the I/O thread.
+    let mut commit = GroupCommit::new(CommitConfig::default());
     loop {
-        if round(shared).await? {
+        if run_batch(shared, &mut commit).await? {
             continue;
         }
         tokio::select! {
             _ = shared.apply_wake.notified() => {}
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Flush(done)) => {
-                    while round(shared).await? {}
+                    while run_batch(shared, &mut commit).await? {}
                     let _ = done.send(());
                 }
                 None => {
-                    while round(shared).await? {}
+                    while run_batch(shared, &mut commit).await? {}
                     return Ok(());
                 }
             }
@@ -1068,87 +1067,37 @@ impl IoThread {
     }
 }
 
-/// Applies what is ready (up to a bound), then syncs and records durability once. Returns whether
-/// the bound cut the round short (more may be ready). The last batch of a round is applied, synced
-/// and recorded in one blocking call: one hand-off to the I/O thread per round trip instead of two.
-async fn round(shared: &Arc<Shared>) -> Result<bool, ServerError> {
-    let mut applied_bytes = 0usize;
-    let mut more = false;
-    loop {
-        let batch: Vec<Apply> = {
-            let mut target = shared.target();
-            std::iter::from_fn(|| target.poll_apply())
-                .take(BATCH_OPS_MAX)
-                .collect()
-        };
-        if batch.is_empty() {
-            break;
-        }
-        shared.room_wake.notify_one();
-        let batch_bytes: usize = batch.iter().map(|a| a.op.payload_bytes()).sum();
-        // Sync with this batch when it ends the round: nothing else is ready, or the byte bound
-        // is reached. (What arrives meanwhile waits for the next round, as before.)
-        let last = batch.len() < BATCH_OPS_MAX || applied_bytes + batch_bytes >= SYNC_AFTER_BYTES;
-        let sync_meta = match (last, batch.last()) {
-            (true, Some(a)) => Some((
-                a.seq,
-                shared.meta(a.seq, false),
-                Arc::clone(&shared.meta_file),
-            )),
-            _ => None,
-        };
-        let volume = Arc::clone(&shared.volume);
-        let (batch, synced) = shared
-            .io
-            .run(move || {
-                for a in &batch {
-                    volume
-                        .apply(&a.op)
-                        .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
-                }
-                let synced = match sync_meta {
-                    Some((seq, meta, meta_file)) => {
-                        sync_and_record(&volume, &meta_file, &meta)?;
-                        Some(seq)
-                    }
-                    None => None,
-                };
-                Ok((batch, synced))
-            })
-            .await
-            .map_err(ServerError::VolumeIo)?;
-        {
-            let mut target = shared.target();
-            for a in &batch {
-                target.handle_applied(a.seq);
-            }
-            if let Some(seq) = synced {
-                target.handle_durable(seq);
-            }
-        }
-        applied_bytes += batch_bytes;
-        shared.room_wake.notify_one();
-        shared.wake_writers();
-        if last {
-            more = applied_bytes >= SYNC_AFTER_BYTES;
-            break;
-        }
-    }
-    let (needs_sync, applied) = {
-        let target = shared.target();
-        (target.needs_sync(), target.applied())
+/// Runs the planner's next batch on the I/O thread: write its operations, then (if it says so)
+/// sync the volume and record the durable seq, in one hand-off; only then does the engine hear of
+/// it. Returns whether there was a batch.
+async fn run_batch(shared: &Arc<Shared>, commit: &mut GroupCommit) -> Result<bool, ServerError> {
+    let Some(batch) = commit.poll_batch(&mut shared.target()) else {
+        return Ok(false);
     };
-    if needs_sync {
-        let meta = shared.meta(applied, false);
-        let volume = Arc::clone(&shared.volume);
-        let meta_file = Arc::clone(&shared.meta_file);
-        shared
-            .io
-            .run(move || sync_and_record(&volume, &meta_file, &meta))
-            .await
-            .map_err(ServerError::VolumeIo)?;
-        shared.target().handle_durable(applied);
-        shared.wake_writers();
+    if !batch.ops.is_empty() {
+        shared.room_wake.notify_one();
     }
-    Ok(more)
+    let record = batch
+        .sync
+        .map(|seq| (shared.meta(seq, false), Arc::clone(&shared.meta_file)));
+    let volume = Arc::clone(&shared.volume);
+    let batch = shared
+        .io
+        .run(move || {
+            for a in &batch.ops {
+                volume
+                    .apply(&a.op)
+                    .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
+            }
+            if let Some((meta, meta_file)) = record {
+                sync_and_record(&volume, &meta_file, &meta)?;
+            }
+            Ok(batch)
+        })
+        .await
+        .map_err(ServerError::VolumeIo)?;
+    commit.handle_done(&mut shared.target(), &batch);
+    shared.room_wake.notify_one();
+    shared.wake_writers();
+    Ok(true)
 }
