@@ -8,6 +8,8 @@
 //! - [`commit::GroupCommit`]: the target's group commit (which operations are written together,
 //!   when the volume is synced and durability recorded), run by the target server and the
 //!   simulator alike.
+//! - [`storage`]: the volume seam ([`storage::Volume`], one [`storage::apply`] for every
+//!   implementation) with in-memory and fault-injecting volumes.
 //! - [`sim`]: a seeded simulation of both over a faulty link, with invariant checkers.
 //!
 //! Nothing here reads a clock, a socket or a file: drivers pass time and bytes in and take frames,
@@ -23,6 +25,7 @@ pub mod lock;
 pub mod log;
 pub mod sim;
 pub mod source;
+pub mod storage;
 pub mod target;
 pub mod types;
 pub mod wire;

@@ -38,6 +38,7 @@ use crate::commit::{Batch, CommitConfig, CommitSabotage, GroupCommit};
 use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
+use crate::storage::{self, FaultyVolume, Volume};
 use crate::target::{
     Apply, ConflictPolicy, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
 };
@@ -598,12 +599,8 @@ struct Sim<'a> {
     /// Operation `seq` is `ops[seq - 1]`.
     ops: Vec<Op>,
 
-    /// What reads of the target volume return (durable image plus volatile overlay).
-    view: Vec<u8>,
-    /// What survives a crash.
-    durable: Vec<u8>,
-    /// Check blocks of `view` that differ from `durable` (not yet synced).
-    dirty: BTreeSet<usize>,
+    /// The target volume: what reads return, and what survives a crash.
+    volume: FaultyVolume,
     /// The durable sequence number the target driver recorded (survives crashes).
     persisted: Seq,
     /// Replay of operations `1..=shadow_seq`.
@@ -726,9 +723,7 @@ impl<'a> Sim<'a> {
             target_cfg,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
-            view: initial.clone(),
-            durable: initial.clone(),
-            dirty: BTreeSet::new(),
+            volume: FaultyVolume::new(initial.clone()),
             persisted: Seq::NONE,
             shadow: initial.clone(),
             shadow_seq: Seq::NONE,
@@ -1011,22 +1006,13 @@ impl<'a> Sim<'a> {
                 1 => 100,
                 _ => self.rng.u32(1..100),
             };
-            let mut kept = false;
-            let dirty = std::mem::take(&mut self.dirty);
-            for b in dirty {
-                if self.rng.u32(0..100) < keep_percent {
-                    let r = b * CHECK_BLOCK_BYTES..(b + 1) * CHECK_BLOCK_BYTES;
-                    self.durable[r.clone()].copy_from_slice(&self.view[r]);
-                    kept = true;
-                }
-            }
-            if kept {
+            let rng = &mut self.rng;
+            let loss = self.volume.crash(&mut || rng.u32(0..100) < keep_percent);
+            if loss.kept_blocks > 0 {
                 self.report.partial_crashes += 1;
             }
         }
-        self.dirty.clear();
-        self.view.copy_from_slice(&self.durable);
-        self.touched.push((0, self.view.len()));
+        self.touched.push((0, self.initial.len()));
         self.applying.clear();
         self.written = self.persisted;
         self.batch = None;
@@ -1058,7 +1044,7 @@ impl<'a> Sim<'a> {
                 self.report.local_locks += 1;
                 let key = self.next_holder_key;
                 self.next_holder_key += 1;
-                let snapshot = self.view[byte_range(range)].to_vec();
+                let snapshot = self.volume.with_view(|v| v[byte_range(range)].to_vec());
                 self.holders.push(Holder {
                     key,
                     id,
@@ -1102,12 +1088,12 @@ impl<'a> Sim<'a> {
             return;
         };
         self.written = apply.seq;
+        if let Err(e) = storage::apply(&self.volume, &apply.op) {
+            // The engine checked the extent and no fault is injected: a bug of the simulator.
+            panic!("applying seq {}: {e}", apply.seq);
+        }
         if let Some(r) = apply.op.range() {
             let r = byte_range(r);
-            apply_op(&mut self.view, &apply.op);
-            let first = r.start / CHECK_BLOCK_BYTES;
-            let last = (r.end - 1) / CHECK_BLOCK_BYTES;
-            self.dirty.extend(first..=last);
             self.touched.push((r.start, r.end));
         }
         if self.applying.is_empty() {
@@ -1139,10 +1125,8 @@ impl<'a> Sim<'a> {
 
     /// The volume is synced: what was written is durable, and `seq` is recorded as durable.
     fn fsync(&mut self, seq: Seq) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for b in dirty {
-            let r = b * CHECK_BLOCK_BYTES..(b + 1) * CHECK_BLOCK_BYTES;
-            self.durable[r.clone()].copy_from_slice(&self.view[r]);
+        if let Err(e) = self.volume.sync() {
+            panic!("sync of seq {seq}: {e}");
         }
         self.persisted = seq;
         advance(
@@ -1205,7 +1189,7 @@ impl<'a> Sim<'a> {
         let Some(op) = self.parked.take() else {
             return Ok(false);
         };
-        apply_op(&mut self.src_vol, &op);
+        storage::apply_to_image(&mut self.src_vol, &op);
         let seq = match self.source.submit(op.clone(), self.now * TICK_NS) {
             Ok(seq) => seq,
             Err(e) => {
@@ -1514,9 +1498,10 @@ impl<'a> Sim<'a> {
                     }
                     if let Some(r) = op.range() {
                         let r = byte_range(r);
-                        if self.target.status().consistent
-                            && self.durable[r.clone()] != self.durable_shadow[r.clone()]
-                        {
+                        let differs = self
+                            .volume
+                            .with_durable(|d| d[r.clone()] != self.durable_shadow[r.clone()]);
+                        if self.target.status().consistent && differs {
                             return Err(self.violation(
                                 Check::AckedDurable,
                                 format!(
@@ -1572,18 +1557,21 @@ impl<'a> Sim<'a> {
             );
         }
         let touched = std::mem::take(&mut self.touched);
-        for &(start, end) in &touched {
-            let first = start / CHECK_BLOCK_BYTES;
-            let last = end.div_ceil(CHECK_BLOCK_BYTES);
-            for b in first..last {
-                let r = b * CHECK_BLOCK_BYTES..(b + 1) * CHECK_BLOCK_BYTES;
-                if self.view[r.clone()] == self.shadow[r] {
-                    self.differs.remove(&b);
-                } else {
-                    self.differs.insert(b);
+        let (shadow, differs) = (&self.shadow, &mut self.differs);
+        self.volume.with_view(|view| {
+            for &(start, end) in &touched {
+                let first = start / CHECK_BLOCK_BYTES;
+                let last = end.div_ceil(CHECK_BLOCK_BYTES);
+                for b in first..last {
+                    let r = b * CHECK_BLOCK_BYTES..(b + 1) * CHECK_BLOCK_BYTES;
+                    if view[r.clone()] == shadow[r] {
+                        differs.remove(&b);
+                    } else {
+                        differs.insert(b);
+                    }
                 }
             }
-        }
+        });
         let status = self.target.status();
         if !status.consistent {
             self.report.inconsistent_steps += 1;
@@ -1596,7 +1584,7 @@ impl<'a> Sim<'a> {
                      blocks differ)",
                     b * CHECK_BLOCK_BYTES,
                     self.differs.len(),
-                    self.view.len() / CHECK_BLOCK_BYTES
+                    self.initial.len() / CHECK_BLOCK_BYTES
                 ),
             ));
         }
@@ -1617,12 +1605,13 @@ impl<'a> Sim<'a> {
     fn check_holders(&self) -> Step<()> {
         for h in &self.holders {
             let r = byte_range(h.range);
-            if self.view[r.clone()] != h.snapshot[..] {
-                let at = self.view[r.clone()]
+            let changed = self.volume.with_view(|view| {
+                view[r.clone()]
                     .iter()
                     .zip(&h.snapshot)
                     .position(|(a, b)| a != b)
-                    .unwrap_or(0);
+            });
+            if let Some(at) = changed {
                 return Err(self.violation(
                     Check::LocalLock,
                     format!(
@@ -1782,13 +1771,18 @@ impl<'a> Sim<'a> {
                 format!("target still reports inconsistent at quiescence: {t:?}"),
             ));
         }
-        for (name, image) in [("volume", &self.view), ("durable image", &self.durable)] {
-            if let Some(at) = self
-                .src_vol
+        let first_difference = |image: &[u8]| {
+            self.src_vol
                 .iter()
                 .zip(image.iter())
                 .position(|(a, b)| a != b)
-            {
+        };
+        let differences = [
+            ("volume", self.volume.with_view(first_difference)),
+            ("durable image", self.volume.with_durable(first_difference)),
+        ];
+        for (name, at) in differences {
+            if let Some(at) = at {
                 return Err(self.violation(
                     Check::Quiescence,
                     format!(
@@ -1809,22 +1803,6 @@ fn byte_range(r: Range) -> std::ops::Range<usize> {
     start..end
 }
 
-fn apply_op(image: &mut [u8], op: &Op) {
-    match op {
-        Op::Write { data, .. } => {
-            if let Some(r) = op.range() {
-                image[byte_range(r)].copy_from_slice(data);
-            }
-        }
-        Op::Discard { .. } | Op::WriteZeroes { .. } => {
-            if let Some(r) = op.range() {
-                image[byte_range(r)].fill(0);
-            }
-        }
-        Op::Flush => {}
-    }
-}
-
 /// Moves a replay image to `to` (replaying from the initial image when going back).
 fn advance(image: &mut [u8], at: &mut Seq, to: Seq, ops: &[Op], initial: &[u8]) {
     if to < *at {
@@ -1834,7 +1812,7 @@ fn advance(image: &mut [u8], at: &mut Seq, to: Seq, ops: &[Op], initial: &[u8]) 
     let from = usize::try_from(at.0).unwrap_or(usize::MAX);
     let to_index = usize::try_from(to.0).unwrap_or(usize::MAX).min(ops.len());
     for op in ops.get(from..to_index).unwrap_or(&[]) {
-        apply_op(image, op);
+        storage::apply_to_image(image, op);
     }
     *at = to;
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use mirror_core::commit::{CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
+use mirror_core::storage::{self, Volume as _};
 use mirror_core::target::{
     ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetError, TargetStatus,
     HANDSHAKES_MAX_DEFAULT,
@@ -581,7 +582,7 @@ impl RegionLock {
             return Err(ServerError::BadRange(offset_bytes, len_bytes as u64));
         }
         let volume = Arc::clone(&self.shared.volume);
-        tokio::task::spawn_blocking(move || volume.read(offset_bytes, len_bytes))
+        tokio::task::spawn_blocking(move || storage::read(&*volume, offset_bytes, len_bytes))
             .await
             .map_err(|e| ServerError::VolumeIo(format!("read task failed: {e}")))?
             .map_err(|e| ServerError::VolumeIo(format!("read {offset_bytes}+{len_bytes}: {e}")))
@@ -1085,8 +1086,7 @@ async fn run_batch(shared: &Arc<Shared>, commit: &mut GroupCommit) -> Result<boo
         .io
         .run(move || {
             for a in &batch.ops {
-                volume
-                    .apply(&a.op)
+                storage::apply(&*volume, &a.op)
                     .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
             }
             if let Some((meta, meta_file)) = record {

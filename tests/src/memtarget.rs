@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use mirror_core::commit::{CommitConfig, GroupCommit};
+use mirror_core::storage;
 use mirror_core::target::{
     ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetStatus, HANDSHAKES_MAX_DEFAULT,
     HANDSHAKE_TIMEOUT_NS_DEFAULT,
 };
-use mirror_core::wire::{self, Frame, Op, WireError, HEADER_BYTES, MAC_BYTES};
+use mirror_core::wire::{self, Frame, WireError, HEADER_BYTES, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Seq, VolumeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
@@ -25,6 +27,7 @@ const EVENTS_MAX: usize = 256;
 #[derive(Debug)]
 struct State {
     target: Target,
+    commit: GroupCommit,
     volume: Vec<u8>,
 }
 
@@ -83,6 +86,7 @@ impl MemTarget {
                     clean: true,
                 },
             ),
+            commit: GroupCommit::new(CommitConfig::default()),
             volume: vec![0; volume_len],
         }));
         let task = tokio::spawn(serve(listener, state.clone(), seed));
@@ -192,38 +196,19 @@ fn drain(state: &Mutex<State>, conn: ConnId) -> Vec<Frame> {
         return Vec::new();
     };
     let s = &mut *guard;
-    while let Some(apply) = s.target.poll_apply() {
-        apply_op(&mut s.volume, &apply.op);
-        s.target.handle_applied(apply.seq);
-    }
-    if s.target.needs_sync() {
-        let applied = s.target.applied();
-        s.target.handle_durable(applied);
+    // The planner the target server runs; memory is durable at once, so every batch completes
+    // on the spot.
+    while let Some(batch) = s.commit.poll_batch(&mut s.target) {
+        for apply in &batch.ops {
+            storage::apply_to_image(&mut s.volume, &apply.op);
+        }
+        s.commit.handle_done(&mut s.target, &batch);
     }
     let mut out = Vec::new();
     while let Some(frame) = s.target.poll_transmit(conn) {
         out.push(frame);
     }
     out
-}
-
-fn apply_op(volume: &mut [u8], op: &Op) {
-    let Some(range) = op.range() else { return };
-    // The engine checked the extent against the volume size.
-    let (Ok(start), Ok(len)) = (
-        usize::try_from(range.offset_bytes),
-        usize::try_from(range.len_bytes),
-    ) else {
-        return;
-    };
-    let Some(dst) = volume.get_mut(start..start.saturating_add(len)) else {
-        return;
-    };
-    match op {
-        Op::Write { data, .. } => dst.copy_from_slice(data),
-        Op::Discard { .. } | Op::WriteZeroes { .. } => dst.fill(0),
-        Op::Flush => {}
-    }
 }
 
 async fn read_frames(id: u64, rd: OwnedReadHalf, events: mpsc::Sender<Event>) {
