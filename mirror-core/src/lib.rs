@@ -8,6 +8,8 @@
 //! - [`commit::GroupCommit`]: the target's group commit (which operations are written together,
 //!   when the volume is synced and durability recorded), run by the target server and the
 //!   simulator alike.
+//! - [`meta`]: the persistent metadata record of either role (versioned, checksummed, two slots);
+//!   [`target::recover`] decides what a restarted target trusts of it.
 //! - [`storage`]: the volume seam ([`storage::Volume`], one [`storage::apply`] for every
 //!   implementation) with in-memory and fault-injecting volumes.
 //! - [`sim`]: a seeded simulation of both over a faulty link, with invariant checkers.
@@ -23,6 +25,7 @@ pub mod auth;
 pub mod commit;
 pub mod lock;
 pub mod log;
+pub mod meta;
 pub mod sim;
 pub mod source;
 pub mod storage;

@@ -37,10 +37,12 @@ use bytes::Bytes;
 use crate::commit::{Batch, CommitConfig, CommitSabotage, GroupCommit};
 use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
+use crate::meta::MetaRecord;
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
 use crate::storage::{self, FaultyVolume, Volume};
 use crate::target::{
-    Apply, ConflictPolicy, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
+    recover_with, Apply, ConflictPolicy, ConnId, RecoverySabotage, Restored, Target, TargetConfig,
+    VolumeFacts, HANDSHAKES_MAX_DEFAULT,
 };
 use crate::wire::{self, Encoded, Frame, Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES};
 use crate::{Generation, Lba, NodeId, Range, Seq, VolumeId};
@@ -68,6 +70,8 @@ pub struct SimOptions {
     pub source_sabotage: SourceSabotage,
     /// Deliberate group-commit bug (tests only).
     pub commit_sabotage: CommitSabotage,
+    /// Deliberate recovery bug (tests only).
+    pub recovery_sabotage: RecoverySabotage,
 }
 
 impl Default for SimOptions {
@@ -78,6 +82,7 @@ impl Default for SimOptions {
             target_sabotage: TargetSabotage::None,
             source_sabotage: SourceSabotage::None,
             commit_sabotage: CommitSabotage::None,
+            recovery_sabotage: RecoverySabotage::None,
         }
     }
 }
@@ -1018,14 +1023,22 @@ impl<'a> Sim<'a> {
         self.batch = None;
         self.commit = new_commit(&self.cfg, self.opts);
         self.target_run += 1;
-        self.target = new_target(
-            self.target_cfg.clone(),
-            Restored {
-                durable: self.persisted,
-                clean,
-            },
-            self.opts,
-        );
+        // The driver's record, through its bytes, and the recovery rule the target server runs.
+        let record = MetaRecord {
+            durable: self.persisted,
+            clean,
+            ..MetaRecord::new(self.target_cfg.volume_id, self.target_cfg.volume_bytes)
+        };
+        let (record, _) = MetaRecord::decode_file(&record.encode_file(self.target_run))
+            .unwrap_or_else(|e| panic!("the metadata record does not read back: {e}"));
+        let facts = VolumeFacts {
+            volume_id: self.target_cfg.volume_id,
+            volume_bytes: self.target_cfg.volume_bytes,
+            created: false,
+        };
+        let (restored, _) = recover_with(Some(&record), &facts, self.opts.recovery_sabotage)
+            .unwrap_or_else(|e| panic!("recovery refused the target's own metadata: {e}"));
+        self.target = new_target(self.target_cfg.clone(), restored, self.opts);
     }
 
     fn lock_attempt(&mut self) -> Step<()> {

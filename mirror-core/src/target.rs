@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 
 use crate::auth::{self, Signer};
 use crate::lock::{LocalLockId, LockError, LockTable};
+use crate::meta::{MetaRecord, Role};
 use crate::source::LOCKS_AHEAD_MAX;
 use crate::types::{Generation, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
@@ -142,6 +143,121 @@ pub struct Restored {
     /// the volume may hold part of a batch past `durable`, so it is inconsistent until the source's
     /// resend has been applied.
     pub clean: bool,
+}
+
+/// What a target's driver knows of its volume at start, for [`recover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeFacts {
+    /// The volume the target is configured to mirror.
+    pub volume_id: VolumeId,
+    /// The volume's size now.
+    pub volume_bytes: u64,
+    /// Whether the driver just created the volume (it held nothing before).
+    pub created: bool,
+}
+
+/// How a restarted target came to its [`Restored`] state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryKind {
+    /// From its metadata record.
+    Resumed,
+    /// A new volume with no metadata: nothing to trust, nothing to distrust.
+    Fresh,
+    /// An existing volume without metadata: taken as holding nothing of the mirror's history
+    /// (durable seq 0). The driver should say so.
+    Adopted,
+}
+
+/// Why a target must not start on this volume and metadata.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoverError {
+    /// Metadata exists for a volume that was just created: it describes an earlier volume.
+    #[error("the volume was just created but metadata of an earlier volume exists")]
+    MetaOfEarlierVolume,
+    /// The metadata names another volume.
+    #[error("it belongs to volume {found}, not {expected}")]
+    OtherVolume {
+        /// The id in the metadata.
+        found: VolumeId,
+        /// The configured id.
+        expected: VolumeId,
+    },
+    /// The volume's size changed since the metadata was written.
+    #[error("it records a volume of {recorded} bytes, the volume has {actual}")]
+    Size {
+        /// The size in the metadata.
+        recorded: u64,
+        /// The size now.
+        actual: u64,
+    },
+    /// The metadata is a primary's; a target does not take over a primary's state.
+    #[error("it was written by a primary (node {})", .0.0)]
+    Primary(NodeId),
+}
+
+/// Deliberate bugs of [`recover_with`] for tests that prove the simulator's checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoverySabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Trust a record of an unclean stop as if the stop had been clean.
+    TrustUnclean,
+}
+
+/// What a restarted target trusts: its metadata record if it has one that describes this volume
+/// (durable seq, and whether the last run stopped cleanly: if not, the volume may hold part of a
+/// batch past the durable seq and is inconsistent until the source's resend is applied), nothing
+/// at all for a new volume.
+pub fn recover(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+) -> Result<(Restored, RecoveryKind), RecoverError> {
+    recover_with(record, facts, RecoverySabotage::None)
+}
+
+/// [`recover`], broken on purpose when `sabotage` says so (tests only).
+pub fn recover_with(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+    sabotage: RecoverySabotage,
+) -> Result<(Restored, RecoveryKind), RecoverError> {
+    let Some(record) = record else {
+        let kind = if facts.created {
+            RecoveryKind::Fresh
+        } else {
+            RecoveryKind::Adopted
+        };
+        let restored = Restored {
+            durable: Seq::NONE,
+            clean: true,
+        };
+        return Ok((restored, kind));
+    };
+    if facts.created {
+        return Err(RecoverError::MetaOfEarlierVolume);
+    }
+    if record.volume_id != facts.volume_id {
+        return Err(RecoverError::OtherVolume {
+            found: record.volume_id,
+            expected: facts.volume_id,
+        });
+    }
+    if record.volume_bytes != facts.volume_bytes {
+        return Err(RecoverError::Size {
+            recorded: record.volume_bytes,
+            actual: facts.volume_bytes,
+        });
+    }
+    if record.role == Role::Primary {
+        return Err(RecoverError::Primary(record.node_id));
+    }
+    let restored = Restored {
+        durable: record.durable,
+        clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
+    };
+    Ok((restored, RecoveryKind::Resumed))
 }
 
 /// Why the connection must close.
@@ -1222,6 +1338,65 @@ mod tests {
             nonce: [9; MAC_BYTES],
             mac: [0; MAC_BYTES],
         })
+    }
+
+    /// What a restarted target trusts: its own record; nothing for a new volume; never a record
+    /// of another volume, another size, a primary, or one that predates the volume.
+    #[test]
+    fn recovery_trusts_only_a_record_of_this_volume() {
+        let facts = VolumeFacts {
+            volume_id: VolumeId([7; 16]),
+            volume_bytes: VOLUME_BYTES,
+            created: false,
+        };
+        let own = MetaRecord {
+            durable: Seq(9),
+            clean: false,
+            ..MetaRecord::new(facts.volume_id, VOLUME_BYTES)
+        };
+        assert_eq!(
+            recover(Some(&own), &facts),
+            Ok((
+                Restored {
+                    durable: Seq(9),
+                    clean: false
+                },
+                RecoveryKind::Resumed
+            ))
+        );
+        assert_eq!(recover(None, &facts).map(|r| r.1), Ok(RecoveryKind::Adopted));
+        let created = VolumeFacts {
+            created: true,
+            ..facts
+        };
+        assert_eq!(recover(None, &created).map(|r| r.1), Ok(RecoveryKind::Fresh));
+        assert_eq!(
+            recover(Some(&own), &created),
+            Err(RecoverError::MetaOfEarlierVolume)
+        );
+        let other = MetaRecord {
+            volume_id: VolumeId([8; 16]),
+            ..own
+        };
+        assert!(matches!(
+            recover(Some(&other), &facts),
+            Err(RecoverError::OtherVolume { .. })
+        ));
+        let grown = MetaRecord {
+            volume_bytes: 2 * VOLUME_BYTES,
+            ..own
+        };
+        assert!(matches!(
+            recover(Some(&grown), &facts),
+            Err(RecoverError::Size { .. })
+        ));
+        let primary = MetaRecord {
+            role: Role::Primary,
+            node_id: NodeId(4),
+            ..own
+        };
+        let err = recover(Some(&primary), &facts).unwrap_err();
+        assert_eq!(err.to_string(), "it was written by a primary (node 4)");
     }
 
     /// Item 9a: before this fix the forged HELLO alone cleared "inconsistent" (the HELLO's

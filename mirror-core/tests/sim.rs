@@ -9,7 +9,7 @@ use std::time::Instant;
 use mirror_core::commit::CommitSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport};
 use mirror_core::source::SourceSabotage;
-use mirror_core::target::TargetSabotage;
+use mirror_core::target::{RecoverySabotage, TargetSabotage};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -212,6 +212,17 @@ fn durable_before_sync_is_caught() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::AckedDurable, Check::RollbackLog]);
+}
+
+/// The recovery rule (the same one the target server runs) trusting an unclean stop: the volume
+/// holds part of a batch past the durable seq while the target claims to be consistent.
+#[test]
+fn trusting_an_unclean_stop_is_caught_by_the_prefix_check() {
+    let opts = SimOptions {
+        recovery_sabotage: RecoverySabotage::TrustUnclean,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 500, &[Check::Prefix]);
 }
 
 #[test]

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use mirror_core::commit::{CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
+use mirror_core::meta::MetaRecord;
 use mirror_core::storage::{self, Volume as _};
 use mirror_core::target::{
-    ConflictPolicy, ConnId, Restored, Target, TargetConfig, TargetError, TargetStatus,
-    HANDSHAKES_MAX_DEFAULT,
+    self, ConflictPolicy, ConnId, RecoverError, RecoveryKind, Restored, Target, TargetConfig,
+    TargetError, TargetStatus, VolumeFacts, HANDSHAKES_MAX_DEFAULT,
 };
 use mirror_core::wire::{self, Kind, HEADER_BYTES, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Range, Seq, VolumeId};
@@ -28,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::meta::{default_meta_path, Meta, MetaError, MetaFile};
+use crate::meta::{self, default_meta_path, MetaError, MetaFile};
 use crate::volume::Volume;
 
 /// Default commit log bound in payload bytes.
@@ -145,7 +146,7 @@ pub enum ServerError {
         /// The file.
         path: PathBuf,
         /// What differs.
-        why: String,
+        why: RecoverError,
     },
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
@@ -187,6 +188,7 @@ struct Shared {
     meta_file: Arc<MetaFile>,
     io: IoThread,
     volume_id: VolumeId,
+    node_id: NodeId,
     idle_timeout: Duration,
     local_lock_timeout: Duration,
     /// Something may be ready to apply.
@@ -223,12 +225,12 @@ impl Shared {
         self.tx_wake.notify_waiters();
     }
 
-    fn meta(&self, durable: Seq, clean: bool) -> Meta {
-        Meta {
-            volume_id: self.volume_id,
+    fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
+        MetaRecord {
+            node_id: self.node_id,
             durable,
             clean,
-            volume_bytes: self.volume.volume_bytes(),
+            ..MetaRecord::new(self.volume_id, self.volume.volume_bytes())
         }
     }
 }
@@ -281,11 +283,11 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
     let meta_file = MetaFile::create(
         &cfg.meta_path,
-        &Meta {
-            volume_id: cfg.volume_id,
+        &MetaRecord {
+            node_id: cfg.node_id,
             durable: restored.durable,
             clean: false,
-            volume_bytes: volume.volume_bytes(),
+            ..MetaRecord::new(cfg.volume_id, volume.volume_bytes())
         },
     )?;
     let target = Target::new(target_config(&cfg, volume.volume_bytes()), restored);
@@ -297,6 +299,7 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         io: IoThread::spawn()
             .map_err(|e| ServerError::Internal(format!("cannot start the I/O thread: {e}")))?,
         volume_id: cfg.volume_id,
+        node_id: cfg.node_id,
         idle_timeout: cfg.idle_timeout,
         local_lock_timeout: cfg.local_lock_timeout,
         apply_wake: Notify::new(),
@@ -387,49 +390,26 @@ fn open_volume(cfg: &ServerConfig) -> Result<(Volume, bool), ServerError> {
     Ok((volume, created))
 }
 
+/// Reads the metadata and lets mirror-core decide what this restart trusts.
 fn restore(cfg: &ServerConfig, volume: &Volume, created: bool) -> Result<Restored, ServerError> {
-    let mismatch = |why: String| ServerError::MetaMismatch {
-        path: cfg.meta_path.clone(),
-        why,
+    let record = meta::load(&cfg.meta_path)?;
+    let facts = VolumeFacts {
+        volume_id: cfg.volume_id,
+        volume_bytes: volume.volume_bytes(),
+        created,
     };
-    match Meta::load(&cfg.meta_path)? {
-        Some(meta) => {
-            if created {
-                return Err(mismatch(
-                    "the volume was just created but metadata of an earlier volume exists".into(),
-                ));
-            }
-            if meta.volume_id != cfg.volume_id {
-                return Err(mismatch(format!(
-                    "it belongs to volume {}, not {}",
-                    meta.volume_id, cfg.volume_id
-                )));
-            }
-            if meta.volume_bytes != volume.volume_bytes() {
-                return Err(mismatch(format!(
-                    "it records a volume of {} bytes, the volume has {}",
-                    meta.volume_bytes,
-                    volume.volume_bytes()
-                )));
-            }
-            Ok(Restored {
-                durable: meta.durable,
-                clean: meta.clean,
-            })
-        }
-        None => {
-            if !created {
-                warn!(
-                    meta = %cfg.meta_path.display(),
-                    "no metadata file: treating the existing volume as fresh (durable seq 0)"
-                );
-            }
-            Ok(Restored {
-                durable: Seq::NONE,
-                clean: true,
-            })
-        }
+    let (restored, kind) =
+        target::recover(record.as_ref(), &facts).map_err(|why| ServerError::MetaMismatch {
+            path: cfg.meta_path.clone(),
+            why,
+        })?;
+    if kind == RecoveryKind::Adopted {
+        warn!(
+            meta = %cfg.meta_path.display(),
+            "no metadata file: treating the existing volume as fresh (durable seq 0)"
+        );
     }
+    Ok(restored)
 }
 
 fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {
@@ -1019,7 +999,7 @@ async fn applier_rounds(
 
 /// Makes everything applied durable, then records `meta` (its durable seq) in the metadata file.
 /// Runs on the I/O thread; the order is what lets a restarted target trust its record.
-fn sync_and_record(volume: &Volume, meta_file: &MetaFile, meta: &Meta) -> Result<(), String> {
+fn sync_and_record(volume: &Volume, meta_file: &MetaFile, meta: &MetaRecord) -> Result<(), String> {
     volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
     meta_file.update(meta).map_err(|e| e.to_string())
 }

@@ -9,10 +9,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use mirror_core::meta::MetaRecord;
 use mirror_core::source::{ConnState, Mode, Source};
 use mirror_core::wire::{Frame, Hello, RefuseReason, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Seq};
-use target_server::meta::{Meta, MetaFile};
+use target_server::meta::MetaFile;
 use tokio::io::AsyncWriteExt;
 
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -32,11 +33,9 @@ async fn an_unauthenticated_hello_does_not_clear_inconsistent() {
     // As a crash leaves it: applied writes past `durable` may be on the volume.
     MetaFile::create(
         &cfg.meta_path,
-        &Meta {
-            volume_id: VOLUME_ID,
-            durable: Seq(0),
+        &MetaRecord {
             clean: false,
-            volume_bytes: VOLUME_BYTES,
+            ..MetaRecord::new(VOLUME_ID, VOLUME_BYTES)
         },
     )
     .unwrap();

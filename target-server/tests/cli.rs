@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mirror_core::source::{Mode, Source};
 use mirror_core::Seq;
-use target_server::meta::Meta;
+use target_server::meta;
 
 const BIN: &str = env!("CARGO_BIN_EXE_target-server");
 const ID: &str = "11111111111111111111111111111111";
@@ -242,7 +242,7 @@ async fn binary_serves_from_a_config_file_and_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
-    let meta = Meta::load(&d.join("target.img.meta")).unwrap().unwrap();
+    let meta = meta::load(&d.join("target.img.meta")).unwrap().unwrap();
     assert!(meta.clean);
     assert_eq!(meta.durable, Seq(1));
     let content = std::fs::read(d.join("target.img")).unwrap();

@@ -6,10 +6,11 @@
 mod common;
 
 use common::*;
+use mirror_core::meta::{MetaRecord, SLOT_BYTES};
 use mirror_core::source::{Mode, Source};
 use mirror_core::wire::Frame;
 use mirror_core::{Seq, VolumeId};
-use target_server::meta::{Meta, MetaError, SLOT_BYTES};
+use target_server::meta::{self, MetaError};
 use target_server::ServerError;
 
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -19,7 +20,7 @@ async fn graceful_shutdown_marks_meta_clean_and_restart_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = server_config(&dir, VOLUME_BYTES);
     let server = target_server::start(cfg.clone()).await.unwrap();
-    let running = Meta::load(&cfg.meta_path).unwrap().unwrap();
+    let running = meta::load(&cfg.meta_path).unwrap().unwrap();
     assert!(
         !running.clean,
         "a running server's metadata must say not clean"
@@ -32,17 +33,15 @@ async fn graceful_shutdown_marks_meta_clean_and_restart_resumes() {
     }
     c.sync().await;
     // Durability was recorded before it was acknowledged.
-    let meta = Meta::load(&cfg.meta_path).unwrap().unwrap();
+    let meta = meta::load(&cfg.meta_path).unwrap().unwrap();
     assert_eq!((meta.durable, meta.clean), (Seq(3), false));
     server.shutdown().await.unwrap();
-    let meta = Meta::load(&cfg.meta_path).unwrap().unwrap();
+    let meta = meta::load(&cfg.meta_path).unwrap().unwrap();
     assert_eq!(
         meta,
-        Meta {
-            volume_id: VOLUME_ID,
+        MetaRecord {
             durable: Seq(3),
-            clean: true,
-            volume_bytes: VOLUME_BYTES,
+            ..MetaRecord::new(VOLUME_ID, VOLUME_BYTES)
         }
     );
     // Restart on the same volume (same flags): the target resumes at seq 3.
