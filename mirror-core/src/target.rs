@@ -1364,12 +1364,18 @@ mod tests {
                 RecoveryKind::Resumed
             ))
         );
-        assert_eq!(recover(None, &facts).map(|r| r.1), Ok(RecoveryKind::Adopted));
+        assert_eq!(
+            recover(None, &facts).map(|r| r.1),
+            Ok(RecoveryKind::Adopted)
+        );
         let created = VolumeFacts {
             created: true,
             ..facts
         };
-        assert_eq!(recover(None, &created).map(|r| r.1), Ok(RecoveryKind::Fresh));
+        assert_eq!(
+            recover(None, &created).map(|r| r.1),
+            Ok(RecoveryKind::Fresh)
+        );
         assert_eq!(
             recover(Some(&own), &created),
             Err(RecoverError::MetaOfEarlierVolume)

@@ -1,14 +1,17 @@
 //! The target server: receives mirrored operations over TCP and applies them to a file-backed target
 //! volume through the [`mirror_core::target::Target`] engine.
 //!
-//! - One source at a time; a second connection gets `REFUSE(Busy)`. The engine (commit log, lock
-//!   table, sequence numbers) outlives connections: it belongs to the volume.
-//! - Frames are read header first; the commit log's room is checked before the payload is read
-//!   (back-pressure), so memory stays bounded. A frame that cannot be decoded is logged with its
-//!   reason and the connection closed; a corrupted write payload is answered with `NAK`.
-//! - Operations are applied strictly in order off the async reactor, then synced (`fdatasync`)
-//!   once per batch (group commit); the durable sequence number is recorded in the [`meta`] file
-//!   before the engine acknowledges durability.
+//! - One task owns the engine (commit log, lock table, sequence numbers), which outlives
+//!   connections: it belongs to the volume. Each connection has a reader and a writer task that
+//!   only move bytes; the engine decides which connection is the session (only an authenticated
+//!   one; a second source of another node gets `REFUSE(Busy)`).
+//! - The owner takes frames only while the commit log has room for the largest one
+//!   (back-pressure: the readers wait, the sockets fill), so memory stays bounded. A frame that
+//!   cannot be decoded is logged with its reason and the connection closed; a corrupted write
+//!   payload is answered with `NAK`.
+//! - Operations are applied strictly in order on an I/O thread, then synced (`fdatasync`) per
+//!   batch of mirror-core's group-commit planner; the durable sequence number is recorded in the
+//!   [`meta`] file before the engine acknowledges durability.
 //! - Local lock holders ([`ServerHandle::lock_region`], [`ServerHandle::consistent_read`]) read a
 //!   region while no mirrored write touches it.
 //!
@@ -19,7 +22,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod conn;
+mod io_thread;
 pub mod meta;
+mod owner;
 mod server;
 pub mod volume;
 

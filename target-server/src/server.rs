@@ -1,35 +1,28 @@
-//! The server's tasks: the accept loop (which also runs the engine's handshake timer), one reader
-//! and one writer per connection, the applier, and the local lock API. They share the engine behind
-//! a mutex that is only held for engine calls, never across I/O. The engine decides which
-//! connection is the session; a connection it is done with ([`Target::is_open`]) is closed by its
-//! writer.
+//! The server's public face: configuration, start (open the volume, let mirror-core decide what
+//! the metadata is trusted for, bind), and the handle (status, shutdown, local locks). The engine
+//! itself belongs to one task, [`crate::owner`]; this module reaches it only through channels.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
-use mirror_core::commit::{CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
-use mirror_core::storage::{self, Volume as _};
+use mirror_core::storage;
 use mirror_core::target::{
-    self, ConflictPolicy, ConnId, RecoverError, RecoveryKind, Restored, Target, TargetConfig,
-    TargetError, TargetStatus, VolumeFacts, HANDSHAKES_MAX_DEFAULT,
+    self, ConflictPolicy, RecoverError, RecoveryKind, Restored, Target, TargetConfig, TargetStatus,
+    VolumeFacts, HANDSHAKES_MAX_DEFAULT,
 };
-use mirror_core::wire::{self, Kind, HEADER_BYTES, MAC_BYTES};
-use mirror_core::{Generation, NodeId, Range, Seq, VolumeId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use mirror_core::wire;
+use mirror_core::{Generation, NodeId, Range, VolumeId};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 use crate::meta::{self, default_meta_path, MetaError, MetaFile};
+use crate::owner::{Cmd, Owner};
 use crate::volume::Volume;
 
 /// Default commit log bound in payload bytes.
@@ -41,24 +34,10 @@ pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Default handshake timeout: a connection not authenticated this long after accept is closed.
 pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration =
     Duration::from_nanos(mirror_core::target::HANDSHAKE_TIMEOUT_NS_DEFAULT);
-/// Connections open at once (handshakes, the session, and refused ones still closing); beyond it
-/// an accepted connection is closed at once.
-const CONNECTIONS_MAX: usize = 4 * HANDSHAKES_MAX_DEFAULT + 4;
 /// Largest read a local lock holder may make at once.
 pub const READ_BYTES_MAX: usize = 64 << 20;
-/// Payload bytes the reader takes in before it lets the applier run (see `read_loop`).
-const YIELD_AFTER_BYTES: usize = 1 << 20;
-/// Frames handled by the reader before it waits for the writer to catch up (bounds the engine's
-/// queue of frames to send when the peer does not read).
-const UNSENT_INPUTS_MAX: usize = 1024;
-/// Receive buffer of a session.
-const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Local locks held at once.
 const LOCAL_LOCKS_MAX: usize = 64;
-/// How long a closing connection may take to send its last frames.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// How long a graceful shutdown waits for ready operations to be applied.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -176,84 +155,28 @@ pub enum ServerError {
     Internal(String),
 }
 
-enum Cmd {
-    /// Apply everything ready, sync, then answer.
-    Flush(oneshot::Sender<()>),
-}
-
-#[derive(Debug)]
-struct Shared {
-    target: Mutex<Target>,
-    volume: Arc<Volume>,
-    meta_file: Arc<MetaFile>,
-    io: IoThread,
-    volume_id: VolumeId,
-    node_id: NodeId,
-    idle_timeout: Duration,
-    local_lock_timeout: Duration,
-    /// Something may be ready to apply.
-    apply_wake: Notify,
-    /// Frames may be waiting to be sent, or a connection may have been closed by the engine:
-    /// every writer looks (`notify_waiters`).
-    tx_wake: Notify,
-    /// The commit log may have room again.
-    room_wake: Notify,
-    /// The writer has caught up.
-    drained_wake: Notify,
-    /// Frames the session's reader handled since its writer last caught up.
-    unsent_inputs: AtomicUsize,
-    /// Connections open now (see [`CONNECTIONS_MAX`]).
-    connections: AtomicUsize,
-    /// The engine's clock: nanoseconds since this instant.
-    epoch_instant: Instant,
-    shutdown: watch::Sender<bool>,
-}
-
-impl Shared {
-    fn target(&self) -> MutexGuard<'_, Target> {
-        // The engine is never left half-updated by a panic of ours (it asserts before mutating),
-        // so a poisoned lock still holds a usable engine.
-        self.target.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch_instant.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Wakes every writer (see `tx_wake`).
-    fn wake_writers(&self) {
-        self.tx_wake.notify_waiters();
-    }
-
-    fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
-        MetaRecord {
-            node_id: self.node_id,
-            durable,
-            clean,
-            ..MetaRecord::new(self.volume_id, self.volume.volume_bytes())
-        }
-    }
-}
+/// Local lock requests queued at once (each waits for its answer; unlocks are bounded by the
+/// locks held).
+const CMDS_MAX: usize = LOCAL_LOCKS_MAX + 8;
 
 /// A running server.
 #[derive(Debug)]
 pub struct ServerHandle {
-    shared: Arc<Shared>,
     local_addr: SocketAddr,
-    accept: Option<JoinHandle<()>>,
-    applier: Option<JoinHandle<Result<(), ServerError>>>,
-}
-
-impl std::fmt::Debug for Cmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Flush")
-    }
+    volume: std::sync::Arc<Volume>,
+    cmds: mpsc::Sender<Cmd>,
+    status: watch::Receiver<TargetStatus>,
+    shutdown: watch::Sender<bool>,
+    stopped: watch::Receiver<bool>,
+    owner: Option<JoinHandle<Result<(), ServerError>>>,
+    local_lock_timeout: Duration,
 }
 
 /// Opens the volume and its metadata, binds, and starts serving.
 ///
-/// Metadata: a missing file means a fresh start (durable 0, clean); a corrupt one, or one of
-/// another volume, is an error. The file is rewritten as "not clean" before serving.
+/// Metadata: what is trusted of it is mirror-core's decision ([`target::recover`]); a corrupt
+/// file, or one of another volume, is an error. The file is rewritten as "not clean" before
+/// serving.
 pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     mirror_core::block_shift(cfg.block_bytes).map_err(|e| ServerError::Config(e.to_string()))?;
     if cfg.commit_log_bytes_max < wire::PAYLOAD_BYTES_MAX as usize {
@@ -291,26 +214,6 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         },
     )?;
     let target = Target::new(target_config(&cfg, volume.volume_bytes()), restored);
-    let (shutdown, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        target: Mutex::new(target),
-        volume: Arc::new(volume),
-        meta_file: Arc::new(meta_file),
-        io: IoThread::spawn()
-            .map_err(|e| ServerError::Internal(format!("cannot start the I/O thread: {e}")))?,
-        volume_id: cfg.volume_id,
-        node_id: cfg.node_id,
-        idle_timeout: cfg.idle_timeout,
-        local_lock_timeout: cfg.local_lock_timeout,
-        apply_wake: Notify::new(),
-        tx_wake: Notify::new(),
-        room_wake: Notify::new(),
-        drained_wake: Notify::new(),
-        unsent_inputs: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
-        epoch_instant: Instant::now(),
-        shutdown,
-    });
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -321,30 +224,44 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         addr: cfg.listen,
         source,
     })?;
-    let (cmds, cmd_rx) = mpsc::channel(4);
-    let applier = tokio::spawn({
-        let shared = Arc::clone(&shared);
-        async move {
-            // A panic in the applier (an engine assertion) must stop the server, not stall it.
-            let inner = tokio::spawn(applier(Arc::clone(&shared), cmd_rx));
-            match inner.await {
-                Ok(result) => result,
-                Err(e) => {
-                    error!("applier failed: {e}");
-                    shared.shutdown.send_replace(true);
-                    Err(ServerError::Internal(format!("applier failed: {e}")))
-                }
-            }
-        }
+    let volume = std::sync::Arc::new(volume);
+    let (cmds, cmd_rx) = mpsc::channel(CMDS_MAX);
+    let (status_tx, status) = watch::channel(target.status());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (stopped_tx, stopped) = watch::channel(false);
+    let owner = Owner {
+        target,
+        volume: std::sync::Arc::clone(&volume),
+        meta_file: std::sync::Arc::new(meta_file),
+        volume_id: cfg.volume_id,
+        node_id: cfg.node_id,
+        idle_timeout: cfg.idle_timeout,
+        listener,
+        cmds: cmd_rx,
+        status: status_tx,
+        shutdown: shutdown_rx,
+    };
+    let owner = tokio::spawn(async move {
+        // A panic of the owner (an engine assertion) must stop the server, not stall it.
+        let result = match tokio::spawn(owner.run()).await {
+            Ok(result) => result,
+            Err(e) => Err(ServerError::Internal(format!(
+                "the engine's task failed: {e}"
+            ))),
+        };
+        stopped_tx.send_replace(true);
+        result
     });
-    // The accept loop holds the only command sender: when it ends, the applier finishes.
-    let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener, cmds));
     info!(%local_addr, "listening");
     Ok(ServerHandle {
-        shared,
         local_addr,
-        accept: Some(accept),
-        applier: Some(applier),
+        volume,
+        cmds,
+        status,
+        shutdown,
+        stopped,
+        owner: Some(owner),
+        local_lock_timeout: cfg.local_lock_timeout,
     })
 }
 
@@ -436,15 +353,15 @@ impl ServerHandle {
         self.local_addr
     }
 
-    /// The engine's state.
+    /// The engine's state, as its owner last published it.
     #[must_use]
     pub fn status(&self) -> TargetStatus {
-        self.shared.target().status()
+        self.status.borrow().clone()
     }
 
-    /// Resolves once the server has begun to stop (a fatal volume error, or [`Self::shutdown`]).
+    /// Resolves once the server has stopped serving (a fatal volume error, or [`Self::shutdown`]).
     pub async fn stopped(&self) {
-        let mut rx = self.shared.shutdown.subscribe();
+        let mut rx = self.stopped.clone();
         // An error means the sender is gone: stopped as well.
         let _ = rx.wait_for(|stop| *stop).await;
     }
@@ -453,17 +370,15 @@ impl ServerHandle {
     /// sequence number and mark the metadata clean. Returns the error that stopped the server, if
     /// one did.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        self.shared.shutdown.send_replace(true);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.await;
-        }
-        // The accept loop has ended and dropped the command channel: the applier finishes.
-        let Some(applier) = self.applier.take() else {
+        self.shutdown.send_replace(true);
+        let Some(owner) = self.owner.take() else {
             return Ok(());
         };
-        match applier.await {
+        match owner.await {
             Ok(result) => result,
-            Err(e) => Err(ServerError::Internal(format!("applier task failed: {e}"))),
+            Err(e) => Err(ServerError::Internal(format!(
+                "the engine's task failed: {e}"
+            ))),
         }
     }
 
@@ -475,25 +390,26 @@ impl ServerHandle {
         offset_bytes: u64,
         len_bytes: u64,
     ) -> Result<RegionLock, ServerError> {
-        let volume_bytes = self.shared.volume.volume_bytes();
         let in_volume = offset_bytes
             .checked_add(len_bytes)
-            .is_some_and(|end| end <= volume_bytes);
+            .is_some_and(|end| end <= self.volume.volume_bytes());
         if len_bytes == 0 || !in_volume {
             return Err(ServerError::BadRange(offset_bytes, len_bytes));
         }
         let range = Range::new(offset_bytes, len_bytes);
-        let deadline = tokio::time::Instant::now() + self.shared.local_lock_timeout;
+        let deadline = tokio::time::Instant::now() + self.local_lock_timeout;
         let mut backoff = Duration::from_millis(1);
         loop {
-            if *self.shared.shutdown.borrow() {
-                return Err(ServerError::Stopped);
-            }
-            let attempt = self.shared.target().try_lock_local(range);
-            match attempt {
+            let (reply, answer) = oneshot::channel();
+            self.cmds
+                .send(Cmd::Lock(range, reply))
+                .await
+                .map_err(|_| ServerError::Stopped)?;
+            match answer.await.map_err(|_| ServerError::Stopped)? {
                 Ok(id) => {
                     return Ok(RegionLock {
-                        shared: Arc::clone(&self.shared),
+                        cmds: self.cmds.clone(),
+                        volume: std::sync::Arc::clone(&self.volume),
                         id: Some(id),
                         range,
                     })
@@ -532,15 +448,16 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        // Not graceful (the metadata stays "not clean"), but stop accepting and serving.
-        self.shared.shutdown.send_replace(true);
+        // Not awaited, but the owner stops as after `shutdown`.
+        self.shutdown.send_replace(true);
     }
 }
 
 /// A local lock on a region of the volume; released by [`RegionLock::release`] or on drop.
 #[derive(Debug)]
 pub struct RegionLock {
-    shared: Arc<Shared>,
+    cmds: mpsc::Sender<Cmd>,
+    volume: std::sync::Arc<Volume>,
     id: Option<LocalLockId>,
     range: Range,
 }
@@ -561,7 +478,7 @@ impl RegionLock {
         if !inside || len_bytes > READ_BYTES_MAX {
             return Err(ServerError::BadRange(offset_bytes, len_bytes as u64));
         }
-        let volume = Arc::clone(&self.shared.volume);
+        let volume = std::sync::Arc::clone(&self.volume);
         tokio::task::spawn_blocking(move || storage::read(&*volume, offset_bytes, len_bytes))
             .await
             .map_err(|e| ServerError::VolumeIo(format!("read task failed: {e}")))?
@@ -575,9 +492,11 @@ impl RegionLock {
 
     fn unlock(&mut self) {
         if let Some(id) = self.id.take() {
-            self.shared.target().unlock_local(id);
-            self.shared.apply_wake.notify_one();
-            self.shared.wake_writers();
+            // Room is certain: the queue holds more than the locks that can exist. A stopped
+            // server has no locks left to release.
+            if self.cmds.try_send(Cmd::Unlock(id)).is_err() {
+                warn!("local lock {id:?} released after the server stopped");
+            }
         }
     }
 }
@@ -586,498 +505,4 @@ impl Drop for RegionLock {
     fn drop(&mut self) {
         self.unlock();
     }
-}
-
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cmds: mpsc::Sender<Cmd>) {
-    let mut stop = shared.shutdown.subscribe();
-    let next_conn = AtomicU64::new(1);
-    let mut sessions = tokio::task::JoinSet::new();
-    loop {
-        let deadline = shared.target().poll_timeout();
-        let timer = async {
-            match deadline {
-                Some(ns) => {
-                    let wait = Duration::from_nanos(ns.saturating_sub(shared.now_ns()));
-                    tokio::time::sleep(wait).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            () = timer => {
-                let mut target = shared.target();
-                target.handle_timeout(shared.now_ns());
-                log_closes(&mut target);
-                drop(target);
-                shared.wake_writers();
-                continue;
-            }
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if shared.connections.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
-            warn!(%peer, "closing a connection at once: {CONNECTIONS_MAX} are open");
-            continue;
-        }
-        let mut nonce = [0u8; MAC_BYTES];
-        if let Err(e) = getrandom::fill(&mut nonce) {
-            error!(%peer, "no OS randomness for a nonce: {e}");
-            continue;
-        }
-        let conn = ConnId(next_conn.fetch_add(1, Ordering::Relaxed));
-        let admitted = shared.target().on_connect(conn, nonce, shared.now_ns());
-        if let Err(e) = admitted {
-            info!(%peer, %conn, "refusing: {e}");
-        }
-        shared.connections.fetch_add(1, Ordering::Relaxed);
-        sessions.spawn(run_session(
-            Arc::clone(&shared),
-            stream,
-            peer,
-            conn,
-            cmds.clone(),
-        ));
-    }
-    drop(listener);
-    while sessions.join_next().await.is_some() {}
-}
-
-/// Logs the connections the engine is done with; their writers see it and close them.
-fn log_closes(target: &mut Target) {
-    while let Some((conn, why)) = target.poll_close() {
-        info!(%conn, "closing: {why}");
-    }
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-enum Close {
-    PeerClosed,
-    Idle,
-    Io(io::Error),
-    Wire(wire::WireError),
-    Engine(TargetError),
-    Shutdown,
-    /// The engine is done with the connection (refused, replaced, handshake timed out).
-    Dropped,
-    WriterGone,
-}
-
-async fn run_session(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    conn: ConnId,
-    cmds: mpsc::Sender<Cmd>,
-) {
-    let _ = stream.set_nodelay(true);
-    debug!(%peer, %conn, "connection accepted");
-    let (rd, wr) = stream.into_split();
-    // Frames are read through a buffer: one recv usually brings a header with its payload (and
-    // often the next frames), instead of one recv per header and per payload.
-    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let (closing_tx, closing_rx) = watch::channel(false);
-    let mut writer = tokio::spawn(write_loop(Arc::clone(&shared), conn, wr, closing_rx));
-    let mut stop = shared.shutdown.subscribe();
-    let close = tokio::select! {
-        close = read_loop(&shared, conn, &mut rd) => close,
-        _ = stop.wait_for(|s| *s) => Close::Shutdown,
-        end = &mut writer => match end {
-            Ok(WriterEnd::Dropped) => Close::Dropped,
-            _ => Close::WriterGone,
-        },
-    };
-    let was_session = shared.target().session() == Some(conn);
-    match &close {
-        Close::PeerClosed => info!(%peer, %conn, "source closed the connection"),
-        Close::Idle => {
-            info!(%peer, %conn, "closing: nothing received for {:?}", shared.idle_timeout)
-        }
-        Close::Io(e) => info!(%peer, %conn, "closing: {e}"),
-        Close::Wire(e) => warn!(%peer, %conn, "closing: malformed frame: {e}"),
-        Close::Engine(e) => warn!(%peer, %conn, "closing: {e}"),
-        Close::Shutdown => info!(%peer, %conn, "closing: server shutting down"),
-        Close::Dropped => debug!(%peer, %conn, "closed"),
-        Close::WriterGone => info!(%peer, %conn, "closing: cannot send to the source"),
-    }
-    if matches!(close, Close::Shutdown) && was_session {
-        // Finish what is ready so the last acknowledgement tells the source where we stand.
-        let (done_tx, done_rx) = oneshot::channel();
-        if cmds.send(Cmd::Flush(done_tx)).await.is_ok() {
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx).await;
-        }
-    }
-    if !writer.is_finished() {
-        closing_tx.send_replace(true);
-        shared.wake_writers();
-        if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
-    }
-    if matches!(close, Close::Engine(_) | Close::Wire(_) | Close::Dropped) {
-        // The writer has sent the REFUSE and a FIN. Read and drop what the peer had already sent,
-        // briefly and boundedly: closing a socket with unread data resets the connection, and
-        // the reset could reach the peer before it reads why it was refused.
-        let mut sink = [0u8; 4096];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        let mut drained = 0usize;
-        while drained < (1 << 20) {
-            match tokio::time::timeout_at(deadline, rd.read(&mut sink)).await {
-                Ok(Ok(n)) if n > 0 => drained += n,
-                _ => break,
-            }
-        }
-    }
-    shared.target().on_disconnect(conn);
-    shared.connections.fetch_sub(1, Ordering::Relaxed);
-    if was_session {
-        shared.room_wake.notify_one();
-        shared.apply_wake.notify_one();
-    }
-}
-
-/// Reads until `buf` is full (its `remaining_mut`). The idle timeout restarts with every chunk
-/// received. `Ok(false)` means the peer closed before the first byte. Takes any `BufMut`, so a
-/// payload is read straight into uninitialized capacity (no zero-fill pass over it first).
-async fn read_full<R: AsyncRead + Unpin, B: BufMut>(
-    rd: &mut R,
-    mut buf: B,
-    idle: Duration,
-) -> Result<bool, Close> {
-    let want = buf.remaining_mut();
-    let mut got = 0;
-    while buf.has_remaining_mut() {
-        let n = match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
-            Err(_) => return Err(Close::Idle),
-            Ok(Err(e)) => return Err(Close::Io(e)),
-            Ok(Ok(n)) => n,
-        };
-        if n == 0 {
-            if got == 0 {
-                return Ok(false);
-            }
-            return Err(Close::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("connection closed inside a frame ({got} of {want} bytes)"),
-            )));
-        }
-        got += n;
-    }
-    Ok(true)
-}
-
-fn carries_op(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Lock | Kind::Write | Kind::Flush | Kind::Discard | Kind::WriteZeroes
-    )
-}
-
-async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, conn: ConnId, rd: &mut R) -> Close {
-    let idle = shared.idle_timeout;
-    // Payload bytes read since this task last let the others run (see the end of the loop).
-    let mut unyielded = 0usize;
-    loop {
-        let mut head = [0u8; HEADER_BYTES];
-        match read_full(rd, &mut head[..], idle).await {
-            Ok(true) => {}
-            Ok(false) => return Close::PeerClosed,
-            Err(close) => return close,
-        }
-        let header = match wire::decode_header(&head) {
-            Ok(h) => h,
-            Err(e) => return Close::Wire(e),
-        };
-        let payload_len = header.payload_len as usize;
-        if carries_op(header.kind) {
-            // Back-pressure: leave the payload in the socket until the commit log has room.
-            loop {
-                let room_wake = shared.room_wake.notified();
-                if shared.target().has_room(payload_len) {
-                    break;
-                }
-                room_wake.await;
-            }
-        }
-        // At most PAYLOAD_BYTES_MAX, checked by decode_header.
-        let mut payload = BytesMut::with_capacity(payload_len);
-        match read_full(rd, (&mut payload).limit(payload_len), idle).await {
-            Ok(true) => {}
-            Ok(false) if payload_len == 0 => {}
-            Ok(false) => {
-                return Close::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed after a frame header",
-                ))
-            }
-            Err(close) => return close,
-        }
-        let (result, is_session) = {
-            let mut target = shared.target();
-            let result = match wire::decode_body(&header, payload.freeze()) {
-                Ok(frame) => target.handle_frame(conn, frame),
-                Err(e) => {
-                    if e.nak_seq().is_some() {
-                        debug!("corrupted payload: {e}");
-                    }
-                    target.handle_wire_error(conn, &e)
-                }
-            };
-            log_closes(&mut target);
-            (result, target.session() == Some(conn))
-        };
-        // The writer first: on this single-threaded runtime woken tasks run in the order they
-        // were woken, so the acknowledgement (RECEIVED, in `received` mode the one the host
-        // waits for) goes out before the applier hands the write to the I/O thread (a futex
-        // wake-up, seen with strace on the ack's path when the applier was woken first).
-        shared.wake_writers();
-        shared.apply_wake.notify_one();
-        // The applier runs on this thread too. While the socket always has data, this task
-        // would not give it the thread until a read would block: with 512 KiB frames the
-        // reader took in ~10 MiB while the I/O thread sat idle, then the applier applied it
-        // while the source, its log full, waited (strace). Yielding every YIELD_AFTER_BYTES lets
-        // the applier hand a batch to the I/O thread while reading goes on.
-        unyielded += payload_len;
-        if unyielded >= YIELD_AFTER_BYTES {
-            unyielded = 0;
-            tokio::task::yield_now().await;
-        }
-        if let Err(e) = result {
-            return match e {
-                TargetError::Wire(w) => Close::Wire(w),
-                other => Close::Engine(other),
-            };
-        }
-        // Bound what the engine queues for a peer that does not read its answers. (A connection
-        // in its handshake queues at most two frames.)
-        while is_session
-            && shared.unsent_inputs.fetch_add(1, Ordering::Relaxed) >= UNSENT_INPUTS_MAX
-        {
-            shared.unsent_inputs.fetch_sub(1, Ordering::Relaxed);
-            shared.drained_wake.notified().await;
-        }
-    }
-}
-
-/// Why a writer stopped.
-#[derive(Debug)]
-enum WriterEnd {
-    /// The engine is done with the connection; everything it had for it was sent.
-    Dropped,
-    /// The session is closing (`closing`), or the peer cannot be written to.
-    Closed,
-}
-
-async fn write_loop(
-    shared: Arc<Shared>,
-    conn: ConnId,
-    mut wr: OwnedWriteHalf,
-    mut closing: watch::Receiver<bool>,
-) -> WriterEnd {
-    let mut buf = Vec::with_capacity(4096);
-    loop {
-        // Registered before looking, so a wake-up between the look and the wait is not lost.
-        let wake = shared.tx_wake.notified();
-        tokio::pin!(wake);
-        wake.as_mut().enable();
-        buf.clear();
-        let (open, is_session) = {
-            let mut target = shared.target();
-            while buf.len() < (1 << 20) {
-                let Some(frame) = target.poll_transmit(conn) else {
-                    break;
-                };
-                buf.extend_from_slice(&frame.encode().to_vec());
-            }
-            (target.is_open(conn), target.session() == Some(conn))
-        };
-        if !buf.is_empty() {
-            match tokio::time::timeout(shared.idle_timeout, wr.write_all(&buf)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    debug!(%conn, "write to source failed: {e}");
-                    return WriterEnd::Closed;
-                }
-                Err(_) => {
-                    debug!(%conn, "source did not read for {:?}", shared.idle_timeout);
-                    return WriterEnd::Closed;
-                }
-            }
-            if is_session {
-                shared.unsent_inputs.store(0, Ordering::Relaxed);
-                shared.drained_wake.notify_one();
-            }
-            continue;
-        }
-        if is_session {
-            shared.unsent_inputs.store(0, Ordering::Relaxed);
-            shared.drained_wake.notify_one();
-        }
-        if !open || *closing.borrow() {
-            let _ = wr.shutdown().await;
-            return if open {
-                WriterEnd::Closed
-            } else {
-                WriterEnd::Dropped
-            };
-        }
-        tokio::select! {
-            () = &mut wake => {}
-            _ = closing.changed() => {}
-        }
-    }
-}
-
-/// Applies operations in order, syncs once per batch, records the durable sequence number. Runs
-/// until the command channel closes, then marks the metadata clean.
-async fn applier(shared: Arc<Shared>, mut cmds: mpsc::Receiver<Cmd>) -> Result<(), ServerError> {
-    let result = applier_rounds(&shared, &mut cmds).await;
-    match &result {
-        Ok(()) => {
-            // Stopping: nothing is being applied; sync and mark clean.
-            let applied = shared.target().applied();
-            let meta = shared.meta(applied, true);
-            let volume = Arc::clone(&shared.volume);
-            let meta_file = Arc::clone(&shared.meta_file);
-            let synced = shared
-                .io
-                .run(move || sync_and_record(&volume, &meta_file, &meta))
-                .await;
-            if let Err(e) = synced {
-                error!("final sync failed: {e}");
-                return Err(ServerError::VolumeIo(e));
-            }
-            shared.target().handle_durable(applied);
-            info!(durable = %applied, "stopped cleanly");
-        }
-        Err(e) => {
-            error!("stopping: {e}");
-            shared.shutdown.send_replace(true);
-        }
-    }
-    result
-}
-
-async fn applier_rounds(
-    shared: &Arc<Shared>,
-    cmds: &mut mpsc::Receiver<Cmd>,
-) -> Result<(), ServerError> {
-    // The applier owns the planner: one batch at a time goes to the I/O thread.
-    let mut commit = GroupCommit::new(CommitConfig::default());
-    loop {
-        if run_batch(shared, &mut commit).await? {
-            continue;
-        }
-        tokio::select! {
-            _ = shared.apply_wake.notified() => {}
-            cmd = cmds.recv() => match cmd {
-                Some(Cmd::Flush(done)) => {
-                    while run_batch(shared, &mut commit).await? {}
-                    let _ = done.send(());
-                }
-                None => {
-                    while run_batch(shared, &mut commit).await? {}
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-/// Makes everything applied durable, then records `meta` (its durable seq) in the metadata file.
-/// Runs on the I/O thread; the order is what lets a restarted target trust its record.
-fn sync_and_record(volume: &Volume, meta_file: &MetaFile, meta: &MetaRecord) -> Result<(), String> {
-    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
-    meta_file.update(meta).map_err(|e| e.to_string())
-}
-
-/// A job for the I/O thread.
-type IoJob = Box<dyn FnOnce() + Send>;
-
-/// The thread that does the applier's blocking volume I/O (apply, fdatasync, metadata). One
-/// dedicated thread rather than tokio's blocking pool: handing a job over is a single wake-up,
-/// where the pool's hand-off also contends for its lock (three futex calls and an extra context
-/// switch per group commit, seen with strace). It exits when the last sender is dropped.
-#[derive(Debug)]
-struct IoThread {
-    jobs: std::sync::mpsc::SyncSender<IoJob>,
-}
-
-impl IoThread {
-    fn spawn() -> io::Result<IoThread> {
-        // The applier waits for each job, so at most one is ever queued.
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<IoJob>(1);
-        std::thread::Builder::new()
-            .name("target-io".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })?;
-        Ok(IoThread { jobs })
-    }
-
-    /// Runs `f` on the I/O thread and waits for its result.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
-        let (tx, rx) = oneshot::channel();
-        let job: IoJob = Box::new(move || {
-            // A panic in `f` drops `tx`, which the receiver reports.
-            let _ = tx.send(f());
-        });
-        self.jobs
-            .send(job)
-            .map_err(|_| "the I/O thread has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the I/O thread failed (panicked)".to_string())?
-    }
-}
-
-/// Runs the planner's next batch on the I/O thread: write its operations, then (if it says so)
-/// sync the volume and record the durable seq, in one hand-off; only then does the engine hear of
-/// it. Returns whether there was a batch.
-async fn run_batch(shared: &Arc<Shared>, commit: &mut GroupCommit) -> Result<bool, ServerError> {
-    let Some(batch) = commit.poll_batch(&mut shared.target()) else {
-        return Ok(false);
-    };
-    if !batch.ops.is_empty() {
-        shared.room_wake.notify_one();
-    }
-    let record = batch
-        .sync
-        .map(|seq| (shared.meta(seq, false), Arc::clone(&shared.meta_file)));
-    let volume = Arc::clone(&shared.volume);
-    let batch = shared
-        .io
-        .run(move || {
-            for a in &batch.ops {
-                storage::apply(&*volume, &a.op)
-                    .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
-            }
-            if let Some((meta, meta_file)) = record {
-                sync_and_record(&volume, &meta_file, &meta)?;
-            }
-            Ok(batch)
-        })
-        .await
-        .map_err(ServerError::VolumeIo)?;
-    commit.handle_done(&mut shared.target(), &batch);
-    shared.room_wake.notify_one();
-    shared.wake_writers();
-    Ok(true)
 }

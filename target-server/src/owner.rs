@@ -1,0 +1,503 @@
+//! The task that owns the engine. It waits on its inputs (accepted connections, frames from the
+//! connections' readers, the I/O thread's batch results, local lock requests, the engine's
+//! handshake timer, shutdown) and hands the results out (bytes to the connections' writers, a
+//! batch to the I/O thread, the status). No other task reaches the engine.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mirror_core::commit::{Batch, CommitConfig, GroupCommit};
+use mirror_core::lock::{LocalLockId, LockError};
+use mirror_core::meta::MetaRecord;
+use mirror_core::storage;
+use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
+use mirror_core::wire::{MAC_BYTES, PAYLOAD_BYTES_MAX};
+use mirror_core::{NodeId, Range, Seq, VolumeId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::conn::{self, End, Input};
+use crate::io_thread::{sync_and_record, IoThread};
+use crate::meta::MetaFile;
+use crate::server::ServerError;
+use crate::volume::Volume;
+
+/// Frames the readers may have handed over and the owner not yet taken (each up to
+/// `PAYLOAD_BYTES_MAX`): the memory a full commit log can leave in flight.
+const INPUTS_MAX: usize = 16;
+/// Inputs taken in one go before the owner looks at its other sources again.
+const INPUTS_PER_ROUND: usize = 64;
+/// Batches of encoded frames queued for one connection's writer.
+const WRITER_BATCHES_MAX: usize = 8;
+/// Bytes of encoded frames put in one writer batch at most.
+const WRITER_BATCH_BYTES: usize = 1 << 20;
+/// Connections open at once (handshakes, the session, and refused ones still closing); beyond it
+/// an accepted connection is closed at once.
+const CONNECTIONS_MAX: usize = 4 * mirror_core::target::HANDSHAKES_MAX_DEFAULT + 4;
+/// How long a graceful shutdown waits for the writers to send their last frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A request from the server's handle (local lock holders).
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    Lock(Range, oneshot::Sender<Result<LocalLockId, LockError>>),
+    Unlock(LocalLockId),
+}
+
+/// What the owner needs besides the engine.
+#[derive(Debug)]
+pub(crate) struct Owner {
+    pub(crate) target: Target,
+    pub(crate) volume: Arc<Volume>,
+    pub(crate) meta_file: Arc<MetaFile>,
+    pub(crate) volume_id: VolumeId,
+    pub(crate) node_id: NodeId,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) listener: TcpListener,
+    pub(crate) cmds: mpsc::Receiver<Cmd>,
+    pub(crate) status: watch::Sender<TargetStatus>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A connection as the owner sees it.
+#[derive(Debug)]
+struct ConnIo {
+    peer: SocketAddr,
+    writer: mpsc::Sender<Vec<u8>>,
+    /// Tells the reader to stop; `true`: drain what the peer sent first.
+    stop_reader: Option<oneshot::Sender<bool>>,
+}
+
+/// What woke the owner.
+enum Event {
+    Shutdown,
+    IoDone(Result<Result<Batch, String>, oneshot::error::RecvError>),
+    Writable,
+    Input(Input),
+    Cmd(Cmd),
+    Accepted(std::io::Result<(TcpStream, SocketAddr)>),
+    Timer,
+    TaskEnded,
+}
+
+struct Run {
+    o: Owner,
+    /// A connection whose writer was full when it had frames to send.
+    blocked: Option<ConnId>,
+    io: IoThread,
+    commit: GroupCommit,
+    /// The batch on the I/O thread.
+    io_pending: Option<oneshot::Receiver<Result<Batch, String>>>,
+    conns: HashMap<ConnId, ConnIo>,
+    tasks: JoinSet<()>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs: mpsc::Receiver<Input>,
+    next_conn: u64,
+    started: Instant,
+}
+
+impl Owner {
+    /// Runs until shutdown (graceful: what is ready is applied, synced and recorded clean) or a
+    /// fatal volume error.
+    pub(crate) async fn run(self) -> Result<(), ServerError> {
+        let io = IoThread::spawn()
+            .map_err(|e| ServerError::Internal(format!("cannot start the I/O thread: {e}")))?;
+        let (inputs_tx, inputs) = mpsc::channel(INPUTS_MAX);
+        let mut run = Run {
+            o: self,
+            blocked: None,
+            io,
+            commit: GroupCommit::new(CommitConfig::default()),
+            io_pending: None,
+            conns: HashMap::new(),
+            tasks: JoinSet::new(),
+            inputs_tx,
+            inputs,
+            next_conn: 1,
+            started: Instant::now(),
+        };
+        let result = run.serve().await;
+        let result = match result {
+            Ok(()) => run.finish().await,
+            Err(e) => {
+                error!("stopping: {e}");
+                Err(e)
+            }
+        };
+        run.close_all(CLOSE_GRACE).await;
+        result
+    }
+}
+
+impl Run {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
+        MetaRecord {
+            node_id: self.o.node_id,
+            durable,
+            clean,
+            ..MetaRecord::new(self.o.volume_id, self.volume_bytes())
+        }
+    }
+
+    fn volume_bytes(&self) -> u64 {
+        self.o.volume.volume_bytes()
+    }
+
+    async fn serve(&mut self) -> Result<(), ServerError> {
+        loop {
+            self.dispatch_batch();
+            self.flush_all();
+            self.publish();
+            if *self.o.shutdown.borrow() {
+                return Ok(());
+            }
+            // Frames are taken only while the commit log has room for the largest one, and while
+            // no writer is full: beyond that the readers wait, then the sockets fill
+            // (back-pressure on the source).
+            let take = self.o.target.has_room(PAYLOAD_BYTES_MAX as usize) && self.blocked.is_none();
+            let wait = self
+                .o
+                .target
+                .poll_timeout()
+                .map(|ns| Duration::from_nanos(ns.saturating_sub(self.now_ns())));
+            let blocked = self
+                .blocked
+                .and_then(|conn| self.conns.get(&conn))
+                .map(|c| c.writer.clone());
+            let Run {
+                o,
+                io_pending,
+                inputs,
+                tasks,
+                ..
+            } = self;
+            let event = tokio::select! {
+                biased;
+                _ = o.shutdown.changed() => Event::Shutdown,
+                done = async { io_pending.as_mut().expect("guarded").await },
+                    if io_pending.is_some() => Event::IoDone(done),
+                () = async { blocked.as_ref().expect("guarded").reserve().await.map_or((), drop) },
+                    if blocked.is_some() => Event::Writable,
+                input = inputs.recv(), if take => match input {
+                    Some(input) => Event::Input(input),
+                    None => Event::Shutdown,
+                },
+                cmd = o.cmds.recv() => match cmd {
+                    Some(cmd) => Event::Cmd(cmd),
+                    // The handle is gone: nobody can ask for a shutdown any more.
+                    None => Event::Shutdown,
+                },
+                accepted = o.listener.accept() => Event::Accepted(accepted),
+                () = async { tokio::time::sleep(wait.expect("guarded")).await }, if wait.is_some() => {
+                    Event::Timer
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => Event::TaskEnded,
+            };
+            match event {
+                Event::Shutdown => return Ok(()),
+                Event::IoDone(done) => {
+                    self.io_pending = None;
+                    self.batch_done(done)?;
+                }
+                Event::Writable => self.blocked = None,
+                Event::Input(input) => self.take_inputs(input),
+                Event::Cmd(cmd) => self.handle_cmd(cmd),
+                Event::Accepted(accepted) => self.accept(accepted),
+                Event::Timer => {
+                    let now = self.now_ns();
+                    self.o.target.handle_timeout(now);
+                }
+                Event::TaskEnded => {}
+            }
+        }
+    }
+
+    /// Takes `first` and whatever else is waiting (while there is room), so that one round of the
+    /// loop handles a burst of frames.
+    fn take_inputs(&mut self, first: Input) {
+        self.handle_input(first);
+        for _ in 1..INPUTS_PER_ROUND {
+            if !self.o.target.has_room(PAYLOAD_BYTES_MAX as usize) {
+                break;
+            }
+            match self.inputs.try_recv() {
+                Ok(input) => self.handle_input(input),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        let (conn, result) = match input {
+            Input::Frame(conn, Ok(frame)) => (conn, self.o.target.handle_frame(conn, frame)),
+            Input::Frame(conn, Err(e)) => {
+                if e.nak_seq().is_some() {
+                    debug!(%conn, "corrupted payload: {e}");
+                }
+                (conn, self.o.target.handle_wire_error(conn, &e))
+            }
+            Input::Ended(conn, end) => {
+                self.log_end(conn, &end);
+                self.close(conn, false);
+                return;
+            }
+        };
+        if let Err(e) = result {
+            if let Some(c) = self.conns.get(&conn) {
+                match e {
+                    TargetError::Refused(reason) => {
+                        info!(peer = %c.peer, %conn, "refused: {reason}");
+                    }
+                    other => warn!(peer = %c.peer, %conn, "closing: {other}"),
+                }
+            }
+            self.close(conn, true);
+        }
+    }
+
+    fn log_end(&self, conn: ConnId, end: &End) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        match end {
+            End::Wire(_) => warn!(peer = %c.peer, %conn, "closing: {end}"),
+            _ => info!(peer = %c.peer, %conn, "closing: {end}"),
+        }
+    }
+
+    fn accept(&mut self, accepted: std::io::Result<(TcpStream, SocketAddr)>) {
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: the next accept may work; the listener
+                // reports again at once, so this is logged at debug level after the first.
+                warn!("accept failed: {e}");
+                return;
+            }
+        };
+        if self.conns.len() >= CONNECTIONS_MAX {
+            warn!(%peer, "closing a connection at once: {CONNECTIONS_MAX} are open");
+            return;
+        }
+        let mut nonce = [0u8; MAC_BYTES];
+        if let Err(e) = getrandom::fill(&mut nonce) {
+            error!(%peer, "no OS randomness for a nonce: {e}");
+            return;
+        }
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (writer, batches) = mpsc::channel(WRITER_BATCHES_MAX);
+        let (stop_reader, stop) = oneshot::channel();
+        let idle = self.o.idle_timeout;
+        self.tasks.spawn(conn::write_loop(conn, wr, idle, batches));
+        self.tasks.spawn(conn::read_loop(
+            conn,
+            rd,
+            idle,
+            self.inputs_tx.clone(),
+            stop,
+        ));
+        self.conns.insert(
+            conn,
+            ConnIo {
+                peer,
+                writer,
+                stop_reader: Some(stop_reader),
+            },
+        );
+        debug!(%peer, %conn, "connection accepted");
+        if let Err(e) = self.o.target.on_connect(conn, nonce, self.now_ns()) {
+            info!(%peer, %conn, "refusing: {e}");
+            self.close(conn, true);
+        }
+    }
+
+    /// Sends what the engine still has for `conn`, then closes it: the writer sends a FIN, the
+    /// reader stops (after draining briefly what the peer sent, if `drain`: a refused peer then
+    /// reads its REFUSE before any reset).
+    fn close(&mut self, conn: ConnId, drain: bool) {
+        self.flush(conn);
+        self.o.target.on_disconnect(conn);
+        if self.blocked == Some(conn) {
+            self.blocked = None;
+        }
+        if let Some(mut c) = self.conns.remove(&conn) {
+            if let Some(stop) = c.stop_reader.take() {
+                let _ = stop.send(drain);
+            }
+        }
+    }
+
+    /// Moves the engine's frames for `conn` to its writer, as long as the writer has room.
+    fn flush(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        loop {
+            let permit = match c.writer.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    // The peer reads slowly: the frames wait in the engine (its queues are
+                    // bounded) and go out when the writer has room; no new input meanwhile.
+                    self.blocked = Some(conn);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => return,
+            };
+            let mut buf = Vec::new();
+            while buf.len() < WRITER_BATCH_BYTES {
+                let Some(frame) = self.o.target.poll_transmit(conn) else {
+                    break;
+                };
+                buf.extend_from_slice(&frame.encode().to_vec());
+            }
+            if buf.is_empty() {
+                return;
+            }
+            permit.send(buf);
+            if self.blocked == Some(conn) {
+                self.blocked = None;
+            }
+        }
+    }
+
+    /// Flushes every connection, and closes those the engine is done with.
+    fn flush_all(&mut self) {
+        while let Some((conn, why)) = self.o.target.poll_close() {
+            if let Some(c) = self.conns.get(&conn) {
+                info!(peer = %c.peer, %conn, "closing: {why}");
+            }
+            self.close(conn, true);
+        }
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in ids {
+            self.flush(conn);
+            if !self.o.target.is_open(conn) {
+                self.close(conn, true);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let now = self.o.target.status();
+        self.o.status.send_if_modified(|s| {
+            let changed = *s != now;
+            if changed {
+                *s = now;
+            }
+            changed
+        });
+    }
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Lock(range, reply) => {
+                let _ = reply.send(self.o.target.try_lock_local(range));
+            }
+            Cmd::Unlock(id) => {
+                self.o.target.unlock_local(id);
+            }
+        }
+    }
+
+    /// Hands the planner's next batch to the I/O thread, if none is out: write its operations,
+    /// then (if it says so) sync the volume and record the durable seq, in one hand-off.
+    fn dispatch_batch(&mut self) {
+        if self.io_pending.is_some() {
+            return;
+        }
+        let Some(batch) = self.commit.poll_batch(&mut self.o.target) else {
+            return;
+        };
+        let record = batch
+            .sync
+            .map(|seq| (self.meta(seq, false), Arc::clone(&self.o.meta_file)));
+        let volume = Arc::clone(&self.o.volume);
+        self.io_pending = Some(self.io.start(move || {
+            for a in &batch.ops {
+                storage::apply(&*volume, &a.op)
+                    .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
+            }
+            if let Some((meta, meta_file)) = record {
+                sync_and_record(&volume, &meta_file, &meta)?;
+            }
+            Ok(batch)
+        }));
+    }
+
+    fn batch_done(
+        &mut self,
+        done: Result<Result<Batch, String>, oneshot::error::RecvError>,
+    ) -> Result<(), ServerError> {
+        let batch = done
+            .map_err(|_| ServerError::VolumeIo("the I/O thread failed (panicked)".into()))?
+            .map_err(ServerError::VolumeIo)?;
+        self.commit.handle_done(&mut self.o.target, &batch);
+        Ok(())
+    }
+
+    /// Stopping: stop reading, apply and sync what is ready, tell the session where we stand, and
+    /// record that we stopped cleanly.
+    async fn finish(&mut self) -> Result<(), ServerError> {
+        for c in self.conns.values_mut() {
+            if let Some(stop) = c.stop_reader.take() {
+                let _ = stop.send(false);
+            }
+        }
+        loop {
+            if let Some(pending) = self.io_pending.take() {
+                let done = pending.await;
+                self.batch_done(done)?;
+            }
+            self.dispatch_batch();
+            if self.io_pending.is_none() {
+                break;
+            }
+        }
+        let applied = self.o.target.applied();
+        let meta = self.meta(applied, true);
+        let volume = Arc::clone(&self.o.volume);
+        let meta_file = Arc::clone(&self.o.meta_file);
+        let synced = self
+            .io
+            .start(move || sync_and_record(&volume, &meta_file, &meta))
+            .await
+            .map_err(|_| "the I/O thread failed (panicked)".to_string())
+            .and_then(|r| r);
+        if let Err(e) = synced {
+            error!("final sync failed: {e}");
+            return Err(ServerError::VolumeIo(e));
+        }
+        self.o.target.handle_durable(applied);
+        self.flush_all();
+        self.publish();
+        info!(durable = %applied, "stopped cleanly");
+        Ok(())
+    }
+
+    /// Closes every connection and waits (up to `grace`) for the writers to send what they hold.
+    async fn close_all(&mut self, grace: Duration) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in ids {
+            self.close(conn, false);
+        }
+        self.publish();
+        let tasks = &mut self.tasks;
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+        }
+    }
+}
