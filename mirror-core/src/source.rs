@@ -272,11 +272,30 @@ enum Conn {
     Ready,
 }
 
+/// What a host operation waits for before it completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Needs {
+pub enum Needs {
+    /// Nothing beyond the local write and its place in the rollback log.
     Local,
+    /// The target has it in its commit log.
     Received,
+    /// The target applied it and made it durable.
     Durable,
+}
+
+impl Needs {
+    /// The completion rule of the acknowledgement modes, the one copy every driver asks: what an
+    /// operation (a flush if `is_flush`) waits for in `mode`.
+    #[must_use]
+    pub fn of(mode: Mode, flush_replicates: bool, is_flush: bool) -> Needs {
+        match (mode, is_flush) {
+            (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
+            (_, true) if flush_replicates => Needs::Durable,
+            (_, true) => Needs::Local,
+            (Mode::Async, false) => Needs::Local,
+            (Mode::Received, false) => Needs::Received,
+        }
+    }
 }
 
 const OUT_FRAMES_MAX: usize = 64;
@@ -430,13 +449,15 @@ impl<L: RollbackLog> Source<L> {
     }
 
     fn needs(&self, is_flush: bool) -> Needs {
-        match (self.cfg.mode, is_flush) {
-            (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
-            (_, true) if self.cfg.flush_replicates => Needs::Durable,
-            (_, true) => Needs::Local,
-            (Mode::Async, false) => Needs::Local,
-            (Mode::Received, false) => Needs::Received,
-        }
+        Needs::of(self.cfg.mode, self.cfg.flush_replicates, is_flush)
+    }
+
+    /// Whether a data operation (not a flush) submitted now completes as soon as it is in the
+    /// rollback log: a driver may complete it without waiting for [`Self::poll_completion`],
+    /// provided its place in the sequence is already fixed.
+    #[must_use]
+    pub fn data_completes_on_submit(&self) -> bool {
+        Needs::of(self.cfg.mode, self.cfg.flush_replicates, false) == Needs::Local
     }
 
     fn check_completions(&mut self) {
@@ -778,6 +799,18 @@ fn kind_name(frame: &Frame) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The modes' completion rule, as the README's table states it.
+    #[test]
+    fn each_mode_waits_for_what_it_promises() {
+        assert_eq!(Needs::of(Mode::Async, false, false), Needs::Local);
+        assert_eq!(Needs::of(Mode::Received, false, false), Needs::Received);
+        assert_eq!(Needs::of(Mode::Sync, false, false), Needs::Durable);
+        assert_eq!(Needs::of(Mode::LockThenWrite, false, false), Needs::Durable);
+        assert_eq!(Needs::of(Mode::Async, false, true), Needs::Local);
+        assert_eq!(Needs::of(Mode::Async, true, true), Needs::Durable);
+        assert_eq!(Needs::of(Mode::Sync, false, true), Needs::Durable);
+    }
 
     /// A busy target or a broken connection is retried; a misconfigured pair or an untrustworthy
     /// target stops the driver, with a hint where one helps.

@@ -31,7 +31,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
+use mirror_core::source::{
+    ConnState, Mode, Needs, Source, SourceConfig, SourceError, SourceStatus,
+};
 use mirror_core::wire::{
     self, Encoded, Frame, Op, SummedOp, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
 };
@@ -358,7 +360,9 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         .submit_queue_bytes
         .clamp(PAYLOAD_BYTES_MAX as usize, Semaphore::MAX_PERMITS);
     let queued_bytes = Arc::new(Semaphore::new(queued_bytes_max));
-    let fast_ack = Arc::new(AtomicBool::new(cfg.source.mode == Mode::Async));
+    let fast_ack = Arc::new(AtomicBool::new(
+        Needs::of(cfg.source.mode, cfg.source.flush_replicates, false) == Needs::Local,
+    ));
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = watch::channel(ConnInfo {
         state: ConnState::Disconnected,
@@ -819,7 +823,7 @@ impl Engine {
             Ctl::SetMode(mode, reply) => {
                 self.source.set_mode(mode);
                 self.fast_ack.store(
-                    mode == Mode::Async && self.fatal.is_none(),
+                    self.source.data_completes_on_submit() && self.fatal.is_none(),
                     Ordering::Release,
                 );
                 let _ = reply.send(());
