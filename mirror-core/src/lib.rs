@@ -3,6 +3,8 @@
 //! - [`wire`]: frames, their encoding and the checks every received byte goes through.
 //! - [`source::Source`]: sequence numbers, the bounded rollback log ([`log::RollbackLog`]), LOCK and
 //!   WRITE sent back to back, halt on REJECT, go-back-N on NAK, completions per [`source::Mode`].
+//! - [`session::SourceSession`]: the source's connection lifecycle (reconnect backoff with
+//!   jitter, idle PING, silence timeout) as policy with time passed in.
 //! - [`target::Target`]: the commit log, the [`lock::LockTable`] shared with local lock holders,
 //!   in-order apply, separate "received" and "applied and durable" acknowledgements.
 //! - [`commit::GroupCommit`]: the target's group commit (which operations are written together,
@@ -26,6 +28,7 @@ pub mod commit;
 pub mod lock;
 pub mod log;
 pub mod meta;
+pub mod session;
 pub mod sim;
 pub mod source;
 pub mod storage;

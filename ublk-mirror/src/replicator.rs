@@ -31,6 +31,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use mirror_core::session::{SessionAction, SessionConfig, SourceSession};
 use mirror_core::source::{
     ConnState, Mode, Needs, Source, SourceConfig, SourceError, SourceStatus,
 };
@@ -371,19 +372,18 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         last_error: None,
     });
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
     let engine = Engine {
         source: Source::new(cfg.source.clone()),
         cfg,
         fast_ack: Arc::clone(&fast_ack),
         epoch: Instant::now(),
-        rng: fastrand::Rng::with_seed(random_u64()),
+        session,
         events_tx,
         conn_tx,
         conn: None,
         next_conn_id: 0,
         connecting: None,
-        reconnect_at: None,
-        backoff: Duration::ZERO,
         waiting: HashMap::new(),
         replicated_waiters: BTreeMap::new(),
         replicated_waiter_count: 0,
@@ -411,8 +411,19 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     )
 }
 
+/// The replicator's timers as mirror-core's session policy takes them.
+fn session_config(cfg: &ReplicatorConfig) -> SessionConfig {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    SessionConfig {
+        backoff_min_ns: ns(cfg.backoff_min),
+        backoff_max_ns: ns(cfg.backoff_max),
+        ping_interval_ns: ns(cfg.ping_interval),
+        idle_timeout_ns: ns(cfg.idle_timeout),
+    }
+}
+
 fn random_u64() -> u64 {
-    // Only for reconnect jitter: a fixed fallback is harmless.
+    // Only for reconnect jitter and PING tokens: a fixed fallback is harmless.
     getrandom::u64().unwrap_or(0x5eed_5eed_5eed_5eed)
 }
 
@@ -427,23 +438,20 @@ struct Conn {
     writer_tx: mpsc::Sender<Encoded>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
-    last_rx: Instant,
-    last_tx: Instant,
 }
 
 struct Engine {
     cfg: ReplicatorConfig,
     source: Source,
     epoch: Instant,
-    rng: fastrand::Rng,
+    /// When to connect, probe and give up: mirror-core's policy.
+    session: SourceSession,
     events_tx: mpsc::Sender<Event>,
     conn_tx: watch::Sender<ConnInfo>,
     conn: Option<Conn>,
     next_conn_id: u64,
     /// Id of the connection attempt under way.
     connecting: Option<u64>,
-    reconnect_at: Option<Instant>,
-    backoff: Duration,
     /// Operations submitted and not yet complete, by sequence number (bounded by the log).
     waiting: HashMap<Seq, Reply<Seq>>,
     replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
@@ -470,7 +478,6 @@ impl Engine {
         mut ctl_rx: mpsc::Receiver<Ctl>,
         mut events_rx: mpsc::Receiver<Event>,
     ) {
-        self.start_connect();
         loop {
             self.pump();
             let writer = match (&self.conn, &self.staged) {
@@ -494,9 +501,8 @@ impl Engine {
                 permit = reserve(writer), if self.staged.is_some() => {
                     if let (Some(permit), Some(frame)) = (permit, self.staged.take()) {
                         permit.send(frame);
-                        if let Some(c) = &mut self.conn {
-                            c.last_tx = Instant::now();
-                        }
+                        let now = self.now_ns();
+                        self.session.on_tx(now);
                     }
                 }
                 req = submit_rx.recv(), if take_submit => match req {
@@ -550,44 +556,33 @@ impl Engine {
         if state == ConnState::Connected && !self.was_connected {
             self.was_connected = true;
             self.connects += 1;
-            self.backoff = Duration::ZERO;
+            self.session.on_authenticated();
             tracing::info!(peer = %self.cfg.peer, "connected to target");
             self.publish();
         }
     }
 
     fn next_wake(&self) -> Instant {
-        let mut wake = Instant::now() + Duration::from_secs(3600);
-        if let Some(at) = self.reconnect_at {
-            wake = wake.min(at);
+        let far = Instant::now() + Duration::from_secs(3600);
+        match self.session.poll_timeout() {
+            Some(ns) => (self.epoch + Duration::from_nanos(ns)).min(far),
+            None => far,
         }
-        if let Some(c) = &self.conn {
-            wake = wake.min(c.last_rx + self.cfg.idle_timeout);
-            if self.was_connected {
-                wake = wake.min(c.last_tx + self.cfg.ping_interval);
-            }
-        }
-        wake
     }
 
     fn on_timer(&mut self) {
-        let now = Instant::now();
-        if self.reconnect_at.is_some_and(|at| at <= now) {
-            self.reconnect_at = None;
-            self.start_connect();
-        }
-        let Some(c) = &mut self.conn else { return };
-        if now >= c.last_rx + self.cfg.idle_timeout {
-            let secs = self.cfg.idle_timeout.as_secs_f64();
-            self.drop_conn(format!("no data from the target for {secs:.1} s"));
-            return;
-        }
-        if self.was_connected && now >= c.last_tx + self.cfg.ping_interval {
-            // A probe outside the engine: PING is answered in any state and changes nothing.
-            // If the writer's queue is full, data is flowing anyway and the probe is skipped.
-            let token = self.rng.u64(..);
-            let _ = c.writer_tx.try_send(Frame::Ping { token }.encode());
-            c.last_tx = now;
+        let now = self.now_ns();
+        match self.session.handle_timeout(now) {
+            Some(SessionAction::Connect) => self.start_connect(),
+            Some(SessionAction::Drop(reason)) => self.drop_conn(reason),
+            Some(SessionAction::Ping(token)) => {
+                // A probe outside the engine: PING changes nothing on an authenticated session.
+                // If the writer's queue is full, data is flowing anyway and the probe is skipped.
+                if let Some(c) = &self.conn {
+                    let _ = c.writer_tx.try_send(Frame::Ping { token }.encode());
+                }
+            }
+            None => {}
         }
     }
 
@@ -598,6 +593,7 @@ impl Engine {
         self.next_conn_id += 1;
         let id = self.next_conn_id;
         self.connecting = Some(id);
+        self.session.on_connecting();
         let peer = self.cfg.peer.clone();
         let timeout = self.cfg.connect_timeout;
         let events = self.events_tx.clone();
@@ -615,19 +611,8 @@ impl Engine {
     }
 
     fn schedule_reconnect(&mut self) {
-        if self.fatal.is_some() {
-            return;
-        }
-        self.backoff = if self.backoff.is_zero() {
-            self.cfg.backoff_min
-        } else {
-            (self.backoff * 2).min(self.cfg.backoff_max)
-        };
-        // Up to 25 % jitter so that many sources do not reconnect in lockstep.
-        let jitter_ms = self
-            .rng
-            .u64(0..=u64::try_from(self.backoff.as_millis() / 4).unwrap_or(0));
-        self.reconnect_at = Some(Instant::now() + self.backoff + Duration::from_millis(jitter_ms));
+        let now = self.now_ns();
+        self.session.on_lost(now);
     }
 
     fn publish(&self) {
@@ -670,7 +655,8 @@ impl Engine {
                 if c.id != id {
                     return;
                 }
-                c.last_rx = Instant::now();
+                let now = self.now_ns();
+                self.session.on_rx(now);
                 if let Err(e) = self.source.handle_frame(frame) {
                     if e.is_fatal() {
                         self.set_fatal(e.describe());
@@ -702,15 +688,14 @@ impl Engine {
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
         let reader = tokio::spawn(read_frames(id, rd, self.events_tx.clone()));
         let writer = tokio::spawn(write_frames(id, wr, writer_rx, self.events_tx.clone()));
-        let now = Instant::now();
         self.conn = Some(Conn {
             id,
             writer_tx,
             reader,
             writer,
-            last_rx: now,
-            last_tx: now,
         });
+        let now = self.now_ns();
+        self.session.on_connected(now);
         self.staged = None;
         self.was_connected = false;
         self.source.on_connect(nonce);
@@ -743,7 +728,7 @@ impl Engine {
         self.close_conn();
         self.fatal = Some(reason.clone());
         self.last_error = Some(reason.clone());
-        self.reconnect_at = None;
+        self.session.on_fatal();
         self.fail_all(&ReplError::Fatal(reason));
         self.publish();
     }
