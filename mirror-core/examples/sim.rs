@@ -141,6 +141,7 @@ struct Totals {
     resets: u64,
     handshakes: u64,
     crashes: u64,
+    intruders: u64,
     partial_crashes: u64,
     clean_restarts: u64,
     local_locks: u64,
@@ -158,6 +159,7 @@ impl Totals {
         self.resets += r.resets;
         self.handshakes += r.handshakes;
         self.crashes += r.crashes;
+        self.intruders += r.intruders;
         self.partial_crashes += r.partial_crashes;
         self.clean_restarts += r.clean_restarts;
         self.local_locks += r.local_locks;
@@ -175,7 +177,8 @@ impl std::fmt::Display for Totals {
         write!(
             f,
             "nak {} reject {} granted {} disconnect {} reset {} handshake {} crash {} \
-             (partial {}) clean-restart {} local-lock {} mode-switch {} inconsistent-steps {}; \
+             (partial {}) intruder {} clean-restart {} local-lock {} mode-switch {} \
+             inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}",
             self.naks,
             self.rejects,
@@ -185,6 +188,7 @@ impl std::fmt::Display for Totals {
             self.handshakes,
             self.crashes,
             self.partial_crashes,
+            self.intruders,
             self.clean_restarts,
             self.local_locks,
             self.mode_switches,

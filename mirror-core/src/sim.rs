@@ -50,6 +50,8 @@ use crate::{Generation, Lba, NodeId, Range, Seq, VolumeId};
 use crate::source::SourceSabotage;
 use crate::target::TargetSabotage;
 
+/// Intruders' connection ids start above this (the real source's count from 0).
+const INTRUDER_CONN_BASE: u64 = 1 << 48;
 /// Simulated nanoseconds per tick (only used for the submission time the source records).
 const TICK_NS: u64 = 1_000;
 /// Granularity of the volume comparisons and of the volatile overlay.
@@ -374,6 +376,8 @@ pub struct SimReport {
     pub target_closes: u64,
     /// Target crashes losing volatile data.
     pub crashes: u64,
+    /// Connections of someone without the secret (silent, or with a forged AUTH).
+    pub intruders: u64,
     /// Crashes where some volatile blocks reached the durable image anyway.
     pub partial_crashes: u64,
     /// Clean target restarts.
@@ -494,6 +498,8 @@ enum Event {
     /// Injected faults (each reschedules itself while the workload runs).
     Disconnect,
     Crash,
+    /// Someone who knows the volume's id but not the secret connects to the target.
+    Intruder,
     LockAttempt,
     ModeSwitch,
     /// A local lock holder is done.
@@ -626,6 +632,7 @@ struct Sim<'a> {
     link_up: bool,
     /// Incremented at each disconnect; a reconnect event carries the value it was made for.
     conn: u64,
+    next_intruder: u64,
     was_connected: bool,
 
     /// The target's group commit, the same planner the target server runs.
@@ -742,6 +749,7 @@ impl<'a> Sim<'a> {
             t2s: Link::default(),
             link_up: false,
             conn: 0,
+            next_intruder: 0,
             was_connected: false,
             commit: new_commit(&cfg, opts),
             batch: None,
@@ -890,8 +898,14 @@ impl<'a> Sim<'a> {
                 if self.faults_on {
                     self.crash();
                     self.schedule_gap(self.cfg.crash_gap_ticks, Event::Crash);
+                    // Most telling while the restarted target is inconsistent.
+                    let soon = self
+                        .rng
+                        .u64(0..=2 * self.cfg.latency_ticks + self.cfg.reconnect_ticks_max);
+                    self.schedule(self.now + soon, Event::Intruder);
                 }
             }
+            Event::Intruder => self.intruder()?,
             Event::LockAttempt => {
                 if self.faults_on {
                     self.lock_attempt()?;
@@ -1039,6 +1053,55 @@ impl<'a> Sim<'a> {
         let (restored, _) = recover_with(Some(&record), &facts, self.opts.recovery_sabotage)
             .unwrap_or_else(|e| panic!("recovery refused the target's own metadata: {e}"));
         self.target = new_target(self.target_cfg.clone(), restored, self.opts);
+    }
+
+    /// A connection from someone without the secret: either silent (the target's handshake
+    /// deadline closes it) or a HELLO that names a last seq of 0 followed by a forged AUTH. The
+    /// target must refuse it and change nothing; it must never keep the real source out.
+    fn intruder(&mut self) -> Step<()> {
+        self.report.intruders += 1;
+        self.next_intruder += 1;
+        let conn = ConnId(INTRUDER_CONN_BASE + self.next_intruder);
+        let mut nonce = [0u8; MAC_BYTES];
+        self.rng.fill(&mut nonce);
+        if self
+            .target
+            .on_connect(conn, nonce, self.now * TICK_NS)
+            .is_err()
+        {
+            self.target.on_disconnect(conn);
+            return Ok(());
+        }
+        if self.rng.bool() {
+            // Silent: left open until the deadline.
+            return Ok(());
+        }
+        let hello = Frame::Hello(wire::Hello {
+            volume_id: self.target_cfg.volume_id,
+            node_id: NodeId(1),
+            generation: Generation(1),
+            last_seq: Seq::NONE,
+            volume_bytes: self.target_cfg.volume_bytes,
+            block_bytes: self.target_cfg.block_bytes,
+            nonce,
+            mac: [0; MAC_BYTES],
+        });
+        let answered = self.target.handle_frame(conn, hello);
+        let refused = self.target.handle_frame(
+            conn,
+            Frame::Auth {
+                mac: [0; MAC_BYTES],
+            },
+        );
+        while self.target.poll_transmit(conn).is_some() {}
+        self.target.on_disconnect(conn);
+        if answered.is_err() || refused.is_ok() {
+            return Err(self.violation(
+                Check::Protocol,
+                format!("an intruder's HELLO gave {answered:?} and its forged AUTH {refused:?}"),
+            ));
+        }
+        Ok(())
     }
 
     fn lock_attempt(&mut self) -> Step<()> {

@@ -84,6 +84,8 @@ pub enum TargetSabotage {
     ApplyOutOfOrder,
     /// Apply an entry even though a local holder locks its range.
     IgnoreLocalLocks,
+    /// Take a HELLO's last seq before its AUTH verified (the bug item 9a of issue 13 fixed).
+    TrustHelloBeforeAuth,
 }
 
 /// Configuration of a target.
@@ -646,6 +648,13 @@ impl Target {
             )));
         };
         let told = self.last_handed_out();
+        if let (TargetSabotage::TrustHelloBeforeAuth, Frame::Hello(hello)) = (self.sabotage, &frame)
+        {
+            if let Some(until) = self.inconsistent_until {
+                self.inconsistent_until = Some(until.min(hello.last_seq));
+                self.check_consistent();
+            }
+        }
         let h = &mut self.handshakes[index];
         match (h.state, frame) {
             (_, Frame::Pong { .. }) => Ok(()),
@@ -1083,7 +1092,9 @@ impl Target {
 
     fn ready_index(&self) -> Option<usize> {
         match self.sabotage {
-            TargetSabotage::None => self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0),
+            TargetSabotage::None | TargetSabotage::TrustHelloBeforeAuth => {
+                self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
+            }
             TargetSabotage::ApplyOutOfOrder => {
                 let second_ready = self.log.get(1).is_some_and(Self::entry_ready);
                 if second_ready {

@@ -30,6 +30,7 @@ struct Totals {
     resets: u64,
     handshakes: u64,
     crashes: u64,
+    intruders: u64,
     partial_crashes: u64,
     clean_restarts: u64,
     local_locks: u64,
@@ -56,6 +57,7 @@ impl Totals {
         self.resets += r.resets;
         self.handshakes += r.handshakes;
         self.crashes += r.crashes;
+        self.intruders += r.intruders;
         self.partial_crashes += r.partial_crashes;
         self.clean_restarts += r.clean_restarts;
         self.local_locks += r.local_locks;
@@ -121,6 +123,7 @@ fn many_seeds_hold_every_invariant() {
             ("reset after corruption", totals.resets),
             ("handshake", totals.handshakes),
             ("crash", totals.crashes),
+            ("intruder (silent or forged AUTH)", totals.intruders),
             (
                 "crash with part of the page cache written",
                 totals.partial_crashes,
@@ -220,6 +223,17 @@ fn durable_before_sync_is_caught() {
 fn trusting_an_unclean_stop_is_caught_by_the_prefix_check() {
     let opts = SimOptions {
         recovery_sabotage: RecoverySabotage::TrustUnclean,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 500, &[Check::Prefix]);
+}
+
+/// Admission (issue 13, item 9a): a forged HELLO taken before its AUTH verified makes a target
+/// restarted after an unclean stop claim consistency its volume does not have.
+#[test]
+fn trusting_a_hello_before_its_auth_is_caught_by_the_prefix_check() {
+    let opts = SimOptions {
+        target_sabotage: TargetSabotage::TrustHelloBeforeAuth,
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 500, &[Check::Prefix]);
