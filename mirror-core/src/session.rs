@@ -40,6 +40,16 @@ enum State {
     },
 }
 
+/// Deliberate bugs for tests that prove the simulator's checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionSabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Treat every lost connection as the end: never reconnect.
+    NeverReconnect,
+}
+
 /// The lifecycle of one source's connection to its target.
 #[derive(Debug)]
 pub struct SourceSession {
@@ -48,6 +58,7 @@ pub struct SourceSession {
     backoff_ns: u64,
     fatal: bool,
     rng: fastrand::Rng,
+    sabotage: SessionSabotage,
 }
 
 impl SourceSession {
@@ -62,7 +73,13 @@ impl SourceSession {
             backoff_ns: 0,
             fatal: false,
             rng: fastrand::Rng::with_seed(seed),
+            sabotage: SessionSabotage::None,
         }
+    }
+
+    /// Breaks the policy on purpose (tests that prove the checkers bite).
+    pub fn set_sabotage(&mut self, sabotage: SessionSabotage) {
+        self.sabotage = sabotage;
     }
 
     /// The driver started connecting.
@@ -105,7 +122,7 @@ impl SourceSession {
     /// time up to the maximum, plus up to 25 % jitter so that many sources do not reconnect in
     /// lockstep.
     pub fn on_lost(&mut self, now_ns: u64) {
-        if self.fatal {
+        if self.fatal || self.sabotage == SessionSabotage::NeverReconnect {
             self.state = State::Down { retry_at_ns: None };
             return;
         }

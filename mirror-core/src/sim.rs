@@ -38,6 +38,7 @@ use crate::commit::{Batch, CommitConfig, CommitSabotage, GroupCommit};
 use crate::lock::{LocalLockId, LockError};
 use crate::log::RollbackLog;
 use crate::meta::MetaRecord;
+use crate::session::{SessionAction, SessionConfig, SessionSabotage, SourceSession};
 use crate::source::{LockStyle, Mode, Source, SourceConfig, LOCKS_AHEAD_MAX};
 use crate::storage::{self, FaultyVolume, Volume};
 use crate::target::{
@@ -74,6 +75,8 @@ pub struct SimOptions {
     pub commit_sabotage: CommitSabotage,
     /// Deliberate recovery bug (tests only).
     pub recovery_sabotage: RecoverySabotage,
+    /// Deliberate session-policy bug (tests only).
+    pub session_sabotage: SessionSabotage,
 }
 
 impl Default for SimOptions {
@@ -85,6 +88,7 @@ impl Default for SimOptions {
             source_sabotage: SourceSabotage::None,
             commit_sabotage: CommitSabotage::None,
             recovery_sabotage: RecoverySabotage::None,
+            session_sabotage: SessionSabotage::None,
         }
     }
 }
@@ -632,6 +636,9 @@ struct Sim<'a> {
     link_up: bool,
     /// Incremented at each disconnect; a reconnect event carries the value it was made for.
     conn: u64,
+    /// The source's connection lifecycle, the policy the daemon runs (only its reconnect
+    /// backoff matters here: the simulated link is never silent).
+    session: SourceSession,
     next_intruder: u64,
     was_connected: bool,
 
@@ -749,6 +756,7 @@ impl<'a> Sim<'a> {
             t2s: Link::default(),
             link_up: false,
             conn: 0,
+            session: new_session(&cfg, seed, opts),
             next_intruder: 0,
             was_connected: false,
             commit: new_commit(&cfg, opts),
@@ -882,7 +890,11 @@ impl<'a> Sim<'a> {
             }
             Event::Reconnect { conn } => {
                 if conn == self.conn && !self.link_up {
-                    self.connect();
+                    let due = self.session.handle_timeout(self.now * TICK_NS);
+                    if due == Some(SessionAction::Connect) {
+                        self.session.on_connecting();
+                        self.connect();
+                    }
                 }
             }
             Event::Disconnect => {
@@ -986,6 +998,7 @@ impl<'a> Sim<'a> {
             unreachable!("the simulator's only connection was refused: {e}");
         }
         self.source.on_connect(nonce_s);
+        self.session.on_connected(self.now * TICK_NS);
         self.link_up = true;
         self.was_connected = false;
     }
@@ -1000,8 +1013,11 @@ impl<'a> Sim<'a> {
         self.source.on_disconnect();
         self.target.on_disconnect(ConnId(self.conn));
         self.conn += 1;
-        let delay = self.rng.u64(1..=self.cfg.reconnect_ticks_max);
-        self.schedule(self.now + delay, Event::Reconnect { conn: self.conn });
+        // The source's reconnect policy decides when (backoff with jitter, as the daemon's).
+        self.session.on_lost(self.now * TICK_NS);
+        let at_ns = self.session.poll_timeout().unwrap_or(self.now * TICK_NS);
+        let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
+        self.schedule(at, Event::Reconnect { conn: self.conn });
     }
 
     fn crash(&mut self) {
@@ -1236,6 +1252,7 @@ impl<'a> Sim<'a> {
                 && !self.was_connected
             {
                 self.was_connected = true;
+                self.session.on_authenticated();
                 self.report.handshakes += 1;
             }
             if !progress {
@@ -1923,4 +1940,18 @@ fn new_commit(cfg: &SimConfig, opts: &SimOptions) -> GroupCommit {
     });
     commit.set_sabotage(opts.commit_sabotage);
     commit
+}
+
+/// The source's session policy with reconnect delays in the run's scale (1 tick up to the
+/// configured bound); the link is never silent, so PING and the idle timeout never fire.
+fn new_session(cfg: &SimConfig, seed: u64, opts: &SimOptions) -> SourceSession {
+    let session = SessionConfig {
+        backoff_min_ns: TICK_NS,
+        backoff_max_ns: cfg.reconnect_ticks_max.max(1) * TICK_NS,
+        ping_interval_ns: u64::MAX / 4,
+        idle_timeout_ns: u64::MAX / 4,
+    };
+    let mut session = SourceSession::new(session, seed ^ 0x5e55_1011, 0);
+    session.set_sabotage(opts.session_sabotage);
+    session
 }

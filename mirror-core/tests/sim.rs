@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
+use mirror_core::session::SessionSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport};
 use mirror_core::source::SourceSabotage;
 use mirror_core::target::{RecoverySabotage, TargetSabotage};
@@ -237,6 +238,16 @@ fn trusting_a_hello_before_its_auth_is_caught_by_the_prefix_check() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 500, &[Check::Prefix]);
+}
+
+/// The source's session policy (the one the daemon runs) never reconnecting after a loss.
+#[test]
+fn never_reconnecting_is_caught_as_no_progress() {
+    let opts = SimOptions {
+        session_sabotage: SessionSabotage::NeverReconnect,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::NoProgress]);
 }
 
 #[test]
