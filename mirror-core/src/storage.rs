@@ -1,13 +1,15 @@
-//! The volume seam: what the target (and later the primary) does to its backing store, with an
-//! in-memory and a fault-injecting implementation for the simulator and tests. The file and
-//! block-device implementation lives with the daemons (`target-server`'s `volume.rs`), which
-//! implements the same trait; nothing here touches a file.
+//! The storage seams: the volume (what the target, and later the primary, does to its backing
+//! store) and the metadata store, each with an in-memory implementation and fault injection for
+//! the simulator and tests. The file implementations live with the daemons (`target-server`'s
+//! `volume.rs` and `meta.rs`), which implement the same traits; nothing here touches a file.
 //!
 //! One rule for every implementation: [`apply`] turns a mirrored operation into writes, a discard
 //! reads back as zeroes, a flush is the driver's sync after the batch.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::meta::{MetaCorrupt, MetaRecord, RECORD_BYTES};
 
 use crate::wire::Op;
 
@@ -32,7 +34,7 @@ pub enum VolumeError {
 
 /// A volume: positioned reads and writes, zeroing, and a sync that makes every write before it
 /// durable. Methods take `&self` so that one volume serves the applier and readers at once.
-pub trait Volume {
+pub trait Volume: std::fmt::Debug {
     /// Size in bytes.
     fn volume_bytes(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset_bytes`.
@@ -328,6 +330,83 @@ impl Volume for FaultyVolume {
     }
 }
 
+/// Why a metadata store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetaStoreError {
+    /// The stored bytes hold no valid record.
+    #[error("metadata is corrupt ({0}); refusing to trust it")]
+    Corrupt(#[from] MetaCorrupt),
+    /// The backing store failed (or a fault was injected).
+    #[error("metadata I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a node keeps its metadata record: [`MetaStore::store`] returns once the record is
+/// durable. The file implementation lives with the daemons (`target-server`'s `meta.rs`).
+pub trait MetaStore: std::fmt::Debug {
+    /// The newest valid record, `None` if none was ever stored.
+    fn load(&self) -> Result<Option<MetaRecord>, MetaStoreError>;
+    /// Stores `record` durably (overwriting the older of two slots).
+    fn store(&self, record: &MetaRecord) -> Result<(), MetaStoreError>;
+}
+
+#[derive(Debug, Default)]
+struct MemMetaState {
+    /// The two-slot file image; empty until the first store.
+    bytes: Vec<u8>,
+    write_count: u64,
+    fail_stores: bool,
+}
+
+/// A metadata store in memory, through the same two-slot bytes as a file.
+#[derive(Debug, Default)]
+pub struct MemMetaStore {
+    state: Mutex<MemMetaState>,
+}
+
+impl MemMetaStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> MemMetaStore {
+        MemMetaStore::default()
+    }
+
+    /// Makes every later store fail with an I/O error (or succeed again).
+    pub fn fail_stores(&self, on: bool) {
+        lock(&self.state).fail_stores = on;
+    }
+}
+
+impl MetaStore for MemMetaStore {
+    fn load(&self) -> Result<Option<MetaRecord>, MetaStoreError> {
+        let s = lock(&self.state);
+        if s.bytes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(MetaRecord::decode_file(&s.bytes)?.0))
+    }
+
+    fn store(&self, record: &MetaRecord) -> Result<(), MetaStoreError> {
+        let mut s = lock(&self.state);
+        if s.fail_stores {
+            return Err(MetaStoreError::Io(std::io::Error::other(
+                "injected metadata error",
+            )));
+        }
+        if s.bytes.is_empty() {
+            s.bytes = record.encode_file(0);
+            s.write_count = 0;
+            return Ok(());
+        }
+        let next = s.write_count + 1;
+        let at = MetaRecord::slot_offset(next);
+        s.bytes[at..at + RECORD_BYTES].copy_from_slice(&record.encode(next));
+        s.write_count = next;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +448,20 @@ mod tests {
         ));
         assert!(apply(&faulty, &beyond).is_err());
         assert_eq!(read(&mem, 512, 512).unwrap(), vec![1; 512]);
+    }
+
+    #[test]
+    fn the_memory_metadata_store_keeps_the_newest_record_in_two_slots() {
+        let store = MemMetaStore::new();
+        assert!(store.load().unwrap().is_none());
+        let mut record = MetaRecord::new(crate::VolumeId([1; 16]), 4096);
+        for durable in 1..5 {
+            record.durable = crate::Seq(durable);
+            store.store(&record).unwrap();
+            assert_eq!(store.load().unwrap(), Some(record));
+        }
+        store.fail_stores(true);
+        assert!(matches!(store.store(&record), Err(MetaStoreError::Io(_))));
     }
 
     #[test]

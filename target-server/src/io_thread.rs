@@ -3,11 +3,8 @@
 use std::io;
 
 use mirror_core::meta::MetaRecord;
-use mirror_core::storage::Volume as _;
+use mirror_core::storage::{MetaStore, Volume};
 use tokio::sync::oneshot;
-
-use crate::meta::MetaFile;
-use crate::volume::Volume;
 
 /// A job for the I/O thread.
 type IoJob = Box<dyn FnOnce() + Send>;
@@ -54,10 +51,10 @@ impl IoThread {
 /// Makes everything written durable, then records `meta` (its durable seq) in the metadata file.
 /// Runs on the I/O thread; the order is what lets a restarted target trust its record.
 pub(crate) fn sync_and_record(
-    volume: &Volume,
-    meta_file: &MetaFile,
-    meta: &MetaRecord,
+    volume: &(dyn Volume + Send + Sync),
+    meta: &(dyn MetaStore + Send + Sync),
+    record: &MetaRecord,
 ) -> Result<(), String> {
-    volume.sync().map_err(|e| format!("fdatasync: {e}"))?;
-    meta_file.update(meta).map_err(|e| e.to_string())
+    volume.sync().map_err(|e| format!("sync: {e}"))?;
+    meta.store(record).map_err(|e| e.to_string())
 }

@@ -30,6 +30,6 @@ mod server;
 pub mod volume;
 
 pub use server::{
-    start, RegionLock, ServerConfig, ServerError, ServerHandle, COMMIT_LOG_BYTES_DEFAULT,
-    COMMIT_LOG_ENTRIES_DEFAULT, IDLE_TIMEOUT_DEFAULT, READ_BYTES_MAX,
+    start, start_with, Backing, RegionLock, ServerConfig, ServerError, ServerHandle,
+    COMMIT_LOG_BYTES_DEFAULT, COMMIT_LOG_ENTRIES_DEFAULT, IDLE_TIMEOUT_DEFAULT, READ_BYTES_MAX,
 };

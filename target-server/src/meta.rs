@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use mirror_core::meta::{MetaCorrupt, MetaRecord};
+use mirror_core::storage::{MetaStore, MetaStoreError};
 
 /// Why a metadata file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,28 @@ impl MetaFile {
         self.file.sync_data().map_err(io_err)?;
         *write_count = next;
         Ok(())
+    }
+}
+
+impl MetaStore for MetaFile {
+    fn load(&self) -> Result<Option<MetaRecord>, MetaStoreError> {
+        load(&self.path).map_err(MetaStoreError::from)
+    }
+
+    fn store(&self, record: &MetaRecord) -> Result<(), MetaStoreError> {
+        self.update(record).map_err(MetaStoreError::from)
+    }
+}
+
+impl From<MetaError> for MetaStoreError {
+    fn from(e: MetaError) -> MetaStoreError {
+        match e {
+            MetaError::Corrupt { why, .. } => MetaStoreError::Corrupt(why),
+            MetaError::Io { path, source } => MetaStoreError::Io(io::Error::new(
+                source.kind(),
+                format!("{}: {source}", path.display()),
+            )),
+        }
     }
 }
 

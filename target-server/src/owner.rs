@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use mirror_core::commit::{Batch, CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
-use mirror_core::storage;
+use mirror_core::storage::{self, MetaStore, Volume};
 use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
 use mirror_core::wire::{MAC_BYTES, PAYLOAD_BYTES_MAX};
 use mirror_core::{NodeId, Range, Seq, VolumeId};
@@ -22,9 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::conn::{self, End, Input};
 use crate::io_thread::{sync_and_record, IoThread};
-use crate::meta::MetaFile;
 use crate::server::ServerError;
-use crate::volume::Volume;
 
 /// Frames the readers may have handed over and the owner not yet taken (each up to
 /// `PAYLOAD_BYTES_MAX`): the memory a full commit log can leave in flight.
@@ -52,8 +50,8 @@ pub(crate) enum Cmd {
 #[derive(Debug)]
 pub(crate) struct Owner {
     pub(crate) target: Target,
-    pub(crate) volume: Arc<Volume>,
-    pub(crate) meta_file: Arc<MetaFile>,
+    pub(crate) volume: Arc<dyn Volume + Send + Sync>,
+    pub(crate) meta_file: Arc<dyn MetaStore + Send + Sync>,
     pub(crate) volume_id: VolumeId,
     pub(crate) node_id: NodeId,
     pub(crate) idle_timeout: Duration,
@@ -429,7 +427,7 @@ impl Run {
                     .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
             }
             if let Some((meta, meta_file)) = record {
-                sync_and_record(&volume, &meta_file, &meta)?;
+                sync_and_record(&*volume, &*meta_file, &meta)?;
             }
             Ok(batch)
         }));
@@ -470,7 +468,7 @@ impl Run {
         let meta_file = Arc::clone(&self.o.meta_file);
         let synced = self
             .io
-            .start(move || sync_and_record(&volume, &meta_file, &meta))
+            .start(move || sync_and_record(&*volume, &*meta_file, &meta))
             .await
             .map_err(|_| "the I/O thread failed (panicked)".to_string())
             .and_then(|r| r);

@@ -5,11 +5,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
-use mirror_core::storage;
+use mirror_core::storage::{self, MetaStore, MetaStoreError};
 use mirror_core::target::{
     self, ConflictPolicy, RecoverError, RecoveryKind, Restored, Target, TargetConfig, TargetStatus,
     VolumeFacts, HANDSHAKES_MAX_DEFAULT,
@@ -119,6 +120,9 @@ pub enum ServerError {
     /// The metadata file is unreadable or corrupt.
     #[error(transparent)]
     Meta(#[from] MetaError),
+    /// The metadata store (of [`start_with`]) is unreadable, corrupt, or cannot be written.
+    #[error(transparent)]
+    MetaStore(#[from] MetaStoreError),
     /// The metadata file belongs to another volume or geometry.
     #[error("metadata file {path} does not match: {why}")]
     MetaMismatch {
@@ -163,7 +167,7 @@ const CMDS_MAX: usize = LOCAL_LOCKS_MAX + 8;
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
-    volume: std::sync::Arc<Volume>,
+    volume: Arc<dyn storage::Volume + Send + Sync>,
     cmds: mpsc::Sender<Cmd>,
     status: watch::Receiver<TargetStatus>,
     shutdown: watch::Sender<bool>,
@@ -172,12 +176,55 @@ pub struct ServerHandle {
     local_lock_timeout: Duration,
 }
 
-/// Opens the volume and its metadata, binds, and starts serving.
+/// What a server runs on: its volume and its metadata store (files for [`start`]; memory, or
+/// fault-injecting implementations, for tests).
+#[derive(Debug, Clone)]
+pub struct Backing {
+    /// The volume.
+    pub volume: Arc<dyn storage::Volume + Send + Sync>,
+    /// Where the metadata record is kept.
+    pub meta: Arc<dyn MetaStore + Send + Sync>,
+    /// Whether the volume was just created (it holds nothing of any mirror).
+    pub created: bool,
+}
+
+/// Opens the volume and its metadata files, binds, and starts serving.
 ///
 /// Metadata: what is trusted of it is mirror-core's decision ([`target::recover`]); a corrupt
 /// file, or one of another volume, is an error. The file is rewritten as "not clean" before
 /// serving.
 pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    check_config(&cfg)?;
+    let (volume, created) = open_volume(&cfg)?;
+    let record = meta::load(&cfg.meta_path)?;
+    let restored = restore(&cfg, record, volume.volume_bytes(), created)?;
+    // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
+    let meta_file = MetaFile::create(
+        &cfg.meta_path,
+        &running_record(&cfg, restored, volume.volume_bytes()),
+    )?;
+    serve(cfg, Arc::new(volume), Arc::new(meta_file), restored).await
+}
+
+/// Starts serving on `backing` instead of files (the volume's size must fit the block size).
+pub async fn start_with(cfg: ServerConfig, backing: Backing) -> Result<ServerHandle, ServerError> {
+    check_config(&cfg)?;
+    let volume_bytes = backing.volume.volume_bytes();
+    if volume_bytes == 0 || !volume_bytes.is_multiple_of(u64::from(cfg.block_bytes)) {
+        return Err(ServerError::Config(format!(
+            "a volume of {volume_bytes} bytes is not a positive multiple of the {}-byte block",
+            cfg.block_bytes
+        )));
+    }
+    let record = backing.meta.load()?;
+    let restored = restore(&cfg, record, volume_bytes, backing.created)?;
+    backing
+        .meta
+        .store(&running_record(&cfg, restored, volume_bytes))?;
+    serve(cfg, backing.volume, backing.meta, restored).await
+}
+
+fn check_config(cfg: &ServerConfig) -> Result<(), ServerError> {
     mirror_core::block_shift(cfg.block_bytes).map_err(|e| ServerError::Config(e.to_string()))?;
     if cfg.commit_log_bytes_max < wire::PAYLOAD_BYTES_MAX as usize {
         return Err(ServerError::Config(format!(
@@ -194,8 +241,25 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             "commit log entries, idle timeout and handshake timeout must be positive".into(),
         ));
     }
-    let (volume, created) = open_volume(&cfg)?;
-    let restored = restore(&cfg, &volume, created)?;
+    Ok(())
+}
+
+/// The record a running server keeps: not clean until a graceful shutdown says otherwise.
+fn running_record(cfg: &ServerConfig, restored: Restored, volume_bytes: u64) -> MetaRecord {
+    MetaRecord {
+        node_id: cfg.node_id,
+        durable: restored.durable,
+        clean: false,
+        ..MetaRecord::new(cfg.volume_id, volume_bytes)
+    }
+}
+
+async fn serve(
+    cfg: ServerConfig,
+    volume: Arc<dyn storage::Volume + Send + Sync>,
+    meta: Arc<dyn MetaStore + Send + Sync>,
+    restored: Restored,
+) -> Result<ServerHandle, ServerError> {
     info!(
         volume = %cfg.volume_path.display(),
         volume_bytes = volume.volume_bytes(),
@@ -203,16 +267,6 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         clean = restored.clean,
         "volume opened"
     );
-    // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
-    let meta_file = MetaFile::create(
-        &cfg.meta_path,
-        &MetaRecord {
-            node_id: cfg.node_id,
-            durable: restored.durable,
-            clean: false,
-            ..MetaRecord::new(cfg.volume_id, volume.volume_bytes())
-        },
-    )?;
     let target = Target::new(target_config(&cfg, volume.volume_bytes()), restored);
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -224,15 +278,14 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         addr: cfg.listen,
         source,
     })?;
-    let volume = std::sync::Arc::new(volume);
     let (cmds, cmd_rx) = mpsc::channel(CMDS_MAX);
     let (status_tx, status) = watch::channel(target.status());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (stopped_tx, stopped) = watch::channel(false);
     let owner = Owner {
         target,
-        volume: std::sync::Arc::clone(&volume),
-        meta_file: std::sync::Arc::new(meta_file),
+        volume: Arc::clone(&volume),
+        meta_file: meta,
         volume_id: cfg.volume_id,
         node_id: cfg.node_id,
         idle_timeout: cfg.idle_timeout,
@@ -308,11 +361,15 @@ fn open_volume(cfg: &ServerConfig) -> Result<(Volume, bool), ServerError> {
 }
 
 /// Reads the metadata and lets mirror-core decide what this restart trusts.
-fn restore(cfg: &ServerConfig, volume: &Volume, created: bool) -> Result<Restored, ServerError> {
-    let record = meta::load(&cfg.meta_path)?;
+fn restore(
+    cfg: &ServerConfig,
+    record: Option<MetaRecord>,
+    volume_bytes: u64,
+    created: bool,
+) -> Result<Restored, ServerError> {
     let facts = VolumeFacts {
         volume_id: cfg.volume_id,
-        volume_bytes: volume.volume_bytes(),
+        volume_bytes,
         created,
     };
     let (restored, kind) =
@@ -409,7 +466,7 @@ impl ServerHandle {
                 Ok(id) => {
                     return Ok(RegionLock {
                         cmds: self.cmds.clone(),
-                        volume: std::sync::Arc::clone(&self.volume),
+                        volume: Arc::clone(&self.volume),
                         id: Some(id),
                         range,
                     })
@@ -457,7 +514,7 @@ impl Drop for ServerHandle {
 #[derive(Debug)]
 pub struct RegionLock {
     cmds: mpsc::Sender<Cmd>,
-    volume: std::sync::Arc<Volume>,
+    volume: Arc<dyn storage::Volume + Send + Sync>,
     id: Option<LocalLockId>,
     range: Range,
 }
@@ -478,7 +535,7 @@ impl RegionLock {
         if !inside || len_bytes > READ_BYTES_MAX {
             return Err(ServerError::BadRange(offset_bytes, len_bytes as u64));
         }
-        let volume = std::sync::Arc::clone(&self.volume);
+        let volume = Arc::clone(&self.volume);
         tokio::task::spawn_blocking(move || storage::read(&*volume, offset_bytes, len_bytes))
             .await
             .map_err(|e| ServerError::VolumeIo(format!("read task failed: {e}")))?

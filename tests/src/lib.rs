@@ -3,7 +3,7 @@
 //!
 //! - [`proxy::FaultProxy`]: delay, bandwidth cap, cuts and corruption on loopback, seeded and
 //!   adjustable at run time (also a CLI: `faultproxy`).
-//! - [`memtarget::MemTarget`]: the target engine over TCP with a volume in memory.
+//! - [`memtarget::MemTarget`]: the real target server over a volume and metadata in memory.
 //! - [`procs`]: start `target-server` and `ublk-mirror loadgen`, kill them, compare files.
 
 #![forbid(unsafe_code)]

@@ -83,7 +83,7 @@ async fn workload(
                 .expect("join");
             let seq = result.expect("completion");
             if sync {
-                let durable = target.status().expect("status").durable;
+                let durable = target.status().durable;
                 assert!(
                     durable >= seq,
                     "sync write {seq} completed before durable ({durable})"
@@ -124,12 +124,9 @@ async fn workload(
 
 async fn converge(seed: u64, modes: &[(usize, Mode)], faults: Faults, writes: usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let target = MemTarget::start(
-        target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET),
-        rng.u64(..),
-    )
-    .await
-    .expect("mem target");
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET))
+        .await
+        .expect("mem target");
     let proxy = FaultProxy::start("127.0.0.1:0", target.addr(), faults, rng.u64(..))
         .await
         .expect("proxy");
@@ -204,7 +201,7 @@ async fn replicator_converges_when_the_mode_changes_mid_run() {
 }
 
 async fn expect_fatal(volume_id: VolumeId, secret: &[u8], expect: &str) {
-    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET), 1)
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET))
         .await
         .expect("mem target");
     let (handle, task) = replicator::spawn(config(
@@ -243,7 +240,7 @@ async fn replicator_reports_a_wrong_secret_as_fatal() {
 
 #[tokio::test]
 async fn replicator_rejects_invalid_operations_and_keeps_going() {
-    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET), 2)
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET))
         .await
         .expect("mem target");
     let (handle, task) = replicator::spawn(config(
@@ -327,7 +324,7 @@ async fn async_acks_on_enqueue_until_fatal_and_queued_bytes_stay_bounded() {
     drop(pending);
 
     // A fatal error turns the fast path off: the next writes wait and see the error.
-    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET), 3)
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET))
         .await
         .expect("mem target");
     let (handle, task) = replicator::spawn(config(
