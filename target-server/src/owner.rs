@@ -13,16 +13,17 @@ use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
 use mirror_core::storage::{self, MetaStore, Volume};
 use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
-use mirror_core::wire::{MAC_BYTES, PAYLOAD_BYTES_MAX};
+use mirror_core::wire::{Encoded, MAC_BYTES, PAYLOAD_BYTES_MAX};
 use mirror_core::{NodeId, Range, Seq, VolumeId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
-use crate::conn::{self, End, Input};
+use crate::conn::{self, Input};
 use crate::io_thread::{sync_and_record, IoThread};
 use crate::server::ServerError;
+use mirror_net::ReadEnd;
 
 /// Frames the readers may have handed over and the owner not yet taken (each up to
 /// `PAYLOAD_BYTES_MAX`): the memory a full commit log can leave in flight.
@@ -33,6 +34,8 @@ const INPUTS_PER_ROUND: usize = 64;
 const WRITER_BATCHES_MAX: usize = 8;
 /// Bytes of encoded frames put in one writer batch at most.
 const WRITER_BATCH_BYTES: usize = 1 << 20;
+/// Frames put in one writer batch at most.
+const WRITER_BATCH_FRAMES: usize = 256;
 /// Connections open at once (handshakes, the session, and refused ones still closing); beyond it
 /// an accepted connection is closed at once.
 const CONNECTIONS_MAX: usize = 4 * mirror_core::target::HANDSHAKES_MAX_DEFAULT + 4;
@@ -65,7 +68,7 @@ pub(crate) struct Owner {
 #[derive(Debug)]
 struct ConnIo {
     peer: SocketAddr,
-    writer: mpsc::Sender<Vec<u8>>,
+    writer: mpsc::Sender<Vec<Encoded>>,
     /// Tells the reader to stop; `true`: drain what the peer sent first.
     stop_reader: Option<oneshot::Sender<bool>>,
 }
@@ -261,12 +264,12 @@ impl Run {
         }
     }
 
-    fn log_end(&self, conn: ConnId, end: &End) {
+    fn log_end(&self, conn: ConnId, end: &ReadEnd) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
         match end {
-            End::Wire(_) => warn!(peer = %c.peer, %conn, "closing: {end}"),
+            ReadEnd::Wire(_) => warn!(peer = %c.peer, %conn, "closing: {end}"),
             _ => info!(peer = %c.peer, %conn, "closing: {end}"),
         }
     }
@@ -353,11 +356,14 @@ impl Run {
                 Err(mpsc::error::TrySendError::Closed(())) => return,
             };
             let mut buf = Vec::new();
-            while buf.len() < WRITER_BATCH_BYTES {
+            let mut bytes = 0;
+            while bytes < WRITER_BATCH_BYTES && buf.len() < WRITER_BATCH_FRAMES {
                 let Some(frame) = self.o.target.poll_transmit(conn) else {
                     break;
                 };
-                buf.extend_from_slice(&frame.encode().to_vec());
+                let encoded = frame.encode();
+                bytes += encoded.wire_len();
+                buf.push(encoded);
             }
             if buf.is_empty() {
                 return;

@@ -23,23 +23,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use mirror_core::session::{SessionAction, SessionConfig, SourceSession};
 use mirror_core::source::{
     ConnState, Mode, Needs, Source, SourceConfig, SourceError, SourceStatus,
 };
-use mirror_core::wire::{
-    self, Encoded, Frame, Op, SummedOp, HEADER_BYTES, MAC_BYTES, PAYLOAD_BYTES_MAX,
-};
+use mirror_core::wire::{Encoded, Frame, Op, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 use mirror_core::Seq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use mirror_net::ReadEnd;
+use tokio::io::BufReader;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -847,34 +844,19 @@ async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPer
 async fn read_frames(id: u64, rd: OwnedReadHalf, events: mpsc::Sender<Event>) {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let reason = loop {
-        match read_frame(&mut rd).await {
-            Ok(frame) => {
+        match mirror_net::read_frame(&mut rd, None).await {
+            Ok(Ok(frame)) => {
                 if events.send(Event::Frame(id, frame)).await.is_err() {
                     return;
                 }
             }
-            Err(reason) => break reason,
+            Ok(Err(e)) => break format!("bad frame from the target: {e}"),
+            Err(ReadEnd::PeerClosed) => break "the target closed the connection".to_string(),
+            Err(ReadEnd::Wire(e)) => break format!("bad frame from the target: {e}"),
+            Err(e) => break format!("read from the target: {e}"),
         }
     };
     let _ = events.send(Event::Failed(id, reason)).await;
-}
-
-async fn read_frame(rd: &mut BufReader<OwnedReadHalf>) -> Result<Frame, String> {
-    let mut header = [0u8; HEADER_BYTES];
-    rd.read_exact(&mut header).await.map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            "the target closed the connection".to_string()
-        } else {
-            format!("read from the target: {e}")
-        }
-    })?;
-    let h = wire::decode_header(&header).map_err(|e| format!("bad frame from the target: {e}"))?;
-    // decode_header bounds payload_len by PAYLOAD_BYTES_MAX.
-    let mut payload = BytesMut::zeroed(h.payload_len as usize);
-    rd.read_exact(&mut payload)
-        .await
-        .map_err(|e| format!("read from the target: {e}"))?;
-    wire::decode_body(&h, payload.freeze()).map_err(|e| format!("bad frame from the target: {e}"))
 }
 
 async fn write_frames(
@@ -896,7 +878,7 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_batch(&mut wr, &batch).await {
+        if let Err(e) = mirror_net::write_frames(&mut wr, &batch).await {
             let _ = events
                 .send(Event::Failed(id, format!("write to the target: {e}")))
                 .await;
@@ -904,33 +886,4 @@ async fn write_frames(
         }
         batch.clear();
     }
-}
-
-/// Writes every header and payload of `batch` with vectored writes (no copy of the payloads).
-async fn write_batch(wr: &mut OwnedWriteHalf, batch: &[Encoded]) -> io::Result<()> {
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
-    for frame in batch {
-        parts.push(&frame.header);
-        if !frame.payload.is_empty() {
-            parts.push(&frame.payload);
-        }
-    }
-    let mut index = 0;
-    let mut offset = 0;
-    while index < parts.len() {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - index);
-        slices.push(IoSlice::new(&parts[index][offset..]));
-        slices.extend(parts[index + 1..].iter().map(|p| IoSlice::new(p)));
-        let mut written = wr.write_vectored(&slices).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while index < parts.len() && written >= parts[index].len() - offset {
-            written -= parts[index].len() - offset;
-            index += 1;
-            offset = 0;
-        }
-        offset += written;
-    }
-    Ok(())
 }

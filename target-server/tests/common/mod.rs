@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mirror_core::source::{LockStyle, Mode, Source, SourceConfig, SourceError};
-use mirror_core::wire::{self, Frame, Op, HEADER_BYTES};
+use mirror_core::wire::{Frame, Op};
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
 use target_server::{ServerConfig, ServerHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -84,21 +84,15 @@ pub enum End {
     Closed,
 }
 
-/// A frame received, or how reading ended.
+/// A frame received, or how reading ended (through the transport every driver uses).
 pub async fn read_frame(stream: &mut TcpStream, wait: Duration) -> Result<Frame, End> {
-    let mut head = [0u8; HEADER_BYTES];
-    match tokio::time::timeout(wait, stream.read_exact(&mut head)).await {
-        Err(_) => return Err(End::Timeout),
-        Ok(Err(_)) => return Err(End::Closed),
-        Ok(Ok(_)) => {}
+    match mirror_net::read_frame(stream, Some(wait)).await {
+        Ok(Ok(frame)) => Ok(frame),
+        Ok(Err(e)) => panic!("server sent a bad frame: {e}"),
+        Err(mirror_net::ReadEnd::Idle(_)) => Err(End::Timeout),
+        Err(mirror_net::ReadEnd::Wire(e)) => panic!("server sent a bad header: {e}"),
+        Err(_) => Err(End::Closed),
     }
-    let header = wire::decode_header(&head).expect("server sent a bad header");
-    let mut payload = vec![0u8; header.payload_len as usize];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut payload))
-        .await
-        .expect("payload in time")
-        .expect("payload");
-    Ok(wire::decode_body(&header, Bytes::from(payload)).expect("server sent a bad frame"))
 }
 
 /// Reads until the server closes the connection; returns the frames seen. Panics after `wait`.
