@@ -41,14 +41,6 @@ pub struct Batch {
     pub sync: Option<Seq>,
 }
 
-impl Batch {
-    /// Payload bytes of the batch's operations.
-    #[must_use]
-    pub fn payload_bytes(&self) -> usize {
-        self.ops.iter().map(|a| a.op.payload_bytes()).sum()
-    }
-}
-
 /// Deliberate bugs for tests that prove the simulator's checkers bite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CommitSabotage {
@@ -86,12 +78,6 @@ impl GroupCommit {
     /// Breaks the planner on purpose (tests that prove the checkers bite).
     pub fn set_sabotage(&mut self, sabotage: CommitSabotage) {
         self.sabotage = sabotage;
-    }
-
-    /// Whether a batch is out (handed out, not yet done).
-    #[must_use]
-    pub fn in_flight(&self) -> bool {
-        self.in_flight
     }
 
     /// The next batch, if there is work and none is out. A batch syncs when it takes everything

@@ -29,6 +29,7 @@
 //! generation and bitmap) are read; a driver rewrites the file in version 3 when it starts.
 
 use crate::types::{Generation, NodeId, Seq, VolumeId};
+use crate::wire::{le_u32, le_u64};
 
 /// `"UBMRMETA"`.
 pub const META_MAGIC: [u8; 8] = *b"UBMRMETA";
@@ -139,18 +140,6 @@ pub enum MetaCorrupt {
     V1(Box<MetaCorrupt>),
 }
 
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// Magic, checksum (of `bytes[..crc_at]`, stored at `crc_at`), version and flags; returns the
 /// clean flag.
 fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<bool, MetaCorrupt> {
@@ -167,14 +156,14 @@ fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<bool
             MetaCorrupt::BadMagic
         });
     }
-    if crc32c::crc32c(&bytes[0..crc_at]) != u32_at(bytes, crc_at) {
+    if crc32c::crc32c(&bytes[0..crc_at]) != le_u32(bytes, crc_at) {
         return Err(MetaCorrupt::Checksum);
     }
-    let version = u32_at(bytes, 8);
+    let version = le_u32(bytes, 8);
     if version != version_wanted {
         return Err(MetaCorrupt::Version(version));
     }
-    let flags = u32_at(bytes, 12);
+    let flags = le_u32(bytes, 12);
     if flags & !FLAG_CLEAN != 0 {
         return Err(MetaCorrupt::Flags(flags));
     }
@@ -200,6 +189,24 @@ impl MetaRecord {
             generation: Generation(0),
             clean: true,
             bitmap: BitmapLocation::default(),
+        }
+    }
+
+    /// A secondary's record: what a target server writes while it runs (`clean` false) and when
+    /// it stops gracefully (`clean` true).
+    #[must_use]
+    pub fn secondary(
+        volume_id: VolumeId,
+        node_id: NodeId,
+        volume_bytes: u64,
+        durable: Seq,
+        clean: bool,
+    ) -> MetaRecord {
+        MetaRecord {
+            node_id,
+            durable,
+            clean,
+            ..MetaRecord::new(volume_id, volume_bytes)
         }
     }
 
@@ -231,32 +238,32 @@ impl MetaRecord {
 
     /// Parses one slot (a version-3 record, or a version-2 one) and its write count.
     pub fn decode(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
-        if bytes.len() >= 12 && bytes[0..8] == META_MAGIC && u32_at(bytes, 8) == 2 {
+        if bytes.len() >= 12 && bytes[0..8] == META_MAGIC && le_u32(bytes, 8) == 2 {
             return Self::decode_v2(bytes);
         }
         let clean = check_header(bytes, META_VERSION, 96)?;
-        if u32_at(bytes, 44) != 0 {
+        if le_u32(bytes, 44) != 0 {
             return Err(MetaCorrupt::Reserved);
         }
-        let role = match u32_at(bytes, 40) {
+        let role = match le_u32(bytes, 40) {
             0 => Role::Secondary,
             1 => Role::Primary,
             other => return Err(MetaCorrupt::Role(other)),
         };
         let record = MetaRecord {
             volume_id: volume_id_at(bytes),
-            node_id: NodeId(u64_at(bytes, 32)),
+            node_id: NodeId(le_u64(bytes, 32)),
             role,
-            volume_bytes: u64_at(bytes, 48),
-            durable: Seq(u64_at(bytes, 56)),
-            generation: Generation(u64_at(bytes, 64)),
+            volume_bytes: le_u64(bytes, 48),
+            durable: Seq(le_u64(bytes, 56)),
+            generation: Generation(le_u64(bytes, 64)),
             clean,
             bitmap: BitmapLocation {
-                offset_bytes: u64_at(bytes, 72),
-                len_bytes: u64_at(bytes, 80),
+                offset_bytes: le_u64(bytes, 72),
+                len_bytes: le_u64(bytes, 80),
             },
         };
-        Ok((record, u64_at(bytes, 88)))
+        Ok((record, le_u64(bytes, 88)))
     }
 
     /// Version 2: magic, version, flags, volume id, durable seq (32..40), volume bytes (40..48),
@@ -264,20 +271,20 @@ impl MetaRecord {
     fn decode_v2(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
         let clean = check_header(bytes, 2, V2_RECORD_BYTES - 4)?;
         let record = MetaRecord {
-            durable: Seq(u64_at(bytes, 32)),
+            durable: Seq(le_u64(bytes, 32)),
             clean,
-            ..MetaRecord::new(volume_id_at(bytes), u64_at(bytes, 40))
+            ..MetaRecord::new(volume_id_at(bytes), le_u64(bytes, 40))
         };
-        Ok((record, u64_at(bytes, 48)))
+        Ok((record, le_u64(bytes, 48)))
     }
 
     /// Version 1: as version 2 without the write count (crc32c at 48..52), the whole file.
     fn decode_v1(bytes: &[u8]) -> Result<MetaRecord, MetaCorrupt> {
         let clean = check_header(bytes, 1, V1_BYTES - 4)?;
         Ok(MetaRecord {
-            durable: Seq(u64_at(bytes, 32)),
+            durable: Seq(le_u64(bytes, 32)),
             clean,
-            ..MetaRecord::new(volume_id_at(bytes), u64_at(bytes, 40))
+            ..MetaRecord::new(volume_id_at(bytes), le_u64(bytes, 40))
         })
     }
 

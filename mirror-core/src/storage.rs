@@ -61,12 +61,11 @@ pub trait Volume: std::fmt::Debug {
 }
 
 /// Applies one mirrored operation to a volume (a flush needs nothing here: the driver syncs after
-/// the batch). The extent is checked whatever the engine already checked.
+/// the batch). Every implementation checks the extent, whatever the engine already checked.
 pub fn apply(volume: &(impl Volume + ?Sized), op: &Op) -> Result<(), VolumeError> {
     let Some(range) = op.range() else {
         return Ok(());
     };
-    volume.check_extent(range.offset_bytes, range.len_bytes)?;
     match op {
         Op::Write { data, .. } => volume.write_at(range.offset_bytes, data),
         Op::Discard { .. } | Op::WriteZeroes { .. } => {
@@ -82,6 +81,7 @@ pub fn read(
     offset_bytes: u64,
     len_bytes: usize,
 ) -> Result<Vec<u8>, VolumeError> {
+    // Checked before the buffer is allocated (the read checks again).
     volume.check_extent(offset_bytes, len_bytes as u64)?;
     let mut buf = vec![0u8; len_bytes];
     volume.read_at(offset_bytes, &mut buf)?;

@@ -551,6 +551,14 @@ impl Target {
             && self.log_bytes + payload_bytes <= self.cfg.commit_log_bytes_max
     }
 
+    /// Whether the commit log has room for a frame of any size (the largest payload). A driver
+    /// that takes whole frames without seeing their size first stops taking them while this is
+    /// false; one that reads the header first asks [`Self::has_room`] with the payload's size.
+    #[must_use]
+    pub fn has_room_for_any_frame(&self) -> bool {
+        self.has_room(crate::wire::PAYLOAD_BYTES_MAX as usize)
+    }
+
     /// Commit log entries that carry their operation.
     fn data_entries(&self) -> usize {
         self.log.len() - self.lock_only

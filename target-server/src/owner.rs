@@ -13,7 +13,7 @@ use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
 use mirror_core::storage::{self, MetaStore, Volume};
 use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
-use mirror_core::wire::{Encoded, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use mirror_core::wire::{Encoded, MAC_BYTES};
 use mirror_core::{NodeId, Range, Seq, VolumeId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -89,6 +89,7 @@ struct Run {
     o: Owner,
     /// A connection whose writer was full when it had frames to send.
     blocked: Option<ConnId>,
+    scratch: Vec<ConnId>,
     io: IoThread,
     commit: GroupCommit,
     /// The batch on the I/O thread.
@@ -111,6 +112,7 @@ impl Owner {
         let mut run = Run {
             o: self,
             blocked: None,
+            scratch: Vec::new(),
             io,
             commit: GroupCommit::new(CommitConfig::default()),
             io_pending: None,
@@ -140,16 +142,8 @@ impl Run {
     }
 
     fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
-        MetaRecord {
-            node_id: self.o.node_id,
-            durable,
-            clean,
-            ..MetaRecord::new(self.o.volume_id, self.volume_bytes())
-        }
-    }
-
-    fn volume_bytes(&self) -> u64 {
-        self.o.volume.volume_bytes()
+        let bytes = self.o.volume.volume_bytes();
+        MetaRecord::secondary(self.o.volume_id, self.o.node_id, bytes, durable, clean)
     }
 
     async fn serve(&mut self) -> Result<(), ServerError> {
@@ -163,7 +157,7 @@ impl Run {
             // Frames are taken only while the commit log has room for the largest one, and while
             // no writer is full: beyond that the readers wait, then the sockets fill
             // (back-pressure on the source).
-            let take = self.o.target.has_room(PAYLOAD_BYTES_MAX as usize) && self.blocked.is_none();
+            let take = self.o.target.has_room_for_any_frame() && self.blocked.is_none();
             let wait = self
                 .o
                 .target
@@ -226,7 +220,7 @@ impl Run {
     fn take_inputs(&mut self, first: Input) {
         self.handle_input(first);
         for _ in 1..INPUTS_PER_ROUND {
-            if !self.o.target.has_room(PAYLOAD_BYTES_MAX as usize) {
+            if !self.o.target.has_room_for_any_frame() {
                 break;
             }
             match self.inputs.try_recv() {
@@ -383,13 +377,17 @@ impl Run {
             }
             self.close(conn, true);
         }
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-        for conn in ids {
+        // A scratch list, kept between rounds: this runs once per round of the loop.
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        ids.extend(self.conns.keys().copied());
+        for &conn in &ids {
             self.flush(conn);
             if !self.o.target.is_open(conn) {
                 self.close(conn, true);
             }
         }
+        self.scratch = ids;
     }
 
     fn publish(&self) {

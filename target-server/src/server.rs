@@ -246,12 +246,13 @@ fn check_config(cfg: &ServerConfig) -> Result<(), ServerError> {
 
 /// The record a running server keeps: not clean until a graceful shutdown says otherwise.
 fn running_record(cfg: &ServerConfig, restored: Restored, volume_bytes: u64) -> MetaRecord {
-    MetaRecord {
-        node_id: cfg.node_id,
-        durable: restored.durable,
-        clean: false,
-        ..MetaRecord::new(cfg.volume_id, volume_bytes)
-    }
+    MetaRecord::secondary(
+        cfg.volume_id,
+        cfg.node_id,
+        volume_bytes,
+        restored.durable,
+        false,
+    )
 }
 
 async fn serve(
