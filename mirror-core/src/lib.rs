@@ -28,6 +28,7 @@ pub mod commit;
 pub mod lock;
 pub mod log;
 pub mod meta;
+pub mod node;
 pub mod session;
 pub mod sim;
 pub mod source;

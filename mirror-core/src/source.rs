@@ -144,7 +144,15 @@ pub enum SourceError {
     LogFull,
     /// The host operation is not valid for this volume.
     #[error("invalid operation: {0}")]
-    InvalidOp(String),
+    InvalidOp(InvalidOp),
+    /// The operation is larger than the rollback log can ever hold.
+    #[error("operation of {bytes} bytes can never fit the rollback log ({log_bytes_max} bytes)")]
+    NeverFits {
+        /// Its payload.
+        bytes: usize,
+        /// The log's bound.
+        log_bytes_max: usize,
+    },
     /// The log's storage failed.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -175,7 +183,81 @@ pub enum SourceError {
     },
     /// The target broke the protocol.
     #[error("protocol violation by the target: {0}")]
-    Protocol(String),
+    Protocol(TargetViolation),
+}
+
+/// Why a host operation is not valid for the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidOp {
+    /// More data than one frame carries.
+    #[error("write of {bytes} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte frame limit")]
+    TooLarge {
+        /// Its payload.
+        bytes: usize,
+    },
+    /// Empty, or not on block boundaries.
+    #[error("extent {offset_bytes}+{len_bytes} not aligned to the {block_bytes}-byte block")]
+    Unaligned {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's block.
+        block_bytes: u64,
+    },
+    /// Past the end of the volume.
+    #[error("extent {offset_bytes}+{len_bytes} beyond the volume of {volume_bytes} bytes")]
+    BeyondVolume {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's size.
+        volume_bytes: u64,
+    },
+}
+
+/// How a target broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetViolation {
+    /// A frame the connection's state does not allow.
+    #[error("unexpected frame {frame} while {state}")]
+    UnexpectedFrame {
+        /// Its kind.
+        frame: &'static str,
+        /// The connection's state.
+        state: &'static str,
+    },
+    /// An ACK for more than was sent.
+    #[error("ACK received {received} durable {durable} beyond what was sent ({sent})")]
+    AckBeyondSent {
+        /// Its received seq.
+        received: Seq,
+        /// Its durable seq.
+        durable: Seq,
+        /// The last seq sent.
+        sent: Seq,
+    },
+    /// An ACK whose durable seq is lower than an earlier one.
+    #[error("durable seq went back from {from} to {to}")]
+    DurableWentBack {
+        /// What it was.
+        from: Seq,
+        /// What the ACK says.
+        to: Seq,
+    },
+    /// A REJECT or NAK for a seq that is not in flight.
+    #[error("resend request for seq {seq} outside ({durable}, {sent}]")]
+    ResendOutside {
+        /// The seq asked for.
+        seq: Seq,
+        /// The last seq known durable.
+        durable: Seq,
+        /// The last seq sent.
+        sent: Seq,
+    },
 }
 
 impl SourceError {
@@ -193,6 +275,7 @@ impl SourceError {
             | SourceError::TargetAhead { .. } => true,
             SourceError::LogFull
             | SourceError::InvalidOp(_)
+            | SourceError::NeverFits { .. }
             | SourceError::Log(_)
             | SourceError::Protocol(_) => false,
         }
@@ -402,25 +485,26 @@ impl<L: RollbackLog> Source<L> {
     fn validate(&self, op: &Op) -> Result<(), SourceError> {
         if let Op::Write { data, .. } = op {
             if data.len() > PAYLOAD_BYTES_MAX as usize {
-                return Err(SourceError::InvalidOp(format!(
-                    "write of {} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte frame limit",
-                    data.len()
-                )));
+                return Err(SourceError::InvalidOp(InvalidOp::TooLarge {
+                    bytes: data.len(),
+                }));
             }
         }
         if let Some(r) = op.range() {
             let block = u64::from(self.cfg.block_bytes);
             if r.len_bytes == 0 || r.offset_bytes % block != 0 || r.len_bytes % block != 0 {
-                return Err(SourceError::InvalidOp(format!(
-                    "extent {}+{} not aligned to the {block}-byte block",
-                    r.offset_bytes, r.len_bytes
-                )));
+                return Err(SourceError::InvalidOp(InvalidOp::Unaligned {
+                    offset_bytes: r.offset_bytes,
+                    len_bytes: r.len_bytes,
+                    block_bytes: block,
+                }));
             }
             if r.end_bytes() > self.cfg.volume_bytes {
-                return Err(SourceError::InvalidOp(format!(
-                    "extent {}+{} beyond the volume of {} bytes",
-                    r.offset_bytes, r.len_bytes, self.cfg.volume_bytes
-                )));
+                return Err(SourceError::InvalidOp(InvalidOp::BeyondVolume {
+                    offset_bytes: r.offset_bytes,
+                    len_bytes: r.len_bytes,
+                    volume_bytes: self.cfg.volume_bytes,
+                }));
             }
         }
         Ok(())
@@ -549,11 +633,14 @@ impl<L: RollbackLog> Source<L> {
                 self.rewind(seq);
                 Ok(())
             }
-            (_, other) => Err(SourceError::Protocol(format!(
-                "unexpected frame {:?} in state {:?}",
-                kind_name(&other),
-                self.conn
-            ))),
+            (conn, other) => Err(SourceError::Protocol(TargetViolation::UnexpectedFrame {
+                frame: kind_name(&other),
+                state: match conn {
+                    Conn::Disconnected => "disconnected",
+                    Conn::AwaitHello { .. } => "awaiting the target's HELLO",
+                    Conn::Ready => "connected",
+                },
+            })),
         }
     }
 
@@ -611,16 +698,17 @@ impl<L: RollbackLog> Source<L> {
 
     fn on_ack(&mut self, received: Seq, durable: Seq) -> Result<(), SourceError> {
         if received > self.last_sent || durable > received.max(self.durable) {
-            return Err(SourceError::Protocol(format!(
-                "ACK received {received} durable {durable} beyond what was sent ({})",
-                self.last_sent
-            )));
+            return Err(SourceError::Protocol(TargetViolation::AckBeyondSent {
+                received,
+                durable,
+                sent: self.last_sent,
+            }));
         }
         if durable < self.durable {
-            return Err(SourceError::Protocol(format!(
-                "durable seq went back from {} to {durable}",
-                self.durable
-            )));
+            return Err(SourceError::Protocol(TargetViolation::DurableWentBack {
+                from: self.durable,
+                to: durable,
+            }));
         }
         self.received = received;
         self.durable = durable;
@@ -650,10 +738,11 @@ impl<L: RollbackLog> Source<L> {
 
     fn check_resend_seq(&self, seq: Seq) -> Result<(), SourceError> {
         if seq <= self.durable || seq > self.last_sent {
-            return Err(SourceError::Protocol(format!(
-                "resend request for seq {seq} outside ({}, {}]",
-                self.durable, self.last_sent
-            )));
+            return Err(SourceError::Protocol(TargetViolation::ResendOutside {
+                seq,
+                durable: self.durable,
+                sent: self.last_sent,
+            }));
         }
         Ok(())
     }
@@ -818,7 +907,10 @@ mod tests {
     fn fatal_errors_are_those_a_reconnect_cannot_cure() {
         let retried = [
             SourceError::Refused(RefuseReason::Busy),
-            SourceError::Protocol("bad ACK".into()),
+            SourceError::Protocol(TargetViolation::DurableWentBack {
+                from: Seq(2),
+                to: Seq(1),
+            }),
             SourceError::LogFull,
         ];
         for e in &retried {

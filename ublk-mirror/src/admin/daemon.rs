@@ -882,15 +882,15 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
 /// After the device stopped, everything the host wrote is in the log: gives the target a bounded
 /// time to get it all.
-async fn drain(repl: &Handle, limit: Duration) -> Result<(), ReplError> {
+async fn drain(repl: &Handle, limit: Duration) -> anyhow::Result<()> {
     eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
     let last = repl.status().await.map(|st| st.source.last_local)?;
     let drained = match tokio::time::timeout(limit, repl.wait_replicated(last)).await {
-        Ok(r) => r,
-        Err(_) => Err(ReplError::Fatal(format!(
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow::anyhow!(
             "target did not catch up within {} s",
             limit.as_secs()
-        ))),
+        )),
     };
     match &drained {
         Ok(()) => eprintln!(

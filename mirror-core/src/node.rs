@@ -1,0 +1,479 @@
+//! A node: one volume's role, its engines and its persistent metadata.
+//!
+//! A [`Node`] is keyed by its volume (a daemon may later hold several, one per [`VolumeId`]). A
+//! primary holds one [`PeerLink`] per peer ([`PeerId`]; one today), a secondary its [`Target`].
+//! The metadata record ([`MetaRecord`]) is defined for both roles; in this release only the
+//! secondary persists it (the target server's group commit writes what [`Node::record`] returns).
+//!
+//! [`PeerLink`] is everything a primary decides about one peer, so that the replicator and the
+//! simulator run the same policy: the [`Source`] engine, its connection lifecycle
+//! ([`SourceSession`]), the one submission parked while the rollback log is full, which errors
+//! stop replication for good, and the events the driver forwards to the host's waiters
+//! ([`PeerEvent`]: a completion per the mode, "durable through N", connected, stopped).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::log::{MemLog, RollbackLog};
+use crate::meta::{MetaRecord, Role};
+use crate::session::{SessionAction, SourceSession};
+use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
+use crate::target::Target;
+use crate::wire::{Frame, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use crate::{Seq, VolumeId};
+
+/// Which peer of a volume (a primary mirrors to one today; the key leaves room for more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PeerId(pub u32);
+
+/// What happened to a submission offered to [`PeerLink::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// In the rollback log with this sequence number; its completion comes as
+    /// [`PeerEvent::Completed`].
+    Accepted(Seq),
+    /// The log is full: the link keeps the operation and takes it when there is room
+    /// ([`PeerEvent::Accepted`] with the caller's token). Offer nothing else meanwhile
+    /// ([`PeerLink::is_parked`]).
+    Parked,
+}
+
+/// Why a submission was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Not valid for this volume, or larger than the rollback log could ever hold.
+    #[error(transparent)]
+    Invalid(SourceError),
+    /// Replication stopped for good; nothing more is taken.
+    #[error("replication stopped: {0}")]
+    Stopped(SourceError),
+    /// A submission is already parked: the driver must wait for [`PeerEvent::Accepted`].
+    #[error("a submission already waits for room in the rollback log")]
+    AlreadyParked,
+}
+
+/// Why a wait for "replicated through N" cannot be granted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WaitError {
+    /// No operation with that sequence number was ever submitted.
+    #[error("seq {0} was never submitted")]
+    NeverSubmitted(Seq),
+    /// Replication stopped for good before it got there.
+    #[error("replication stopped: {0}")]
+    Stopped(SourceError),
+}
+
+/// What the driver forwards to the host's waiters, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The parked submission with this token entered the log as `seq`.
+    Accepted {
+        /// The driver's token given to [`PeerLink::submit`].
+        token: u64,
+        /// Its sequence number.
+        seq: Seq,
+    },
+    /// Operation `seq` is complete per the acknowledgement mode.
+    Completed(Seq),
+    /// Everything through this seq is applied and durable on the peer (waiters of
+    /// [`PeerLink::check_replicated`] wake); reported once per advance.
+    Durable(Seq),
+    /// A handshake completed: the peer is authenticated and shipping started.
+    Connected,
+    /// Replication stopped for good with this error: every pending operation, the parked one and
+    /// every waiter fail with it; later submissions are refused. The driver closes the connection.
+    Stopped(SourceError),
+}
+
+/// Why the driver must close the connection (the link has already taken note).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct CloseConn {
+    /// What went wrong.
+    pub error: SourceError,
+    /// Whether replication stopped for good ([`PeerEvent::Stopped`] follows); else the session
+    /// reconnects after its backoff.
+    pub fatal: bool,
+}
+
+/// A primary's replication to one peer: the engine, its session and its waiting rules.
+#[derive(Debug)]
+pub struct PeerLink<L: RollbackLog = MemLog> {
+    source: Source<L>,
+    session: SourceSession,
+    parked: Option<(u64, SummedOp)>,
+    fatal: Option<SourceError>,
+    /// Whether [`PeerEvent::Connected`] was reported for the current connection.
+    announced: bool,
+    durable_reported: Seq,
+    events: VecDeque<PeerEvent>,
+    connects: u64,
+    disconnects: u64,
+}
+
+/// Counters a status report shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLinkStatus {
+    /// The engine's state.
+    pub source: SourceStatus,
+    /// Why replication stopped for good, if it did.
+    pub fatal: Option<SourceError>,
+    /// Handshakes completed.
+    pub connects: u64,
+    /// Connections dropped after they were opened.
+    pub disconnects: u64,
+}
+
+impl<L: RollbackLog> PeerLink<L> {
+    /// A link over `source` whose connections `session` paces.
+    #[must_use]
+    pub fn new(source: Source<L>, session: SourceSession) -> PeerLink<L> {
+        let durable = source.status().durable;
+        PeerLink {
+            source,
+            session,
+            parked: None,
+            fatal: None,
+            announced: false,
+            durable_reported: durable,
+            events: VecDeque::new(),
+            connects: 0,
+            disconnects: 0,
+        }
+    }
+
+    /// The engine (read-only: every input goes through the link).
+    #[must_use]
+    pub fn source(&self) -> &Source<L> {
+        &self.source
+    }
+
+    /// The engine, for a test's sabotage switch or the simulator's checks.
+    pub fn source_mut(&mut self) -> &mut Source<L> {
+        &mut self.source
+    }
+
+    /// The session, for a test's sabotage switch.
+    pub fn session_mut(&mut self) -> &mut SourceSession {
+        &mut self.session
+    }
+
+    /// Offers a host operation. `token` names it in a later [`PeerEvent::Accepted`] if it parks.
+    pub fn submit(
+        &mut self,
+        token: u64,
+        op: SummedOp,
+        now_ns: u64,
+    ) -> Result<Submitted, SubmitError> {
+        if let Some(e) = &self.fatal {
+            return Err(SubmitError::Stopped(e.clone()));
+        }
+        if self.parked.is_some() {
+            return Err(SubmitError::AlreadyParked);
+        }
+        let bytes = op.op().payload_bytes();
+        let log_bytes_max = self.source.config().log_bytes_max;
+        if bytes > log_bytes_max.min(PAYLOAD_BYTES_MAX as usize) {
+            return Err(SubmitError::Invalid(SourceError::NeverFits {
+                bytes,
+                log_bytes_max,
+            }));
+        }
+        match self.source.submit(op.clone(), now_ns) {
+            Ok(seq) => Ok(Submitted::Accepted(seq)),
+            Err(SourceError::LogFull) => {
+                self.parked = Some((token, op));
+                Ok(Submitted::Parked)
+            }
+            Err(e @ SourceError::InvalidOp(_)) => Err(SubmitError::Invalid(e)),
+            Err(e) => {
+                self.stop(e.clone());
+                Err(SubmitError::Stopped(e))
+            }
+        }
+    }
+
+    /// Whether a submission waits for room; the driver offers no other meanwhile.
+    #[must_use]
+    pub fn is_parked(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// Whether a data operation is complete as soon as [`Self::submit`] took it (the async
+    /// fast path): the mode says so and replication has not stopped.
+    #[must_use]
+    pub fn acks_on_submit(&self) -> bool {
+        self.fatal.is_none() && self.source.data_completes_on_submit()
+    }
+
+    /// Changes the acknowledgement mode; waiting operations are re-evaluated.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.source.set_mode(mode);
+    }
+
+    /// Whether `seq` is already applied and durable on the peer (`Ok(false)`: wait for
+    /// [`PeerEvent::Durable`]).
+    pub fn check_replicated(&self, seq: Seq) -> Result<bool, WaitError> {
+        if self.source.is_replicated(seq) {
+            return Ok(true);
+        }
+        if let Some(e) = &self.fatal {
+            return Err(WaitError::Stopped(e.clone()));
+        }
+        if seq > self.source.status().last_local {
+            return Err(WaitError::NeverSubmitted(seq));
+        }
+        Ok(false)
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        if let Some(ev) = self.events.pop_front() {
+            return Some(ev);
+        }
+        if self.fatal.is_some() {
+            return None;
+        }
+        if let Some((token, op)) = self.parked.take() {
+            if self.source.has_room(op.op().payload_bytes()) {
+                // The source validated it when it parked; what can fail now is the log itself.
+                match self.source.submit(op, 0) {
+                    Ok(seq) => return Some(PeerEvent::Accepted { token, seq }),
+                    Err(e) => {
+                        self.stop(e);
+                        return self.events.pop_front();
+                    }
+                }
+            }
+            self.parked = Some((token, op));
+        }
+        if let Some(seq) = self.source.poll_completion() {
+            return Some(PeerEvent::Completed(seq));
+        }
+        let durable = self.source.status().durable;
+        if durable > self.durable_reported {
+            self.durable_reported = durable;
+            return Some(PeerEvent::Durable(durable));
+        }
+        if !self.announced && self.source.status().conn == ConnState::Connected {
+            self.announced = true;
+            self.connects += 1;
+            self.session.on_authenticated();
+            return Some(PeerEvent::Connected);
+        }
+        None
+    }
+
+    /// The next frame to send on the open connection (`now_ns`: when it is handed over).
+    pub fn poll_transmit(&mut self, now_ns: u64) -> Option<Frame> {
+        if !self.session.is_up() {
+            return None;
+        }
+        let frame = self.source.poll_transmit()?;
+        self.session.on_tx(now_ns);
+        Some(frame)
+    }
+
+    /// When [`Self::handle_timeout`] must next be called, if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.session.poll_timeout()
+    }
+
+    /// Time has reached `now_ns`: connect, send a PING, or drop a silent connection (then call
+    /// [`Self::on_lost`]).
+    pub fn handle_timeout(&mut self, now_ns: u64) -> Option<SessionAction> {
+        let action = self.session.handle_timeout(now_ns)?;
+        if let SessionAction::Ping(_) = action {
+            // The probe goes out with the engine's frames; PING changes no engine state.
+            self.session.on_tx(now_ns);
+        }
+        Some(action)
+    }
+
+    /// The driver is opening a connection (after [`SessionAction::Connect`]).
+    pub fn on_connecting(&mut self) {
+        self.session.on_connecting();
+    }
+
+    /// The connection is open; `nonce` must be fresh and random. The handshake starts.
+    pub fn on_connected(&mut self, nonce: [u8; MAC_BYTES], now_ns: u64) {
+        self.session.on_connected(now_ns);
+        self.announced = false;
+        self.source.on_connect(nonce);
+    }
+
+    /// The connection or the attempt is gone (a socket error, a timeout, [`SessionAction::Drop`]):
+    /// the log is resent after the next handshake, which the session schedules.
+    pub fn on_lost(&mut self, now_ns: u64) {
+        if self.session.is_up() {
+            self.disconnects += 1;
+        }
+        self.source.on_disconnect();
+        self.announced = false;
+        if self.fatal.is_none() {
+            self.session.on_lost(now_ns);
+        }
+    }
+
+    /// One frame from the peer. An error means: close the connection (the link already
+    /// scheduled the reconnect, or stopped for good).
+    pub fn handle_frame(&mut self, frame: Frame, now_ns: u64) -> Result<(), CloseConn> {
+        self.session.on_rx(now_ns);
+        match self.source.handle_frame(frame) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_fatal() => {
+                self.disconnects += 1;
+                self.stop(e.clone());
+                Err(CloseConn {
+                    error: e,
+                    fatal: true,
+                })
+            }
+            Err(e) => {
+                self.on_lost(now_ns);
+                Err(CloseConn {
+                    error: e,
+                    fatal: false,
+                })
+            }
+        }
+    }
+
+    /// Replication stops for good (also what a driver calls when it cannot go on, e.g. no
+    /// randomness for a nonce).
+    pub fn stop(&mut self, error: SourceError) {
+        if self.fatal.is_some() {
+            return;
+        }
+        self.source.on_disconnect();
+        self.session.on_fatal();
+        self.parked = None;
+        self.fatal = Some(error.clone());
+        self.events.push_back(PeerEvent::Stopped(error));
+    }
+
+    /// Why replication stopped, if it did.
+    #[must_use]
+    pub fn fatal(&self) -> Option<&SourceError> {
+        self.fatal.as_ref()
+    }
+
+    /// The state a status report shows.
+    #[must_use]
+    pub fn status(&self) -> PeerLinkStatus {
+        PeerLinkStatus {
+            source: self.source.status(),
+            fatal: self.fatal.clone(),
+            connects: self.connects,
+            disconnects: self.disconnects,
+        }
+    }
+}
+
+/// The engines of a node, by role.
+#[derive(Debug)]
+pub enum Engines {
+    /// Serves the device and ships writes to each peer.
+    Primary(BTreeMap<PeerId, PeerLink>),
+    /// Receives the mirror.
+    Secondary(Box<Target>),
+}
+
+/// One volume on one node: its persistent metadata and the engines its role runs.
+#[derive(Debug)]
+pub struct Node {
+    meta: MetaRecord,
+    engines: Engines,
+}
+
+impl Node {
+    /// A primary mirroring to one peer. `meta` is the record it would persist (role primary).
+    #[must_use]
+    pub fn primary(meta: MetaRecord, peer: PeerId, link: PeerLink) -> Node {
+        Node {
+            meta: MetaRecord {
+                role: Role::Primary,
+                ..meta
+            },
+            engines: Engines::Primary(BTreeMap::from([(peer, link)])),
+        }
+    }
+
+    /// The volume this node serves.
+    #[must_use]
+    pub fn volume_id(&self) -> VolumeId {
+        self.meta.volume_id
+    }
+
+    /// Its role.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        match self.engines {
+            Engines::Primary(_) => Role::Primary,
+            Engines::Secondary(_) => Role::Secondary,
+        }
+    }
+
+    /// The metadata as last recorded (or to be recorded).
+    #[must_use]
+    pub fn meta(&self) -> &MetaRecord {
+        &self.meta
+    }
+
+    /// A primary's link to `peer`.
+    pub fn peer_mut(&mut self, peer: PeerId) -> Option<&mut PeerLink> {
+        match &mut self.engines {
+            Engines::Primary(links) => links.get_mut(&peer),
+            Engines::Secondary(_) => None,
+        }
+    }
+
+    /// A primary's link to `peer`, read-only.
+    #[must_use]
+    pub fn peer(&self, peer: PeerId) -> Option<&PeerLink> {
+        match &self.engines {
+            Engines::Primary(links) => links.get(&peer),
+            Engines::Secondary(_) => None,
+        }
+    }
+
+    /// A secondary over `target`, restored from `meta` (what [`crate::target::recover`] trusted).
+    #[must_use]
+    pub fn secondary(meta: MetaRecord, target: Target) -> Node {
+        Node {
+            meta: MetaRecord {
+                role: Role::Secondary,
+                ..meta
+            },
+            engines: Engines::Secondary(Box::new(target)),
+        }
+    }
+
+    /// A secondary's engine.
+    pub fn target_mut(&mut self) -> Option<&mut Target> {
+        match &mut self.engines {
+            Engines::Secondary(t) => Some(t),
+            Engines::Primary(_) => None,
+        }
+    }
+
+    /// A secondary's engine, read-only.
+    #[must_use]
+    pub fn target(&self) -> Option<&Target> {
+        match &self.engines {
+            Engines::Secondary(t) => Some(t),
+            Engines::Primary(_) => None,
+        }
+    }
+
+    /// The record a secondary persists once `durable` is synced (`clean`: at a graceful stop,
+    /// after the last sync). The node keeps it as its current metadata.
+    pub fn record(&mut self, durable: Seq, clean: bool) -> MetaRecord {
+        self.meta.durable = durable;
+        self.meta.clean = clean;
+        self.meta
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+//! The primary's per-peer policy, driven against a real target engine.
+
+use bytes::Bytes;
+
+use super::*;
+use crate::session::SessionConfig;
+use crate::source::{LockStyle, SourceConfig};
+use crate::target::{
+    ConflictPolicy, ConnId, Restored, TargetConfig, HANDSHAKES_MAX_DEFAULT,
+    HANDSHAKE_TIMEOUT_NS_DEFAULT,
+};
+use crate::wire::{decode, Op, RefuseReason};
+use crate::{Generation, Lba, NodeId};
+
+const VOLUME_BYTES: u64 = 1 << 20;
+const C: ConnId = ConnId(1);
+const MS: u64 = 1_000_000;
+
+fn link(mode: Mode, log_entries_max: usize) -> PeerLink {
+    let source = Source::new(SourceConfig {
+        volume_id: VolumeId([7; 16]),
+        node_id: NodeId(1),
+        generation: Generation(1),
+        volume_bytes: VOLUME_BYTES,
+        block_bytes: 4096,
+        secret: b"s".to_vec(),
+        mode,
+        flush_replicates: false,
+        lock_style: LockStyle::Implied,
+        log_bytes_max: 64 << 10,
+        log_entries_max,
+    });
+    let session = SourceSession::new(
+        SessionConfig {
+            backoff_min_ns: 50 * MS,
+            backoff_max_ns: 1_000 * MS,
+            ping_interval_ns: 2_000 * MS,
+            idle_timeout_ns: 20_000 * MS,
+        },
+        3,
+        0,
+    );
+    PeerLink::new(source, session)
+}
+
+fn target() -> Target {
+    Target::new(
+        TargetConfig {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(2),
+            generation: Generation(1),
+            volume_bytes: VOLUME_BYTES,
+            block_bytes: 4096,
+            secret: b"s".to_vec(),
+            conflict_policy: ConflictPolicy::Wait,
+            commit_log_bytes_max: 1 << 20,
+            commit_log_entries_max: 64,
+            local_locks_max: 4,
+            handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
+            handshakes_max: HANDSHAKES_MAX_DEFAULT,
+        },
+        Restored {
+            durable: Seq::NONE,
+            clean: true,
+        },
+    )
+}
+
+fn write(block: u64) -> SummedOp {
+    SummedOp::new(Op::Write {
+        lba: Lba(8 * block),
+        data: Bytes::from(vec![0x5a; 4096]),
+    })
+}
+
+/// Frames both ways through the codec; the target applies and syncs everything at once.
+fn exchange(link: &mut PeerLink, target: &mut Target) -> Result<(), CloseConn> {
+    for _ in 0..32 {
+        let mut moved = false;
+        while let Some(frame) = link.poll_transmit(1) {
+            let bytes = frame.encode().to_vec();
+            let (frame, _) = decode(&bytes).unwrap().unwrap();
+            target.handle_frame(C, frame).unwrap();
+            moved = true;
+        }
+        while let Some(apply) = target.poll_apply() {
+            target.handle_applied(apply.seq);
+            target.handle_durable(apply.seq);
+            moved = true;
+        }
+        while let Some(frame) = target.poll_transmit(C) {
+            link.handle_frame(frame, 1)?;
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn events(link: &mut PeerLink) -> Vec<PeerEvent> {
+    std::iter::from_fn(|| link.poll_event()).collect()
+}
+
+fn connected(mode: Mode, log_entries_max: usize) -> (PeerLink, Target) {
+    let mut l = link(mode, log_entries_max);
+    let mut t = target();
+    assert_eq!(l.handle_timeout(0), Some(SessionAction::Connect));
+    l.on_connecting();
+    t.on_connect(C, [1; MAC_BYTES], 0).unwrap();
+    l.on_connected([2; MAC_BYTES], 0);
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(events(&mut l), vec![PeerEvent::Connected]);
+    (l, t)
+}
+
+/// A full log parks one submission (the driver stops offering more), which enters the log, in
+/// order, once the target made room; "durable through N" is reported once per advance.
+#[test]
+fn a_full_log_parks_one_submission_until_the_target_makes_room() {
+    let mut l = link(Mode::Sync, 2);
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    assert_eq!(l.submit(2, write(1), 0), Ok(Submitted::Accepted(Seq(2))));
+    assert_eq!(l.submit(3, write(2), 0), Ok(Submitted::Parked));
+    assert!(l.is_parked());
+    assert_eq!(l.submit(4, write(3), 0), Err(SubmitError::AlreadyParked));
+    assert_eq!(events(&mut l), vec![], "nothing moves while disconnected");
+    assert_eq!(l.check_replicated(Seq(2)), Ok(false));
+    assert_eq!(
+        l.check_replicated(Seq(3)),
+        Err(WaitError::NeverSubmitted(Seq(3)))
+    );
+
+    let mut t = target();
+    l.handle_timeout(0);
+    l.on_connecting();
+    t.on_connect(C, [1; MAC_BYTES], 0).unwrap();
+    l.on_connected([2; MAC_BYTES], 0);
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![
+            PeerEvent::Accepted {
+                token: 3,
+                seq: Seq(3)
+            },
+            PeerEvent::Completed(Seq(1)),
+            PeerEvent::Completed(Seq(2)),
+            PeerEvent::Durable(Seq(2)),
+            PeerEvent::Connected,
+        ]
+    );
+    assert!(!l.is_parked());
+    assert_eq!(l.check_replicated(Seq(2)), Ok(true));
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Completed(Seq(3)), PeerEvent::Durable(Seq(3))]
+    );
+}
+
+/// A refusal no reconnect can cure stops the link: one `Stopped` event, the parked submission
+/// dropped, later submissions and waits refused, no reconnect, no fast path.
+#[test]
+fn a_fatal_error_stops_everything_once() {
+    let (mut l, _t) = connected(Mode::Async, 1);
+    assert!(l.acks_on_submit());
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    assert_eq!(l.submit(2, write(1), 0), Ok(Submitted::Parked));
+    assert_eq!(events(&mut l), vec![PeerEvent::Completed(Seq(1))]);
+    let close = l
+        .handle_frame(
+            Frame::Refuse {
+                reason: RefuseReason::WrongVolume,
+            },
+            5,
+        )
+        .unwrap_err();
+    assert!(close.fatal, "{close}");
+    let stopped = SourceError::Refused(RefuseReason::WrongVolume);
+    assert_eq!(events(&mut l), vec![PeerEvent::Stopped(stopped.clone())]);
+    assert!(!l.is_parked());
+    assert!(!l.acks_on_submit());
+    assert_eq!(
+        l.submit(3, write(2), 6),
+        Err(SubmitError::Stopped(stopped.clone()))
+    );
+    assert_eq!(l.check_replicated(Seq(1)), Err(WaitError::Stopped(stopped)));
+    assert_eq!(l.poll_timeout(), None, "never reconnects");
+    assert_eq!(l.status().disconnects, 1);
+}
+
+/// A busy target or a broken frame closes the connection and schedules a reconnect; the log is
+/// resent after the next handshake, and nothing the host waits for fails.
+#[test]
+fn a_retryable_error_reconnects_after_the_backoff() {
+    let (mut l, _t) = connected(Mode::Sync, 4);
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    let close = l
+        .handle_frame(
+            Frame::Refuse {
+                reason: RefuseReason::Busy,
+            },
+            10 * MS,
+        )
+        .unwrap_err();
+    assert!(!close.fatal);
+    assert_eq!(events(&mut l), vec![]);
+    let at = l.poll_timeout().expect("a reconnect is scheduled");
+    assert!(
+        (60 * MS..=10 * MS + 50 * MS + 50 * MS / 4).contains(&at),
+        "{at}"
+    );
+    assert_eq!(l.handle_timeout(at), Some(SessionAction::Connect));
+    let mut t = target();
+    l.on_connecting();
+    t.on_connect(C, [1; MAC_BYTES], at).unwrap();
+    l.on_connected([3; MAC_BYTES], at);
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![
+            PeerEvent::Completed(Seq(1)),
+            PeerEvent::Durable(Seq(1)),
+            PeerEvent::Connected
+        ]
+    );
+    assert_eq!(l.status().connects, 2);
+}
+
+/// An operation the log could never hold is refused at once instead of parking forever.
+#[test]
+fn an_operation_larger_than_the_log_is_refused() {
+    let mut l = link(Mode::Async, 4);
+    let big = SummedOp::new(Op::Write {
+        lba: Lba(0),
+        data: Bytes::from(vec![0; 128 << 10]),
+    });
+    assert!(matches!(
+        l.submit(1, big, 0),
+        Err(SubmitError::Invalid(SourceError::NeverFits { .. }))
+    ));
+    assert!(!l.is_parked());
+}
+
+/// The node's record follows what the secondary made durable; its role comes from its engines.
+#[test]
+fn a_secondary_node_records_its_durable_seq() {
+    let meta = MetaRecord::new(VolumeId([7; 16]), VOLUME_BYTES);
+    let mut node = Node::secondary(meta, target());
+    assert_eq!(node.role(), Role::Secondary);
+    assert!(node.peer(PeerId(0)).is_none());
+    let rec = node.record(Seq(5), false);
+    assert_eq!(
+        (rec.durable, rec.clean, rec.role),
+        (Seq(5), false, Role::Secondary)
+    );
+    assert_eq!(node.meta().durable, Seq(5));
+    let primary = Node::primary(meta, PeerId(0), link(Mode::Sync, 4));
+    assert_eq!(primary.role(), Role::Primary);
+    assert!(primary.target().is_none());
+}

@@ -1,0 +1,486 @@
+//! The engine task: drives one [`PeerLink`] over TCP and forwards its events to the callers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mirror_core::node::{CloseConn, PeerEvent, PeerLink, Submitted, WaitError};
+use mirror_core::session::SessionAction;
+use mirror_core::source::ConnState;
+use mirror_core::wire::{Encoded, Frame, MAC_BYTES};
+use mirror_core::Seq;
+use mirror_net::ReadEnd;
+use tokio::io::BufReader;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{
+    ConnInfo, Ctl, ReplError, ReplicatorConfig, ReplicatorStatus, Reply, SubmitReq,
+    REPLICATED_WAITERS_MAX,
+};
+
+/// Frames queued towards the writer task of one connection.
+const WRITER_QUEUE_FRAMES: usize = 64;
+/// Events (decoded frames, failures) queued from the connection tasks to the engine.
+const EVENT_QUEUE: usize = 256;
+/// Frames and bytes the writer gathers into one vectored write.
+const WRITE_BATCH_FRAMES: usize = 64;
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Buffer of the reader (frames from the target are small: acknowledgements).
+const READ_BUFFER_BYTES: usize = 64 << 10;
+/// The link's token for the one parked submission (there is never more than one).
+const PARKED: u64 = 0;
+
+enum Event {
+    Connected(u64, Result<TcpStream, String>),
+    Frame(u64, Frame),
+    Failed(u64, String),
+}
+
+struct Conn {
+    id: u64,
+    writer_tx: mpsc::Sender<Encoded>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+pub(super) struct Engine {
+    cfg: ReplicatorConfig,
+    link: PeerLink,
+    epoch: Instant,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    conn_tx: watch::Sender<ConnInfo>,
+    conn: Option<Conn>,
+    next_conn_id: u64,
+    /// Id of the connection attempt under way.
+    connecting: Option<u64>,
+    /// Operations in the log and not yet complete, by sequence number (bounded by the log).
+    waiting: HashMap<Seq, Reply<Seq>>,
+    /// The caller of the submission the link parked.
+    parked: Option<Reply<Seq>>,
+    replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
+    replicated_waiter_count: usize,
+    /// Shared with the handles: see [`super::Handle::acks_on_enqueue`].
+    fast_ack: Arc<AtomicBool>,
+    /// The next frame for the writer, taken from the link but not yet queued.
+    staged: Option<Encoded>,
+    last_error: Option<String>,
+    sent_frames: u64,
+    sent_bytes: u64,
+}
+
+impl Engine {
+    pub(super) fn new(
+        cfg: ReplicatorConfig,
+        link: PeerLink,
+        fast_ack: Arc<AtomicBool>,
+        conn_tx: watch::Sender<ConnInfo>,
+    ) -> Engine {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        Engine {
+            cfg,
+            link,
+            epoch: Instant::now(),
+            events_tx,
+            events_rx,
+            conn_tx,
+            conn: None,
+            next_conn_id: 0,
+            connecting: None,
+            waiting: HashMap::new(),
+            parked: None,
+            replicated_waiters: BTreeMap::new(),
+            replicated_waiter_count: 0,
+            fast_ack,
+            staged: None,
+            last_error: None,
+            sent_frames: 0,
+            sent_bytes: 0,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut submit_rx: mpsc::Receiver<SubmitReq>,
+        mut ctl_rx: mpsc::Receiver<Ctl>,
+    ) {
+        loop {
+            self.pump();
+            let writer = match (&self.conn, &self.staged) {
+                (Some(c), Some(_)) => Some(c.writer_tx.clone()),
+                _ => None,
+            };
+            let take_submit = !self.link.is_parked();
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                ctl = ctl_rx.recv() => match ctl {
+                    Some(Ctl::Shutdown(done)) => {
+                        self.stop(&ReplError::Shutdown);
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(ctl) => self.on_ctl(ctl),
+                    None => break,
+                },
+                permit = reserve(writer), if self.staged.is_some() => {
+                    if let (Some(permit), Some(frame)) = (permit, self.staged.take()) {
+                        permit.send(frame);
+                    }
+                }
+                req = submit_rx.recv(), if take_submit => match req {
+                    Some(req) => self.on_submit(req),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(wake) => self.on_timer(),
+            }
+        }
+        self.stop(&ReplError::Shutdown);
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Forwards the link's events and stages the next frame.
+    fn pump(&mut self) {
+        while let Some(ev) = self.link.poll_event() {
+            match ev {
+                PeerEvent::Accepted { seq, .. } => {
+                    if let Some(reply) = self.parked.take() {
+                        self.waiting.insert(seq, reply);
+                    }
+                }
+                PeerEvent::Completed(seq) => {
+                    if let Some(reply) = self.waiting.remove(&seq) {
+                        let _ = reply.send(Ok(seq));
+                    }
+                }
+                PeerEvent::Durable(seq) => self.wake_replicated(seq),
+                PeerEvent::Connected => {
+                    tracing::info!(peer = %self.cfg.peer, "connected to target");
+                    self.publish();
+                }
+                PeerEvent::Stopped(e) => {
+                    tracing::warn!(reason = %e.describe(), "replication stopped");
+                    self.close_socket();
+                    self.last_error = Some(e.describe());
+                    self.stop(&ReplError::Fatal(e));
+                    self.publish();
+                }
+            }
+        }
+        if self.staged.is_none() && self.conn.is_some() {
+            let now = self.now_ns();
+            self.staged = self.link.poll_transmit(now).map(|frame| frame.encode());
+            if let Some(e) = &self.staged {
+                self.sent_frames += 1;
+                self.sent_bytes += e.wire_len() as u64;
+            }
+        }
+    }
+
+    fn wake_replicated(&mut self, durable: Seq) {
+        while let Some(entry) = self.replicated_waiters.first_entry() {
+            if *entry.key() > durable {
+                break;
+            }
+            let replies = entry.remove();
+            self.replicated_waiter_count -= replies.len();
+            for reply in replies {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        match self.link.poll_timeout() {
+            Some(ns) => (self.epoch + Duration::from_nanos(ns)).min(far),
+            None => far,
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = self.now_ns();
+        match self.link.handle_timeout(now) {
+            Some(SessionAction::Connect) => self.start_connect(),
+            Some(SessionAction::Drop(reason)) => self.lose_conn(reason),
+            Some(SessionAction::Ping(token)) => {
+                // If the writer's queue is full, data is flowing anyway and the probe is skipped.
+                if let Some(c) = &self.conn {
+                    let _ = c.writer_tx.try_send(Frame::Ping { token }.encode());
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn start_connect(&mut self) {
+        if self.conn.is_some() || self.connecting.is_some() {
+            return;
+        }
+        self.next_conn_id += 1;
+        let id = self.next_conn_id;
+        self.connecting = Some(id);
+        self.link.on_connecting();
+        let peer = self.cfg.peer.clone();
+        let timeout = self.cfg.connect_timeout;
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, TcpStream::connect(&peer)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("cannot connect to {peer}: {e}")),
+                Err(_) => Err(format!(
+                    "cannot connect to {peer}: timed out after {:.1} s",
+                    timeout.as_secs_f64()
+                )),
+            };
+            let _ = events.send(Event::Connected(id, result)).await;
+        });
+    }
+
+    fn publish(&self) {
+        let st = self.link.status();
+        let info = ConnInfo {
+            state: if self.conn.is_some() {
+                st.source.conn
+            } else {
+                ConnState::Disconnected
+            },
+            connects: st.connects,
+            fatal: st.fatal,
+            last_error: self.last_error.clone(),
+        };
+        self.conn_tx.send_if_modified(|old| {
+            let changed = *old != info;
+            *old = info;
+            changed
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected(id, result) => {
+                if self.connecting != Some(id) {
+                    return;
+                }
+                self.connecting = None;
+                match result.and_then(|stream| fresh_nonce().map(|nonce| (stream, nonce))) {
+                    Ok((stream, nonce)) => self.open_conn(id, stream, nonce),
+                    Err(reason) => {
+                        tracing::info!(%reason, "connection attempt failed");
+                        self.last_error = Some(reason);
+                        let now = self.now_ns();
+                        self.link.on_lost(now);
+                        self.publish();
+                    }
+                }
+            }
+            Event::Frame(id, frame) => {
+                if self.conn.as_ref().is_none_or(|c| c.id != id) {
+                    return;
+                }
+                let now = self.now_ns();
+                if let Err(CloseConn { error, fatal }) = self.link.handle_frame(frame, now) {
+                    // A fatal error is reported by the Stopped event the link queued.
+                    self.close_socket();
+                    if !fatal {
+                        tracing::warn!(reason = %error, "connection to the target dropped");
+                        self.last_error = Some(format!("engine error: {error}"));
+                        self.publish();
+                    }
+                }
+            }
+            Event::Failed(id, reason) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.lose_conn(reason);
+                }
+            }
+        }
+    }
+
+    fn open_conn(&mut self, id: u64, stream: TcpStream, nonce: [u8; MAC_BYTES]) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (rd, wr) = stream.into_split();
+        let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+        let reader = tokio::spawn(read_frames(id, rd, self.events_tx.clone()));
+        let writer = tokio::spawn(write_frames(id, wr, writer_rx, self.events_tx.clone()));
+        self.conn = Some(Conn {
+            id,
+            writer_tx,
+            reader,
+            writer,
+        });
+        self.staged = None;
+        let now = self.now_ns();
+        self.link.on_connected(nonce, now);
+        tracing::debug!(peer = %self.cfg.peer, "handshaking");
+        self.publish();
+    }
+
+    fn close_socket(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.reader.abort();
+            c.writer.abort();
+        }
+        self.staged = None;
+    }
+
+    /// The connection failed under us (socket error, silence): the link schedules the reconnect.
+    fn lose_conn(&mut self, reason: String) {
+        tracing::warn!(%reason, "connection to the target dropped");
+        self.close_socket();
+        let now = self.now_ns();
+        self.link.on_lost(now);
+        self.last_error = Some(reason);
+        self.publish();
+    }
+
+    /// Every caller still waiting gets `err`; no submission is taken after a fatal error.
+    fn stop(&mut self, err: &ReplError) {
+        self.fast_ack.store(false, Ordering::Release);
+        self.close_socket();
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Err(err.clone()));
+        }
+        for (_, replies) in std::mem::take(&mut self.replicated_waiters) {
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        self.replicated_waiter_count = 0;
+        if let Some(reply) = self.parked.take() {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+
+    fn on_submit(&mut self, mut req: SubmitReq) {
+        // Out of the channel: its bytes no longer count against the channel's bound.
+        drop(req.permit.take());
+        let now = self.now_ns();
+        match self.link.submit(PARKED, req.op, now) {
+            Ok(Submitted::Accepted(seq)) => {
+                self.waiting.insert(seq, req.reply);
+            }
+            Ok(Submitted::Parked) => self.parked = Some(req.reply),
+            Err(e) => {
+                let _ = req.reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    fn on_ctl(&mut self, ctl: Ctl) {
+        match ctl {
+            Ctl::Status(reply) => {
+                let st = self.link.status();
+                let _ = reply.send(ReplicatorStatus {
+                    source: st.source,
+                    last_error: self.last_error.clone(),
+                    fatal: st.fatal.map(|e| e.describe()),
+                    connects: st.connects,
+                    disconnects: st.disconnects,
+                    sent_frames: self.sent_frames,
+                    sent_bytes: self.sent_bytes,
+                });
+            }
+            Ctl::SetMode(mode, reply) => {
+                self.link.set_mode(mode);
+                self.fast_ack
+                    .store(self.link.acks_on_submit(), Ordering::Release);
+                let _ = reply.send(());
+            }
+            Ctl::WaitReplicated(seq, reply) => match self.link.check_replicated(seq) {
+                Ok(true) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Ok(false) if self.replicated_waiter_count >= REPLICATED_WAITERS_MAX => {
+                    let _ = reply.send(Err(ReplError::TooManyWaiters));
+                }
+                Ok(false) => {
+                    self.replicated_waiter_count += 1;
+                    self.replicated_waiters.entry(seq).or_default().push(reply);
+                }
+                Err(WaitError::NeverSubmitted(seq)) => {
+                    let _ = reply.send(Err(ReplError::NeverSubmitted(seq)));
+                }
+                Err(WaitError::Stopped(e)) => {
+                    let _ = reply.send(Err(ReplError::Fatal(e)));
+                }
+            },
+            Ctl::Shutdown(done) => {
+                // Handled by the loop; kept for exhaustiveness.
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn fresh_nonce() -> Result<[u8; MAC_BYTES], String> {
+    let mut nonce = [0u8; MAC_BYTES];
+    getrandom::fill(&mut nonce)
+        .map_err(|e| format!("no randomness for the handshake nonce: {e}"))?;
+    Ok(nonce)
+}
+
+async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPermit<Encoded>> {
+    match writer {
+        Some(tx) => tx.reserve_owned().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_frames(id: u64, rd: OwnedReadHalf, events: mpsc::Sender<Event>) {
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+    let reason = loop {
+        match mirror_net::read_frame(&mut rd, None).await {
+            Ok(Ok(frame)) => {
+                if events.send(Event::Frame(id, frame)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => break format!("bad frame from the target: {e}"),
+            Err(ReadEnd::PeerClosed) => break "the target closed the connection".to_string(),
+            Err(ReadEnd::Wire(e)) => break format!("bad frame from the target: {e}"),
+            Err(e) => break format!("read from the target: {e}"),
+        }
+    };
+    let _ = events.send(Event::Failed(id, reason)).await;
+}
+
+async fn write_frames(
+    id: u64,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Encoded>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut batch: Vec<Encoded> = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.wire_len();
+        batch.push(first);
+        while batch.len() < WRITE_BATCH_FRAMES && bytes < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(frame) => {
+                    bytes += frame.wire_len();
+                    batch.push(frame);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = mirror_net::write_frames(&mut wr, &batch).await {
+            let _ = events
+                .send(Event::Failed(id, format!("write to the target: {e}")))
+                .await;
+            return;
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,397 @@
+//! The replicator: runs the [`Source`] engine on a tokio task over TCP to the target server.
+//!
+//! [`spawn`] starts the engine task and returns a [`Handle`]. The handle is cheap to clone and
+//! usable from any thread or executor: it only talks to the engine through bounded
+//! `tokio::sync` channels and oneshots, which need no tokio runtime on the caller's side.
+//!
+//! The engine task (`engine.rs`) owns mirror-core's [`PeerLink`], which decides everything: when
+//! to connect, probe and give up (its session), which errors stop replication for good, when an
+//! operation completes, when "durable through N" wakes a waiter, and which submission waits for
+//! room in the rollback log. The task moves bytes: it opens the connection (with a bounded
+//! timeout), gives the link a fresh random nonce, runs a reader task (frames from the target) and
+//! a writer task (what the link hands out, header and payload in one vectored write; data is never
+//! copied), and forwards the link's [`PeerEvent`](mirror_core::node::PeerEvent)s to the callers
+//! waiting on them.
+//!
+//! Back-pressure: while a submission waits for room in the log, the engine takes no other; the
+//! bounded submission channel fills and [`Handle::enqueue`] waits.
+
+mod engine;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mirror_core::node::{PeerLink, SubmitError};
+use mirror_core::session::{SessionConfig, SourceSession};
+use mirror_core::source::{
+    ConnState, Mode, Needs, Source, SourceConfig, SourceError, SourceStatus,
+};
+use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
+use mirror_core::Seq;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Control requests queued towards the engine.
+const CONTROL_QUEUE: usize = 64;
+/// Callers waiting for a sequence number to be replicated.
+const REPLICATED_WAITERS_MAX: usize = 4096;
+
+/// How the replicator reaches the target and how patient it is.
+#[derive(Clone)]
+pub struct ReplicatorConfig {
+    /// Target address (`host:port`).
+    pub peer: String,
+    /// The engine's configuration (volume identity, secret, mode, log bounds).
+    pub source: SourceConfig,
+    /// Bound on one connection attempt.
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay (the delay doubles after each failure up to this).
+    pub backoff_max: Duration,
+    /// A PING is sent when nothing was sent for this long on an established connection.
+    pub ping_interval: Duration,
+    /// The connection is dropped when nothing arrives from the target for this long.
+    pub idle_timeout: Duration,
+    /// Bound on submissions queued towards the engine.
+    pub submit_queue: usize,
+    /// Bound on the payload bytes of those submissions (at least [`PAYLOAD_BYTES_MAX`]).
+    pub submit_queue_bytes: usize,
+}
+
+impl ReplicatorConfig {
+    /// A configuration with default timeouts and bounds.
+    #[must_use]
+    pub fn new(peer: impl Into<String>, source: SourceConfig) -> ReplicatorConfig {
+        ReplicatorConfig {
+            peer: peer.into(),
+            source,
+            connect_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            ping_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(20),
+            submit_queue: 256,
+            submit_queue_bytes: 16 << 20,
+        }
+    }
+}
+
+impl fmt::Debug for ReplicatorConfig {
+    // By hand: the source configuration holds the shared secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicatorConfig")
+            .field("peer", &self.peer)
+            .field("volume_id", &self.source.volume_id)
+            .field("mode", &self.source.mode)
+            .field("volume_bytes", &self.source.volume_bytes)
+            .field("block_bytes", &self.source.block_bytes)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("ping_interval", &self.ping_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("submit_queue", &self.submit_queue)
+            .field("submit_queue_bytes", &self.submit_queue_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a replicator call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplError {
+    /// Replication stopped for good (refused, authentication failed, wrong volume, ...).
+    #[error("replication stopped: {}", .0.describe())]
+    Fatal(SourceError),
+    /// The replicator was shut down (or its task ended).
+    #[error("replicator shut down")]
+    Shutdown,
+    /// The operation is not valid for this volume (alignment, extent, size).
+    #[error("{0}")]
+    InvalidOp(SourceError),
+    /// A wait for a sequence number that was never submitted.
+    #[error("seq {0} was never submitted")]
+    NeverSubmitted(Seq),
+    /// Too many callers already wait for replication.
+    #[error("too many callers waiting for replication (limit {REPLICATED_WAITERS_MAX})")]
+    TooManyWaiters,
+}
+
+impl From<SubmitError> for ReplError {
+    fn from(e: SubmitError) -> ReplError {
+        match e {
+            SubmitError::Invalid(e) => ReplError::InvalidOp(e),
+            SubmitError::Stopped(e) => ReplError::Fatal(e),
+            // The engine takes no submission while one is parked; if it ever did, the caller
+            // sees the log as full rather than an operation silently dropped.
+            SubmitError::AlreadyParked => ReplError::InvalidOp(SourceError::LogFull),
+        }
+    }
+}
+
+/// A snapshot of the replicator's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatorStatus {
+    /// The engine's state (sequence numbers, log fill, connection).
+    pub source: SourceStatus,
+    /// Why the last connection (attempt) ended, if one did.
+    pub last_error: Option<String>,
+    /// Why replication stopped for good, if it did.
+    pub fatal: Option<String>,
+    /// Handshakes completed.
+    pub connects: u64,
+    /// Frames handed to the connection since start (resends included).
+    pub sent_frames: u64,
+    /// Their bytes on the wire: headers and payloads (resends included).
+    pub sent_bytes: u64,
+    /// Connections dropped after they were opened (including failed handshakes).
+    pub disconnects: u64,
+}
+
+/// Connection state, published on every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConnInfo {
+    state: ConnState,
+    connects: u64,
+    fatal: Option<SourceError>,
+    last_error: Option<String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ReplError>>;
+
+struct SubmitReq {
+    /// Checksummed by the caller's thread (see [`SummedOp`]), not the engine's.
+    op: SummedOp,
+    reply: Reply<Seq>,
+    /// The op's share of `submit_queue_bytes`, given back when the engine takes it.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Ctl {
+    Status(oneshot::Sender<ReplicatorStatus>),
+    SetMode(Mode, oneshot::Sender<()>),
+    WaitReplicated(Seq, Reply<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// An operation accepted by the replicator (its place in the sequence is fixed); await it for its
+/// completion per the acknowledgement mode.
+#[derive(Debug)]
+pub struct Pending {
+    rx: oneshot::Receiver<Result<Seq, ReplError>>,
+}
+
+impl Future for Pending {
+    type Output = Result<Seq, ReplError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(ReplError::Shutdown)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The caller's side of a replicator. Clone it freely; every method works from any executor.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    submit_tx: mpsc::Sender<SubmitReq>,
+    /// Payload bytes that may sit in the submission channel.
+    queued_bytes: Arc<Semaphore>,
+    queued_bytes_max: usize,
+    /// True while an operation is complete as soon as it is queued (see
+    /// [`Handle::acks_on_enqueue`]).
+    fast_ack: Arc<AtomicBool>,
+    ctl_tx: mpsc::Sender<Ctl>,
+    conn_rx: watch::Receiver<ConnInfo>,
+}
+
+impl fmt::Debug for SubmitReq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubmitReq").field("op", &self.op).finish()
+    }
+}
+
+impl fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ctl::Status(_) => "Status",
+            Ctl::SetMode(..) => "SetMode",
+            Ctl::WaitReplicated(..) => "WaitReplicated",
+            Ctl::Shutdown(_) => "Shutdown",
+        })
+    }
+}
+
+impl Handle {
+    /// Queues `op` (waiting while the rollback log is full). Once this returns, the operation's
+    /// place in the sequence is fixed: operations enqueued later get later sequence numbers.
+    /// Await the returned [`Pending`] for its completion.
+    pub async fn enqueue(&self, op: Op) -> Result<Pending, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        // Bigger than the bound: the engine refuses it anyway; take the whole bound meanwhile.
+        let share = op.payload_bytes().min(self.queued_bytes_max);
+        let permit = match u32::try_from(share) {
+            Ok(0) => None,
+            Ok(n) => Some(
+                Arc::clone(&self.queued_bytes)
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| ReplError::Shutdown)?,
+            ),
+            Err(_) => {
+                return Err(ReplError::InvalidOp(SourceError::NeverFits {
+                    bytes: share,
+                    log_bytes_max: self.queued_bytes_max,
+                }))
+            }
+        };
+        // The checksum is taken here, on the caller's thread (a ublk queue thread), so the
+        // engine's single network thread does not read every payload again.
+        let op = SummedOp::new(op);
+        self.submit_tx
+            .send(SubmitReq { op, reply, permit })
+            .await
+            .map_err(|_| ReplError::Shutdown)?;
+        Ok(Pending { rx })
+    }
+
+    /// Whether an operation that [`Handle::enqueue`] accepted is already complete per the mode:
+    /// true in `async` mode while replication has not failed for good. Its place in the sequence
+    /// is fixed and the engine takes it into the rollback log in that order (the submission
+    /// channel is bounded in operations and bytes), so a caller may skip awaiting its
+    /// [`Pending`] and save a round trip through the engine's thread. Only for data operations:
+    /// a flush may still wait for the target (`flush_replicates`).
+    #[must_use]
+    pub fn acks_on_enqueue(&self) -> bool {
+        self.fast_ack.load(Ordering::Acquire)
+    }
+
+    /// Submits `op` and resolves when it completes per the acknowledgement mode, with its
+    /// sequence number.
+    pub async fn submit(&self, op: Op) -> Result<Seq, ReplError> {
+        self.enqueue(op).await?.await
+    }
+
+    /// A host flush: a barrier that completes per the mode (and `flush_replicates`).
+    pub async fn flush(&self) -> Result<Seq, ReplError> {
+        self.submit(Op::Flush).await
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Ctl) -> Result<T, ReplError> {
+        let (tx, rx) = oneshot::channel();
+        self.ctl_tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ReplError::Shutdown)?;
+        rx.await.map_err(|_| ReplError::Shutdown)
+    }
+
+    /// The current state.
+    pub async fn status(&self) -> Result<ReplicatorStatus, ReplError> {
+        self.ask(Ctl::Status).await
+    }
+
+    /// Changes the acknowledgement mode; waiting operations are re-evaluated.
+    pub async fn set_mode(&self, mode: Mode) -> Result<(), ReplError> {
+        self.ask(|tx| Ctl::SetMode(mode, tx)).await
+    }
+
+    /// Resolves once operation `seq` (and so every earlier one) is applied and durable on the
+    /// target.
+    pub async fn wait_replicated(&self, seq: Seq) -> Result<(), ReplError> {
+        self.ask(|tx| Ctl::WaitReplicated(seq, tx)).await?
+    }
+
+    /// Resolves once a handshake with the target has completed (now or earlier), or fails when
+    /// replication stopped for good. Bound it with a timeout: an unreachable target is retried
+    /// forever.
+    pub async fn wait_connected(&self) -> Result<(), ReplError> {
+        let mut rx = self.conn_rx.clone();
+        loop {
+            {
+                let info = rx.borrow_and_update();
+                if let Some(fatal) = &info.fatal {
+                    return Err(ReplError::Fatal(fatal.clone()));
+                }
+                if info.connects > 0 {
+                    return Ok(());
+                }
+            }
+            rx.changed().await.map_err(|_| ReplError::Shutdown)?;
+        }
+    }
+
+    /// Why the last connection (attempt) failed, without asking the engine.
+    #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.conn_rx.borrow().last_error.clone()
+    }
+
+    /// Stops the engine: pending operations fail with [`ReplError::Shutdown`], the connection
+    /// closes. Unreplicated entries are lost with the in-memory rollback log.
+    pub async fn shutdown(&self) -> Result<(), ReplError> {
+        self.ask(Ctl::Shutdown).await
+    }
+}
+
+/// Starts the engine task on the current tokio runtime. The task ends on [`Handle::shutdown`] or
+/// when every handle is dropped.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
+    let (submit_tx, submit_rx) = mpsc::channel(cfg.submit_queue.max(1));
+    let queued_bytes_max = cfg
+        .submit_queue_bytes
+        .clamp(PAYLOAD_BYTES_MAX as usize, Semaphore::MAX_PERMITS);
+    let queued_bytes = Arc::new(Semaphore::new(queued_bytes_max));
+    let fast_ack = Arc::new(AtomicBool::new(
+        Needs::of(cfg.source.mode, cfg.source.flush_replicates, false) == Needs::Local,
+    ));
+    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (conn_tx, conn_rx) = watch::channel(ConnInfo {
+        state: ConnState::Disconnected,
+        connects: 0,
+        fatal: None,
+        last_error: None,
+    });
+    let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
+    let link = PeerLink::new(Source::new(cfg.source.clone()), session);
+    let engine = engine::Engine::new(cfg, link, Arc::clone(&fast_ack), conn_tx);
+    let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
+    (
+        Handle {
+            submit_tx,
+            queued_bytes,
+            queued_bytes_max,
+            fast_ack,
+            ctl_tx,
+            conn_rx,
+        },
+        task,
+    )
+}
+
+/// The replicator's timers as mirror-core's session policy takes them.
+fn session_config(cfg: &ReplicatorConfig) -> SessionConfig {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    SessionConfig {
+        backoff_min_ns: ns(cfg.backoff_min),
+        backoff_max_ns: ns(cfg.backoff_max),
+        ping_interval_ns: ns(cfg.ping_interval),
+        idle_timeout_ns: ns(cfg.idle_timeout),
+    }
+}
+
+fn random_u64() -> u64 {
+    // Only for reconnect jitter and PING tokens: a fixed fallback is harmless.
+    getrandom::u64().unwrap_or(0x5eed_5eed_5eed_5eed)
+}
