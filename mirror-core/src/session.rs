@@ -23,7 +23,19 @@ pub enum SessionAction {
     /// Send a PING with this token.
     Ping(u64),
     /// Drop the connection, for this reason (then [`SourceSession::on_lost`]).
-    Drop(String),
+    Drop(DropReason),
+}
+
+/// Why the session gives up on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Nothing arrived for the idle timeout.
+    #[error("no data from the target for {:.1} s", *idle_timeout_ns as f64 / 1e9)]
+    Silent {
+        /// The timeout that passed.
+        idle_timeout_ns: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,10 +205,9 @@ impl SourceSession {
                 authenticated,
             } => {
                 if now_ns >= last_rx_ns.saturating_add(self.cfg.idle_timeout_ns) {
-                    let secs = self.cfg.idle_timeout_ns as f64 / 1e9;
-                    return Some(SessionAction::Drop(format!(
-                        "no data from the target for {secs:.1} s"
-                    )));
+                    return Some(SessionAction::Drop(DropReason::Silent {
+                        idle_timeout_ns: self.cfg.idle_timeout_ns,
+                    }));
                 }
                 // PING is answered only once the target has authenticated us.
                 if *authenticated && now_ns >= last_tx_ns.saturating_add(self.cfg.ping_interval_ns)
@@ -272,7 +283,7 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(4_000 * MS));
         let dropped = s.handle_timeout(23_000 * MS);
         assert!(
-            matches!(&dropped, Some(SessionAction::Drop(why)) if why.contains("20.0 s")),
+            matches!(&dropped, Some(SessionAction::Drop(why)) if why.to_string().contains("20.0 s")),
             "{dropped:?}"
         );
     }

@@ -271,10 +271,124 @@ pub enum TargetError {
     Refused(RefuseReason),
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(SourceViolation),
     /// The frame could not be decoded and the stream cannot be re-framed.
     #[error("undecodable frame: {0}")]
     Wire(WireError),
+}
+
+/// How a peer broke the protocol (the target answers each with REFUSE(Protocol)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceViolation {
+    /// A frame before the handshake authenticated the peer.
+    #[error("peer sent a frame before authentication")]
+    BeforeAuth,
+    /// A frame on a connection that was already refused.
+    #[error("connection {conn} sent a frame after it was refused")]
+    AfterRefusal {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A frame on a connection the target does not know.
+    #[error("connection {conn} is neither in its handshake nor the session")]
+    UnknownConn {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A frame kind a source does not send in a session.
+    #[error("peer sent a frame a source does not send in a session")]
+    NotInSession,
+    /// A new operation that does not follow the last one.
+    #[error("seq {seq} out of order (expected {expected})")]
+    OutOfOrder {
+        /// What arrived.
+        seq: Seq,
+        /// What was due.
+        expected: Seq,
+    },
+    /// Data sent while a rejected lock waits for its grant.
+    #[error("seq {seq} sent while a rejected lock is pending")]
+    WhileRejected {
+        /// What arrived.
+        seq: Seq,
+    },
+    /// Data sent ahead of the entry that awaits its lock.
+    #[error("seq {seq} sent while seq {waiting} awaits its lock")]
+    WhileAwaitingLock {
+        /// What arrived.
+        seq: Seq,
+        /// The entry waiting.
+        waiting: Seq,
+    },
+    /// A resend that does not start at the granted entry.
+    #[error("resend starts at seq {seq}, expected {expected}")]
+    ResendStart {
+        /// What arrived.
+        seq: Seq,
+        /// The granted entry.
+        expected: Seq,
+    },
+    /// A frame of an epoch the target never opened.
+    #[error("frame epoch {epoch} ahead of {current}")]
+    EpochAhead {
+        /// Its epoch.
+        epoch: u32,
+        /// The target's.
+        current: u32,
+    },
+    /// A LOCK whose address overflows.
+    #[error("LOCK seq {seq}: address {lba} overflows")]
+    AddressOverflow {
+        /// The LOCK's seq.
+        seq: Seq,
+        /// Its first sector.
+        lba: u64,
+    },
+    /// Data for an entry whose predecessors have none yet.
+    #[error("data for seq {seq} before data of earlier operations")]
+    DataAhead {
+        /// What arrived.
+        seq: Seq,
+    },
+    /// Data twice for one entry.
+    #[error("duplicate data for seq {seq}")]
+    DuplicateData {
+        /// What arrived.
+        seq: Seq,
+    },
+    /// Data outside the range its LOCK took.
+    #[error("seq {seq} writes outside its lock")]
+    OutsideLock {
+        /// What arrived.
+        seq: Seq,
+    },
+    /// Empty or not on block boundaries.
+    #[error("extent {offset_bytes}+{len_bytes} not aligned to the {block_bytes}-byte block")]
+    Unaligned {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's block.
+        block_bytes: u64,
+    },
+    /// Past the end of the volume.
+    #[error("extent {offset_bytes}+{len_bytes} beyond the volume of {volume_bytes} bytes")]
+    BeyondVolume {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's size.
+        volume_bytes: u64,
+    },
+    /// More than the commit log's bound (the peer ignored back-pressure).
+    #[error("commit log overflow: peer ignored back-pressure")]
+    IgnoredBackPressure,
+    /// Too many LOCK frames ahead of their data.
+    #[error("more than {LOCKS_AHEAD_MAX} LOCK frames ahead of their data")]
+    TooManyLocksAhead,
 }
 
 /// An operation to apply to the target volume.
@@ -578,9 +692,9 @@ impl Target {
             return Ok(());
         }
         if self.resend.is_some_and(|w| w.pending_range.is_some()) {
-            return Err(TargetError::Protocol(format!(
-                "seq {seq} sent while a rejected lock is pending"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::WhileRejected {
+                seq,
+            }));
         }
         self.expect_new_or_pending(seq)?;
         self.epoch += 1;
@@ -603,9 +717,10 @@ impl Target {
         if seq == next || pending {
             Ok(())
         } else {
-            Err(TargetError::Protocol(format!(
-                "frame seq {seq} out of order (expected {next})"
-            )))
+            Err(TargetError::Protocol(SourceViolation::OutOfOrder {
+                seq,
+                expected: next,
+            }))
         }
     }
 
@@ -651,9 +766,7 @@ impl Target {
     /// state before the AUTH verified.
     fn handle_handshake_frame(&mut self, conn: ConnId, frame: Frame) -> Result<(), TargetError> {
         let Some(index) = self.handshakes.iter().position(|h| h.conn == conn) else {
-            return Err(TargetError::Protocol(format!(
-                "connection {conn} is neither in its handshake nor the session"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::UnknownConn { conn }));
         };
         let told = self.last_handed_out();
         if let (TargetSabotage::TrustHelloBeforeAuth, Frame::Hello(hello)) = (self.sabotage, &frame)
@@ -722,17 +835,17 @@ impl Target {
                 }
                 self.admit(index, peer_node, peer_last_seq, told)
             }
-            (HandshakeState::Refused, _) => Err(TargetError::Protocol(format!(
-                "connection {conn} sent a frame after it was refused"
-            ))),
+            (HandshakeState::Refused, _) => {
+                Err(TargetError::Protocol(SourceViolation::AfterRefusal {
+                    conn,
+                }))
+            }
             (_, _) => {
                 h.out.push_back(Frame::Refuse {
                     reason: RefuseReason::Protocol,
                 });
                 h.state = HandshakeState::Refused;
-                Err(TargetError::Protocol(
-                    "peer sent a frame before authentication".into(),
-                ))
+                Err(TargetError::Protocol(SourceViolation::BeforeAuth))
             }
         }
     }
@@ -797,15 +910,18 @@ impl Target {
                     return Ok(());
                 }
                 // `lba` counts sectors; the extent check works in bytes.
-                let offset_bytes = lba.bytes().ok_or_else(|| {
-                    TargetError::Protocol(format!("LOCK seq {seq}: address {} overflows", lba.0))
-                })?;
+                let offset_bytes =
+                    lba.bytes()
+                        .ok_or(TargetError::Protocol(SourceViolation::AddressOverflow {
+                            seq,
+                            lba: lba.0,
+                        }))?;
                 let range = self.check_extent(offset_bytes, u64::from(len_bytes))?;
                 if seq != self.next_new_seq() {
-                    return Err(TargetError::Protocol(format!(
-                        "LOCK seq {seq} out of order (expected {})",
-                        self.next_new_seq()
-                    )));
+                    return Err(TargetError::Protocol(SourceViolation::OutOfOrder {
+                        seq,
+                        expected: self.next_new_seq(),
+                    }));
                 }
                 self.new_entry(seq, Some(range), want_grant, None)
             }
@@ -826,22 +942,20 @@ impl Target {
                     None => None,
                 };
                 if !self.has_room(op.payload_bytes()) {
-                    return Err(TargetError::Protocol(
-                        "commit log overflow: peer ignored back-pressure".into(),
-                    ));
+                    return Err(TargetError::Protocol(SourceViolation::IgnoredBackPressure));
                 }
                 if let Some(index) = self.index_of(seq) {
                     return self.attach_data(index, seq, range, op);
                 }
                 if seq != self.next_new_seq() {
-                    return Err(TargetError::Protocol(format!(
-                        "seq {seq} out of order (expected {})",
-                        self.next_new_seq()
-                    )));
+                    return Err(TargetError::Protocol(SourceViolation::OutOfOrder {
+                        seq,
+                        expected: self.next_new_seq(),
+                    }));
                 }
                 self.new_entry(seq, range, false, Some(op))
             }
-            _ => self.refuse_protocol("a frame a source does not send in a session"),
+            _ => self.refuse_protocol(SourceViolation::NotInSession),
         }
     }
 
@@ -854,15 +968,13 @@ impl Target {
         op: Op,
     ) -> Result<(), TargetError> {
         if self.log.iter().take(index).any(|e| e.op.is_none()) {
-            return Err(TargetError::Protocol(format!(
-                "data for seq {seq} before data of earlier operations"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::DataAhead { seq }));
         }
         let entry = &mut self.log[index];
         if entry.op.is_some() {
-            return Err(TargetError::Protocol(format!(
-                "duplicate data for seq {seq}"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::DuplicateData {
+                seq,
+            }));
         }
         let inside = match (entry.range, range) {
             (Some(lock), Some(r)) => {
@@ -872,9 +984,7 @@ impl Target {
             (None, Some(_)) => false,
         };
         if !inside {
-            return Err(TargetError::Protocol(format!(
-                "seq {seq} writes outside its lock"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::OutsideLock { seq }));
         }
         self.log_bytes += op.payload_bytes();
         entry.op = Some(op);
@@ -883,11 +993,11 @@ impl Target {
         Ok(())
     }
 
-    fn refuse_protocol(&mut self, what: &str) -> Result<(), TargetError> {
+    fn refuse_protocol(&mut self, why: SourceViolation) -> Result<(), TargetError> {
         self.out.push_back(Frame::Refuse {
             reason: RefuseReason::Protocol,
         });
-        Err(TargetError::Protocol(format!("peer sent {what}")))
+        Err(TargetError::Protocol(why))
     }
 
     /// Decides whether a data frame of `epoch` is processed (true), silently dropped (false), or
@@ -897,23 +1007,23 @@ impl Target {
             return Ok(false);
         }
         if epoch > self.epoch {
-            return Err(TargetError::Protocol(format!(
-                "frame epoch {epoch} ahead of {}",
-                self.epoch
-            )));
+            return Err(TargetError::Protocol(SourceViolation::EpochAhead {
+                epoch,
+                current: self.epoch,
+            }));
         }
         if let Some(wait) = self.resend {
             if wait.pending_range.is_some() {
-                return Err(TargetError::Protocol(format!(
-                    "seq {seq} sent while seq {} awaits its lock",
-                    wait.seq
-                )));
+                return Err(TargetError::Protocol(SourceViolation::WhileAwaitingLock {
+                    seq,
+                    waiting: wait.seq,
+                }));
             }
             if seq != wait.seq {
-                return Err(TargetError::Protocol(format!(
-                    "resend starts at seq {seq}, expected {}",
-                    wait.seq
-                )));
+                return Err(TargetError::Protocol(SourceViolation::ResendStart {
+                    seq,
+                    expected: wait.seq,
+                }));
             }
             // After a REJECT the lock was taken when it was granted; the resent frame takes it
             // again below (nothing can come between), so an operation never holds two. (After
@@ -929,15 +1039,18 @@ impl Target {
         let end = offset_bytes.checked_add(len_bytes);
         if len_bytes == 0 || !offset_bytes.is_multiple_of(block) || !len_bytes.is_multiple_of(block)
         {
-            return Err(TargetError::Protocol(format!(
-                "extent {offset_bytes}+{len_bytes} not aligned to the {block}-byte block"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::Unaligned {
+                offset_bytes,
+                len_bytes,
+                block_bytes: block,
+            }));
         }
         if end.is_none_or(|end| end > self.cfg.volume_bytes) {
-            return Err(TargetError::Protocol(format!(
-                "extent {offset_bytes}+{len_bytes} beyond the volume of {} bytes",
-                self.cfg.volume_bytes
-            )));
+            return Err(TargetError::Protocol(SourceViolation::BeyondVolume {
+                offset_bytes,
+                len_bytes,
+                volume_bytes: self.cfg.volume_bytes,
+            }));
         }
         Ok(Range::new(offset_bytes, len_bytes))
     }
@@ -952,14 +1065,10 @@ impl Target {
         if op.is_some()
             && self.data_entries() + self.applying.len() >= self.cfg.commit_log_entries_max
         {
-            return Err(TargetError::Protocol(
-                "commit log overflow: peer ignored back-pressure".into(),
-            ));
+            return Err(TargetError::Protocol(SourceViolation::IgnoredBackPressure));
         }
         if op.is_none() && self.lock_only >= LOCKS_AHEAD_MAX {
-            return Err(TargetError::Protocol(format!(
-                "more than {LOCKS_AHEAD_MAX} LOCK frames ahead of their data"
-            )));
+            return Err(TargetError::Protocol(SourceViolation::TooManyLocksAhead));
         }
         let lock = match range {
             None => LockState::NotNeeded,

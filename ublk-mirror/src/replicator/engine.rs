@@ -211,7 +211,7 @@ impl Engine {
         let now = self.now_ns();
         match self.link.handle_timeout(now) {
             Some(SessionAction::Connect) => self.start_connect(),
-            Some(SessionAction::Drop(reason)) => self.lose_conn(reason),
+            Some(SessionAction::Drop(reason)) => self.lose_conn(reason.to_string()),
             Some(SessionAction::Ping(token)) => {
                 // If the writer's queue is full, data is flowing anyway and the probe is skipped.
                 if let Some(c) = &self.conn {
