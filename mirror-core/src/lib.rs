@@ -38,6 +38,6 @@ pub mod types;
 pub mod wire;
 
 pub use types::{
-    block_shift, one_line_error, parse_size, BadBlockSize, Generation, Lba, NodeId, Range, Seq,
-    Size, VolumeId, SECTOR_BYTES,
+    block_shift, one_line_error, parse_size, BadBlockSize, ExtentError, Generation, Lba, NodeId,
+    Range, Seq, Size, VolumeId, SECTOR_BYTES,
 };

@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use crate::auth::{self, Signer};
 use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
-use crate::types::{Generation, NodeId, Seq, VolumeId};
+use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 
 /// When a host write counts as complete.
@@ -196,26 +196,9 @@ pub enum InvalidOp {
         /// Its payload.
         bytes: usize,
     },
-    /// Empty, or not on block boundaries.
-    #[error("extent {offset_bytes}+{len_bytes} not aligned to the {block_bytes}-byte block")]
-    Unaligned {
-        /// Its start.
-        offset_bytes: u64,
-        /// Its length.
-        len_bytes: u64,
-        /// The volume's block.
-        block_bytes: u64,
-    },
-    /// Past the end of the volume.
-    #[error("extent {offset_bytes}+{len_bytes} beyond the volume of {volume_bytes} bytes")]
-    BeyondVolume {
-        /// Its start.
-        offset_bytes: u64,
-        /// Its length.
-        len_bytes: u64,
-        /// The volume's size.
-        volume_bytes: u64,
-    },
+    /// Not a valid extent of the volume.
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
 }
 
 /// How a target broke the protocol.
@@ -491,21 +474,13 @@ impl<L: RollbackLog> Source<L> {
             }
         }
         if let Some(r) = op.range() {
-            let block = u64::from(self.cfg.block_bytes);
-            if r.len_bytes == 0 || r.offset_bytes % block != 0 || r.len_bytes % block != 0 {
-                return Err(SourceError::InvalidOp(InvalidOp::Unaligned {
-                    offset_bytes: r.offset_bytes,
-                    len_bytes: r.len_bytes,
-                    block_bytes: block,
-                }));
-            }
-            if r.end_bytes() > self.cfg.volume_bytes {
-                return Err(SourceError::InvalidOp(InvalidOp::BeyondVolume {
-                    offset_bytes: r.offset_bytes,
-                    len_bytes: r.len_bytes,
-                    volume_bytes: self.cfg.volume_bytes,
-                }));
-            }
+            Range::checked(
+                r.offset_bytes,
+                r.len_bytes,
+                u64::from(self.cfg.block_bytes),
+                self.cfg.volume_bytes,
+            )
+            .map_err(|e| SourceError::InvalidOp(e.into()))?;
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use crate::auth::{self, Signer};
 use crate::lock::{LocalLockId, LockError, LockTable};
 use crate::meta::{MetaRecord, Role};
 use crate::source::LOCKS_AHEAD_MAX;
-use crate::types::{Generation, NodeId, Range, Seq, VolumeId};
+use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
 
 /// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.
@@ -363,26 +363,9 @@ pub enum SourceViolation {
         /// What arrived.
         seq: Seq,
     },
-    /// Empty or not on block boundaries.
-    #[error("extent {offset_bytes}+{len_bytes} not aligned to the {block_bytes}-byte block")]
-    Unaligned {
-        /// Its start.
-        offset_bytes: u64,
-        /// Its length.
-        len_bytes: u64,
-        /// The volume's block.
-        block_bytes: u64,
-    },
-    /// Past the end of the volume.
-    #[error("extent {offset_bytes}+{len_bytes} beyond the volume of {volume_bytes} bytes")]
-    BeyondVolume {
-        /// Its start.
-        offset_bytes: u64,
-        /// Its length.
-        len_bytes: u64,
-        /// The volume's size.
-        volume_bytes: u64,
-    },
+    /// Not a valid extent of the volume.
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
     /// More than the commit log's bound (the peer ignored back-pressure).
     #[error("commit log overflow: peer ignored back-pressure")]
     IgnoredBackPressure,
@@ -1035,24 +1018,13 @@ impl Target {
     }
 
     fn check_extent(&self, offset_bytes: u64, len_bytes: u64) -> Result<Range, TargetError> {
-        let block = u64::from(self.cfg.block_bytes);
-        let end = offset_bytes.checked_add(len_bytes);
-        if len_bytes == 0 || !offset_bytes.is_multiple_of(block) || !len_bytes.is_multiple_of(block)
-        {
-            return Err(TargetError::Protocol(SourceViolation::Unaligned {
-                offset_bytes,
-                len_bytes,
-                block_bytes: block,
-            }));
-        }
-        if end.is_none_or(|end| end > self.cfg.volume_bytes) {
-            return Err(TargetError::Protocol(SourceViolation::BeyondVolume {
-                offset_bytes,
-                len_bytes,
-                volume_bytes: self.cfg.volume_bytes,
-            }));
-        }
-        Ok(Range::new(offset_bytes, len_bytes))
+        Range::checked(
+            offset_bytes,
+            len_bytes,
+            u64::from(self.cfg.block_bytes),
+            self.cfg.volume_bytes,
+        )
+        .map_err(|e| TargetError::Protocol(e.into()))
     }
 
     fn new_entry(

@@ -97,6 +97,31 @@ impl VolumeId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct NodeId(pub u64);
 
+/// Why an extent is not valid for a volume ([`Range::checked`], the one rule both engines apply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ExtentError {
+    /// Empty, or not on block boundaries.
+    #[error("extent {offset_bytes}+{len_bytes} not aligned to the {block_bytes}-byte block")]
+    Unaligned {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's block.
+        block_bytes: u64,
+    },
+    /// Past the end of the volume.
+    #[error("extent {offset_bytes}+{len_bytes} beyond the volume of {volume_bytes} bytes")]
+    BeyondVolume {
+        /// Its start.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The volume's size.
+        volume_bytes: u64,
+    },
+}
+
 /// A byte range on the volume: `[offset_bytes, offset_bytes + len_bytes)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Range {
@@ -120,6 +145,37 @@ impl Range {
     #[must_use]
     pub fn end_bytes(&self) -> u64 {
         self.offset_bytes.saturating_add(self.len_bytes)
+    }
+
+    /// The range `[offset_bytes, offset_bytes + len_bytes)` if it is a valid extent of a volume
+    /// of `volume_bytes` with `block_bytes` blocks: not empty, on block boundaries, inside.
+    pub fn checked(
+        offset_bytes: u64,
+        len_bytes: u64,
+        block_bytes: u64,
+        volume_bytes: u64,
+    ) -> Result<Range, ExtentError> {
+        if len_bytes == 0
+            || !offset_bytes.is_multiple_of(block_bytes)
+            || !len_bytes.is_multiple_of(block_bytes)
+        {
+            return Err(ExtentError::Unaligned {
+                offset_bytes,
+                len_bytes,
+                block_bytes,
+            });
+        }
+        if offset_bytes
+            .checked_add(len_bytes)
+            .is_none_or(|end| end > volume_bytes)
+        {
+            return Err(ExtentError::BeyondVolume {
+                offset_bytes,
+                len_bytes,
+                volume_bytes,
+            });
+        }
+        Ok(Range::new(offset_bytes, len_bytes))
     }
 
     /// Whether two ranges share at least one byte.
