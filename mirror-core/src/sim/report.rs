@@ -1,0 +1,111 @@
+//! The counters of a run.
+
+use std::fmt;
+
+/// What happened during a run (equal for equal seeds).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// The configuration the seed chose, in one line.
+    pub config: String,
+    /// Events processed.
+    pub steps: u64,
+    /// Simulated time at quiescence.
+    pub ticks: u64,
+    /// Host operations submitted (and completed).
+    pub ops: u64,
+    /// Host writes.
+    pub writes: u64,
+    /// Host discards.
+    pub discards: u64,
+    /// Host write-zeroes.
+    pub write_zeroes: u64,
+    /// Host flushes.
+    pub flushes: u64,
+    /// Frames put on the link (both directions).
+    pub frames: u64,
+    /// Bytes put on the link (both directions).
+    pub wire_bytes: u64,
+    /// Frames whose header was corrupted.
+    pub corrupt_headers: u64,
+    /// Frames whose payload was corrupted.
+    pub corrupt_payloads: u64,
+    /// NAK frames the source received.
+    pub naks: u64,
+    /// REJECT frames the source received.
+    pub rejects: u64,
+    /// GRANTED frames the source received.
+    pub granted: u64,
+    /// Injected disconnects.
+    pub disconnects: u64,
+    /// Connections reset by a receiver after a corrupted frame.
+    pub resets: u64,
+    /// Handshakes completed (source reached "connected").
+    pub handshakes: u64,
+    /// Connections the target closed on its own (a handshake past its deadline).
+    pub target_closes: u64,
+    /// Target crashes losing volatile data.
+    pub crashes: u64,
+    /// Connections of someone without the secret (silent, or with a forged AUTH).
+    pub intruders: u64,
+    /// Crashes where some volatile blocks reached the durable image anyway.
+    pub partial_crashes: u64,
+    /// Clean target restarts.
+    pub clean_restarts: u64,
+    /// Local locks granted on the target.
+    pub local_locks: u64,
+    /// Local lock attempts refused (busy or too many).
+    pub local_lock_refusals: u64,
+    /// Run-time mode switches.
+    pub mode_switches: u64,
+    /// Host operations completed while the mode was `async`.
+    pub completed_async: u64,
+    /// ... `received`.
+    pub completed_received: u64,
+    /// ... `sync`.
+    pub completed_sync: u64,
+    /// ... `lock-then-write`.
+    pub completed_lock_then_write: u64,
+    /// Host operations that waited because the rollback log was full.
+    pub log_full_waits: u64,
+    /// Times the target stopped reading because its commit log was full.
+    pub commit_full_waits: u64,
+    /// Steps during which the target reported itself inconsistent.
+    pub inconsistent_steps: u64,
+    /// Largest rollback log, bytes.
+    pub log_bytes_peak: u64,
+    /// Largest commit log, entries.
+    pub commit_entries_peak: u64,
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {}: {} ops in {} steps / {} ticks; {} frames {} B; corrupt {}h/{}p; \
+             nak {} reject {} granted {}; disconnect {} reset {} handshake {}; crash {} \
+             (partial {}) clean-restart {}; local locks {} refused {}; mode switches {}",
+            self.seed,
+            self.ops,
+            self.steps,
+            self.ticks,
+            self.frames,
+            self.wire_bytes,
+            self.corrupt_headers,
+            self.corrupt_payloads,
+            self.naks,
+            self.rejects,
+            self.granted,
+            self.disconnects,
+            self.resets,
+            self.handshakes,
+            self.crashes,
+            self.partial_crashes,
+            self.clean_restarts,
+            self.local_locks,
+            self.local_lock_refusals,
+            self.mode_switches,
+        )
+    }
+}
