@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
 use mirror_core::session::SessionSabotage;
-use mirror_core::sim::{self, Check, SimOptions, SimReport};
+use mirror_core::sim::{self, Check, SimOptions, SimReport, SourceCrashSabotage};
 use mirror_core::source::SourceSabotage;
 use mirror_core::target::{RecoverySabotage, TargetSabotage};
 
@@ -46,6 +46,10 @@ struct Totals {
     discards: u64,
     write_zeroes: u64,
     flushes: u64,
+    source_crashes: u64,
+    host_ops_failed: u64,
+    acked_durable_kept: u64,
+    acked_writes_lost: u64,
 }
 
 impl Totals {
@@ -76,6 +80,10 @@ impl Totals {
         self.discards += r.discards;
         self.write_zeroes += r.write_zeroes;
         self.flushes += r.flushes;
+        self.source_crashes += r.source_crashes;
+        self.host_ops_failed += r.host_ops_failed;
+        self.acked_durable_kept += r.acked_durable_kept;
+        self.acked_writes_lost += r.acked_writes_lost;
     }
 }
 
@@ -148,6 +156,19 @@ fn many_seeds_hold_every_invariant() {
             ("discard", totals.discards),
             ("write-zeroes", totals.write_zeroes),
             ("flush", totals.flushes),
+            ("source crash", totals.source_crashes),
+            (
+                "host operation failed by a source crash",
+                totals.host_ops_failed,
+            ),
+            (
+                "durable-acked operation checked across a source crash",
+                totals.acked_durable_kept,
+            ),
+            (
+                "acknowledged write lost to a source crash outside sync",
+                totals.acked_writes_lost,
+            ),
         ];
         for (what, n) in exercised {
             assert!(
@@ -257,6 +278,17 @@ fn ignoring_local_locks_is_caught_by_the_local_lock_check() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::LocalLock]);
+}
+
+/// A dying source process that completes its in-flight host writes as if they had succeeded: in
+/// `sync` they were never durable on the target, and the re-base after the restart loses them.
+#[test]
+fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_check() {
+    let opts = SimOptions {
+        source_crash_sabotage: SourceCrashSabotage::AckInFlight,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::SurvivesSourceCrash]);
 }
 
 #[test]

@@ -6,6 +6,8 @@ use crate::storage;
 use crate::wire::{Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES};
 use crate::{Range, Seq};
 
+use super::source::SourceLife;
+use super::workload::Needs;
 use super::world::{Sim, Step};
 use super::Check;
 
@@ -17,8 +19,8 @@ impl Sim<'_> {
         // (a) prefix: advance the shadow to what the driver wrote, then compare what changed.
         let applied = self.written;
         if applied < self.shadow_seq {
-            self.shadow.copy_from_slice(&self.initial);
-            self.shadow_seq = Seq::NONE;
+            self.shadow.copy_from_slice(&self.base_image);
+            self.shadow_seq = self.base;
             self.touched.push((0, self.shadow.len()));
         }
         if applied > self.shadow_seq {
@@ -44,7 +46,7 @@ impl Sim<'_> {
                 &mut self.shadow_seq,
                 applied,
                 &self.ops,
-                &self.initial,
+                (self.base, &self.base_image),
             );
         }
         let touched = std::mem::take(&mut self.touched);
@@ -75,7 +77,7 @@ impl Sim<'_> {
                      blocks differ)",
                     b * CHECK_BLOCK_BYTES,
                     self.differs.len(),
-                    self.initial.len() / CHECK_BLOCK_BYTES
+                    self.base_image.len() / CHECK_BLOCK_BYTES
                 ),
             ));
         }
@@ -120,6 +122,10 @@ impl Sim<'_> {
 
     /// (c) nothing leaves the rollback log before the target made it durable.
     pub(super) fn check_log(&self) -> Step<()> {
+        if self.source_life != SourceLife::Up {
+            // The log died with the process.
+            return Ok(());
+        }
         let last_local = self.source.status().last_local;
         let log = self.source.log();
         let durable = self.persisted;
@@ -241,12 +247,58 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// (h) a source crash loses no operation completed with the promise "durable on the target":
+    /// each is at or below `rebase`, the seq the restarted source starts after, and the image it is
+    /// re-based on is the replay through `rebase` (whenever the target claims consistency; after
+    /// an unclean target restart it may also hold blocks of later writes, which the host never
+    /// saw completed). The data operations completed with a weaker promise that the re-base drops
+    /// are counted, not failed: without persistent state on the source (issue 14) they are lost.
+    pub(super) fn check_survives_source_crash(&mut self, rebase: Seq) -> Step<()> {
+        for &(seq, needs) in &self.acked {
+            let is_data = self.op(seq).is_some_and(|op| *op != Op::Flush);
+            match needs {
+                Needs::Durable if seq > rebase => {
+                    let what = self.op(seq).map_or("unknown", op_name);
+                    return Err(self.violation(
+                        Check::SurvivesSourceCrash,
+                        format!(
+                            "seq {seq} ({what}) completed as durable on the target before the \
+                             source crashed, but the target is durable only through {rebase}, \
+                             the seq the restarted source is re-based on"
+                        ),
+                    ));
+                }
+                Needs::Durable => self.report.acked_durable_kept += 1,
+                Needs::Local | Needs::Received if seq > rebase && is_data => {
+                    self.report.acked_writes_lost += 1;
+                }
+                Needs::Local | Needs::Received => {}
+            }
+        }
+        if self.target.status().consistent {
+            let at = self
+                .volume
+                .with_durable(|d| d.iter().zip(&self.durable_shadow).position(|(a, b)| a != b));
+            if let Some(at) = at {
+                return Err(self.violation(
+                    Check::SurvivesSourceCrash,
+                    format!(
+                        "the image the restarted source is re-based on differs at byte {at} from \
+                         the replay of the operations through seq {rebase}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// (g) at quiescence the volumes are byte-identical.
     pub(super) fn quiescent(&mut self) -> Step<bool> {
         if self.faults_on
             || self.parked.is_some()
-            || self.ops.len() < self.opts.ops
-            || self.completed < self.ops.len()
+            || self.source_life != SourceLife::Up
+            || self.submitted < self.opts.ops
+            || self.completed + self.failed < self.submitted
             || !self.source.log().is_empty()
         {
             return Ok(false);
@@ -294,11 +346,12 @@ pub(super) fn byte_range(r: Range) -> std::ops::Range<usize> {
     start..end
 }
 
-/// Moves a replay image to `to` (replaying from the initial image when going back).
-pub(super) fn advance(image: &mut [u8], at: &mut Seq, to: Seq, ops: &[Op], initial: &[u8]) {
+/// Moves a replay image to `to`, replaying from `base` (the image after an operation) when going
+/// back.
+pub(super) fn advance(image: &mut [u8], at: &mut Seq, to: Seq, ops: &[Op], base: (Seq, &[u8])) {
     if to < *at {
-        image.copy_from_slice(initial);
-        *at = Seq::NONE;
+        image.copy_from_slice(base.1);
+        *at = base.0;
     }
     let from = usize::try_from(at.0).unwrap_or(usize::MAX);
     let to_index = usize::try_from(to.0).unwrap_or(usize::MAX).min(ops.len());

@@ -62,10 +62,15 @@ pub struct SimConfig {
     pub lock_hold_ticks_max: u64,
     /// Mean gap between mode switches (0: none).
     pub mode_switch_gap_ticks: u64,
+    /// Mean gap between source process crashes (0: none).
+    pub source_crash_gap_ticks: u64,
+    /// Time before a crashed source process restarts, at most.
+    pub source_restart_ticks_max: u64,
 }
 
 impl SimConfig {
-    pub(super) fn random(rng: &mut fastrand::Rng) -> SimConfig {
+    /// Draws a configuration; what concerns source crashes comes from `crash_rng`.
+    pub(super) fn random(rng: &mut fastrand::Rng, crash_rng: &mut fastrand::Rng) -> SimConfig {
         let block_bytes: u32 = if rng.bool() { 4096 } else { 512 };
         let block = u64::from(block_bytes);
         let volume_bytes = rng.u64(16..=64) * 4096;
@@ -121,6 +126,8 @@ impl SimConfig {
             lock_gap_ticks: some(rng, 85, 20, 400),
             lock_hold_ticks_max: rng.u64(1..=300),
             mode_switch_gap_ticks: some(rng, 50, 200, 3000),
+            source_crash_gap_ticks: some(crash_rng, 50, 300, 3000),
+            source_restart_ticks_max: crash_rng.u64(1..=500),
         }
     }
 
@@ -128,7 +135,8 @@ impl SimConfig {
         format!(
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
-             link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} switch~{}",
+             link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} switch~{} \
+             source-crash~{} restart<={}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -152,6 +160,8 @@ impl SimConfig {
             self.crash_gap_ticks,
             self.lock_gap_ticks,
             self.mode_switch_gap_ticks,
+            self.source_crash_gap_ticks,
+            self.source_restart_ticks_max,
         )
     }
 }

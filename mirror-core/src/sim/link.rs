@@ -83,17 +83,22 @@ impl Sim<'_> {
         if !self.link_up {
             return;
         }
-        self.link_up = false;
-        self.s2t.clear(self.now);
-        self.t2s.clear(self.now);
         self.source.on_disconnect();
-        self.target.on_disconnect(ConnId(self.conn));
-        self.conn += 1;
+        self.cut_link();
         // The source's reconnect policy decides when (backoff with jitter, as the daemon's).
         self.session.on_lost(self.now * TICK_NS);
         let at_ns = self.session.poll_timeout().unwrap_or(self.now * TICK_NS);
         let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
         self.schedule(at, Event::Reconnect { conn: self.conn });
+    }
+
+    /// The connection is gone for the target and the link; the source's side is the caller's.
+    pub(super) fn cut_link(&mut self) {
+        self.link_up = false;
+        self.s2t.clear(self.now);
+        self.t2s.clear(self.now);
+        self.target.on_disconnect(ConnId(self.conn));
+        self.conn += 1;
     }
 
     /// A connection from someone without the secret: either silent (the target's handshake

@@ -13,7 +13,7 @@ pub struct SimReport {
     pub steps: u64,
     /// Simulated time at quiescence.
     pub ticks: u64,
-    /// Host operations submitted (and completed).
+    /// Host operations submitted (each completed, or failed by a source crash).
     pub ops: u64,
     /// Host writes.
     pub writes: u64,
@@ -77,6 +77,18 @@ pub struct SimReport {
     pub log_bytes_peak: u64,
     /// Largest commit log, entries.
     pub commit_entries_peak: u64,
+    /// Source process crashes (memory lost, local volume kept).
+    pub source_crashes: u64,
+    /// Host operations in flight at a source crash, failed back to the host.
+    pub host_ops_failed: u64,
+    /// Operations completed with the promise "durable on the target" before a source crash,
+    /// found in the image the restarted source was re-based on.
+    pub acked_durable_kept: u64,
+    /// Data operations completed before a source crash in a mode that promised only the local
+    /// volume (`async`) or the target's commit log (`received`), missing from the re-based image.
+    /// Not a violation until the source keeps persistent state (issue 14): today's re-base
+    /// discards the local writes the target lacks.
+    pub acked_writes_lost: u64,
 }
 
 impl fmt::Display for SimReport {
@@ -85,7 +97,8 @@ impl fmt::Display for SimReport {
             f,
             "seed {}: {} ops in {} steps / {} ticks; {} frames {} B; corrupt {}h/{}p; \
              nak {} reject {} granted {}; disconnect {} reset {} handshake {}; crash {} \
-             (partial {}) clean-restart {}; local locks {} refused {}; mode switches {}",
+             (partial {}) clean-restart {}; local locks {} refused {}; mode switches {}; \
+             source crash {} (failed {}, acked durable kept {}, acked writes lost {})",
             self.seed,
             self.ops,
             self.steps,
@@ -106,6 +119,10 @@ impl fmt::Display for SimReport {
             self.local_locks,
             self.local_lock_refusals,
             self.mode_switches,
+            self.source_crashes,
+            self.host_ops_failed,
+            self.acked_durable_kept,
+            self.acked_writes_lost,
         )
     }
 }

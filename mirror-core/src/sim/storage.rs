@@ -39,7 +39,7 @@ impl Sim<'_> {
                 self.report.partial_crashes += 1;
             }
         }
-        self.touched.push((0, self.initial.len()));
+        self.touched.push((0, self.base_image.len()));
         self.applying.clear();
         self.written = self.persisted;
         self.batch = None;
@@ -115,7 +115,7 @@ impl Sim<'_> {
             &mut self.durable_shadow_seq,
             seq,
             &self.ops,
-            &self.initial,
+            (self.base, &self.base_image),
         );
     }
 

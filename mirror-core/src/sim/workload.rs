@@ -10,16 +10,29 @@ use crate::wire::Op;
 use crate::{Lba, Range, Seq};
 
 use super::check::{byte_range, op_name};
+use super::source::SourceLife;
 use super::world::{Event, Sim, Step, TICK_NS};
 use super::Check;
 
 /// What a completed host operation promises, as the checkers state it (apart from the engine's
 /// own rule, so that a broken rule is caught).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Needs {
+pub(super) enum Needs {
     Local,
     Received,
     Durable,
+}
+
+impl Needs {
+    /// What the modes promise for an operation (a flush if `is_flush`) completed in `mode`.
+    pub(super) fn of(mode: Mode, flush_replicates: bool, is_flush: bool) -> Needs {
+        match (mode, is_flush) {
+            (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
+            (_, true) if flush_replicates => Needs::Durable,
+            (_, true) | (Mode::Async, false) => Needs::Local,
+            (Mode::Received, false) => Needs::Received,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -130,7 +143,10 @@ impl Sim<'_> {
         let Some(op) = self.parked.as_ref() else {
             return Ok(false);
         };
-        if self.outstanding >= self.cfg.host_depth {
+        if self.source_life != SourceLife::Up {
+            return Ok(false);
+        }
+        if self.in_flight.len() >= self.cfg.host_depth {
             return Ok(false);
         }
         if !self.source.has_room(op.payload_bytes()) {
@@ -158,7 +174,8 @@ impl Sim<'_> {
                 format!("submit returned seq {seq}, expected {expected}"),
             ));
         }
-        self.outstanding += 1;
+        self.submitted += 1;
+        self.in_flight.insert(seq);
         if self.next_op < self.opts.ops {
             let gap = self.rng.u64(0..=self.cfg.op_gap_ticks_max);
             self.schedule(self.now + gap, Event::HostArrive);
@@ -171,9 +188,12 @@ impl Sim<'_> {
 
     pub(super) fn completions(&mut self) -> Step<bool> {
         let mut progress = false;
+        if self.source_life != SourceLife::Up {
+            // A dead process completes nothing (it held nothing not yet polled).
+            return Ok(false);
+        }
         while let Some(seq) = self.source.poll_completion() {
             progress = true;
-            self.outstanding = self.outstanding.saturating_sub(1);
             self.completed += 1;
             let cfg = self.source.config();
             let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
@@ -192,12 +212,9 @@ impl Sim<'_> {
                     self.violation(Check::Protocol, format!("completion of unknown seq {seq}"))
                 );
             };
-            let needs = match (mode, *op == Op::Flush) {
-                (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
-                (_, true) if flush_replicates => Needs::Durable,
-                (_, true) | (Mode::Async, false) => Needs::Local,
-                (Mode::Received, false) => Needs::Received,
-            };
+            let needs = Needs::of(mode, flush_replicates, *op == Op::Flush);
+            self.in_flight.remove(&seq);
+            self.acked.push((seq, needs));
             match needs {
                 Needs::Local => {}
                 Needs::Received => {

@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::commit::{Batch, GroupCommit};
-use crate::session::{SessionAction, SessionConfig, SourceSession};
+use crate::session::{SessionAction, SourceSession};
 use crate::source::{Mode, Source, SourceConfig};
 use crate::storage::FaultyVolume;
 use crate::target::{Apply, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
@@ -13,8 +13,9 @@ use crate::wire::Op;
 use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
+use super::source::{new_session, new_source, SourceLife};
 use super::storage::{new_commit, new_target};
-use super::workload::Holder;
+use super::workload::{Holder, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
 
 /// Simulated nanoseconds per tick (only used for the submission time the source records).
@@ -51,6 +52,12 @@ pub(super) enum Event {
     /// A local lock holder is done.
     LockRelease {
         key: u64,
+    },
+    /// The source process dies (rescheduled from the source-crash stream while the workload runs).
+    SourceCrash,
+    /// The source process of life `source_run` starts again.
+    SourceRestart {
+        source_run: u64,
     },
 }
 
@@ -91,14 +98,23 @@ pub(super) struct Sim<'a> {
     pub(super) queue: BinaryHeap<Scheduled>,
     pub(super) max_steps: u64,
 
+    /// The source engine of the live source process (the dead one's while it is down).
     pub(super) source: Source,
+    pub(super) source_life: SourceLife,
+    /// Which life of the source process this is (a crash starts the next).
+    pub(super) source_run: u64,
+    /// Draws of source crashes (a stream apart from `rng`).
+    pub(super) crash_rng: fastrand::Rng,
     pub(super) target: Target,
     pub(super) target_cfg: TargetConfig,
 
     /// The source volume (every submitted operation applied).
     pub(super) src_vol: Vec<u8>,
-    pub(super) initial: Vec<u8>,
-    /// Operation `seq` is `ops[seq - 1]`.
+    /// The history the checkers replay: the volume was `base_image` after operation `base`
+    /// (0 and the initial image, until a source crash re-bases both), and operation `seq` is
+    /// `ops[seq - 1]` (those through `base` are kept only to be named in messages).
+    pub(super) base: Seq,
+    pub(super) base_image: Vec<u8>,
     pub(super) ops: Vec<Op>,
 
     /// The target volume: what reads return, and what survives a crash.
@@ -144,8 +160,17 @@ pub(super) struct Sim<'a> {
 
     pub(super) next_op: usize,
     pub(super) parked: Option<Op>,
-    pub(super) outstanding: usize,
+    /// Host operations given to a source process, over all its lives.
+    pub(super) submitted: usize,
     pub(super) completed: usize,
+    /// Host operations a source crash failed.
+    pub(super) failed: usize,
+    /// Host operations in flight: given to this source life, not completed yet (at most the
+    /// host's depth).
+    pub(super) in_flight: BTreeSet<Seq>,
+    /// Operations completed since the last re-base, with what their completion promised (at
+    /// most the workload's size).
+    pub(super) acked: Vec<(Seq, Needs)>,
     pub(super) faults_on: bool,
     pub(super) log_full_noted: bool,
     pub(super) commit_full_noted: bool,
@@ -164,6 +189,7 @@ impl<'a> Sim<'a> {
         opts: &'a SimOptions,
         cfg: SimConfig,
         mut rng: fastrand::Rng,
+        crash_rng: fastrand::Rng,
     ) -> Sim<'a> {
         let mut volume_id = [0u8; 16];
         rng.fill(&mut volume_id);
@@ -222,7 +248,10 @@ impl<'a> Sim<'a> {
             order: 0,
             queue: BinaryHeap::new(),
             max_steps,
-            source: new_source(source_cfg, opts),
+            source: new_source(source_cfg, Seq::NONE, opts),
+            source_life: SourceLife::Up,
+            source_run: 0,
+            crash_rng,
             target: new_target(
                 target_cfg.clone(),
                 Restored {
@@ -240,7 +269,8 @@ impl<'a> Sim<'a> {
             shadow_seq: Seq::NONE,
             durable_shadow: initial.clone(),
             durable_shadow_seq: Seq::NONE,
-            initial,
+            base: Seq::NONE,
+            base_image: initial,
             touched: Vec::new(),
             differs: BTreeSet::new(),
             received_high: Seq::NONE,
@@ -248,7 +278,7 @@ impl<'a> Sim<'a> {
             t2s: Link::default(),
             link_up: false,
             conn: 0,
-            session: new_session(&cfg, seed, opts),
+            session: new_session(&cfg, seed, 0, 0, opts),
             next_intruder: 0,
             was_connected: false,
             commit: new_commit(&cfg, opts),
@@ -259,8 +289,11 @@ impl<'a> Sim<'a> {
             target_run: 0,
             next_op: 0,
             parked: None,
-            outstanding: 0,
+            submitted: 0,
             completed: 0,
+            failed: 0,
+            in_flight: BTreeSet::new(),
+            acked: Vec::new(),
             faults_on: opts.ops > 0,
             log_full_noted: false,
             commit_full_noted: false,
@@ -308,13 +341,14 @@ impl<'a> Sim<'a> {
         self.schedule_gap(self.cfg.crash_gap_ticks, Event::Crash);
         self.schedule_gap(self.cfg.lock_gap_ticks, Event::LockAttempt);
         self.schedule_gap(self.cfg.mode_switch_gap_ticks, Event::ModeSwitch);
+        self.schedule_source_crash();
         self.pump()?;
         self.check()?;
         loop {
             if self.quiescent()? {
                 self.report.steps = self.step;
                 self.report.ticks = self.now;
-                self.report.ops = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
+                self.report.ops = u64::try_from(self.submitted).unwrap_or(u64::MAX);
                 return Ok(std::mem::take(&mut self.report));
             }
             let Some(next) = self.queue.pop() else {
@@ -338,12 +372,15 @@ impl<'a> Sim<'a> {
         let s = self.source.status();
         let t = self.target.status();
         format!(
-            "{why}: {} of {} host ops submitted, {} completed, parked {}; source {:?}; target \
-             {:?}; link up {} s2t {} frames t2s {} frames; holders {}; applying {}",
-            self.ops.len(),
+            "{why}: {} of {} host ops submitted, {} completed, {} failed, parked {}; source \
+             {:?} {:?}; target {:?}; link up {} s2t {} frames t2s {} frames; holders {}; \
+             applying {}",
+            self.submitted,
             self.opts.ops,
             self.completed,
+            self.failed,
             self.parked.is_some(),
+            self.source_life,
             s,
             t,
             self.link_up,
@@ -379,7 +416,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::Reconnect { conn } => {
-                if conn == self.conn && !self.link_up {
+                if conn == self.conn && !self.link_up && self.source_life == SourceLife::Up {
                     let due = self.session.handle_timeout(self.now * TICK_NS);
                     if due == Some(SessionAction::Connect) {
                         self.session.on_connecting();
@@ -415,7 +452,8 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::ModeSwitch => {
-                if self.faults_on {
+                // The operator's switch goes to the daemon; while it is down there is none.
+                if self.faults_on && self.source_life == SourceLife::Up {
                     let mode = Mode::ALL[self.rng.usize(0..Mode::ALL.len())];
                     self.source.set_mode(mode);
                     // Completions the switch released count under the mode that released them.
@@ -425,10 +463,25 @@ impl<'a> Sim<'a> {
                         self.source.set_flush_replicates(on);
                     }
                     self.report.mode_switches += 1;
+                }
+                if self.faults_on {
                     self.schedule_gap(self.cfg.mode_switch_gap_ticks, Event::ModeSwitch);
                 }
             }
             Event::LockRelease { key } => self.lock_release(key)?,
+            Event::SourceCrash => {
+                if self.faults_on {
+                    if self.source_life == SourceLife::Up {
+                        self.source_crash();
+                    }
+                    self.schedule_source_crash();
+                }
+            }
+            Event::SourceRestart { source_run } => {
+                if source_run == self.source_run && self.source_life == SourceLife::Down {
+                    self.source_life = SourceLife::AwaitingResync;
+                }
+            }
         }
         Ok(())
     }
@@ -449,6 +502,7 @@ impl<'a> Sim<'a> {
             progress |= self.source_receive()?;
             progress |= self.target_apply();
             progress |= self.completions()?;
+            progress |= self.source_rebase()?;
             if self.source.status().conn == crate::source::ConnState::Connected
                 && !self.was_connected
             {
@@ -465,24 +519,4 @@ impl<'a> Sim<'a> {
             self.stuck("the engines keep producing work within one instant"),
         ))
     }
-}
-
-pub(super) fn new_source(cfg: SourceConfig, opts: &SimOptions) -> Source {
-    let mut source = Source::new(cfg);
-    source.set_sabotage(opts.source_sabotage);
-    source
-}
-
-/// The source's session policy with reconnect delays in the run's scale (1 tick up to the
-/// configured bound); the link is never silent, so PING and the idle timeout never fire.
-pub(super) fn new_session(cfg: &SimConfig, seed: u64, opts: &SimOptions) -> SourceSession {
-    let session = SessionConfig {
-        backoff_min_ns: TICK_NS,
-        backoff_max_ns: cfg.reconnect_ticks_max.max(1) * TICK_NS,
-        ping_interval_ns: u64::MAX / 4,
-        idle_timeout_ns: u64::MAX / 4,
-    };
-    let mut session = SourceSession::new(session, seed ^ 0x5e55_1011, 0);
-    session.set_sabotage(opts.session_sabotage);
-    session
 }
