@@ -289,6 +289,19 @@ fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_che
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::SurvivesSourceCrash]);
+    // Not one lucky seed: several catch it, each with this check alone.
+    let caught: Vec<sim::Violation> = (1..=100)
+        .filter_map(|seed| sim::run(seed, &opts).err())
+        .collect();
+    println!("{} of seeds 1..=100 caught the sabotage", caught.len());
+    assert!(
+        caught.len() >= 3,
+        "only {} of seeds 1..=100 caught it",
+        caught.len()
+    );
+    for v in &caught {
+        assert_eq!(v.check, Check::SurvivesSourceCrash, "{v}");
+    }
 }
 
 #[test]
