@@ -277,6 +277,30 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// What a run that stopped making progress was waiting for.
+    pub(super) fn stuck(&self, why: &str) -> String {
+        let s = self.source.status();
+        let t = self.target.status();
+        format!(
+            "{why}: {} of {} host ops submitted, {} completed, {} failed, parked {}; source \
+             {:?} {:?}; target {:?}; link up {} s2t {} frames t2s {} frames; holders {}; \
+             applying {}",
+            self.submitted,
+            self.opts.ops,
+            self.completed,
+            self.failed,
+            self.parked.is_some(),
+            self.source_life,
+            s,
+            t,
+            self.link_up,
+            self.s2t.frames.len(),
+            self.t2s.frames.len(),
+            self.holders.len(),
+            self.applying.len(),
+        )
+    }
+
     /// (g) at quiescence the volumes are byte-identical.
     pub(super) fn quiescent(&mut self) -> Step<bool> {
         if self.faults_on

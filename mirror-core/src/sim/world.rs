@@ -368,29 +368,6 @@ impl<'a> Sim<'a> {
         }
     }
 
-    pub(super) fn stuck(&self, why: &str) -> String {
-        let s = self.source.status();
-        let t = self.target.status();
-        format!(
-            "{why}: {} of {} host ops submitted, {} completed, {} failed, parked {}; source \
-             {:?} {:?}; target {:?}; link up {} s2t {} frames t2s {} frames; holders {}; \
-             applying {}",
-            self.submitted,
-            self.opts.ops,
-            self.completed,
-            self.failed,
-            self.parked.is_some(),
-            self.source_life,
-            s,
-            t,
-            self.link_up,
-            self.s2t.frames.len(),
-            self.t2s.frames.len(),
-            self.holders.len(),
-            self.applying.len(),
-        )
-    }
-
     pub(super) fn handle(&mut self, event: Event) -> Step<()> {
         match event {
             Event::Deliver => {}
