@@ -152,6 +152,7 @@ struct Totals {
     host_ops_failed: u64,
     acked_durable_kept: u64,
     acked_writes_lost: u64,
+    rebases_on_inconsistent: u64,
 }
 
 impl Totals {
@@ -177,6 +178,7 @@ impl Totals {
         self.host_ops_failed += r.host_ops_failed;
         self.acked_durable_kept += r.acked_durable_kept;
         self.acked_writes_lost += r.acked_writes_lost;
+        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
     }
 }
 
@@ -188,7 +190,8 @@ impl std::fmt::Display for Totals {
              (partial {}) intruder {} clean-restart {} local-lock {} mode-switch {} \
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
-             acked durable kept {}, acked writes lost in async/received {})",
+             acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
+             target {})",
             self.naks,
             self.rejects,
             self.granted,
@@ -210,6 +213,7 @@ impl std::fmt::Display for Totals {
             self.host_ops_failed,
             self.acked_durable_kept,
             self.acked_writes_lost,
+            self.rebases_on_inconsistent,
         )
     }
 }

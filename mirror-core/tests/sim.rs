@@ -50,6 +50,7 @@ struct Totals {
     host_ops_failed: u64,
     acked_durable_kept: u64,
     acked_writes_lost: u64,
+    rebases_on_inconsistent: u64,
 }
 
 impl Totals {
@@ -84,6 +85,7 @@ impl Totals {
         self.host_ops_failed += r.host_ops_failed;
         self.acked_durable_kept += r.acked_durable_kept;
         self.acked_writes_lost += r.acked_writes_lost;
+        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
     }
 }
 
@@ -168,6 +170,10 @@ fn many_seeds_hold_every_invariant() {
             (
                 "acknowledged write lost to a source crash outside sync",
                 totals.acked_writes_lost,
+            ),
+            (
+                "re-base on a target inconsistent after an unclean restart",
+                totals.rebases_on_inconsistent,
             ),
         ];
         for (what, n) in exercised {
@@ -302,6 +308,17 @@ fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_che
     for v in &caught {
         assert_eq!(v.check, Check::SurvivesSourceCrash, "{v}");
     }
+}
+
+/// Why the restarted source is re-based: keeping its local volume leaves its writes past the
+/// target's durable seq on the source alone, and the volumes never converge.
+#[test]
+fn keeping_the_local_volume_after_a_source_crash_is_caught_by_the_quiescence_check() {
+    let opts = SimOptions {
+        source_crash_sabotage: SourceCrashSabotage::KeepLocalVolume,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 50, &[Check::Quiescence]);
 }
 
 #[test]

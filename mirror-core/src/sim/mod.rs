@@ -89,8 +89,8 @@ pub struct SimOptions {
     pub source_crash_sabotage: SourceCrashSabotage,
 }
 
-/// Deliberate bugs of the simulated source process when it crashes, for the test that proves the
-/// crash-survival check bites.
+/// Deliberate bugs of the simulated source process around a crash, for the tests that prove the
+/// checkers bite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SourceCrashSabotage {
     /// Behave correctly: host operations in flight at the crash fail.
@@ -99,6 +99,10 @@ pub enum SourceCrashSabotage {
     /// The dying process completes its in-flight host operations as if they had succeeded, as a
     /// daemon whose exit path ends its requests with success instead of an error would.
     AckInFlight,
+    /// The restarted source keeps its local volume instead of taking the target's image: its
+    /// writes past the target's durable seq stay on it and nowhere else (what a restart without
+    /// the dirty bitmap of issue 14 would do).
+    KeepLocalVolume,
 }
 
 impl Default for SimOptions {

@@ -79,6 +79,9 @@ pub struct SimReport {
     pub commit_entries_peak: u64,
     /// Source process crashes (memory lost, local volume kept).
     pub source_crashes: u64,
+    /// Re-bases on a target still inconsistent after an unclean restart (its image may hold
+    /// blocks of writes past its durable seq, which the re-base adopts).
+    pub rebases_on_inconsistent: u64,
     /// Host operations in flight at a source crash, failed back to the host.
     pub host_ops_failed: u64,
     /// Operations completed with the promise "durable on the target" before a source crash,

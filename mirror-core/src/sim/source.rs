@@ -42,7 +42,7 @@ impl Sim<'_> {
         }
         let in_flight = std::mem::take(&mut self.in_flight);
         match self.opts.source_crash_sabotage {
-            SourceCrashSabotage::None => {
+            SourceCrashSabotage::None | SourceCrashSabotage::KeepLocalVolume => {
                 self.failed += in_flight.len();
                 self.report.host_ops_failed += u64::try_from(in_flight.len()).unwrap_or(u64::MAX);
             }
@@ -84,11 +84,16 @@ impl Sim<'_> {
         }
         let durable = self.persisted;
         self.check_survives_source_crash(durable)?;
+        if !self.target.status().consistent {
+            self.report.rebases_on_inconsistent += 1;
+        }
         let image = self.volume.with_durable(<[u8]>::to_vec);
         self.ops
             .truncate(usize::try_from(durable.0).unwrap_or(usize::MAX));
         self.base = durable;
-        self.src_vol.copy_from_slice(&image);
+        if self.opts.source_crash_sabotage != SourceCrashSabotage::KeepLocalVolume {
+            self.src_vol.copy_from_slice(&image);
+        }
         self.shadow.copy_from_slice(&image);
         self.shadow_seq = durable;
         self.durable_shadow.copy_from_slice(&image);
