@@ -148,6 +148,11 @@ struct Totals {
     mode_switches: u64,
     completed: [u64; 4],
     inconsistent_steps: u64,
+    source_crashes: u64,
+    host_ops_failed: u64,
+    acked_durable_kept: u64,
+    acked_writes_lost: u64,
+    rebases_on_inconsistent: u64,
 }
 
 impl Totals {
@@ -169,6 +174,11 @@ impl Totals {
         self.completed[2] += r.completed_sync;
         self.completed[3] += r.completed_lock_then_write;
         self.inconsistent_steps += r.inconsistent_steps;
+        self.source_crashes += r.source_crashes;
+        self.host_ops_failed += r.host_ops_failed;
+        self.acked_durable_kept += r.acked_durable_kept;
+        self.acked_writes_lost += r.acked_writes_lost;
+        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
     }
 }
 
@@ -179,7 +189,9 @@ impl std::fmt::Display for Totals {
             "nak {} reject {} granted {} disconnect {} reset {} handshake {} crash {} \
              (partial {}) intruder {} clean-restart {} local-lock {} mode-switch {} \
              inconsistent-steps {}; \
-             completed async/received/sync/ltw {}/{}/{}/{}",
+             completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
+             acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
+             target {})",
             self.naks,
             self.rejects,
             self.granted,
@@ -197,6 +209,11 @@ impl std::fmt::Display for Totals {
             self.completed[1],
             self.completed[2],
             self.completed[3],
+            self.source_crashes,
+            self.host_ops_failed,
+            self.acked_durable_kept,
+            self.acked_writes_lost,
+            self.rebases_on_inconsistent,
         )
     }
 }

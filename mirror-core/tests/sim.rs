@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
 use mirror_core::session::SessionSabotage;
-use mirror_core::sim::{self, Check, SimOptions, SimReport};
+use mirror_core::sim::{self, Check, SimOptions, SimReport, SourceCrashSabotage};
 use mirror_core::source::SourceSabotage;
 use mirror_core::target::{RecoverySabotage, TargetSabotage};
 
@@ -46,6 +46,11 @@ struct Totals {
     discards: u64,
     write_zeroes: u64,
     flushes: u64,
+    source_crashes: u64,
+    host_ops_failed: u64,
+    acked_durable_kept: u64,
+    acked_writes_lost: u64,
+    rebases_on_inconsistent: u64,
 }
 
 impl Totals {
@@ -76,6 +81,11 @@ impl Totals {
         self.discards += r.discards;
         self.write_zeroes += r.write_zeroes;
         self.flushes += r.flushes;
+        self.source_crashes += r.source_crashes;
+        self.host_ops_failed += r.host_ops_failed;
+        self.acked_durable_kept += r.acked_durable_kept;
+        self.acked_writes_lost += r.acked_writes_lost;
+        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
     }
 }
 
@@ -148,6 +158,23 @@ fn many_seeds_hold_every_invariant() {
             ("discard", totals.discards),
             ("write-zeroes", totals.write_zeroes),
             ("flush", totals.flushes),
+            ("source crash", totals.source_crashes),
+            (
+                "host operation failed by a source crash",
+                totals.host_ops_failed,
+            ),
+            (
+                "durable-acked operation checked across a source crash",
+                totals.acked_durable_kept,
+            ),
+            (
+                "acknowledged write lost to a source crash outside sync",
+                totals.acked_writes_lost,
+            ),
+            (
+                "re-base on a target inconsistent after an unclean restart",
+                totals.rebases_on_inconsistent,
+            ),
         ];
         for (what, n) in exercised {
             assert!(
@@ -257,6 +284,41 @@ fn ignoring_local_locks_is_caught_by_the_local_lock_check() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::LocalLock]);
+}
+
+/// A dying source process that completes its in-flight host writes as if they had succeeded: in
+/// `sync` they were never durable on the target, and the re-base after the restart loses them.
+#[test]
+fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_check() {
+    let opts = SimOptions {
+        source_crash_sabotage: SourceCrashSabotage::AckInFlight,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::SurvivesSourceCrash]);
+    // Not one lucky seed: several catch it, each with this check alone.
+    let caught: Vec<sim::Violation> = (1..=100)
+        .filter_map(|seed| sim::run(seed, &opts).err())
+        .collect();
+    println!("{} of seeds 1..=100 caught the sabotage", caught.len());
+    assert!(
+        caught.len() >= 3,
+        "only {} of seeds 1..=100 caught it",
+        caught.len()
+    );
+    for v in &caught {
+        assert_eq!(v.check, Check::SurvivesSourceCrash, "{v}");
+    }
+}
+
+/// Why the restarted source is re-based: keeping its local volume leaves its writes past the
+/// target's durable seq on the source alone, and the volumes never converge.
+#[test]
+fn keeping_the_local_volume_after_a_source_crash_is_caught_by_the_quiescence_check() {
+    let opts = SimOptions {
+        source_crash_sabotage: SourceCrashSabotage::KeepLocalVolume,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 50, &[Check::Quiescence]);
 }
 
 #[test]

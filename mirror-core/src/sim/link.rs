@@ -1,0 +1,353 @@
+//! The link between source and target: connections, frames in flight with latency and bandwidth,
+//! corruption and disconnects, and the intruder who connects without the secret.
+
+use std::collections::VecDeque;
+
+use crate::target::ConnId;
+use crate::wire::{self, Encoded, Frame, HEADER_BYTES, MAC_BYTES};
+use crate::{Generation, NodeId, Seq};
+
+use super::world::{Event, Sim, Step, TICK_NS};
+use super::Check;
+
+/// Intruders' connection ids start above this (the real source's count from 0).
+pub(super) const INTRUDER_CONN_BASE: u64 = 1 << 48;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dir {
+    ToTarget,
+    ToSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Corruption {
+    None,
+    Header,
+    Payload,
+}
+
+#[derive(Debug)]
+pub(super) struct InFlight {
+    pub(super) arrive: u64,
+    pub(super) bytes: Vec<u8>,
+    pub(super) corruption: Corruption,
+}
+
+/// One direction of the connection: frames in order, with latency and bandwidth.
+#[derive(Debug, Default)]
+pub(super) struct Link {
+    pub(super) frames: VecDeque<InFlight>,
+    pub(super) bytes: usize,
+    pub(super) busy_until: u64,
+}
+
+impl Link {
+    pub(super) fn clear(&mut self, now: u64) {
+        self.frames.clear();
+        self.bytes = 0;
+        self.busy_until = now;
+    }
+
+    pub(super) fn arrived(&self, now: u64) -> Option<&InFlight> {
+        self.frames.front().filter(|f| f.arrive <= now)
+    }
+
+    pub(super) fn pop(&mut self) -> Option<InFlight> {
+        let f = self.frames.pop_front()?;
+        self.bytes -= f.bytes.len();
+        Some(f)
+    }
+}
+
+impl Sim<'_> {
+    pub(super) fn connect(&mut self) {
+        let mut nonce_t = [0u8; MAC_BYTES];
+        let mut nonce_s = [0u8; MAC_BYTES];
+        self.rng.fill(&mut nonce_t);
+        self.rng.fill(&mut nonce_s);
+        self.s2t.clear(self.now);
+        self.t2s.clear(self.now);
+        if let Err(e) = self
+            .target
+            .on_connect(ConnId(self.conn), nonce_t, self.now * TICK_NS)
+        {
+            unreachable!("the simulator's only connection was refused: {e}");
+        }
+        self.source.on_connect(nonce_s);
+        self.session.on_connected(self.now * TICK_NS);
+        self.link_up = true;
+        self.was_connected = false;
+    }
+
+    pub(super) fn disconnect(&mut self) {
+        if !self.link_up {
+            return;
+        }
+        self.source.on_disconnect();
+        self.cut_link();
+        // The source's reconnect policy decides when (backoff with jitter, as the daemon's).
+        self.session.on_lost(self.now * TICK_NS);
+        let at_ns = self.session.poll_timeout().unwrap_or(self.now * TICK_NS);
+        let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
+        self.schedule(at, Event::Reconnect { conn: self.conn });
+    }
+
+    /// The connection is gone for the target and the link; the source's side is the caller's.
+    pub(super) fn cut_link(&mut self) {
+        self.link_up = false;
+        self.s2t.clear(self.now);
+        self.t2s.clear(self.now);
+        self.target.on_disconnect(ConnId(self.conn));
+        self.conn += 1;
+    }
+
+    /// A connection from someone without the secret: either silent (the target's handshake
+    /// deadline closes it) or a HELLO that names a last seq of 0 followed by a forged AUTH. The
+    /// target must refuse it and change nothing; it must never keep the real source out.
+    pub(super) fn intruder(&mut self) -> Step<()> {
+        self.report.intruders += 1;
+        self.next_intruder += 1;
+        let conn = ConnId(INTRUDER_CONN_BASE + self.next_intruder);
+        let mut nonce = [0u8; MAC_BYTES];
+        self.rng.fill(&mut nonce);
+        if self
+            .target
+            .on_connect(conn, nonce, self.now * TICK_NS)
+            .is_err()
+        {
+            self.target.on_disconnect(conn);
+            return Ok(());
+        }
+        if self.rng.bool() {
+            // Silent: left open until the deadline.
+            return Ok(());
+        }
+        let hello = Frame::Hello(wire::Hello {
+            volume_id: self.target_cfg.volume_id,
+            node_id: NodeId(1),
+            generation: Generation(1),
+            last_seq: Seq::NONE,
+            volume_bytes: self.target_cfg.volume_bytes,
+            block_bytes: self.target_cfg.block_bytes,
+            nonce,
+            mac: [0; MAC_BYTES],
+        });
+        let answered = self.target.handle_frame(conn, hello);
+        let refused = self.target.handle_frame(
+            conn,
+            Frame::Auth {
+                mac: [0; MAC_BYTES],
+            },
+        );
+        while self.target.poll_transmit(conn).is_some() {}
+        self.target.on_disconnect(conn);
+        if answered.is_err() || refused.is_ok() {
+            return Err(self.violation(
+                Check::Protocol,
+                format!("an intruder's HELLO gave {answered:?} and its forged AUTH {refused:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn send(&mut self, dir: Dir, frame: &Encoded) {
+        let mut bytes = frame.to_vec();
+        let mut corruption = Corruption::None;
+        if self.faults_on && self.rng.u32(0..1000) < self.cfg.corrupt_per_mille {
+            let payload = bytes.len() - HEADER_BYTES;
+            let at = if payload > 0 && self.rng.bool() {
+                corruption = Corruption::Payload;
+                self.report.corrupt_payloads += 1;
+                HEADER_BYTES + self.rng.usize(0..payload)
+            } else {
+                corruption = Corruption::Header;
+                self.report.corrupt_headers += 1;
+                self.rng.usize(0..HEADER_BYTES)
+            };
+            bytes[at] ^= self.rng.u8(1..=255);
+        }
+        self.report.frames += 1;
+        self.report.wire_bytes += u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        let bw = self.cfg.bandwidth_bytes_per_tick;
+        let wire_ticks = u64::try_from(bytes.len()).unwrap_or(u64::MAX).div_ceil(bw);
+        let latency = self.cfg.latency_ticks;
+        let now = self.now;
+        let link = match dir {
+            Dir::ToTarget => &mut self.s2t,
+            Dir::ToSource => &mut self.t2s,
+        };
+        let depart = link.busy_until.max(now) + wire_ticks;
+        link.busy_until = depart;
+        let arrive = depart + latency;
+        link.bytes += bytes.len();
+        link.frames.push_back(InFlight {
+            arrive,
+            bytes,
+            corruption,
+        });
+        self.schedule(arrive, Event::Deliver);
+    }
+
+    pub(super) fn source_send(&mut self) -> bool {
+        let mut progress = false;
+        while self.link_up && self.s2t.bytes < self.cfg.link_bytes_max {
+            let Some(frame) = self.source.poll_transmit() else {
+                break;
+            };
+            self.send(Dir::ToTarget, &frame.encode());
+            progress = true;
+        }
+        progress
+    }
+
+    pub(super) fn target_send(&mut self) -> bool {
+        let mut progress = false;
+        while self.link_up && self.t2s.bytes < self.cfg.link_bytes_max {
+            let Some(frame) = self.target.poll_transmit(ConnId(self.conn)) else {
+                break;
+            };
+            self.send(Dir::ToSource, &frame.encode());
+            progress = true;
+        }
+        progress
+    }
+
+    /// A receiver closed the connection after a corrupted frame it could not repair.
+    pub(super) fn reset(&mut self) {
+        self.report.resets += 1;
+        self.disconnect();
+    }
+
+    pub(super) fn target_receive(&mut self) -> Step<bool> {
+        let mut progress = false;
+        while self.link_up {
+            let Some(front) = self.s2t.arrived(self.now) else {
+                break;
+            };
+            if let Ok(header) = wire::decode_header(&front.bytes) {
+                if !self.target.has_room(header.payload_len as usize) {
+                    if !self.commit_full_noted {
+                        self.commit_full_noted = true;
+                        self.report.commit_full_waits += 1;
+                    }
+                    break;
+                }
+            }
+            self.commit_full_noted = false;
+            let Some(frame) = self.s2t.pop() else { break };
+            progress = true;
+            match wire::decode(&frame.bytes) {
+                Ok(Some((decoded, used))) => {
+                    if frame.corruption != Corruption::None || used != frame.bytes.len() {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!(
+                                "{:?} corruption of a frame to the target went undetected \
+                                 ({decoded:?})",
+                                frame.corruption
+                            ),
+                        ));
+                    }
+                    if let Err(e) = self.target.handle_frame(ConnId(self.conn), decoded) {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!("target closed the connection: {e}"),
+                        ));
+                    }
+                }
+                Ok(None) => {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        "a whole frame decoded as incomplete".into(),
+                    ))
+                }
+                Err(err) => {
+                    if frame.corruption == Corruption::None {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!("an intact frame failed to decode: {err}"),
+                        ));
+                    }
+                    let repairable = err.nak_seq().is_some();
+                    match self.target.handle_wire_error(ConnId(self.conn), &err) {
+                        Ok(()) if repairable => {}
+                        Ok(()) => {
+                            return Err(self.violation(
+                                Check::Protocol,
+                                format!("target kept a connection after unrepairable {err}"),
+                            ))
+                        }
+                        Err(e) if repairable => {
+                            return Err(self.violation(
+                                Check::Protocol,
+                                format!("target closed instead of NAKing ({err}): {e}"),
+                            ))
+                        }
+                        Err(_) => {
+                            self.reset();
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+            self.received_high = self.received_high.max(self.target.status().received);
+        }
+        Ok(progress)
+    }
+
+    pub(super) fn source_receive(&mut self) -> Step<bool> {
+        let mut progress = false;
+        while self.link_up {
+            if self.t2s.arrived(self.now).is_none() {
+                break;
+            }
+            let Some(frame) = self.t2s.pop() else { break };
+            progress = true;
+            match wire::decode(&frame.bytes) {
+                Ok(Some((decoded, used))) => {
+                    if frame.corruption != Corruption::None || used != frame.bytes.len() {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!(
+                                "{:?} corruption of a frame to the source went undetected \
+                                 ({decoded:?})",
+                                frame.corruption
+                            ),
+                        ));
+                    }
+                    match &decoded {
+                        Frame::Nak { .. } => self.report.naks += 1,
+                        Frame::Reject { .. } => self.report.rejects += 1,
+                        Frame::Granted { .. } => self.report.granted += 1,
+                        _ => {}
+                    }
+                    if let Err(e) = self.source.handle_frame(decoded) {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!("source closed the connection: {e}"),
+                        ));
+                    }
+                    self.check_log()?;
+                }
+                Ok(None) => {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        "a whole frame decoded as incomplete".into(),
+                    ))
+                }
+                Err(err) => {
+                    if frame.corruption == Corruption::None {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!("an intact frame failed to decode: {err}"),
+                        ));
+                    }
+                    // The source cannot repair anything it receives: it closes the connection.
+                    self.reset();
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(progress)
+    }
+}

@@ -1,0 +1,163 @@
+//! The source node's process: its engine and session, a crash that loses them (the local volume
+//! keeps every write it took: a process crash, not a power loss), its restart, and the operator's
+//! re-base that stands in for a restarted source's recovery until the source keeps persistent
+//! state (issue 14).
+
+use crate::session::{SessionConfig, SourceSession};
+use crate::source::{Source, SourceConfig};
+use crate::wire::Op;
+use crate::Seq;
+
+use super::workload::Needs;
+use super::world::{Event, Sim, Step, TICK_NS};
+use super::{SimConfig, SimOptions, SourceCrashSabotage};
+
+/// Where the source process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SourceLife {
+    /// Running: the host's operations go to its engine.
+    Up,
+    /// Dead until its restart event.
+    Down,
+    /// Restarted, waiting for the target to be idle so that the operator can re-base it.
+    AwaitingResync,
+}
+
+impl Sim<'_> {
+    pub(super) fn schedule_source_crash(&mut self) {
+        let mean = self.cfg.source_crash_gap_ticks;
+        if mean > 0 {
+            let gap = self.crash_rng.u64(1..=mean.saturating_mul(2));
+            self.schedule(self.now + gap, Event::SourceCrash);
+        }
+    }
+
+    /// The source process dies: its engine (rollback log, pending completions), its session and
+    /// its connection are gone. Host operations in flight fail; the source volume (`src_vol`)
+    /// keeps what it took.
+    pub(super) fn source_crash(&mut self) {
+        self.report.source_crashes += 1;
+        if self.link_up {
+            self.cut_link();
+        }
+        let in_flight = std::mem::take(&mut self.in_flight);
+        match self.opts.source_crash_sabotage {
+            SourceCrashSabotage::None | SourceCrashSabotage::KeepLocalVolume => {
+                self.failed += in_flight.len();
+                self.report.host_ops_failed += u64::try_from(in_flight.len()).unwrap_or(u64::MAX);
+            }
+            SourceCrashSabotage::AckInFlight => {
+                let cfg = self.source.config();
+                let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
+                for seq in in_flight {
+                    let is_flush = self.op(seq) == Some(&Op::Flush);
+                    self.completed += 1;
+                    self.acked
+                        .push((seq, Needs::of(mode, flush_replicates, is_flush)));
+                }
+            }
+        }
+        self.was_connected = false;
+        self.source_life = SourceLife::Down;
+        self.source_run += 1;
+        let delay = self
+            .crash_rng
+            .u64(1..=self.cfg.source_restart_ticks_max.max(1));
+        self.schedule(
+            self.now + delay,
+            Event::SourceRestart {
+                source_run: self.source_run,
+            },
+        );
+    }
+
+    /// The restarted source's recovery, as an operator step: a PLACEHOLDER that issue 14 replaces
+    /// (metadata, a dirty bitmap and resync on the primary). Today the source keeps nothing on
+    /// disk but its volume, so it cannot know which of its local writes the target lacks. The only
+    /// honest recovery is a full resync from the target: once the target is idle (nothing received
+    /// waits to be applied, everything written is synced and recorded), the source volume is
+    /// re-based on the target's durable image and a new engine starts after the target's durable
+    /// seq. The local writes past it are discarded; the checkers' history is re-based with it.
+    pub(super) fn source_rebase(&mut self) -> Step<bool> {
+        if self.source_life != SourceLife::AwaitingResync || !self.target_idle() {
+            return Ok(false);
+        }
+        let durable = self.persisted;
+        self.check_survives_source_crash(durable)?;
+        if !self.target.status().consistent {
+            self.report.rebases_on_inconsistent += 1;
+        }
+        let image = self.volume.with_durable(<[u8]>::to_vec);
+        self.ops
+            .truncate(usize::try_from(durable.0).unwrap_or(usize::MAX));
+        self.base = durable;
+        if self.opts.source_crash_sabotage != SourceCrashSabotage::KeepLocalVolume {
+            self.src_vol.copy_from_slice(&image);
+        }
+        self.shadow.copy_from_slice(&image);
+        self.shadow_seq = durable;
+        self.durable_shadow.copy_from_slice(&image);
+        self.durable_shadow_seq = durable;
+        self.touched.push((0, image.len()));
+        self.base_image = image;
+        self.received_high = durable;
+        self.acked.clear();
+        let cfg = self.source.config().clone();
+        self.source = new_source(cfg, durable, self.opts);
+        self.session = new_session(
+            &self.cfg,
+            self.seed,
+            self.source_run,
+            self.now * TICK_NS,
+            self.opts,
+        );
+        self.source_life = SourceLife::Up;
+        self.connect();
+        Ok(true)
+    }
+
+    /// Whether the target has nothing left of the dead source's connection to apply or sync.
+    fn target_idle(&self) -> bool {
+        let t = self.target.status();
+        self.batch.is_none()
+            && self.applying.is_empty()
+            && t.commit_log_entries == 0
+            && !self.target.needs_sync()
+            && self.written == self.persisted
+    }
+
+    /// Operation `seq` of the current history.
+    pub(super) fn op(&self, seq: Seq) -> Option<&Op> {
+        let index = usize::try_from(seq.0).ok()?.checked_sub(1)?;
+        self.ops.get(index)
+    }
+}
+
+/// A source engine whose operations through `confirmed` are durable on the target.
+pub(super) fn new_source(cfg: SourceConfig, confirmed: Seq, opts: &SimOptions) -> Source {
+    let mut source = Source::with_log(cfg, crate::log::MemLog::new(), confirmed);
+    source.set_sabotage(opts.source_sabotage);
+    source
+}
+
+/// The source's session policy with reconnect delays in the run's scale (1 tick up to the
+/// configured bound); the link is never silent, so PING and the idle timeout never fire. Each
+/// life of the source process draws its own jitter.
+pub(super) fn new_session(
+    cfg: &SimConfig,
+    seed: u64,
+    source_run: u64,
+    now_ns: u64,
+    opts: &SimOptions,
+) -> SourceSession {
+    let session = SessionConfig {
+        backoff_min_ns: TICK_NS,
+        backoff_max_ns: cfg.reconnect_ticks_max.max(1) * TICK_NS,
+        ping_interval_ns: u64::MAX / 4,
+        idle_timeout_ns: u64::MAX / 4,
+    };
+    let jitter_seed = seed ^ 0x5e55_1011 ^ source_run.rotate_left(32);
+    let mut session = SourceSession::new(session, jitter_seed, now_ns);
+    session.set_sabotage(opts.session_sabotage);
+    session
+}

@@ -1,0 +1,267 @@
+//! The host workload (operations submitted to the source, completions received) and the target's
+//! local lock holders.
+
+use bytes::Bytes;
+
+use crate::lock::{LocalLockId, LockError};
+use crate::source::Mode;
+use crate::storage;
+use crate::wire::Op;
+use crate::{Lba, Range, Seq};
+
+use super::check::{byte_range, op_name};
+use super::source::SourceLife;
+use super::world::{Event, Sim, Step, TICK_NS};
+use super::Check;
+
+/// What a completed host operation promises, as the checkers state it (apart from the engine's
+/// own rule, so that a broken rule is caught).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Needs {
+    Local,
+    Received,
+    Durable,
+}
+
+impl Needs {
+    /// What the modes promise for an operation (a flush if `is_flush`) completed in `mode`.
+    pub(super) fn of(mode: Mode, flush_replicates: bool, is_flush: bool) -> Needs {
+        match (mode, is_flush) {
+            (Mode::Sync | Mode::LockThenWrite, _) => Needs::Durable,
+            (_, true) if flush_replicates => Needs::Durable,
+            (_, true) | (Mode::Async, false) => Needs::Local,
+            (Mode::Received, false) => Needs::Received,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Holder {
+    pub(super) key: u64,
+    pub(super) id: LocalLockId,
+    pub(super) range: Range,
+    pub(super) snapshot: Vec<u8>,
+}
+
+impl Sim<'_> {
+    pub(super) fn gen_op(&mut self) -> Op {
+        let block = u64::from(self.cfg.block_bytes);
+        let blocks_total = self.cfg.volume_bytes / block;
+        let len_blocks = if self.rng.u32(0..4) == 0 {
+            self.rng.u64(1..=self.cfg.op_bytes_max / block)
+        } else {
+            self.rng.u64(1..=(self.cfg.op_bytes_max / block).min(2))
+        };
+        let mut first = if self.rng.u32(0..100) < 60 {
+            self.cfg.hot_offset_bytes / block + self.rng.u64(0..self.cfg.hot_bytes / block)
+        } else {
+            self.rng.u64(0..blocks_total)
+        };
+        first = first.min(blocks_total - len_blocks);
+        let lba = Lba::from_bytes(first * block);
+        let len_bytes = u32::try_from(len_blocks * block).unwrap_or(u32::MAX);
+        match self.rng.u32(0..100) {
+            0..=69 => {
+                self.report.writes += 1;
+                let mut data = vec![0u8; len_bytes as usize];
+                self.rng.fill(&mut data);
+                Op::Write {
+                    lba,
+                    data: Bytes::from(data),
+                }
+            }
+            70..=79 => {
+                self.report.discards += 1;
+                Op::Discard { lba, len_bytes }
+            }
+            80..=87 => {
+                self.report.write_zeroes += 1;
+                Op::WriteZeroes { lba, len_bytes }
+            }
+            _ => {
+                self.report.flushes += 1;
+                Op::Flush
+            }
+        }
+    }
+
+    pub(super) fn lock_attempt(&mut self) -> Step<()> {
+        let block = u64::from(self.cfg.block_bytes);
+        let blocks_total = self.cfg.volume_bytes / block;
+        let len_blocks = self.rng.u64(1..=(16_384 / block).max(1)).min(blocks_total);
+        let mut first = if self.rng.u32(0..100) < 70 {
+            self.cfg.hot_offset_bytes / block + self.rng.u64(0..self.cfg.hot_bytes / block)
+        } else {
+            self.rng.u64(0..blocks_total)
+        };
+        first = first.min(blocks_total - len_blocks);
+        let range = Range::new(first * block, len_blocks * block);
+        match self.target.try_lock_local(range) {
+            Ok(id) => {
+                self.report.local_locks += 1;
+                let key = self.next_holder_key;
+                self.next_holder_key += 1;
+                let snapshot = self.volume.with_view(|v| v[byte_range(range)].to_vec());
+                self.holders.push(Holder {
+                    key,
+                    id,
+                    range,
+                    snapshot,
+                });
+                let hold = self.rng.u64(1..=self.cfg.lock_hold_ticks_max);
+                self.schedule(self.now + hold, Event::LockRelease { key });
+                Ok(())
+            }
+            Err(LockError::Busy | LockError::TooMany) => {
+                self.report.local_lock_refusals += 1;
+                Ok(())
+            }
+            Err(e) => Err(self.violation(
+                Check::Protocol,
+                format!("local lock on {range:?} refused: {e}"),
+            )),
+        }
+    }
+
+    pub(super) fn lock_release(&mut self, key: u64) -> Step<()> {
+        let Some(index) = self.holders.iter().position(|h| h.key == key) else {
+            // The target crashed meanwhile; the holder went with it.
+            return Ok(());
+        };
+        self.check_holders()?;
+        let holder = self.holders.remove(index);
+        if !self.target.unlock_local(holder.id) {
+            return Err(self.violation(
+                Check::LocalLock,
+                format!("local lock {:?} was not held at release", holder.id),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn host_submit(&mut self) -> Step<bool> {
+        let Some(op) = self.parked.as_ref() else {
+            return Ok(false);
+        };
+        if self.source_life != SourceLife::Up {
+            return Ok(false);
+        }
+        if self.in_flight.len() >= self.cfg.host_depth {
+            return Ok(false);
+        }
+        if !self.source.has_room(op.payload_bytes()) {
+            if !self.log_full_noted {
+                self.log_full_noted = true;
+                self.report.log_full_waits += 1;
+            }
+            return Ok(false);
+        }
+        let Some(op) = self.parked.take() else {
+            return Ok(false);
+        };
+        storage::apply_to_image(&mut self.src_vol, &op);
+        let seq = match self.source.submit(op.clone(), self.now * TICK_NS) {
+            Ok(seq) => seq,
+            Err(e) => {
+                return Err(self.violation(Check::Protocol, format!("source refused {op:?}: {e}")))
+            }
+        };
+        self.ops.push(op);
+        let expected = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
+        if seq != Seq(expected) {
+            return Err(self.violation(
+                Check::Protocol,
+                format!("submit returned seq {seq}, expected {expected}"),
+            ));
+        }
+        self.submitted += 1;
+        self.in_flight.insert(seq);
+        if self.next_op < self.opts.ops {
+            let gap = self.rng.u64(0..=self.cfg.op_gap_ticks_max);
+            self.schedule(self.now + gap, Event::HostArrive);
+        } else {
+            // The workload is over: faults stop, and the run must reach quiescence.
+            self.faults_on = false;
+        }
+        Ok(true)
+    }
+
+    pub(super) fn completions(&mut self) -> Step<bool> {
+        let mut progress = false;
+        if self.source_life != SourceLife::Up {
+            // A dead process completes nothing (it held nothing not yet polled).
+            return Ok(false);
+        }
+        while let Some(seq) = self.source.poll_completion() {
+            progress = true;
+            self.completed += 1;
+            let cfg = self.source.config();
+            let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
+            match mode {
+                Mode::Async => self.report.completed_async += 1,
+                Mode::Received => self.report.completed_received += 1,
+                Mode::Sync => self.report.completed_sync += 1,
+                Mode::LockThenWrite => self.report.completed_lock_then_write += 1,
+            }
+            let Some(op) = usize::try_from(seq.0)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| self.ops.get(i))
+            else {
+                return Err(
+                    self.violation(Check::Protocol, format!("completion of unknown seq {seq}"))
+                );
+            };
+            let needs = Needs::of(mode, flush_replicates, *op == Op::Flush);
+            self.in_flight.remove(&seq);
+            self.acked.push((seq, needs));
+            match needs {
+                Needs::Local => {}
+                Needs::Received => {
+                    if seq > self.received_high {
+                        return Err(self.violation(
+                            Check::AckedReceived,
+                            format!(
+                                "seq {seq} completed in mode {mode} but the target received \
+                                 only through {}",
+                                self.received_high
+                            ),
+                        ));
+                    }
+                }
+                Needs::Durable => {
+                    if seq > self.persisted {
+                        return Err(self.violation(
+                            Check::AckedDurable,
+                            format!(
+                                "seq {seq} ({}) completed in mode {mode} (flush_replicates \
+                                 {flush_replicates}) but the target is durable only through {}",
+                                op_name(op),
+                                self.persisted
+                            ),
+                        ));
+                    }
+                    if let Some(r) = op.range() {
+                        let r = byte_range(r);
+                        let differs = self
+                            .volume
+                            .with_durable(|d| d[r.clone()] != self.durable_shadow[r.clone()]);
+                        if self.target.status().consistent && differs {
+                            return Err(self.violation(
+                                Check::AckedDurable,
+                                format!(
+                                    "seq {seq} completed in mode {mode}, but the durable image \
+                                     at {}+{} is not the replay through seq {}",
+                                    r.start,
+                                    r.len(),
+                                    self.persisted
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(progress)
+    }
+}

@@ -1,0 +1,499 @@
+//! The world: the event queue in virtual time, the run loop, what each event does, and the pump
+//! that moves the engines until nothing more happens within one instant.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+
+use crate::commit::{Batch, GroupCommit};
+use crate::session::{SessionAction, SourceSession};
+use crate::source::{Mode, Source, SourceConfig};
+use crate::storage::FaultyVolume;
+use crate::target::{Apply, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
+use crate::wire::Op;
+use crate::{Generation, NodeId, Seq, VolumeId};
+
+use super::link::Link;
+use super::source::{new_session, new_source, SourceLife};
+use super::storage::{new_commit, new_target};
+use super::workload::{Holder, Needs};
+use super::{Check, SimConfig, SimOptions, SimReport, Violation};
+
+/// Simulated nanoseconds per tick (only used for the submission time the source records).
+pub(super) const TICK_NS: u64 = 1_000;
+/// Bound on the number of rounds of one pump (each round moves at least one thing).
+const PUMP_ROUNDS_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Event {
+    /// The link may have a frame for a receiver (a wake-up only).
+    Deliver,
+    /// The host produces its next operation.
+    HostArrive,
+    /// The oldest operation being applied on the target is written (`target_run`: which life of
+    /// the target process scheduled it; a crash starts a new one and voids older events).
+    ApplyDone {
+        target_run: u64,
+    },
+    /// The target syncs its volume.
+    Fsync {
+        target_run: u64,
+    },
+    /// Reconnect after disconnect number `conn`.
+    Reconnect {
+        conn: u64,
+    },
+    /// Injected faults (each reschedules itself while the workload runs).
+    Disconnect,
+    Crash,
+    /// Someone who knows the volume's id but not the secret connects to the target.
+    Intruder,
+    LockAttempt,
+    ModeSwitch,
+    /// A local lock holder is done.
+    LockRelease {
+        key: u64,
+    },
+    /// The source process dies (rescheduled from the source-crash stream while the workload runs).
+    SourceCrash,
+    /// The source process of life `source_run` starts again.
+    SourceRestart {
+        source_run: u64,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct Scheduled {
+    pub(super) tick: u64,
+    pub(super) order: u64,
+    pub(super) event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.tick, self.order) == (other.tick, other.order)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    // Reversed: BinaryHeap is a max-heap and the earliest event must come first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.tick, other.order).cmp(&(self.tick, self.order))
+    }
+}
+
+pub(super) struct Sim<'a> {
+    pub(super) seed: u64,
+    pub(super) opts: &'a SimOptions,
+    pub(super) cfg: SimConfig,
+    pub(super) config: String,
+    pub(super) rng: fastrand::Rng,
+    pub(super) now: u64,
+    pub(super) step: u64,
+    pub(super) order: u64,
+    pub(super) queue: BinaryHeap<Scheduled>,
+    pub(super) max_steps: u64,
+
+    /// The source engine of the live source process (the dead one's while it is down).
+    pub(super) source: Source,
+    pub(super) source_life: SourceLife,
+    /// Which life of the source process this is (a crash starts the next).
+    pub(super) source_run: u64,
+    /// Draws of source crashes (a stream apart from `rng`).
+    pub(super) crash_rng: fastrand::Rng,
+    pub(super) target: Target,
+    pub(super) target_cfg: TargetConfig,
+
+    /// The source volume (every submitted operation applied).
+    pub(super) src_vol: Vec<u8>,
+    /// The history the checkers replay: the volume was `base_image` after operation `base`
+    /// (0 and the initial image, until a source crash re-bases both), and operation `seq` is
+    /// `ops[seq - 1]` (those through `base` are kept only to be named in messages).
+    pub(super) base: Seq,
+    pub(super) base_image: Vec<u8>,
+    pub(super) ops: Vec<Op>,
+
+    /// The target volume: what reads return, and what survives a crash.
+    pub(super) volume: FaultyVolume,
+    /// The durable sequence number the target driver recorded (survives crashes).
+    pub(super) persisted: Seq,
+    /// Replay of operations `1..=shadow_seq`.
+    pub(super) shadow: Vec<u8>,
+    pub(super) shadow_seq: Seq,
+    /// Replay of operations `1..=persisted`.
+    pub(super) durable_shadow: Vec<u8>,
+    pub(super) durable_shadow_seq: Seq,
+    /// Byte ranges of `view` or `shadow` changed since the last check.
+    pub(super) touched: Vec<(usize, usize)>,
+    /// Check blocks where `view` differs from `shadow`.
+    pub(super) differs: BTreeSet<usize>,
+    /// Highest sequence number the target ever reported received.
+    pub(super) received_high: Seq,
+
+    pub(super) s2t: Link,
+    pub(super) t2s: Link,
+    pub(super) link_up: bool,
+    /// Incremented at each disconnect; a reconnect event carries the value it was made for.
+    pub(super) conn: u64,
+    /// The source's connection lifecycle, the policy the daemon runs (only its reconnect
+    /// backoff matters here: the simulated link is never silent).
+    pub(super) session: SourceSession,
+    pub(super) next_intruder: u64,
+    pub(super) was_connected: bool,
+
+    /// The target's group commit, the same planner the target server runs.
+    pub(super) commit: GroupCommit,
+    /// The batch out, and its operations not yet written (in order).
+    pub(super) batch: Option<Batch>,
+    /// Last operation written to the target's (volatile) volume: the engine hears of a batch only
+    /// once it is done, so this runs ahead of the engine's applied seq.
+    pub(super) written: Seq,
+    pub(super) applying: VecDeque<Apply>,
+    pub(super) apply_busy_until: u64,
+    /// Which life of the target process this is: a crash starts the next, and events scheduled
+    /// by an earlier life are ignored.
+    pub(super) target_run: u64,
+
+    pub(super) next_op: usize,
+    pub(super) parked: Option<Op>,
+    /// Host operations given to a source process, over all its lives.
+    pub(super) submitted: usize,
+    pub(super) completed: usize,
+    /// Host operations a source crash failed.
+    pub(super) failed: usize,
+    /// Host operations in flight: given to this source life, not completed yet (at most the
+    /// host's depth).
+    pub(super) in_flight: BTreeSet<Seq>,
+    /// Operations completed since the last re-base, with what their completion promised (at
+    /// most the workload's size).
+    pub(super) acked: Vec<(Seq, Needs)>,
+    pub(super) faults_on: bool,
+    pub(super) log_full_noted: bool,
+    pub(super) commit_full_noted: bool,
+
+    pub(super) holders: Vec<Holder>,
+    pub(super) next_holder_key: u64,
+
+    pub(super) report: SimReport,
+}
+
+pub(super) type Step<T> = Result<T, Violation>;
+
+impl<'a> Sim<'a> {
+    pub(super) fn new(
+        seed: u64,
+        opts: &'a SimOptions,
+        cfg: SimConfig,
+        mut rng: fastrand::Rng,
+        crash_rng: fastrand::Rng,
+    ) -> Sim<'a> {
+        let mut volume_id = [0u8; 16];
+        rng.fill(&mut volume_id);
+        let mut secret = vec![0u8; 32];
+        rng.fill(&mut secret);
+        let volume_len = usize::try_from(cfg.volume_bytes).unwrap_or(0);
+        let mut initial = vec![0u8; volume_len];
+        rng.fill(&mut initial);
+        let source_cfg = SourceConfig {
+            volume_id: VolumeId(volume_id),
+            node_id: NodeId(1),
+            generation: Generation(1),
+            volume_bytes: cfg.volume_bytes,
+            block_bytes: cfg.block_bytes,
+            secret: secret.clone(),
+            mode: cfg.mode,
+            flush_replicates: cfg.flush_replicates,
+            lock_style: cfg.lock_style,
+            log_bytes_max: cfg.log_bytes_max,
+            log_entries_max: cfg.log_entries_max,
+        };
+        let target_cfg = TargetConfig {
+            volume_id: VolumeId(volume_id),
+            node_id: NodeId(2),
+            generation: Generation(1),
+            volume_bytes: cfg.volume_bytes,
+            block_bytes: cfg.block_bytes,
+            secret,
+            conflict_policy: cfg.policy,
+            commit_log_bytes_max: cfg.commit_bytes_max,
+            commit_log_entries_max: cfg.commit_entries_max,
+            local_locks_max: cfg.local_locks_max,
+            // A handshake is three one-way trips on a link the connect has just cleared.
+            handshake_timeout_ns: (cfg.latency_ticks * 8 + 1_000) * TICK_NS,
+            handshakes_max: HANDSHAKES_MAX_DEFAULT,
+        };
+        let ops_u64 = u64::try_from(opts.ops).unwrap_or(u64::MAX);
+        let max_steps = if opts.max_steps > 0 {
+            opts.max_steps
+        } else {
+            200_000u64.saturating_add(ops_u64.saturating_mul(2_000))
+        };
+        let config = cfg.summary();
+        let report = SimReport {
+            seed,
+            config: config.clone(),
+            ..SimReport::default()
+        };
+        Sim {
+            seed,
+            opts,
+            config,
+            rng,
+            now: 0,
+            step: 0,
+            order: 0,
+            queue: BinaryHeap::new(),
+            max_steps,
+            source: new_source(source_cfg, Seq::NONE, opts),
+            source_life: SourceLife::Up,
+            source_run: 0,
+            crash_rng,
+            target: new_target(
+                target_cfg.clone(),
+                Restored {
+                    durable: Seq::NONE,
+                    clean: true,
+                },
+                opts,
+            ),
+            target_cfg,
+            src_vol: initial.clone(),
+            ops: Vec::with_capacity(opts.ops),
+            volume: FaultyVolume::new(initial.clone()),
+            persisted: Seq::NONE,
+            shadow: initial.clone(),
+            shadow_seq: Seq::NONE,
+            durable_shadow: initial.clone(),
+            durable_shadow_seq: Seq::NONE,
+            base: Seq::NONE,
+            base_image: initial,
+            touched: Vec::new(),
+            differs: BTreeSet::new(),
+            received_high: Seq::NONE,
+            s2t: Link::default(),
+            t2s: Link::default(),
+            link_up: false,
+            conn: 0,
+            session: new_session(&cfg, seed, 0, 0, opts),
+            next_intruder: 0,
+            was_connected: false,
+            commit: new_commit(&cfg, opts),
+            batch: None,
+            written: Seq::NONE,
+            applying: VecDeque::new(),
+            apply_busy_until: 0,
+            target_run: 0,
+            next_op: 0,
+            parked: None,
+            submitted: 0,
+            completed: 0,
+            failed: 0,
+            in_flight: BTreeSet::new(),
+            acked: Vec::new(),
+            faults_on: opts.ops > 0,
+            log_full_noted: false,
+            commit_full_noted: false,
+            holders: Vec::new(),
+            next_holder_key: 1,
+            report,
+            cfg,
+        }
+    }
+
+    pub(super) fn violation(&self, check: Check, message: String) -> Violation {
+        Violation {
+            seed: self.seed,
+            ops: self.opts.ops,
+            step: self.step,
+            tick: self.now,
+            check,
+            message,
+            config: self.config.clone(),
+        }
+    }
+
+    pub(super) fn schedule(&mut self, tick: u64, event: Event) {
+        self.order += 1;
+        self.queue.push(Scheduled {
+            tick,
+            order: self.order,
+            event,
+        });
+    }
+
+    pub(super) fn schedule_gap(&mut self, mean: u64, event: Event) {
+        if mean > 0 {
+            let gap = self.rng.u64(1..=mean.saturating_mul(2));
+            self.schedule(self.now + gap, event);
+        }
+    }
+
+    pub(super) fn run(&mut self) -> Step<SimReport> {
+        self.connect();
+        if self.opts.ops > 0 {
+            self.schedule(0, Event::HostArrive);
+        }
+        self.schedule_gap(self.cfg.disconnect_gap_ticks, Event::Disconnect);
+        self.schedule_gap(self.cfg.crash_gap_ticks, Event::Crash);
+        self.schedule_gap(self.cfg.lock_gap_ticks, Event::LockAttempt);
+        self.schedule_gap(self.cfg.mode_switch_gap_ticks, Event::ModeSwitch);
+        self.schedule_source_crash();
+        self.pump()?;
+        self.check()?;
+        loop {
+            if self.quiescent()? {
+                self.report.steps = self.step;
+                self.report.ticks = self.now;
+                self.report.ops = u64::try_from(self.submitted).unwrap_or(u64::MAX);
+                return Ok(std::mem::take(&mut self.report));
+            }
+            let Some(next) = self.queue.pop() else {
+                return Err(self.violation(Check::NoProgress, self.stuck("nothing left to do")));
+            };
+            self.step += 1;
+            if self.step > self.max_steps {
+                return Err(self.violation(
+                    Check::NoProgress,
+                    self.stuck(&format!("step bound {} exceeded", self.max_steps)),
+                ));
+            }
+            self.now = next.tick;
+            self.handle(next.event)?;
+            self.pump()?;
+            self.check()?;
+        }
+    }
+
+    pub(super) fn handle(&mut self, event: Event) -> Step<()> {
+        match event {
+            Event::Deliver => {}
+            Event::HostArrive => {
+                if self.parked.is_none() && self.next_op < self.opts.ops {
+                    let op = self.gen_op();
+                    self.next_op += 1;
+                    self.parked = Some(op);
+                    self.log_full_noted = false;
+                }
+            }
+            Event::ApplyDone { target_run } => {
+                if target_run == self.target_run {
+                    self.apply_done();
+                }
+            }
+            Event::Fsync { target_run } => {
+                if let Some(seq) = self.batch.as_ref().and_then(|b| b.sync) {
+                    if target_run == self.target_run {
+                        self.fsync(seq);
+                        self.batch_done();
+                    }
+                }
+            }
+            Event::Reconnect { conn } => {
+                if conn == self.conn && !self.link_up && self.source_life == SourceLife::Up {
+                    let due = self.session.handle_timeout(self.now * TICK_NS);
+                    if due == Some(SessionAction::Connect) {
+                        self.session.on_connecting();
+                        self.connect();
+                    }
+                }
+            }
+            Event::Disconnect => {
+                if self.faults_on {
+                    if self.link_up {
+                        self.report.disconnects += 1;
+                        self.disconnect();
+                    }
+                    self.schedule_gap(self.cfg.disconnect_gap_ticks, Event::Disconnect);
+                }
+            }
+            Event::Crash => {
+                if self.faults_on {
+                    self.crash();
+                    self.schedule_gap(self.cfg.crash_gap_ticks, Event::Crash);
+                    // Most telling while the restarted target is inconsistent.
+                    let soon = self
+                        .rng
+                        .u64(0..=2 * self.cfg.latency_ticks + self.cfg.reconnect_ticks_max);
+                    self.schedule(self.now + soon, Event::Intruder);
+                }
+            }
+            Event::Intruder => self.intruder()?,
+            Event::LockAttempt => {
+                if self.faults_on {
+                    self.lock_attempt()?;
+                    self.schedule_gap(self.cfg.lock_gap_ticks, Event::LockAttempt);
+                }
+            }
+            Event::ModeSwitch => {
+                // The operator's switch goes to the daemon; while it is down there is none.
+                if self.faults_on && self.source_life == SourceLife::Up {
+                    let mode = Mode::ALL[self.rng.usize(0..Mode::ALL.len())];
+                    self.source.set_mode(mode);
+                    // Completions the switch released count under the mode that released them.
+                    self.completions()?;
+                    if self.rng.u32(0..4) == 0 {
+                        let on = !self.source.config().flush_replicates;
+                        self.source.set_flush_replicates(on);
+                    }
+                    self.report.mode_switches += 1;
+                }
+                if self.faults_on {
+                    self.schedule_gap(self.cfg.mode_switch_gap_ticks, Event::ModeSwitch);
+                }
+            }
+            Event::LockRelease { key } => self.lock_release(key)?,
+            Event::SourceCrash => {
+                if self.faults_on {
+                    if self.source_life == SourceLife::Up {
+                        self.source_crash();
+                    }
+                    self.schedule_source_crash();
+                }
+            }
+            Event::SourceRestart { source_run } => {
+                if source_run == self.source_run && self.source_life == SourceLife::Down {
+                    self.source_life = SourceLife::AwaitingResync;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn pump(&mut self) -> Step<()> {
+        self.target.handle_timeout(self.now * TICK_NS);
+        while let Some((conn, _)) = self.target.poll_close() {
+            if conn == ConnId(self.conn) && self.link_up {
+                self.report.target_closes += 1;
+                self.disconnect();
+            }
+        }
+        for _ in 0..PUMP_ROUNDS_MAX {
+            let mut progress = self.host_submit()?;
+            progress |= self.source_send();
+            progress |= self.target_send();
+            progress |= self.target_receive()?;
+            progress |= self.source_receive()?;
+            progress |= self.target_apply();
+            progress |= self.completions()?;
+            progress |= self.source_rebase()?;
+            if self.source.status().conn == crate::source::ConnState::Connected
+                && !self.was_connected
+            {
+                self.was_connected = true;
+                self.session.on_authenticated();
+                self.report.handshakes += 1;
+            }
+            if !progress {
+                return Ok(());
+            }
+        }
+        Err(self.violation(
+            Check::NoProgress,
+            self.stuck("the engines keep producing work within one instant"),
+        ))
+    }
+}
