@@ -95,10 +95,22 @@ pub struct CloseConn {
     pub fatal: bool,
 }
 
+/// Deliberate bugs for tests that prove the simulator's checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PeerSabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Drop the parked submission when room appears, reporting it accepted as if it had been
+    /// taken into the log.
+    DropParked,
+}
+
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
 #[derive(Debug)]
 pub struct PeerLink<L: RollbackLog = MemLog> {
     source: Source<L>,
+    sabotage: PeerSabotage,
     session: SourceSession,
     parked: Option<(u64, SummedOp)>,
     fatal: Option<SourceError>,
@@ -130,6 +142,7 @@ impl<L: RollbackLog> PeerLink<L> {
         let durable = source.status().durable;
         PeerLink {
             source,
+            sabotage: PeerSabotage::None,
             session,
             parked: None,
             fatal: None,
@@ -139,6 +152,11 @@ impl<L: RollbackLog> PeerLink<L> {
             connects: 0,
             disconnects: 0,
         }
+    }
+
+    /// Breaks the policy on purpose (tests that prove the checkers bite).
+    pub fn set_sabotage(&mut self, sabotage: PeerSabotage) {
+        self.sabotage = sabotage;
     }
 
     /// The engine (read-only: every input goes through the link).
@@ -210,6 +228,11 @@ impl<L: RollbackLog> PeerLink<L> {
         self.source.set_mode(mode);
     }
 
+    /// Whether a host flush waits for the target in every mode.
+    pub fn set_flush_replicates(&mut self, on: bool) {
+        self.source.set_flush_replicates(on);
+    }
+
     /// Whether `seq` is already applied and durable on the peer (`Ok(false)`: wait for
     /// [`PeerEvent::Durable`]).
     pub fn check_replicated(&self, seq: Seq) -> Result<bool, WaitError> {
@@ -235,6 +258,12 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         if let Some((token, op)) = self.parked.take() {
             if self.source.has_room(op.op().payload_bytes()) {
+                if self.sabotage == PeerSabotage::DropParked {
+                    return Some(PeerEvent::Accepted {
+                        token,
+                        seq: self.source.status().last_local.next(),
+                    });
+                }
                 // The source validated it when it parked; what can fail now is the log itself.
                 match self.source.submit(op, 0) {
                     Ok(seq) => return Some(PeerEvent::Accepted { token, seq }),

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
+use mirror_core::node::PeerSabotage;
 use mirror_core::session::SessionSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport, SourceCrashSabotage};
 use mirror_core::source::SourceSabotage;
@@ -275,6 +276,17 @@ fn never_reconnecting_is_caught_as_no_progress() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::NoProgress]);
+}
+
+/// The primary's per-peer policy (the replicator's) losing the submission it parked while the
+/// rollback log was full.
+#[test]
+fn dropping_a_parked_submission_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::DropParked,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::Protocol]);
 }
 
 #[test]

@@ -126,8 +126,8 @@ impl Sim<'_> {
             // The log died with the process.
             return Ok(());
         }
-        let last_local = self.source.status().last_local;
-        let log = self.source.log();
+        let last_local = self.link.source().status().last_local;
+        let log = self.link.source().log();
         let durable = self.persisted;
         match log.first_seq() {
             Some(first) => {
@@ -168,7 +168,7 @@ impl Sim<'_> {
 
     /// (d) every log and queue within its bound.
     pub(super) fn check_memory(&mut self) -> Step<()> {
-        let s = self.source.status();
+        let s = self.link.source().status();
         let t = self.target.status();
         self.report.log_bytes_peak = self
             .report
@@ -231,10 +231,10 @@ impl Sim<'_> {
                 format!("{local_locks} local locks > {}", self.cfg.local_locks_max),
             ),
             (
-                self.source.pending_count() <= self.cfg.host_depth,
+                self.link.source().pending_count() <= self.cfg.host_depth,
                 format!(
                     "source tracks {} host operations, the host has at most {} in flight",
-                    self.source.pending_count(),
+                    self.link.source().pending_count(),
                     self.cfg.host_depth
                 ),
             ),
@@ -279,7 +279,7 @@ impl Sim<'_> {
 
     /// What a run that stopped making progress was waiting for.
     pub(super) fn stuck(&self, why: &str) -> String {
-        let s = self.source.status();
+        let s = self.link.source().status();
         let t = self.target.status();
         format!(
             "{why}: {} of {} host ops submitted, {} completed, {} failed, parked {}; source \
@@ -308,11 +308,11 @@ impl Sim<'_> {
             || self.source_life != SourceLife::Up
             || self.submitted < self.opts.ops
             || self.completed + self.failed < self.submitted
-            || !self.source.log().is_empty()
+            || !self.link.source().log().is_empty()
         {
             return Ok(false);
         }
-        let last_local = self.source.status().last_local;
+        let last_local = self.link.source().status().last_local;
         let t = self.target.status();
         if t.durable < last_local || !self.applying.is_empty() {
             return Ok(false);

@@ -73,21 +73,18 @@ impl Sim<'_> {
         {
             unreachable!("the simulator's only connection was refused: {e}");
         }
-        self.source.on_connect(nonce_s);
-        self.session.on_connected(self.now * TICK_NS);
+        self.link.on_connected(nonce_s, self.now * TICK_NS);
         self.link_up = true;
-        self.was_connected = false;
     }
 
     pub(super) fn disconnect(&mut self) {
         if !self.link_up {
             return;
         }
-        self.source.on_disconnect();
         self.cut_link();
         // The source's reconnect policy decides when (backoff with jitter, as the daemon's).
-        self.session.on_lost(self.now * TICK_NS);
-        let at_ns = self.session.poll_timeout().unwrap_or(self.now * TICK_NS);
+        self.link.on_lost(self.now * TICK_NS);
+        let at_ns = self.link.poll_timeout().unwrap_or(self.now * TICK_NS);
         let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
         self.schedule(at, Event::Reconnect { conn: self.conn });
     }
@@ -191,7 +188,7 @@ impl Sim<'_> {
     pub(super) fn source_send(&mut self) -> bool {
         let mut progress = false;
         while self.link_up && self.s2t.bytes < self.cfg.link_bytes_max {
-            let Some(frame) = self.source.poll_transmit() else {
+            let Some(frame) = self.link.poll_transmit(self.now * TICK_NS) else {
                 break;
             };
             self.send(Dir::ToTarget, &frame.encode());
@@ -321,7 +318,7 @@ impl Sim<'_> {
                         Frame::Granted { .. } => self.report.granted += 1,
                         _ => {}
                     }
-                    if let Err(e) = self.source.handle_frame(decoded) {
+                    if let Err(e) = self.link.handle_frame(decoded, self.now * TICK_NS) {
                         return Err(self.violation(
                             Check::Protocol,
                             format!("source closed the connection: {e}"),

@@ -47,6 +47,7 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::commit::CommitSabotage;
+use crate::node::PeerSabotage;
 use crate::session::SessionSabotage;
 use crate::source::SourceSabotage;
 use crate::target::{RecoverySabotage, TargetSabotage};
@@ -85,6 +86,8 @@ pub struct SimOptions {
     pub recovery_sabotage: RecoverySabotage,
     /// Deliberate session-policy bug (tests only).
     pub session_sabotage: SessionSabotage,
+    /// Deliberate bug of the primary's per-peer policy (tests only).
+    pub peer_sabotage: PeerSabotage,
     /// Deliberate bug of the simulated source process at a crash (tests only).
     pub source_crash_sabotage: SourceCrashSabotage,
 }
@@ -115,6 +118,7 @@ impl Default for SimOptions {
             commit_sabotage: CommitSabotage::None,
             recovery_sabotage: RecoverySabotage::None,
             session_sabotage: SessionSabotage::None,
+            peer_sabotage: PeerSabotage::None,
             source_crash_sabotage: SourceCrashSabotage::None,
         }
     }

@@ -3,6 +3,7 @@
 //! re-base that stands in for a restarted source's recovery until the source keeps persistent
 //! state (issue 14).
 
+use crate::node::PeerLink;
 use crate::session::{SessionConfig, SourceSession};
 use crate::source::{Source, SourceConfig};
 use crate::wire::Op;
@@ -40,14 +41,18 @@ impl Sim<'_> {
         if self.link_up {
             self.cut_link();
         }
-        let in_flight = std::mem::take(&mut self.in_flight);
+        let mut in_flight = std::mem::take(&mut self.in_flight);
+        if self.link.is_parked() {
+            // Taken by the process, waiting for room in its log: in flight for the host too.
+            in_flight.insert(Seq(u64::try_from(self.ops.len()).unwrap_or(u64::MAX)));
+        }
         match self.opts.source_crash_sabotage {
             SourceCrashSabotage::None | SourceCrashSabotage::KeepLocalVolume => {
                 self.failed += in_flight.len();
                 self.report.host_ops_failed += u64::try_from(in_flight.len()).unwrap_or(u64::MAX);
             }
             SourceCrashSabotage::AckInFlight => {
-                let cfg = self.source.config();
+                let cfg = self.link.source().config();
                 let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
                 for seq in in_flight {
                     let is_flush = self.op(seq) == Some(&Op::Flush);
@@ -57,7 +62,6 @@ impl Sim<'_> {
                 }
             }
         }
-        self.was_connected = false;
         self.source_life = SourceLife::Down;
         self.source_run += 1;
         let delay = self
@@ -102,9 +106,10 @@ impl Sim<'_> {
         self.base_image = image;
         self.received_high = durable;
         self.acked.clear();
-        let cfg = self.source.config().clone();
-        self.source = new_source(cfg, durable, self.opts);
-        self.session = new_session(
+        let cfg = self.link.source().config().clone();
+        self.link = new_link(
+            cfg,
+            durable,
             &self.cfg,
             self.seed,
             self.source_run,
@@ -133,23 +138,21 @@ impl Sim<'_> {
     }
 }
 
-/// A source engine whose operations through `confirmed` are durable on the target.
-pub(super) fn new_source(cfg: SourceConfig, confirmed: Seq, opts: &SimOptions) -> Source {
-    let mut source = Source::with_log(cfg, crate::log::MemLog::new(), confirmed);
-    source.set_sabotage(opts.source_sabotage);
-    source
-}
-
-/// The source's session policy with reconnect delays in the run's scale (1 tick up to the
-/// configured bound); the link is never silent, so PING and the idle timeout never fire. Each
-/// life of the source process draws its own jitter.
-pub(super) fn new_session(
+/// The source process's link to the target, the daemon's policy: an engine whose operations
+/// through `confirmed` are durable on the target, and its session with reconnect delays in the
+/// run's scale (1 tick up to the configured bound); the link is never silent, so PING and the
+/// idle timeout never fire. Each life of the source process draws its own jitter.
+pub(super) fn new_link(
+    source_cfg: SourceConfig,
+    confirmed: Seq,
     cfg: &SimConfig,
     seed: u64,
     source_run: u64,
     now_ns: u64,
     opts: &SimOptions,
-) -> SourceSession {
+) -> PeerLink {
+    let mut source = Source::with_log(source_cfg, crate::log::MemLog::new(), confirmed);
+    source.set_sabotage(opts.source_sabotage);
     let session = SessionConfig {
         backoff_min_ns: TICK_NS,
         backoff_max_ns: cfg.reconnect_ticks_max.max(1) * TICK_NS,
@@ -159,5 +162,7 @@ pub(super) fn new_session(
     let jitter_seed = seed ^ 0x5e55_1011 ^ source_run.rotate_left(32);
     let mut session = SourceSession::new(session, jitter_seed, now_ns);
     session.set_sabotage(opts.session_sabotage);
-    session
+    let mut link = PeerLink::new(source, session);
+    link.set_sabotage(opts.peer_sabotage);
+    link
 }

@@ -4,9 +4,10 @@
 use bytes::Bytes;
 
 use crate::lock::{LocalLockId, LockError};
+use crate::node::{PeerEvent, Submitted};
 use crate::source::Mode;
 use crate::storage;
-use crate::wire::Op;
+use crate::wire::{Op, SummedOp};
 use crate::{Lba, Range, Seq};
 
 use super::check::{byte_range, op_name};
@@ -140,42 +141,30 @@ impl Sim<'_> {
     }
 
     pub(super) fn host_submit(&mut self) -> Step<bool> {
-        let Some(op) = self.parked.as_ref() else {
-            return Ok(false);
-        };
-        if self.source_life != SourceLife::Up {
+        if self.parked.is_none() || self.source_life != SourceLife::Up {
             return Ok(false);
         }
-        if self.in_flight.len() >= self.cfg.host_depth {
-            return Ok(false);
-        }
-        if !self.source.has_room(op.payload_bytes()) {
-            if !self.log_full_noted {
-                self.log_full_noted = true;
-                self.report.log_full_waits += 1;
-            }
+        // The link keeps one operation while its log is full; the daemon offers no other then.
+        if self.link.is_parked() || self.in_flight.len() >= self.cfg.host_depth {
             return Ok(false);
         }
         let Some(op) = self.parked.take() else {
             return Ok(false);
         };
         storage::apply_to_image(&mut self.src_vol, &op);
-        let seq = match self.source.submit(op.clone(), self.now * TICK_NS) {
-            Ok(seq) => seq,
+        self.ops.push(op.clone());
+        let token = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
+        match self
+            .link
+            .submit(token, SummedOp::new(op.clone()), self.now * TICK_NS)
+        {
+            Ok(Submitted::Accepted(seq)) => self.accepted(token, seq)?,
+            Ok(Submitted::Parked) => self.report.log_full_waits += 1,
             Err(e) => {
                 return Err(self.violation(Check::Protocol, format!("source refused {op:?}: {e}")))
             }
-        };
-        self.ops.push(op);
-        let expected = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
-        if seq != Seq(expected) {
-            return Err(self.violation(
-                Check::Protocol,
-                format!("submit returned seq {seq}, expected {expected}"),
-            ));
         }
         self.submitted += 1;
-        self.in_flight.insert(seq);
         if self.next_op < self.opts.ops {
             let gap = self.rng.u64(0..=self.cfg.op_gap_ticks_max);
             self.schedule(self.now + gap, Event::HostArrive);
@@ -186,16 +175,60 @@ impl Sim<'_> {
         Ok(true)
     }
 
+    /// Operation `token` (its index in `ops`, from 1) entered the log as `seq`.
+    fn accepted(&mut self, token: u64, seq: Seq) -> Step<()> {
+        if seq.0 != token || token != u64::try_from(self.ops.len()).unwrap_or(u64::MAX) {
+            return Err(self.violation(
+                Check::Protocol,
+                format!(
+                    "operation {token} of {} entered the log as seq {seq}",
+                    self.ops.len()
+                ),
+            ));
+        }
+        self.in_flight.insert(seq);
+        Ok(())
+    }
+
     pub(super) fn completions(&mut self) -> Step<bool> {
         let mut progress = false;
         if self.source_life != SourceLife::Up {
             // A dead process completes nothing (it held nothing not yet polled).
             return Ok(false);
         }
-        while let Some(seq) = self.source.poll_completion() {
+        while let Some(event) = self.link.poll_event() {
             progress = true;
+            let seq = match event {
+                PeerEvent::Completed(seq) => seq,
+                PeerEvent::Accepted { token, seq } => {
+                    self.accepted(token, seq)?;
+                    continue;
+                }
+                PeerEvent::Durable(seq) => {
+                    if seq > self.persisted {
+                        return Err(self.violation(
+                            Check::AckedDurable,
+                            format!(
+                                "the link reports durable through {seq}, the target only \
+                                 through {}",
+                                self.persisted
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                PeerEvent::Connected => {
+                    self.report.handshakes += 1;
+                    continue;
+                }
+                PeerEvent::Stopped(e) => {
+                    return Err(
+                        self.violation(Check::Protocol, format!("replication stopped: {e}"))
+                    );
+                }
+            };
             self.completed += 1;
-            let cfg = self.source.config();
+            let cfg = self.link.source().config();
             let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
             match mode {
                 Mode::Async => self.report.completed_async += 1,

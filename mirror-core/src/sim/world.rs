@@ -5,15 +5,16 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::commit::{Batch, GroupCommit};
-use crate::session::{SessionAction, SourceSession};
-use crate::source::{Mode, Source, SourceConfig};
+use crate::node::PeerLink;
+use crate::session::SessionAction;
+use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
 use crate::target::{Apply, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
 use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
-use super::source::{new_session, new_source, SourceLife};
+use super::source::{new_link, SourceLife};
 use super::storage::{new_commit, new_target};
 use super::workload::{Holder, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
@@ -98,8 +99,9 @@ pub(super) struct Sim<'a> {
     pub(super) queue: BinaryHeap<Scheduled>,
     pub(super) max_steps: u64,
 
-    /// The source engine of the live source process (the dead one's while it is down).
-    pub(super) source: Source,
+    /// The source engine of the live source process with its session and waiting rules, the
+    /// daemon's replicator policy (the dead one's while it is down).
+    pub(super) link: PeerLink,
     pub(super) source_life: SourceLife,
     /// Which life of the source process this is (a crash starts the next).
     pub(super) source_run: u64,
@@ -139,11 +141,7 @@ pub(super) struct Sim<'a> {
     pub(super) link_up: bool,
     /// Incremented at each disconnect; a reconnect event carries the value it was made for.
     pub(super) conn: u64,
-    /// The source's connection lifecycle, the policy the daemon runs (only its reconnect
-    /// backoff matters here: the simulated link is never silent).
-    pub(super) session: SourceSession,
     pub(super) next_intruder: u64,
-    pub(super) was_connected: bool,
 
     /// The target's group commit, the same planner the target server runs.
     pub(super) commit: GroupCommit,
@@ -172,7 +170,6 @@ pub(super) struct Sim<'a> {
     /// most the workload's size).
     pub(super) acked: Vec<(Seq, Needs)>,
     pub(super) faults_on: bool,
-    pub(super) log_full_noted: bool,
     pub(super) commit_full_noted: bool,
 
     pub(super) holders: Vec<Holder>,
@@ -248,7 +245,7 @@ impl<'a> Sim<'a> {
             order: 0,
             queue: BinaryHeap::new(),
             max_steps,
-            source: new_source(source_cfg, Seq::NONE, opts),
+            link: new_link(source_cfg, Seq::NONE, &cfg, seed, 0, 0, opts),
             source_life: SourceLife::Up,
             source_run: 0,
             crash_rng,
@@ -278,9 +275,7 @@ impl<'a> Sim<'a> {
             t2s: Link::default(),
             link_up: false,
             conn: 0,
-            session: new_session(&cfg, seed, 0, 0, opts),
             next_intruder: 0,
-            was_connected: false,
             commit: new_commit(&cfg, opts),
             batch: None,
             written: Seq::NONE,
@@ -295,7 +290,6 @@ impl<'a> Sim<'a> {
             in_flight: BTreeSet::new(),
             acked: Vec::new(),
             faults_on: opts.ops > 0,
-            log_full_noted: false,
             commit_full_noted: false,
             holders: Vec::new(),
             next_holder_key: 1,
@@ -376,7 +370,6 @@ impl<'a> Sim<'a> {
                     let op = self.gen_op();
                     self.next_op += 1;
                     self.parked = Some(op);
-                    self.log_full_noted = false;
                 }
             }
             Event::ApplyDone { target_run } => {
@@ -394,9 +387,9 @@ impl<'a> Sim<'a> {
             }
             Event::Reconnect { conn } => {
                 if conn == self.conn && !self.link_up && self.source_life == SourceLife::Up {
-                    let due = self.session.handle_timeout(self.now * TICK_NS);
+                    let due = self.link.handle_timeout(self.now * TICK_NS);
                     if due == Some(SessionAction::Connect) {
-                        self.session.on_connecting();
+                        self.link.on_connecting();
                         self.connect();
                     }
                 }
@@ -432,12 +425,12 @@ impl<'a> Sim<'a> {
                 // The operator's switch goes to the daemon; while it is down there is none.
                 if self.faults_on && self.source_life == SourceLife::Up {
                     let mode = Mode::ALL[self.rng.usize(0..Mode::ALL.len())];
-                    self.source.set_mode(mode);
+                    self.link.set_mode(mode);
                     // Completions the switch released count under the mode that released them.
                     self.completions()?;
                     if self.rng.u32(0..4) == 0 {
-                        let on = !self.source.config().flush_replicates;
-                        self.source.set_flush_replicates(on);
+                        let on = !self.link.source().config().flush_replicates;
+                        self.link.set_flush_replicates(on);
                     }
                     self.report.mode_switches += 1;
                 }
@@ -480,13 +473,6 @@ impl<'a> Sim<'a> {
             progress |= self.target_apply();
             progress |= self.completions()?;
             progress |= self.source_rebase()?;
-            if self.source.status().conn == crate::source::ConnState::Connected
-                && !self.was_connected
-            {
-                self.was_connected = true;
-                self.session.on_authenticated();
-                self.report.handshakes += 1;
-            }
             if !progress {
                 return Ok(());
             }
