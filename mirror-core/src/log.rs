@@ -273,7 +273,10 @@ mod tests {
             })
         );
         assert!(!err.is_fatal(), "{err}");
-        assert_eq!(err.to_string(), "rollback log storage failed to append: other error");
+        assert_eq!(
+            err.to_string(),
+            "rollback log storage failed to append: other error"
+        );
         assert!(source.log().is_empty());
         assert_eq!(source.poll_completion(), None);
         faults.fail_appends(false);

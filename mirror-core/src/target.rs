@@ -1202,7 +1202,7 @@ impl Target {
         if !self.data_untrusted
             && self
                 .inconsistent_until
-            .is_some_and(|until| self.durable >= until)
+                .is_some_and(|until| self.durable >= until)
         {
             self.inconsistent_until = None;
         }
