@@ -271,6 +271,18 @@ impl MetaRecord {
         }
     }
 
+    /// A legacy (external) record moved into a metadata area of `meta_area_bytes`. If the volume
+    /// was written after the record (`volume_newer`: its modification time is later), it may have
+    /// been replaced or changed behind the record's back, so its data is no longer vouched for.
+    #[must_use]
+    pub fn upgraded(self, meta_area_bytes: u64, volume_newer: bool) -> MetaRecord {
+        MetaRecord {
+            meta_area_bytes,
+            consistent: self.consistent && !volume_newer,
+            ..self
+        }
+    }
+
     /// The version-4 record carrying `write_count`.
     #[must_use]
     pub fn encode(&self, write_count: u64) -> [u8; RECORD_BYTES] {

@@ -6,7 +6,7 @@
 //! | missing, a data size given                    | creates data + area, all zeroes ([`Opening::Created`]) |
 //! | ends in a valid record                        | checks its sizes ([`Opening::Found`])            |
 //! | ends in damaged slots                         | refuses ([`StorageError::Corrupt`])              |
-//! | ends in zeroes, a legacy `.meta` file beside  | regular file: grows it by the area, writes the legacy record there, renames the file to `.meta.upgraded` ([`Opening::Upgraded`]); block device: refuses |
+//! | ends in zeroes, a legacy `.meta` file beside  | regular file: grows it by the area, writes the legacy record there (not consistent if the volume was modified after the record), renames the file to `.meta.upgraded` ([`Opening::Upgraded`]); block device: refuses |
 //! | ends in zeroes, a data size given             | file of that size: grows it by the area; already data + area (or a device large enough): as is ([`Opening::Initialised`], no record) |
 //! | ends in zeroes, no data size                  | refuses ([`StorageError::NoMetadata`])           |
 //!
@@ -278,11 +278,15 @@ fn upgrade(
         });
     }
     check_block(path, volume_bytes, spec.block_bytes)?;
-    backing.grow(volume_bytes + area)?;
-    let record = MetaRecord {
-        meta_area_bytes: area,
-        ..record
+    // The earlier server wrote its record after every sync of the volume, so a volume modified
+    // later was changed behind it (replaced, or copied in).
+    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified());
+    let volume_newer = match (modified(path), modified(legacy)) {
+        (Ok(v), Ok(m)) => v > m,
+        _ => true,
     };
+    backing.grow(volume_bytes + area)?;
+    let record = record.upgraded(area, volume_newer);
     let slots = backing.backing_bytes() - META_SLOTS_BYTES;
     write_slot(backing.file(), slots, &record, count + 1).map_err(StorageError::io(path))?;
     let how = retire_legacy(legacy)?;
