@@ -170,6 +170,8 @@ impl MetaStore for AreaMeta {
 }
 
 #[cfg(test)]
+// Test sizes are small constants: casts between them cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use bytes::Bytes;
