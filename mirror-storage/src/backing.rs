@@ -98,6 +98,17 @@ pub enum StorageError {
         /// What check failed.
         why: MetaCorrupt,
     },
+    /// A legacy metadata file beside a volume that does not exist: it describes an earlier one.
+    #[error(
+        "legacy metadata file {legacy} exists but volume {path} does not: it describes an earlier \
+         volume; restore that volume, or remove the file to create a new one"
+    )]
+    LegacyWithoutVolume {
+        /// The volume.
+        path: PathBuf,
+        /// The legacy file.
+        legacy: PathBuf,
+    },
     /// A legacy metadata file describes a volume of another size.
     #[error("legacy metadata file {legacy} records {recorded} bytes, volume {path} has {actual}")]
     LegacySize {

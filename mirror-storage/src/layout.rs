@@ -3,7 +3,7 @@
 //!
 //! | the backing                                   | what [`open`] does                               |
 //! |-----------------------------------------------|--------------------------------------------------|
-//! | missing, a data size given                    | creates data + area, all zeroes ([`Opening::Created`]) |
+//! | missing, a data size given                    | creates data + area, all zeroes ([`Opening::Created`]); refuses if a legacy `.meta` file is there (it describes an earlier volume) |
 //! | ends in a valid record                        | checks its sizes ([`Opening::Found`])            |
 //! | ends in damaged slots                         | refuses ([`StorageError::Corrupt`])              |
 //! | ends in zeroes, a legacy `.meta` file beside  | regular file: grows it by the area, writes the legacy record there (not consistent if the volume was modified after the record), renames the file to `.meta.upgraded` ([`Opening::Upgraded`]); block device: refuses |
@@ -62,8 +62,7 @@ pub struct Opened {
     pub volume: Arc<FileVolume>,
     /// The record slots.
     pub meta: Arc<AreaMeta>,
-    /// The record found (or upgraded), `None` when there was none. For [`Opening::Created`] it is
-    /// a legacy record found beside the new volume, which describes an earlier one.
+    /// The record found (or upgraded), `None` when there was none.
     pub record: Option<MetaRecord>,
     /// How it was found.
     pub how: Opening,
@@ -136,21 +135,28 @@ fn retire_legacy(legacy: &Path) -> Result<Opening, StorageError> {
 /// Opens (or creates, initialises, upgrades) the volume at `spec.path`; see the module docs.
 pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
     let path = spec.path;
-    let legacy = read_legacy(spec.legacy_meta)?;
+    // Read only where its record is needed: beside a volume with its own record it is a leftover.
+    let legacy_present = spec.legacy_meta.filter(|p| p.exists());
     if let (false, Some(volume_bytes)) = (path.exists(), spec.create_bytes) {
         check_block(path, volume_bytes, spec.block_bytes)?;
+        if let Some(legacy) = legacy_present {
+            return Err(StorageError::LegacyWithoutVolume {
+                path: path.to_owned(),
+                legacy: legacy.to_owned(),
+            });
+        }
         let area = meta_area_bytes(volume_bytes);
-        let backing = Backing::create(path, volume_bytes + area)?;
-        // A legacy record beside a new volume describes an earlier one; recovery refuses it.
-        let record = legacy.map(|(r, _, _)| r);
-        return Ok(assemble(
-            backing,
-            volume_bytes,
-            area,
-            0,
-            record,
-            Opening::Created,
-        ));
+        let backing_bytes =
+            volume_bytes
+                .checked_add(area)
+                .ok_or_else(|| StorageError::BadSize {
+                    path: path.to_owned(),
+                    bytes: volume_bytes,
+                    block_bytes: spec.block_bytes,
+                })?;
+        let backing = Backing::create(path, backing_bytes)?;
+        let created = Opening::Created;
+        return Ok(assemble(backing, volume_bytes, area, 0, None, created));
     }
     let mut backing = Backing::open(path)?;
     let size = backing.backing_bytes();
@@ -168,7 +174,9 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
                     path: path.to_owned(),
                     backing_bytes: size,
                     volume_bytes: record.volume_bytes,
-                    expected_bytes: record.volume_bytes + meta_area_bytes(record.volume_bytes),
+                    expected_bytes: record
+                        .volume_bytes
+                        .saturating_add(meta_area_bytes(record.volume_bytes)),
                 });
             }
             if let Some(asked) = spec.create_bytes.filter(|a| *a != record.volume_bytes) {
@@ -181,8 +189,8 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
             check_block(path, record.volume_bytes, spec.block_bytes)?;
             // A legacy file beside a volume with its own record: an upgrade that stopped before
             // the rename.
-            let how = match &legacy {
-                Some((_, _, legacy_path)) => retire_legacy(legacy_path)?,
+            let how = match legacy_present {
+                Some(legacy) => retire_legacy(legacy)?,
                 None => Opening::Found,
             };
             let volume_bytes = record.volume_bytes;
@@ -199,7 +207,7 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
             path: path.to_owned(),
             why,
         }),
-        Ok(None) => match legacy {
+        Ok(None) => match read_legacy(legacy_present)? {
             Some((record, count, legacy_path)) => {
                 upgrade(backing, spec, record, count, &legacy_path)
             }
@@ -210,7 +218,7 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
                     });
                 };
                 check_block(path, volume_bytes, spec.block_bytes)?;
-                let needed = volume_bytes + meta_area_bytes(volume_bytes);
+                let needed = volume_bytes.saturating_add(meta_area_bytes(volume_bytes));
                 let fits = if backing.is_block_device() {
                     size >= needed
                 } else {
@@ -252,17 +260,18 @@ fn upgrade(
     let path = spec.path;
     let volume_bytes = record.volume_bytes;
     let area = meta_area_bytes(volume_bytes);
+    let needed = volume_bytes.saturating_add(area);
     let size = backing.backing_bytes();
     if backing.is_block_device() {
         return Err(StorageError::BlockDeviceUpgrade {
             path: path.to_owned(),
             legacy: legacy.to_owned(),
             volume_bytes,
-            needed_bytes: volume_bytes + area,
+            needed_bytes: needed,
         });
     }
     // Already grown: an upgrade that stopped before it wrote the record.
-    if size != volume_bytes && size != volume_bytes + area {
+    if size != volume_bytes && size != needed {
         return Err(StorageError::LegacySize {
             path: path.to_owned(),
             legacy: legacy.to_owned(),
@@ -285,7 +294,7 @@ fn upgrade(
         (Ok(v), Ok(m)) => v > m,
         _ => true,
     };
-    backing.grow(volume_bytes + area)?;
+    backing.grow(needed)?;
     let record = record.upgraded(area, volume_newer);
     let slots = backing.backing_bytes() - META_SLOTS_BYTES;
     write_slot(backing.file(), slots, &record, count + 1).map_err(StorageError::io(path))?;
@@ -323,5 +332,80 @@ fn assemble(
         )),
         record,
         how,
+    }
+}
+
+#[cfg(test)]
+// Test sizes are small constants: casts between them cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use mirror_core::{Seq, VolumeId};
+
+    const DATA: u64 = 1 << 20;
+
+    fn spec<'a>(path: &'a Path, legacy: &'a Path, create_bytes: Option<u64>) -> VolumeSpec<'a> {
+        VolumeSpec {
+            path,
+            create_bytes,
+            legacy_meta: Some(legacy),
+            block_bytes: 4096,
+        }
+    }
+
+    fn legacy_record() -> MetaRecord {
+        MetaRecord {
+            durable: Seq(7),
+            ..MetaRecord::new(VolumeId([1; 16]), DATA)
+        }
+    }
+
+    #[test]
+    fn a_legacy_file_without_its_volume_is_refused_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, legacy) = (dir.path().join("v"), dir.path().join("v.meta"));
+        fs::write(&legacy, legacy_record().encode_file(0)).unwrap();
+        let err = open(&spec(&vol, &legacy, Some(DATA))).unwrap_err();
+        assert!(
+            matches!(err, StorageError::LegacyWithoutVolume { .. }),
+            "{err}"
+        );
+        assert!(!vol.exists());
+    }
+
+    /// A crash after the record was written but before the rename: the next start finds the
+    /// record at the end and finishes the rename.
+    #[test]
+    fn an_interrupted_upgrade_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, legacy) = (dir.path().join("v"), dir.path().join("v.meta"));
+        fs::write(&vol, vec![0u8; DATA as usize]).unwrap();
+        fs::write(&legacy, legacy_record().encode_file(0)).unwrap();
+        let opened = open(&spec(&vol, &legacy, None)).unwrap();
+        assert!(matches!(opened.how, Opening::Upgraded { .. }));
+        assert_eq!(opened.record.unwrap().durable, Seq(7));
+        drop(opened);
+        fs::rename(upgraded_path(&legacy), &legacy).unwrap();
+        let opened = open(&spec(&vol, &legacy, Some(DATA))).unwrap();
+        assert!(matches!(opened.how, Opening::Upgraded { .. }));
+        assert_eq!(opened.record.unwrap().durable, Seq(7));
+        assert!(!legacy.exists());
+        drop(opened);
+        let opened = open(&spec(&vol, &legacy, Some(DATA))).unwrap();
+        assert_eq!(opened.how, Opening::Found);
+        assert_eq!(
+            fs::metadata(&vol).unwrap().len(),
+            DATA + meta_area_bytes(DATA)
+        );
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_holds_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, legacy) = (dir.path().join("v"), dir.path().join("v.meta"));
+        let first = open(&spec(&vol, &legacy, Some(DATA))).unwrap();
+        assert_eq!(first.how, Opening::Created);
+        let err = open(&spec(&vol, &legacy, Some(DATA))).unwrap_err();
+        assert!(matches!(err, StorageError::InUse { .. }), "{err}");
     }
 }
