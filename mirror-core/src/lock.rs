@@ -150,6 +150,61 @@ impl LockTable {
     }
 }
 
+/// First wait of a local lock holder after a refusal.
+pub const LOCAL_RETRY_FIRST_NS: u64 = 1_000_000;
+/// Longest wait between two tries of a local lock holder.
+pub const LOCAL_RETRY_MAX_NS: u64 = 50_000_000;
+
+/// What a local lock holder does after its request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRetry {
+    /// Try again after this long.
+    Wait {
+        /// How long to wait.
+        wait_ns: u64,
+    },
+    /// The deadline would pass before the next try: the region stayed locked.
+    TimedOut,
+    /// The request can never be granted (its range is empty or outside the volume).
+    Refused,
+}
+
+/// The retry policy of a local lock holder while the mirror holds its region: waits that double
+/// from [`LOCAL_RETRY_FIRST_NS`] up to [`LOCAL_RETRY_MAX_NS`], until a deadline. Time is passed
+/// in; the driver sleeps.
+#[derive(Debug, Clone)]
+pub struct LocalLockRetry {
+    deadline_ns: u64,
+    backoff_ns: u64,
+}
+
+impl LocalLockRetry {
+    /// A holder that first asked at `now_ns` and gives up `timeout_ns` later.
+    #[must_use]
+    pub fn new(now_ns: u64, timeout_ns: u64) -> LocalLockRetry {
+        LocalLockRetry {
+            deadline_ns: now_ns.saturating_add(timeout_ns),
+            backoff_ns: LOCAL_RETRY_FIRST_NS,
+        }
+    }
+
+    /// The request was refused with `why` at `now_ns`: wait, give up, or fail.
+    pub fn on_refused(&mut self, why: LockError, now_ns: u64) -> LocalRetry {
+        match why {
+            LockError::BadRange => LocalRetry::Refused,
+            // Busy or too many holders: both clear up when others release.
+            LockError::Busy | LockError::TooMany => {
+                let wait_ns = self.backoff_ns;
+                if now_ns.saturating_add(wait_ns) > self.deadline_ns {
+                    return LocalRetry::TimedOut;
+                }
+                self.backoff_ns = (wait_ns * 2).min(LOCAL_RETRY_MAX_NS);
+                LocalRetry::Wait { wait_ns }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +240,34 @@ mod tests {
         assert_eq!(
             t.try_lock_local(Range::new(1024, 512)),
             Err(LockError::TooMany)
+        );
+    }
+
+    #[test]
+    fn local_holders_back_off_until_their_deadline() {
+        let ms = 1_000_000;
+        let mut retry = LocalLockRetry::new(0, 200 * ms);
+        let mut now = 0;
+        let mut waits = Vec::new();
+        loop {
+            match retry.on_refused(LockError::Busy, now) {
+                LocalRetry::Wait { wait_ns } => {
+                    waits.push(wait_ns / ms);
+                    now += wait_ns;
+                }
+                LocalRetry::TimedOut => break,
+                LocalRetry::Refused => panic!("busy is retried"),
+            }
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 50, 50]);
+        assert!(now <= 200 * ms, "waited past the deadline: {now}");
+        assert_eq!(
+            retry.on_refused(LockError::TooMany, 0),
+            LocalRetry::Wait { wait_ns: 50 * ms }
+        );
+        assert_eq!(
+            LocalLockRetry::new(0, 200 * ms).on_refused(LockError::BadRange, 0),
+            LocalRetry::Refused
         );
     }
 }

@@ -1,32 +1,41 @@
 //! A node's persistent metadata record, for both roles: which volume and node this is, its role,
 //! its data generation, the last durable sequence number, whether the previous run stopped
-//! cleanly, and where a dirty bitmap lives (none yet). The bytes and their checks live here; the
-//! drivers keep the record in a file (`target-server`'s `meta.rs`) and decide nothing about it:
+//! cleanly, whether the data is known to be consistent, and where a dirty bitmap lives (none yet).
+//! The bytes, their checks and the size of the metadata area live here; the drivers keep the
+//! record at the end of the volume's backing (`mirror-storage`) and decide nothing about it:
 //! [`crate::target::recover`] says what a restarted target trusts.
 //!
-//! A metadata file holds two slots, at offset 0 and at [`SLOT_BYTES`]; each update overwrites the
-//! slot that does not hold the newest record, so a torn update leaves the previous record intact.
-//! A record (version 3, [`RECORD_BYTES`] bytes, little endian):
+//! Metadata is internal, as DRBD's: a backing of `B` bytes holds the data area `[0, volume_bytes)`
+//! and the metadata area `[volume_bytes, B)`. The area begins with room for the dirty bitmap
+//! ([`bitmap_room_bytes`]: one bit per [`BITMAP_CHUNK_BYTES`] chunk) and ends with the two record
+//! slots ([`META_SLOTS_BYTES`], so a reader finds them from the backing's size alone); its size is
+//! [`meta_area_bytes`] (rounded up to [`META_AREA_ALIGN_BYTES`]) or more, and is recorded.
+//!
+//! Each update overwrites the slot that does not hold the newest record, so a torn update leaves
+//! the previous record intact. A record (version 4, [`RECORD_BYTES`] bytes, little endian):
 //!
 //! | bytes    | field          | meaning                                                  |
 //! |----------|----------------|----------------------------------------------------------|
 //! | 0..8     | magic          | `"UBMRMETA"`                                             |
 //! | 8..12    | version        | [`META_VERSION`]                                         |
-//! | 12..16   | flags          | bit 0: clean (all applied writes were synced)            |
+//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes) |
 //! | 16..32   | volume id      | the mirrored volume                                      |
 //! | 32..40   | node id        | the node that wrote it                                   |
 //! | 40..44   | role           | 0: secondary (target), 1: primary                        |
 //! | 44..48   | reserved       | zero                                                     |
-//! | 48..56   | volume bytes   | size of the volume when written                          |
+//! | 48..56   | volume bytes   | size of the data area                                    |
 //! | 56..64   | durable seq    | last operation applied and synced                        |
 //! | 64..72   | generation     | the data generation                                      |
 //! | 72..80   | bitmap offset  | where the dirty bitmap starts (0 with length 0: none)    |
 //! | 80..88   | bitmap bytes   | its length                                               |
-//! | 88..96   | write count    | incremented by every update; the higher valid slot wins  |
-//! | 96..100  | crc32c         | CRC32C of bytes 0..96                                    |
+//! | 88..96   | area bytes     | size of the metadata area (0: kept apart from the data)  |
+//! | 96..104  | write count    | incremented by every update; the higher valid slot wins  |
+//! | 104..108 | crc32c         | CRC32C of bytes 0..104                                   |
 //!
-//! Versions 1 (one 52-byte record, the whole file) and 2 (two 60-byte slots, without node, role,
-//! generation and bitmap) are read; a driver rewrites the file in version 3 when it starts.
+//! Earlier versions were kept in a separate file (`<volume>.meta`) and are read for the upgrade:
+//! version 1 (one 52-byte record, the whole file), 2 (two 60-byte slots, without node, role,
+//! generation and bitmap), 3 (two 100-byte slots, this layout without area bytes: write count at
+//! 88..96, crc32c of 0..96 at 96..100). They read as consistent, with no metadata area.
 
 use crate::types::{Generation, NodeId, Seq, VolumeId};
 use crate::wire::{le_u32, le_u64};
@@ -34,16 +43,41 @@ use crate::wire::{le_u32, le_u64};
 /// `"UBMRMETA"`.
 pub const META_MAGIC: [u8; 8] = *b"UBMRMETA";
 /// The format version this code writes.
-pub const META_VERSION: u32 = 3;
-/// Bytes in one version-3 record.
-pub const RECORD_BYTES: usize = 100;
+pub const META_VERSION: u32 = 4;
+/// Bytes in one version-4 record.
+pub const RECORD_BYTES: usize = 108;
 /// Distance between the two slots (records never share a page or a sector).
 pub const SLOT_BYTES: usize = 4096;
-/// Bytes in a metadata file.
+/// Bytes of the two slots (a legacy metadata file, or the end of the metadata area).
 pub const META_FILE_BYTES: usize = 2 * SLOT_BYTES;
+/// [`META_FILE_BYTES`] as a byte count on disk.
+pub const META_SLOTS_BYTES: u64 = META_FILE_BYTES as u64;
+/// Chunk size the bitmap room is reserved for (one bit per chunk).
+pub const BITMAP_CHUNK_BYTES: u64 = 64 << 10;
+/// The metadata area's size is a multiple of this.
+pub const META_AREA_ALIGN_BYTES: u64 = 1 << 20;
 const V1_BYTES: usize = 52;
 const V2_RECORD_BYTES: usize = 60;
+const V3_RECORD_BYTES: usize = 100;
 const FLAG_CLEAN: u32 = 1;
+const FLAG_CONSISTENT: u32 = 2;
+
+/// Bytes reserved for the dirty bitmap of a data area of `volume_bytes`: one bit per
+/// [`BITMAP_CHUNK_BYTES`], in whole 4 KiB pages.
+#[must_use]
+pub fn bitmap_room_bytes(volume_bytes: u64) -> u64 {
+    let chunks = volume_bytes.div_ceil(BITMAP_CHUNK_BYTES);
+    chunks.div_ceil(8).div_ceil(SLOT_BYTES as u64) * SLOT_BYTES as u64
+}
+
+/// The size rule of the metadata area behind a data area of `volume_bytes`: the bitmap room and
+/// the two slots, rounded up to [`META_AREA_ALIGN_BYTES`] (1 MiB up to 32 GiB of data, then
+/// 1 MiB more per 32 GiB). A backing may hold a larger area (a block device's slack).
+#[must_use]
+pub fn meta_area_bytes(volume_bytes: u64) -> u64 {
+    (bitmap_room_bytes(volume_bytes) + META_SLOTS_BYTES).div_ceil(META_AREA_ALIGN_BYTES)
+        * META_AREA_ALIGN_BYTES
+}
 
 /// A node's role, as its metadata records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,8 +124,14 @@ pub struct MetaRecord {
     pub generation: Generation,
     /// Whether the run that wrote this stopped cleanly.
     pub clean: bool,
+    /// Whether the data is known to be a prefix of the mirror's writes. False for a volume of
+    /// unknown content (initialised without a record); only a full resync makes it true.
+    pub consistent: bool,
     /// The dirty bitmap, if any.
     pub bitmap: BitmapLocation,
+    /// Size of the metadata area behind the data area (0: the record is kept apart, in memory or
+    /// a legacy file).
+    pub meta_area_bytes: u64,
 }
 
 /// Why metadata bytes cannot be trusted.
@@ -140,9 +180,22 @@ pub enum MetaCorrupt {
     V1(Box<MetaCorrupt>),
 }
 
+impl MetaCorrupt {
+    /// Whether the bytes are all zero: nothing was ever stored there (a new or replaced volume),
+    /// as opposed to a record that was damaged.
+    #[must_use]
+    pub fn is_blank(&self) -> bool {
+        match self {
+            MetaCorrupt::Empty => true,
+            MetaCorrupt::NoValidRecord { slot0, slot1 } => slot0.is_blank() && slot1.is_blank(),
+            _ => false,
+        }
+    }
+}
+
 /// Magic, checksum (of `bytes[..crc_at]`, stored at `crc_at`), version and flags; returns the
-/// clean flag.
-fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<bool, MetaCorrupt> {
+/// flags.
+fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<u32, MetaCorrupt> {
     if bytes.len() < crc_at + 4 {
         return Err(MetaCorrupt::Length {
             len: bytes.len(),
@@ -164,10 +217,15 @@ fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<bool
         return Err(MetaCorrupt::Version(version));
     }
     let flags = le_u32(bytes, 12);
-    if flags & !FLAG_CLEAN != 0 {
+    let known = if version_wanted >= 4 {
+        FLAG_CLEAN | FLAG_CONSISTENT
+    } else {
+        FLAG_CLEAN
+    };
+    if flags & !known != 0 {
         return Err(MetaCorrupt::Flags(flags));
     }
-    Ok(flags & FLAG_CLEAN != 0)
+    Ok(flags)
 }
 
 fn volume_id_at(bytes: &[u8]) -> VolumeId {
@@ -177,7 +235,8 @@ fn volume_id_at(bytes: &[u8]) -> VolumeId {
 }
 
 impl MetaRecord {
-    /// A clean record of a secondary at seq 0, generation 0, without a bitmap.
+    /// A clean, consistent record of a secondary at seq 0, generation 0, without a bitmap or a
+    /// metadata area.
     #[must_use]
     pub fn new(volume_id: VolumeId, volume_bytes: u64) -> MetaRecord {
         MetaRecord {
@@ -188,7 +247,9 @@ impl MetaRecord {
             durable: Seq::NONE,
             generation: Generation(0),
             clean: true,
+            consistent: true,
             bitmap: BitmapLocation::default(),
+            meta_area_bytes: 0,
         }
     }
 
@@ -210,13 +271,28 @@ impl MetaRecord {
         }
     }
 
-    /// The version-3 record carrying `write_count`.
+    /// A legacy (external) record moved into a metadata area of `meta_area_bytes`. If the volume
+    /// was written after the record (`volume_newer`: its modification time is later), it may have
+    /// been replaced or changed behind the record's back, so its data is no longer vouched for.
+    #[must_use]
+    pub fn upgraded(self, meta_area_bytes: u64, volume_newer: bool) -> MetaRecord {
+        MetaRecord {
+            meta_area_bytes,
+            consistent: self.consistent && !volume_newer,
+            ..self
+        }
+    }
+
+    /// The version-4 record carrying `write_count`.
     #[must_use]
     pub fn encode(&self, write_count: u64) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
         b[0..8].copy_from_slice(&META_MAGIC);
         b[8..12].copy_from_slice(&META_VERSION.to_le_bytes());
-        let flags = if self.clean { FLAG_CLEAN } else { 0 };
+        let mut flags = if self.clean { FLAG_CLEAN } else { 0 };
+        if self.consistent {
+            flags |= FLAG_CONSISTENT;
+        }
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume_id.0);
         b[32..40].copy_from_slice(&self.node_id.0.to_le_bytes());
@@ -230,18 +306,26 @@ impl MetaRecord {
         b[64..72].copy_from_slice(&self.generation.0.to_le_bytes());
         b[72..80].copy_from_slice(&self.bitmap.offset_bytes.to_le_bytes());
         b[80..88].copy_from_slice(&self.bitmap.len_bytes.to_le_bytes());
-        b[88..96].copy_from_slice(&write_count.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..96]);
-        b[96..100].copy_from_slice(&crc.to_le_bytes());
+        b[88..96].copy_from_slice(&self.meta_area_bytes.to_le_bytes());
+        b[96..104].copy_from_slice(&write_count.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..104]);
+        b[104..108].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Parses one slot (a version-3 record, or a version-2 one) and its write count.
+    /// Parses one slot (a version-4 record, or a version-3 or 2 one) and its write count.
     pub fn decode(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
-        if bytes.len() >= 12 && bytes[0..8] == META_MAGIC && le_u32(bytes, 8) == 2 {
+        let older = bytes.len() >= 12 && bytes[0..8] == META_MAGIC;
+        if older && le_u32(bytes, 8) == 2 {
             return Self::decode_v2(bytes);
         }
-        let clean = check_header(bytes, META_VERSION, 96)?;
+        let v3 = older && le_u32(bytes, 8) == 3;
+        let (version, crc_at) = if v3 {
+            (3, V3_RECORD_BYTES - 4)
+        } else {
+            (META_VERSION, RECORD_BYTES - 4)
+        };
+        let flags = check_header(bytes, version, crc_at)?;
         if le_u32(bytes, 44) != 0 {
             return Err(MetaCorrupt::Reserved);
         }
@@ -257,19 +341,22 @@ impl MetaRecord {
             volume_bytes: le_u64(bytes, 48),
             durable: Seq(le_u64(bytes, 56)),
             generation: Generation(le_u64(bytes, 64)),
-            clean,
+            clean: flags & FLAG_CLEAN != 0,
+            // Before version 4 nothing was initialised on a volume of unknown content.
+            consistent: v3 || flags & FLAG_CONSISTENT != 0,
             bitmap: BitmapLocation {
                 offset_bytes: le_u64(bytes, 72),
                 len_bytes: le_u64(bytes, 80),
             },
+            meta_area_bytes: if v3 { 0 } else { le_u64(bytes, 88) },
         };
-        Ok((record, le_u64(bytes, 88)))
+        Ok((record, le_u64(bytes, if v3 { 88 } else { 96 })))
     }
 
     /// Version 2: magic, version, flags, volume id, durable seq (32..40), volume bytes (40..48),
     /// write count (48..56), crc32c (56..60); a target's record.
     fn decode_v2(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
-        let clean = check_header(bytes, 2, V2_RECORD_BYTES - 4)?;
+        let clean = check_header(bytes, 2, V2_RECORD_BYTES - 4)? & FLAG_CLEAN != 0;
         let record = MetaRecord {
             durable: Seq(le_u64(bytes, 32)),
             clean,
@@ -280,7 +367,7 @@ impl MetaRecord {
 
     /// Version 1: as version 2 without the write count (crc32c at 48..52), the whole file.
     fn decode_v1(bytes: &[u8]) -> Result<MetaRecord, MetaCorrupt> {
-        let clean = check_header(bytes, 1, V1_BYTES - 4)?;
+        let clean = check_header(bytes, 1, V1_BYTES - 4)? & FLAG_CLEAN != 0;
         Ok(MetaRecord {
             durable: Seq(le_u64(bytes, 32)),
             clean,
@@ -288,8 +375,8 @@ impl MetaRecord {
         })
     }
 
-    /// Parses a whole metadata file: the valid slot with the highest write count (and that
-    /// count).
+    /// Parses both slots (or a whole version-1 file): the valid slot with the highest write
+    /// count (and that count).
     pub fn decode_file(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
         if bytes.len() == V1_BYTES {
             return Self::decode_v1(bytes)
@@ -317,7 +404,7 @@ impl MetaRecord {
         }
     }
 
-    /// Where the record with `write_count` goes in the file.
+    /// Where the record with `write_count` goes among the two slots.
     #[must_use]
     pub fn slot_offset(write_count: u64) -> usize {
         if write_count.is_multiple_of(2) {
@@ -327,7 +414,7 @@ impl MetaRecord {
         }
     }
 
-    /// A whole file holding only this record, at the slot of `write_count`.
+    /// Both slots holding only this record, at the slot of `write_count`.
     #[must_use]
     pub fn encode_file(&self, write_count: u64) -> Vec<u8> {
         let mut bytes = vec![0u8; META_FILE_BYTES];
@@ -350,10 +437,12 @@ mod tests {
             durable: Seq(123_456),
             generation: Generation(0x1234_5678_9abc),
             clean: false,
+            consistent: false,
             bitmap: BitmapLocation {
                 offset_bytes: 8192,
                 len_bytes: 4096,
             },
+            meta_area_bytes: 3 << 20,
         }
     }
 
@@ -420,15 +509,21 @@ mod tests {
     #[test]
     fn unknown_version_and_role_are_refused_even_with_a_valid_checksum() {
         let reseal = |mut b: [u8; RECORD_BYTES]| {
-            let crc = crc32c::crc32c(&b[0..96]);
-            b[96..100].copy_from_slice(&crc.to_le_bytes());
+            let crc = crc32c::crc32c(&b[0..104]);
+            b[104..108].copy_from_slice(&crc.to_le_bytes());
             b
         };
         let mut bytes = sample().encode(0);
-        bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&5u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Version(4))
+            Err(MetaCorrupt::Version(5))
+        );
+        let mut bytes = sample().encode(0);
+        bytes[12..16].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(
+            MetaRecord::decode(&reseal(bytes)),
+            Err(MetaCorrupt::Flags(4))
         );
         let mut bytes = sample().encode(0);
         bytes[40..44].copy_from_slice(&2u32.to_le_bytes());
@@ -451,6 +546,56 @@ mod tests {
         let crc = crc32c::crc32c(&b[0..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// Version 3 as it was written: this layout up to the bitmap, write count at 88..96.
+    fn encode_v3(m: &MetaRecord, write_count: u64) -> Vec<u8> {
+        let mut b = m.encode(write_count)[..V3_RECORD_BYTES].to_vec();
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        b[12..16].copy_from_slice(&u32::from(m.clean).to_le_bytes());
+        b[88..96].copy_from_slice(&write_count.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..96]);
+        b[96..100].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn version_3_reads_as_consistent_without_a_metadata_area() {
+        let written = MetaRecord {
+            consistent: true,
+            meta_area_bytes: 0,
+            ..sample()
+        };
+        let mut file = vec![0u8; META_FILE_BYTES];
+        file[SLOT_BYTES..SLOT_BYTES + V3_RECORD_BYTES].copy_from_slice(&encode_v3(&written, 7));
+        assert_eq!(MetaRecord::decode_file(&file), Ok((written, 7)));
+        file[SLOT_BYTES + 60] ^= 1;
+        assert!(MetaRecord::decode_file(&file).is_err());
+    }
+
+    #[test]
+    fn the_area_holds_the_bitmap_room_and_the_slots_in_whole_mebibytes() {
+        assert_eq!(bitmap_room_bytes(1 << 20), 4096);
+        assert_eq!(meta_area_bytes(1 << 20), 1 << 20);
+        // 32 GiB of data: 512 Ki chunks, a 64 KiB bitmap; with the slots still within 1 MiB.
+        assert_eq!(bitmap_room_bytes(32 << 30), 64 << 10);
+        assert_eq!(meta_area_bytes(32 << 30), 1 << 20);
+        // 16 TiB: a 32 MiB bitmap plus the slots.
+        assert_eq!(meta_area_bytes(16 << 40), 33 << 20);
+        for v in [512, 4096, (1 << 30) + 512, 1 << 40] {
+            let a = meta_area_bytes(v);
+            assert!(a.is_multiple_of(META_AREA_ALIGN_BYTES));
+            assert!(a >= bitmap_room_bytes(v) + META_SLOTS_BYTES, "{v}");
+        }
+    }
+
+    #[test]
+    fn only_zeroed_slots_are_blank() {
+        let zeros = vec![0u8; META_FILE_BYTES];
+        assert!(MetaRecord::decode_file(&zeros).unwrap_err().is_blank());
+        let mut damaged = sample().encode_file(0);
+        damaged[20] ^= 1;
+        assert!(!MetaRecord::decode_file(&damaged).unwrap_err().is_blank());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The storage seams: the volume (what the target, and later the primary, does to its backing
 //! store) and the metadata store, each with an in-memory implementation and fault injection for
-//! the simulator and tests. The file implementations live with the daemons (`target-server`'s
-//! `volume.rs` and `meta.rs`), which implement the same traits; nothing here touches a file.
+//! the simulator and tests. The file and block-device implementations live in `mirror-storage`
+//! (shared by both daemons), which implement the same traits; nothing here touches a file.
 //!
 //! One rule for every implementation: [`apply`] turns a mirrored operation into writes, a discard
 //! reads back as zeroes, a flush is the driver's sync after the batch.
@@ -343,7 +343,8 @@ pub enum MetaStoreError {
 }
 
 /// Where a node keeps its metadata record: [`MetaStore::store`] returns once the record is
-/// durable. The file implementation lives with the daemons (`target-server`'s `meta.rs`).
+/// durable. The real implementation (the record at the end of the volume's backing) lives in
+/// `mirror-storage`.
 pub trait MetaStore: std::fmt::Debug {
     /// The newest valid record, `None` if none was ever stored.
     fn load(&self) -> Result<Option<MetaRecord>, MetaStoreError>;

@@ -163,11 +163,24 @@ pub struct VolumeFacts {
 pub enum RecoveryKind {
     /// From its metadata record.
     Resumed,
-    /// A new volume with no metadata: nothing to trust, nothing to distrust.
+    /// A volume the driver just created full of zeroes, with no metadata: consistent at seq 0.
     Fresh,
-    /// An existing volume without metadata: taken as holding nothing of the mirror's history
-    /// (durable seq 0). The driver should say so.
+    /// An existing volume without a record (new to the mirror, or replaced): its content is
+    /// unknown, so it is initialised at seq 0 as not consistent. The driver should say so.
     Adopted,
+    /// A record of this volume that says its data is not known to be consistent (an adopted
+    /// volume, restarted): still not consistent.
+    Unverified,
+}
+
+impl RecoveryKind {
+    /// Whether the volume's data may be taken as a prefix of the mirror's writes (after the
+    /// resend an unclean stop needs). Otherwise only a full resync makes it consistent, and every
+    /// record the target writes says so.
+    #[must_use]
+    pub fn trusts_data(self) -> bool {
+        matches!(self, RecoveryKind::Resumed | RecoveryKind::Fresh)
+    }
 }
 
 /// Why a target must not start on this volume and metadata.
@@ -211,7 +224,8 @@ pub enum RecoverySabotage {
 /// What a restarted target trusts: its metadata record if it has one that describes this volume
 /// (durable seq, and whether the last run stopped cleanly: if not, the volume may hold part of a
 /// batch past the durable seq and is inconsistent until the source's resend is applied), nothing
-/// at all for a new volume.
+/// at all for a new volume, and never the data of a volume without a record (or whose record says
+/// it is not consistent): the [`RecoveryKind`] says which, and [`Target::recovered`] acts on it.
 pub fn recover(
     record: Option<&MetaRecord>,
     facts: &VolumeFacts,
@@ -233,7 +247,7 @@ pub fn recover_with(
         };
         let restored = Restored {
             durable: Seq::NONE,
-            clean: true,
+            clean: kind.trusts_data(),
         };
         return Ok((restored, kind));
     };
@@ -259,7 +273,12 @@ pub fn recover_with(
         durable: record.durable,
         clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
     };
-    Ok((restored, RecoveryKind::Resumed))
+    let kind = if record.consistent {
+        RecoveryKind::Resumed
+    } else {
+        RecoveryKind::Unverified
+    };
+    Ok((restored, kind))
 }
 
 /// Why the connection must close.
@@ -481,6 +500,9 @@ pub struct Target {
     /// An operation asked for an ACK on receipt ([`crate::wire::FLAG_ACK_ON_RECEIPT`]): the next advance
     /// of `received` is acknowledged at once instead of with the next durability ACK.
     receipt_wanted: bool,
+    /// The data was never known to be consistent (see [`RecoveryKind::trusts_data`]): no resend
+    /// clears `inconsistent_until`, only a full resync will.
+    data_untrusted: bool,
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
     /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
     inconsistent_until: Option<Seq>,
@@ -490,6 +512,18 @@ pub struct Target {
 }
 
 impl Target {
+    /// A target as [`recover`] found it: `restored`, and never consistent while `kind` does not
+    /// trust the data.
+    #[must_use]
+    pub fn recovered(cfg: TargetConfig, restored: Restored, kind: RecoveryKind) -> Target {
+        let mut target = Target::new(cfg, restored);
+        if !kind.trusts_data() {
+            target.data_untrusted = true;
+            target.inconsistent_until = Some(Seq(u64::MAX));
+        }
+        target
+    }
+
     /// A target whose volume's durable state is `restored`.
     #[must_use]
     pub fn new(cfg: TargetConfig, restored: Restored) -> Target {
@@ -512,6 +546,7 @@ impl Target {
             ack_dirty: false,
             receipt_wanted: false,
             inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
+            data_untrusted: false,
             lock_only: 0,
             sabotage: TargetSabotage::None,
         }
@@ -1245,9 +1280,10 @@ impl Target {
     }
 
     fn check_consistent(&mut self) {
-        if self
-            .inconsistent_until
-            .is_some_and(|until| self.durable >= until)
+        if !self.data_untrusted
+            && self
+                .inconsistent_until
+                .is_some_and(|until| self.durable >= until)
         {
             self.inconsistent_until = None;
         }
@@ -1464,9 +1500,19 @@ mod tests {
                 RecoveryKind::Resumed
             ))
         );
+        // An existing volume without a record (new to the mirror, or replaced): seq 0, and its
+        // data is not trusted.
+        let (adopted, kind) = recover(None, &facts).unwrap();
+        assert_eq!(kind, RecoveryKind::Adopted);
+        assert!(!adopted.clean && !kind.trusts_data());
+        let unverified = MetaRecord {
+            consistent: false,
+            clean: true,
+            ..own
+        };
         assert_eq!(
-            recover(None, &facts).map(|r| r.1),
-            Ok(RecoveryKind::Adopted)
+            recover(Some(&unverified), &facts).map(|r| r.1),
+            Ok(RecoveryKind::Unverified)
         );
         let created = VolumeFacts {
             created: true,
@@ -1503,6 +1549,32 @@ mod tests {
         };
         let err = recover(Some(&primary), &facts).unwrap_err();
         assert_eq!(err.to_string(), "it was written by a primary (node 4)");
+    }
+
+    /// A volume whose data is not trusted (adopted without a record) stays inconsistent after the
+    /// source's resend; one that is (a fresh volume, an unclean stop) does not.
+    #[test]
+    fn an_untrusted_volume_stays_inconsistent_after_the_resend() {
+        for (kind, consistent_after) in [
+            (RecoveryKind::Adopted, false),
+            (RecoveryKind::Unverified, false),
+            (RecoveryKind::Resumed, true),
+        ] {
+            let restored = Restored {
+                durable: Seq::NONE,
+                clean: false,
+            };
+            let mut target = Target::recovered(new_target(FRESH).cfg.clone(), restored, kind);
+            let mut source = new_source(Mode::Sync, 1);
+            write(&mut source, 0);
+            source.on_connect([2; MAC_BYTES]);
+            target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+            exchange(&mut source, &mut target);
+            let apply = target.poll_apply().unwrap();
+            target.handle_applied(apply.seq);
+            target.handle_durable(apply.seq);
+            assert_eq!(target.status().consistent, consistent_after, "{kind:?}");
+        }
     }
 
     /// Item 9a: before this fix the forged HELLO alone cleared "inconsistent" (the HELLO's

@@ -10,7 +10,8 @@ use mirror_core::target::ConflictPolicy;
 use mirror_core::{NodeId, Size, VolumeId};
 use serde::Deserialize;
 
-use crate::meta::default_meta_path;
+use mirror_storage::legacy_meta_path;
+
 use crate::server::ServerConfig;
 
 /// Conflict policy as spelled on the command line and in the file.
@@ -43,10 +44,13 @@ pub struct Cli {
     /// Address to listen on [default: 127.0.0.1:7700].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// The target volume file (must exist unless --create-size is given).
+    /// The target volume: a file or block device; its metadata lives at its end (must exist
+    /// unless --create-size is given).
     #[arg(long, value_name = "PATH")]
     pub volume: Option<PathBuf>,
-    /// Create the volume (sparse) with this many bytes if it does not exist (K/M/G/T suffixes).
+    /// The volume's data size (K/M/G/T suffixes): create it (sparse, larger by the metadata
+    /// area) if it does not exist, or initialise an existing one without metadata (as not
+    /// consistent); an existing volume must hold this many data bytes.
     #[arg(long, value_name = "SIZE")]
     pub create_size: Option<Size>,
     /// Id of the mirrored volume: 32 hex digits (dashes allowed).
@@ -70,7 +74,8 @@ pub struct Cli {
     /// TOML file with the same settings (snake_case keys); flags override it.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Metadata file [default: the volume path with `.meta` appended].
+    /// Legacy external metadata file of an earlier release, moved into the volume at start
+    /// [default: the volume path with `.meta` appended].
     #[arg(long, value_name = "PATH")]
     pub meta: Option<PathBuf>,
     /// Close a connection that sends nothing for this many seconds [default: 30].
@@ -142,9 +147,33 @@ pub enum ConfigError {
         /// The file key.
         key: &'static str,
     },
-    /// A setting has a bad value.
-    #[error("{0}")]
-    Invalid(String),
+    /// The volume id is not 32 hex digits.
+    #[error("bad volume id '{0}' (expected 32 hex digits, dashes allowed)")]
+    BadVolumeId(String),
+    /// The secret file holds only whitespace.
+    #[error("secret file {} is empty", .0.display())]
+    EmptySecret(PathBuf),
+    /// The block size is not supported.
+    #[error(transparent)]
+    BlockSize(#[from] mirror_core::BadBlockSize),
+    /// The commit log bound is too small or too large.
+    #[error("commit log of {bytes} bytes is out of range (at least {min_bytes})")]
+    CommitLogBytes {
+        /// What was asked for.
+        bytes: u64,
+        /// The smallest bound.
+        min_bytes: u64,
+    },
+    /// A timeout is out of range.
+    #[error("{what} timeout of {secs} s is out of range (1 to {max_secs})")]
+    Timeout {
+        /// Which timeout.
+        what: &'static str,
+        /// What was asked for.
+        secs: u64,
+        /// The largest allowed.
+        max_secs: u64,
+    },
 }
 
 impl FileConfig {
@@ -192,10 +221,7 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
     })?;
     let trimmed = bytes.trim_ascii();
     if trimmed.is_empty() {
-        return Err(ConfigError::Invalid(format!(
-            "secret file {} is empty",
-            path.display()
-        )));
+        return Err(ConfigError::EmptySecret(path.to_owned()));
     }
     Ok(trimmed.to_vec())
 }
@@ -225,11 +251,8 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
             flag: "volume-id",
             key: "volume_id",
         })?;
-    let volume_id = VolumeId::parse(&id_text).ok_or_else(|| {
-        ConfigError::Invalid(format!(
-            "bad volume id '{id_text}' (expected 32 hex digits, dashes allowed)"
-        ))
-    })?;
+    let volume_id =
+        VolumeId::parse(&id_text).ok_or_else(|| ConfigError::BadVolumeId(id_text.clone()))?;
     let secret_file = match (&cli.secret_file, file.secret_file) {
         (Some(p), _) => p.clone(),
         (None, Some(p)) => relative_to(base, p),
@@ -247,7 +270,7 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
     }
     cfg.create_bytes = cli.create_size.or(file.create_size).map(|s| s.0);
     if let Some(block) = cli.block_bytes.or(file.block_bytes) {
-        mirror_core::block_shift(block).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        mirror_core::block_shift(block)?;
         cfg.block_bytes = block;
     }
     if let Some(policy) = cli.conflict_policy.or(file.conflict_policy) {
@@ -259,30 +282,33 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
     if let Some(Size(bytes)) = cli.commit_log_bytes.or(file.commit_log_bytes) {
         let min = u64::from(mirror_core::wire::PAYLOAD_BYTES_MAX);
         let usable = usize::try_from(bytes).ok().filter(|_| bytes >= min);
-        cfg.commit_log_bytes_max = usable.ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "commit log of {bytes} bytes is out of range (at least {min})"
-            ))
+        cfg.commit_log_bytes_max = usable.ok_or(ConfigError::CommitLogBytes {
+            bytes,
+            min_bytes: min,
         })?;
     }
-    cfg.meta_path = match (&cli.meta, file.meta) {
+    cfg.legacy_meta_path = match (&cli.meta, file.meta) {
         (Some(p), _) => p.clone(),
         (None, Some(p)) => relative_to(base, p),
-        (None, None) => default_meta_path(&cfg.volume_path),
+        (None, None) => legacy_meta_path(&cfg.volume_path),
     };
     if let Some(secs) = cli.idle_timeout_secs.or(file.idle_timeout_secs) {
         if secs == 0 || secs > 86_400 {
-            return Err(ConfigError::Invalid(format!(
-                "idle timeout of {secs} s is out of range (1 to 86400)"
-            )));
+            return Err(ConfigError::Timeout {
+                what: "idle",
+                secs,
+                max_secs: 86_400,
+            });
         }
         cfg.idle_timeout = Duration::from_secs(secs);
     }
     if let Some(secs) = cli.handshake_timeout_secs.or(file.handshake_timeout_secs) {
         if secs == 0 || secs > 3_600 {
-            return Err(ConfigError::Invalid(format!(
-                "handshake timeout of {secs} s is out of range (1 to 3600)"
-            )));
+            return Err(ConfigError::Timeout {
+                what: "handshake",
+                secs,
+                max_secs: 3_600,
+            });
         }
         cfg.handshake_timeout = Duration::from_secs(secs);
     }
@@ -323,7 +349,7 @@ mod tests {
         let cfg = resolve(&cli).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(cfg.volume_path, dir.path().join("vol.img"));
-        assert_eq!(cfg.meta_path, dir.path().join("vol.img.meta"));
+        assert_eq!(cfg.legacy_meta_path, dir.path().join("vol.img.meta"));
         assert_eq!(cfg.secret, b"s3cret");
         assert_eq!(cfg.block_bytes, 4096, "the flag wins");
         assert_eq!(cfg.conflict_policy, ConflictPolicy::Reject);

@@ -6,6 +6,8 @@ use mirror_core::meta::MetaRecord;
 use mirror_core::storage::{MetaStore, Volume};
 use tokio::sync::oneshot;
 
+use crate::error::IoFailure;
+
 /// A job for the I/O thread.
 type IoJob = Box<dyn FnOnce() + Send>;
 
@@ -35,8 +37,8 @@ impl IoThread {
     /// stopped or `f` panicked).
     pub(crate) fn start<T: Send + 'static>(
         &self,
-        f: impl FnOnce() -> Result<T, String> + Send + 'static,
-    ) -> oneshot::Receiver<Result<T, String>> {
+        f: impl FnOnce() -> Result<T, IoFailure> + Send + 'static,
+    ) -> oneshot::Receiver<Result<T, IoFailure>> {
         let (tx, rx) = oneshot::channel();
         let job: IoJob = Box::new(move || {
             // A panic in `f` drops `tx`, which the receiver reports.
@@ -48,13 +50,13 @@ impl IoThread {
     }
 }
 
-/// Makes everything written durable, then records `meta` (its durable seq) in the metadata file.
+/// Makes everything written durable, then records `meta` (its durable seq) in the metadata store.
 /// Runs on the I/O thread; the order is what lets a restarted target trust its record.
 pub(crate) fn sync_and_record(
     volume: &(dyn Volume + Send + Sync),
     meta: &(dyn MetaStore + Send + Sync),
     record: &MetaRecord,
-) -> Result<(), String> {
-    volume.sync().map_err(|e| format!("sync: {e}"))?;
-    meta.store(record).map_err(|e| e.to_string())
+) -> Result<(), IoFailure> {
+    volume.sync().map_err(IoFailure::Sync)?;
+    meta.store(record).map_err(IoFailure::Record)
 }

@@ -1,5 +1,6 @@
-//! The target server: receives mirrored operations over TCP and applies them to a file-backed target
-//! volume through the [`mirror_core::target::Target`] engine.
+//! The target server: receives mirrored operations over TCP and applies them to a target volume
+//! (a file or block device with internal metadata, [`mirror_storage`]) through the
+//! [`mirror_core::target::Target`] engine.
 //!
 //! - One task owns the engine (commit log, lock table, sequence numbers), which outlives
 //!   connections: it belongs to the volume. Each connection has a reader and a writer task that
@@ -11,7 +12,7 @@
 //!   payload is answered with `NAK`.
 //! - Operations are applied strictly in order on an I/O thread, then synced (`fdatasync`) per
 //!   batch of mirror-core's group-commit planner; the durable sequence number is recorded in the
-//!   [`meta`] file before the engine acknowledges durability.
+//!   volume's metadata area before the engine acknowledges durability.
 //! - Local lock holders ([`ServerHandle::lock_region`], [`ServerHandle::consistent_read`]) read a
 //!   region while no mirrored write touches it.
 //!
@@ -23,13 +24,16 @@
 
 pub mod config;
 mod conn;
+mod error;
 mod io_thread;
-pub mod meta;
+mod local;
+mod open;
 mod owner;
 mod server;
-pub mod volume;
 
+pub use error::{BadConfig, InternalError, IoFailure, ServerError};
+pub use local::RegionLock;
 pub use server::{
-    start, start_with, Backing, RegionLock, ServerConfig, ServerError, ServerHandle,
-    COMMIT_LOG_BYTES_DEFAULT, COMMIT_LOG_ENTRIES_DEFAULT, IDLE_TIMEOUT_DEFAULT, READ_BYTES_MAX,
+    start, start_with, Backing, ServerConfig, ServerHandle, COMMIT_LOG_BYTES_DEFAULT,
+    COMMIT_LOG_ENTRIES_DEFAULT, IDLE_TIMEOUT_DEFAULT, READ_BYTES_MAX,
 };

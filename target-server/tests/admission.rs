@@ -13,7 +13,6 @@ use mirror_core::meta::MetaRecord;
 use mirror_core::source::{ConnState, Mode, Source};
 use mirror_core::wire::{Frame, Hello, RefuseReason, MAC_BYTES};
 use mirror_core::{Generation, NodeId, Seq};
-use target_server::meta::MetaFile;
 use tokio::io::AsyncWriteExt;
 
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -23,22 +22,15 @@ const VOLUME_BYTES: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unauthenticated_hello_does_not_clear_inconsistent() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = server_config(&dir, VOLUME_BYTES);
-    target_server::start(cfg.clone())
-        .await
-        .unwrap()
-        .shutdown()
-        .await
-        .unwrap();
+    let cfg = stopped_volume(&dir, VOLUME_BYTES).await;
     // As a crash leaves it: applied writes past `durable` may be on the volume.
-    MetaFile::create(
-        &cfg.meta_path,
+    write_volume_record(
+        &cfg,
         &MetaRecord {
             clean: false,
             ..MetaRecord::new(VOLUME_ID, VOLUME_BYTES)
         },
-    )
-    .unwrap();
+    );
     let server = target_server::start(cfg).await.unwrap();
     assert!(!server.status().consistent);
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mirror_core::source::{Mode, Source};
 use mirror_core::Seq;
-use target_server::meta;
+use target_server::ServerConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_target-server");
 const ID: &str = "11111111111111111111111111111111";
@@ -102,6 +102,8 @@ fn bad_input_gives_one_error_line_and_a_nonzero_exit() {
             vec![
                 "--volume".into(),
                 s(&odd).into(),
+                "--create-size".into(),
+                "5000".into(),
                 "--volume-id".into(),
                 ID.into(),
                 "--secret-file".into(),
@@ -109,6 +111,8 @@ fn bad_input_gives_one_error_line_and_a_nonzero_exit() {
             ],
             "not a positive multiple",
         ),
+        (with(&[]), "has no metadata at its end"),
+        (with(&["--create-size", "4096"]), "grown or shrunk"),
         (
             with(&["--block-bytes", "1024"]),
             "block size 1024 is not supported",
@@ -242,10 +246,10 @@ async fn binary_serves_from_a_config_file_and_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
-    let meta = meta::load(&d.join("target.img.meta")).unwrap().unwrap();
+    let cfg = ServerConfig::new(d.join("target.img"), VOLUME_ID, SECRET.to_vec());
+    let meta = volume_record(&cfg).unwrap();
     assert!(meta.clean);
     assert_eq!(meta.durable, Seq(1));
-    let content = std::fs::read(d.join("target.img")).unwrap();
-    assert_eq!(content.len() as u64, volume_bytes);
+    let content = data_area(&cfg.volume_path, volume_bytes);
     assert_eq!(&content[8192..12288], &[0x77u8; 4096][..]);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mirror_core::storage::{MemMetaStore, MemVolume};
 use mirror_core::target::TargetStatus;
 use mirror_core::{NodeId, VolumeId};
-use target_server::{Backing, ServerConfig, ServerError, ServerHandle};
+use target_server::{Backing, BadConfig, ServerConfig, ServerError, ServerHandle};
 
 /// A target server whose volume is memory.
 #[derive(Debug)]
@@ -38,8 +38,7 @@ impl MemTarget {
     /// Starts the server on a zeroed volume of `cfg.create_bytes` bytes.
     pub async fn start(cfg: ServerConfig) -> Result<MemTarget, ServerError> {
         let bytes = cfg.create_bytes.unwrap_or(0);
-        let len = usize::try_from(bytes)
-            .map_err(|_| ServerError::Config(format!("{bytes} bytes do not fit in memory")))?;
+        let len = usize::try_from(bytes).map_err(|_| BadConfig::TooLargeForMemory { bytes })?;
         let volume = Arc::new(MemVolume::new(vec![0; len]));
         let backing = Backing {
             volume: Arc::clone(&volume) as _,

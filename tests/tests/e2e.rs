@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mirror_tests::procs::{
-    self, first_difference, missing_acks, read_ack_log, Finished, TargetServer, TargetServerOpts,
+    self, missing_acks, read_ack_log, Finished, TargetServer, TargetServerOpts,
 };
 use mirror_tests::proxy::{FaultProxy, Faults};
 use tempfile::TempDir;
@@ -119,12 +119,23 @@ fn check_success(run: &Finished, rig: &Rig, name: &str) -> anyhow::Result<serde_
     Ok(s)
 }
 
-fn identical(a: &Path, b: &Path) -> anyhow::Result<()> {
-    if let Some(at) = first_difference(a, b)? {
+/// The source volume equals the target's data area; the target file is larger by exactly its
+/// metadata area.
+fn identical(source: &Path, target: &Path) -> anyhow::Result<()> {
+    let a = std::fs::read(source)?;
+    let b = std::fs::read(target)?;
+    let data_bytes = a.len() as u64;
+    anyhow::ensure!(
+        b.len() as u64 == data_bytes + mirror_core::meta::meta_area_bytes(data_bytes),
+        "{} has {} bytes, not {data_bytes} data bytes and their metadata area",
+        target.display(),
+        b.len()
+    );
+    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
         anyhow::bail!(
             "{} and {} differ first at byte {at}",
-            a.display(),
-            b.display()
+            source.display(),
+            target.display()
         );
     }
     Ok(())

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mirror_core::meta::{meta_area_bytes, MetaRecord, META_FILE_BYTES};
 use mirror_core::source::{LockStyle, Mode, Source, SourceConfig, SourceError};
 use mirror_core::wire::{Frame, Op};
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
@@ -21,7 +22,6 @@ pub const BLOCK: u64 = 4096;
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub volume: PathBuf,
-    pub meta: PathBuf,
     pub volume_bytes: u64,
     pub server: ServerHandle,
 }
@@ -31,9 +31,63 @@ impl Fixture {
         self.server.local_addr()
     }
 
+    /// The data area (the file is larger by its metadata area).
     pub fn volume_content(&self) -> Vec<u8> {
-        std::fs::read(&self.volume).unwrap()
+        data_area(&self.volume, self.volume_bytes)
     }
+}
+
+/// The data area of the volume file at `path`, checking that the file is data plus metadata.
+pub fn data_area(path: &std::path::Path, volume_bytes: u64) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    let want = volume_bytes + meta_area_bytes(volume_bytes);
+    assert_eq!(bytes.len() as u64, want, "data and metadata area");
+    bytes.truncate(volume_bytes as usize);
+    bytes
+}
+
+/// The record at the end of the volume file (read without the server's lock: it may run).
+pub fn volume_record(cfg: &ServerConfig) -> Option<MetaRecord> {
+    let bytes = std::fs::read(&cfg.volume_path).unwrap();
+    let slots = &bytes[bytes.len() - META_FILE_BYTES..];
+    match MetaRecord::decode_file(slots) {
+        Ok((record, _)) => Some(record),
+        Err(why) if why.is_blank() => None,
+        Err(why) => panic!("corrupt record: {why}"),
+    }
+}
+
+/// Overwrites both slots at the end of the volume file with `record` alone (as a crash, or a
+/// test, leaves it), stamped with the file's metadata area.
+pub fn write_volume_record(cfg: &ServerConfig, record: &MetaRecord) {
+    let len = std::fs::metadata(&cfg.volume_path).unwrap().len();
+    let record = MetaRecord {
+        meta_area_bytes: len - record.volume_bytes,
+        ..*record
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cfg.volume_path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &file,
+        &record.encode_file(1_000),
+        len - META_FILE_BYTES as u64,
+    )
+    .unwrap();
+}
+
+/// A volume of `volume_bytes` that a server created and stopped cleanly, with the config that
+/// starts it again.
+pub async fn stopped_volume(dir: &tempfile::TempDir, volume_bytes: u64) -> ServerConfig {
+    let cfg = server_config(dir, volume_bytes);
+    target_server::start(cfg.clone())
+        .await
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+    cfg
 }
 
 pub fn server_config(dir: &tempfile::TempDir, volume_bytes: u64) -> ServerConfig {
@@ -48,12 +102,11 @@ pub async fn start_server(volume_bytes: u64, tweak: impl FnOnce(&mut ServerConfi
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = server_config(&dir, volume_bytes);
     tweak(&mut cfg);
-    let (volume, meta) = (cfg.volume_path.clone(), cfg.meta_path.clone());
+    let volume = cfg.volume_path.clone();
     let server = target_server::start(cfg).await.unwrap();
     Fixture {
         dir,
         volume,
-        meta,
         volume_bytes,
         server,
     }

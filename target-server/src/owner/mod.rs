@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use mirror_core::commit::{Batch, CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
-use mirror_core::storage::{self, MetaStore, Volume};
+use mirror_core::storage::{MetaStore, Volume};
 use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
 use mirror_core::wire::{Encoded, MAC_BYTES};
 use mirror_core::{NodeId, Range, Seq, VolumeId};
@@ -21,9 +21,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::conn::{self, Input};
-use crate::io_thread::{sync_and_record, IoThread};
-use crate::server::ServerError;
+use crate::error::{InternalError, IoFailure, ServerError};
+use crate::io_thread::IoThread;
 use mirror_net::ReadEnd;
+
+mod batch;
 
 /// Frames the readers may have handed over and the owner not yet taken (each up to
 /// `PAYLOAD_BYTES_MAX`): the memory a full commit log can leave in flight.
@@ -55,6 +57,8 @@ pub(crate) struct Owner {
     pub(crate) target: Target,
     pub(crate) volume: Arc<dyn Volume + Send + Sync>,
     pub(crate) meta_file: Arc<dyn MetaStore + Send + Sync>,
+    /// Whether recovery trusts the data: every record written says so.
+    pub(crate) data_trusted: bool,
     pub(crate) volume_id: VolumeId,
     pub(crate) node_id: NodeId,
     pub(crate) idle_timeout: Duration,
@@ -76,7 +80,7 @@ struct ConnIo {
 /// What woke the owner.
 enum Event {
     Shutdown,
-    IoDone(Result<Result<Batch, String>, oneshot::error::RecvError>),
+    IoDone(Result<Result<Batch, IoFailure>, oneshot::error::RecvError>),
     Writable,
     Input(Input),
     Cmd(Cmd),
@@ -93,7 +97,7 @@ struct Run {
     io: IoThread,
     commit: GroupCommit,
     /// The batch on the I/O thread.
-    io_pending: Option<oneshot::Receiver<Result<Batch, String>>>,
+    io_pending: Option<oneshot::Receiver<Result<Batch, IoFailure>>>,
     conns: HashMap<ConnId, ConnIo>,
     tasks: JoinSet<()>,
     inputs_tx: mpsc::Sender<Input>,
@@ -106,8 +110,7 @@ impl Owner {
     /// Runs until shutdown (graceful: what is ready is applied, synced and recorded clean) or a
     /// fatal volume error.
     pub(crate) async fn run(self) -> Result<(), ServerError> {
-        let io = IoThread::spawn()
-            .map_err(|e| ServerError::Internal(format!("cannot start the I/O thread: {e}")))?;
+        let io = IoThread::spawn().map_err(InternalError::IoThreadSpawn)?;
         let (inputs_tx, inputs) = mpsc::channel(INPUTS_MAX);
         let mut run = Run {
             o: self,
@@ -143,7 +146,10 @@ impl Run {
 
     fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
         let bytes = self.o.volume.volume_bytes();
-        MetaRecord::secondary(self.o.volume_id, self.o.node_id, bytes, durable, clean)
+        MetaRecord {
+            consistent: self.o.data_trusted,
+            ..MetaRecord::secondary(self.o.volume_id, self.o.node_id, bytes, durable, clean)
+        }
     }
 
     async fn serve(&mut self) -> Result<(), ServerError> {
@@ -410,81 +416,6 @@ impl Run {
                 self.o.target.unlock_local(id);
             }
         }
-    }
-
-    /// Hands the planner's next batch to the I/O thread, if none is out: write its operations,
-    /// then (if it says so) sync the volume and record the durable seq, in one hand-off.
-    fn dispatch_batch(&mut self) {
-        if self.io_pending.is_some() {
-            return;
-        }
-        let Some(batch) = self.commit.poll_batch(&mut self.o.target) else {
-            return;
-        };
-        let record = batch
-            .sync
-            .map(|seq| (self.meta(seq, false), Arc::clone(&self.o.meta_file)));
-        let volume = Arc::clone(&self.o.volume);
-        self.io_pending = Some(self.io.start(move || {
-            for a in &batch.ops {
-                storage::apply(&*volume, &a.op)
-                    .map_err(|e| format!("applying seq {}: {e}", a.seq))?;
-            }
-            if let Some((meta, meta_file)) = record {
-                sync_and_record(&*volume, &*meta_file, &meta)?;
-            }
-            Ok(batch)
-        }));
-    }
-
-    fn batch_done(
-        &mut self,
-        done: Result<Result<Batch, String>, oneshot::error::RecvError>,
-    ) -> Result<(), ServerError> {
-        let batch = done
-            .map_err(|_| ServerError::VolumeIo("the I/O thread failed (panicked)".into()))?
-            .map_err(ServerError::VolumeIo)?;
-        self.commit.handle_done(&mut self.o.target, &batch);
-        Ok(())
-    }
-
-    /// Stopping: stop reading, apply and sync what is ready, tell the session where we stand, and
-    /// record that we stopped cleanly.
-    async fn finish(&mut self) -> Result<(), ServerError> {
-        for c in self.conns.values_mut() {
-            if let Some(stop) = c.stop_reader.take() {
-                let _ = stop.send(false);
-            }
-        }
-        loop {
-            if let Some(pending) = self.io_pending.take() {
-                let done = pending.await;
-                self.batch_done(done)?;
-            }
-            self.dispatch_batch();
-            if self.io_pending.is_none() {
-                break;
-            }
-        }
-        let applied = self.o.target.applied();
-        let meta = self.meta(applied, true);
-        let volume = Arc::clone(&self.o.volume);
-        let meta_file = Arc::clone(&self.o.meta_file);
-        let synced = self
-            .io
-            .start(move || sync_and_record(&*volume, &*meta_file, &meta))
-            .await
-            .map_err(|_| "the I/O thread failed (panicked)".to_string())
-            .and_then(|r| r);
-        if let Err(e) = synced {
-            error!("final sync failed: {e}");
-            return Err(ServerError::VolumeIo(e));
-        }
-        self.o.target.handle_durable(applied);
-        self.flush_all();
-        self.publish();
-        info!(durable = %applied, "stopped cleanly");
-        Ok(())
     }
 
     /// Closes every connection and waits (up to `grace`) for the writers to send what they hold.
