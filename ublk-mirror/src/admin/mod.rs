@@ -6,14 +6,21 @@
 //! submitted so far), `{"cmd":"stop"}`. Responses: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`.
 //!
-//! - [`daemon`]: `ublk-mirror start` (configuration, the daemon itself, the socket server);
+//! - [`config`]: `ublk-mirror start`'s flags and TOML file, resolved and checked;
+//! - `lifecycle.rs`: start (foreground or background) and stop; `control.rs`: the socket server
+//!   and its requests; `status.rs`: the status report;
 //! - [`cli`]: the admin subcommands (`status`, `set-mode`, `wait-replicated`, `stop`, `list`,
 //!   `delete`) and their clap definitions;
 //! - [`client`]: a small blocking client.
 
 pub mod cli;
 pub mod client;
-pub mod daemon;
+pub mod config;
+mod control;
+mod lifecycle;
+mod status;
+
+pub use lifecycle::start;
 
 use std::path::PathBuf;
 
