@@ -651,6 +651,95 @@ fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+    use std::future::Future;
+
+    /// The real replicator, and at each enqueue whether the write's data was already in the
+    /// source file (it must not be: the device's path enqueues first, then writes locally).
+    struct Watch<'a> {
+        inner: &'a replicator::Handle,
+        file: &'a File,
+        offset_bytes: u64,
+        written_before_enqueue: Cell<Option<bool>>,
+    }
+
+    impl Mirror for Watch<'_> {
+        type Pending = replicator::Pending;
+        fn enqueue(
+            &self,
+            op: Op,
+        ) -> impl Future<Output = Result<replicator::Pending, replicator::ReplError>> {
+            let mut buf = [0u8; 512];
+            self.file
+                .read_exact_at(&mut buf, self.offset_bytes)
+                .unwrap();
+            self.written_before_enqueue
+                .set(Some(buf.iter().any(|&b| b != 0)));
+            Mirror::enqueue(self.inner, op)
+        }
+        fn acks_on_enqueue(&self) -> bool {
+            self.inner.acks_on_enqueue()
+        }
+    }
+
+    /// A replicator whose target never answers (nothing listens on port 1).
+    fn unreachable(mode: Mode) -> (replicator::Handle, tokio::task::JoinHandle<()>) {
+        let source = SourceConfig {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(1),
+            generation: Generation(1),
+            volume_bytes: 1 << 20,
+            block_bytes: 4096,
+            secret: b"s".to_vec(),
+            mode,
+            flush_replicates: false,
+            lock_style: LockStyle::Implied,
+            log_bytes_max: 1 << 20,
+            log_entries_max: 16,
+        };
+        replicator::spawn(ReplicatorConfig::new("127.0.0.1:1", source))
+    }
+
+    #[test]
+    fn a_write_takes_the_device_path_and_completes_at_enqueue_in_async() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = open_volume(&dir.path().join("vol"), 4096, Some(1 << 20))
+            .unwrap()
+            .file;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            for (mode, offset_bytes) in [(Mode::Async, 8192), (Mode::Sync, 16384)] {
+                let (handle, task) = unreachable(mode);
+                let watch = Watch {
+                    inner: &handle,
+                    file: &volume,
+                    offset_bytes,
+                    written_before_enqueue: Cell::new(None),
+                };
+                let gate = RangeGate::new(1);
+                let data = Bytes::from(vec![0xa5u8; 4096]);
+                let submitted = write(&watch, &gate, &volume, offset_bytes, data.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(watch.written_before_enqueue.get(), Some(false), "{mode}");
+                let mut back = vec![0u8; 4096];
+                volume.read_exact_at(&mut back, offset_bytes).unwrap();
+                assert_eq!(back, data, "{mode}: not written locally");
+                assert!(gate.is_empty());
+                // Async: complete without the target. Sync: waits for it (here, forever).
+                assert_eq!(submitted.acked(), mode == Mode::Async, "{mode}");
+                let done =
+                    tokio::time::timeout(Duration::from_millis(200), submitted.complete(&Direct))
+                        .await;
+                match mode {
+                    Mode::Async => assert!(matches!(done, Ok(Ok(Completed::Early(_))))),
+                    _ => assert!(done.is_err(), "{mode}: completed without a target"),
+                }
+                let _ = handle.shutdown().await;
+                let _ = task.await;
+            }
+        });
+    }
 
     #[test]
     fn histogram_quantiles_are_within_a_few_percent() {
