@@ -17,6 +17,11 @@ use super::{client, Request, Response, LINE_BYTES_MAX};
 use crate::device::{Started, TermSignals};
 use crate::replicator::Handle;
 
+/// What a mirror request gets from a daemon in passthrough.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("mirroring is off (the daemon was started with --no-mirror)")]
+pub(super) struct MirrorOff;
+
 /// Control connections served at once.
 pub const CONTROL_CONNECTIONS_MAX: usize = 32;
 
@@ -72,10 +77,8 @@ impl DaemonState {
     }
 
     /// The mirror's handle, or the error every mirror request gets in passthrough.
-    fn repl(&self) -> Result<&Handle, String> {
-        self.repl
-            .as_ref()
-            .ok_or_else(|| "mirroring is off (the daemon was started with --no-mirror)".into())
+    fn repl(&self) -> Result<&Handle, MirrorOff> {
+        self.repl.as_ref().ok_or(MirrorOff)
     }
 
     async fn handle(&self, req: Request) -> Response {
@@ -89,7 +92,8 @@ impl DaemonState {
                 Err(e) => Response::err(e.to_string()),
             },
             Request::SetMode { mode } => match (self.repl(), mode.parse::<Mode>()) {
-                (Err(e), _) | (_, Err(e)) => Response::err(e),
+                (Err(e), _) => Response::err(e.to_string()),
+                (_, Err(e)) => Response::err(e),
                 (Ok(repl), Ok(m)) => match repl.set_mode(m).await {
                     Ok(()) => {
                         eprintln!("ublk-mirror: mode set to {m}");
@@ -101,7 +105,7 @@ impl DaemonState {
             Request::WaitReplicated { seq, timeout_secs } => {
                 let repl = match self.repl() {
                     Ok(r) => r,
-                    Err(e) => return Response::err(e),
+                    Err(e) => return Response::err(e.to_string()),
                 };
                 let secs = timeout_secs.unwrap_or(60.0);
                 if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {

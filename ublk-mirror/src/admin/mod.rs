@@ -55,8 +55,13 @@ pub fn log_path(name: &str) -> PathBuf {
     run_dir().join(format!("{name}.log"))
 }
 
+/// A daemon name that [`check_name`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("name '{0}' must be 1-64 characters of letters, digits, '.', '_' or '-'")]
+pub struct BadName(pub String);
+
 /// Checks a daemon name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with a dot.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -66,9 +71,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "name '{name}' must be 1-64 characters of letters, digits, '.', '_' or '-'"
-        ))
+        Err(BadName(name.to_string()))
     }
 }
 
