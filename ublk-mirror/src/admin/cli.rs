@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use super::client::{self, ClientError};
-use super::daemon::{self, StartArgs};
+use super::config::StartArgs;
 use super::{Request, Response, StatusReport};
 
 /// Which daemon a command talks to.
@@ -125,7 +125,7 @@ impl AdminCommand {
     /// Runs the command.
     pub fn run(&self) -> anyhow::Result<()> {
         match self {
-            AdminCommand::Start(a) => daemon::start(a),
+            AdminCommand::Start(a) => super::start(a),
             AdminCommand::Status(a) => status(a),
             AdminCommand::SetMode(a) => set_mode(a),
             AdminCommand::WaitReplicated(a) => wait_replicated(a),

@@ -6,14 +6,21 @@
 //! submitted so far), `{"cmd":"stop"}`. Responses: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`.
 //!
-//! - [`daemon`]: `ublk-mirror start` (configuration, the daemon itself, the socket server);
+//! - [`config`]: `ublk-mirror start`'s flags and TOML file, resolved and checked;
+//! - `lifecycle.rs`: start (foreground or background) and stop; `control.rs`: the socket server
+//!   and its requests; `status.rs`: the status report;
 //! - [`cli`]: the admin subcommands (`status`, `set-mode`, `wait-replicated`, `stop`, `list`,
 //!   `delete`) and their clap definitions;
 //! - [`client`]: a small blocking client.
 
 pub mod cli;
 pub mod client;
-pub mod daemon;
+pub mod config;
+mod control;
+mod lifecycle;
+mod status;
+
+pub use lifecycle::start;
 
 use std::path::PathBuf;
 
@@ -48,8 +55,13 @@ pub fn log_path(name: &str) -> PathBuf {
     run_dir().join(format!("{name}.log"))
 }
 
+/// A daemon name that [`check_name`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("name '{0}' must be 1-64 characters of letters, digits, '.', '_' or '-'")]
+pub struct BadName(pub String);
+
 /// Checks a daemon name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with a dot.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), BadName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -59,9 +71,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "name '{name}' must be 1-64 characters of letters, digits, '.', '_' or '-'"
-        ))
+        Err(BadName(name.to_string()))
     }
 }
 

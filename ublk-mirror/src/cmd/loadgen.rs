@@ -1,18 +1,22 @@
 //! `ublk-mirror loadgen`: a seeded workload generator over a file-backed source volume.
 //!
-//! Each write gets random data and a random block range; it is written to the source volume file
-//! (a positioned write), then submitted to the replicator, with `--qd` operations in flight. A host
-//! flush (`--flush-every`) fsyncs the source file and submits a FLUSH barrier. At the end the
-//! command waits until the target holds everything (applied and durable), unless `--no-wait`.
+//! Each write gets random data and a random block range and takes the device's path
+//! ([`ublk_mirror::host_write`]): its range is taken, it is enqueued to the replicator, written to
+//! the source volume file (a positioned write), the range released; it completes when the mode
+//! says so (at once in `async`), with `--qd` operations in flight. A host flush (`--flush-every`)
+//! takes the same path: a FLUSH barrier enqueued, the source file fsynced, then the barrier's
+//! completion. At the end the command waits until the target holds everything (applied and
+//! durable), unless `--no-wait`.
 //!
 //! `--distinct` sends every write to blocks not written before in the run; `--ack-log` appends
-//! `seq lba_blocks nblocks crc32c` for each write as the host sees it complete, so a test can check
-//! after a crash that every acknowledged write reached the target.
+//! `seq lba_blocks nblocks crc32c` for each write once the host saw it complete (a write that
+//! completed at enqueue is logged when its sequence number is known), so a test can check after a
+//! crash that every acknowledged write reached the target.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,10 +25,15 @@ use bytes::Bytes;
 use mirror_core::source::{LockStyle, Mode, SourceConfig};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
 use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
+use nix::errno::Errno;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use ublk_mirror::admin::config::read_secret;
+use ublk_mirror::device::gate::RangeGate;
+use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
 use ublk_mirror::replicator::{self, ReplicatorConfig};
+use ublk_mirror::volume::open_volume;
 
 /// Flags of `ublk-mirror loadgen`.
 #[derive(Debug, clap::Args)]
@@ -47,7 +56,7 @@ pub struct LoadgenArgs {
     /// Acknowledgement mode: async, received, sync or lock-then-write.
     #[arg(long)]
     mode: Mode,
-    /// Logical block size in bytes (a power of two, at least 512).
+    /// Logical block size in bytes: 512 or 4096 (the device's rule).
     #[arg(long, default_value_t = 4096)]
     block_bytes: u32,
     /// Number of writes (default 1000 unless --seconds).
@@ -354,41 +363,11 @@ struct Summary {
 /// Where acknowledged writes are recorded.
 type AckLog = Arc<Mutex<File>>;
 
-fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read secret file {}", path.display()))?;
-    // The same rule as the target server: surrounding whitespace is not part of the secret.
-    let secret = bytes.trim_ascii();
-    if secret.is_empty() {
-        bail!("secret file {} is empty", path.display());
-    }
-    Ok(secret.to_vec())
-}
-
-fn open_volume(path: &Path, volume_bytes: u64) -> anyhow::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("cannot open volume {}", path.display()))?;
-    let len = file
-        .metadata()
-        .with_context(|| format!("cannot stat volume {}", path.display()))?
-        .len();
-    if len < volume_bytes {
-        file.set_len(volume_bytes)
-            .with_context(|| format!("cannot extend volume {}", path.display()))?;
-    }
-    Ok(file)
-}
-
 /// Runs the subcommand.
 pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let plan = Plan::new(&args)?;
     let secret = read_secret(&args.secret_file)?;
-    let volume = open_volume(&args.volume, args.volume_bytes)?;
+    let volume = open_volume(&args.volume, args.block_bytes, Some(args.volume_bytes))?.file;
     let ack_log = match &args.ack_log {
         Some(path) => Some(Arc::new(Mutex::new(
             OpenOptions::new()
@@ -499,6 +478,8 @@ async fn workload(
     let mut placer = Placer::new(plan, args.distinct, &mut rng);
     let latencies = Arc::new(Mutex::new(Latencies::new()));
     let mut inflight: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    // Each operation holds at most one range, and only while it is submitted.
+    let gate = RangeGate::new(plan.qd);
     let start = Instant::now();
     let deadline = plan.seconds.map(|s| start + Duration::from_secs_f64(s));
     let (mut writes, mut flushes, mut bytes) = (0u64, 0u64, 0u64);
@@ -518,25 +499,22 @@ async fn workload(
         let offset_bytes = first_block * plan.block_bytes;
         let crc = ack_log.as_ref().map(|_| crc32c::crc32c(&data));
         let t0 = Instant::now();
-        volume
-            .write_all_at(&data, offset_bytes)
-            .with_context(|| format!("write to the source volume at byte {offset_bytes}"))?;
-        let op = Op::Write {
-            lba: Lba(offset_bytes / SECTOR_BYTES),
-            data,
-        };
-        let pending = handle.enqueue(op).await.context("replication")?;
+        let submitted = write(handle, &gate, volume, offset_bytes, data).await?;
         writes += 1;
         bytes += nblocks * plan.block_bytes;
         let lat = latencies.clone();
         let ack_log = ack_log.clone();
         inflight.spawn(async move {
-            let seq = pending.await.context("replication")?;
+            let done = submitted.complete(&Direct).await.context("replication")?;
             let elapsed = t0.elapsed();
             if let Ok(mut l) = lat.lock() {
                 l.record(elapsed);
             }
             if let (Some(log), Some(crc)) = (ack_log, crc) {
+                let seq = match done {
+                    Completed::Waited(seq) => seq,
+                    Completed::Early(pending) => pending.await.context("replication")?,
+                };
                 let line = format!("{} {first_block} {nblocks} {crc:08x}\n", seq.0);
                 let mut file = log
                     .lock()
@@ -551,15 +529,14 @@ async fn workload(
                 settle(inflight.join_next().await)?;
             }
             let t0 = Instant::now();
-            let file = volume.try_clone().context("source volume")?;
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await?
-                .context("fsync of the source volume")?;
-            let pending = handle.enqueue(Op::Flush).await.context("replication")?;
+            let submitted = flush(handle, &gate, volume).await?;
             flushes += 1;
             let lat = latencies.clone();
             inflight.spawn(async move {
-                pending.await.context("replication of a flush")?;
+                submitted
+                    .complete(&Direct)
+                    .await
+                    .context("replication of a flush")?;
                 if let Ok(mut l) = lat.lock() {
                     l.record(t0.elapsed());
                 }
@@ -618,6 +595,49 @@ async fn workload(
     })
 }
 
+/// One host write by the device's path ([`host_write`]): range, enqueue, positioned write,
+/// release.
+async fn write<M: Mirror>(
+    mirror: &M,
+    gate: &Arc<RangeGate>,
+    volume: &File,
+    offset_bytes: u64,
+    data: Bytes,
+) -> anyhow::Result<Submitted<M::Pending>> {
+    let op = Op::Write {
+        lba: Lba(offset_bytes / SECTOR_BYTES),
+        data: data.clone(),
+    };
+    host_write::submit(&Direct, mirror, gate, op, || async {
+        volume
+            .write_all_at(&data, offset_bytes)
+            .map_err(|e| errno_of(&e))
+    })
+    .await
+    .with_context(|| format!("write at byte {offset_bytes}"))
+}
+
+/// A host flush by the same path: the barrier enqueued, the source file synced.
+async fn flush<M: Mirror>(
+    mirror: &M,
+    gate: &Arc<RangeGate>,
+    volume: &File,
+) -> anyhow::Result<Submitted<M::Pending>> {
+    let file = volume.try_clone().context("source volume")?;
+    host_write::submit(&Direct, mirror, gate, Op::Flush, || async move {
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|_| Errno::EIO)?
+            .map_err(|e| errno_of(&e))
+    })
+    .await
+    .context("flush")
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
+}
+
 fn settle(
     joined: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>,
 ) -> anyhow::Result<()> {
@@ -631,6 +651,95 @@ fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+    use std::future::Future;
+
+    /// The real replicator, and at each enqueue whether the write's data was already in the
+    /// source file (it must not be: the device's path enqueues first, then writes locally).
+    struct Watch<'a> {
+        inner: &'a replicator::Handle,
+        file: &'a File,
+        offset_bytes: u64,
+        written_before_enqueue: Cell<Option<bool>>,
+    }
+
+    impl Mirror for Watch<'_> {
+        type Pending = replicator::Pending;
+        fn enqueue(
+            &self,
+            op: Op,
+        ) -> impl Future<Output = Result<replicator::Pending, replicator::ReplError>> {
+            let mut buf = [0u8; 512];
+            self.file
+                .read_exact_at(&mut buf, self.offset_bytes)
+                .unwrap();
+            self.written_before_enqueue
+                .set(Some(buf.iter().any(|&b| b != 0)));
+            Mirror::enqueue(self.inner, op)
+        }
+        fn acks_on_enqueue(&self) -> bool {
+            self.inner.acks_on_enqueue()
+        }
+    }
+
+    /// A replicator whose target never answers (nothing listens on port 1).
+    fn unreachable(mode: Mode) -> (replicator::Handle, tokio::task::JoinHandle<()>) {
+        let source = SourceConfig {
+            volume_id: VolumeId([7; 16]),
+            node_id: NodeId(1),
+            generation: Generation(1),
+            volume_bytes: 1 << 20,
+            block_bytes: 4096,
+            secret: b"s".to_vec(),
+            mode,
+            flush_replicates: false,
+            lock_style: LockStyle::Implied,
+            log_bytes_max: 1 << 20,
+            log_entries_max: 16,
+        };
+        replicator::spawn(ReplicatorConfig::new("127.0.0.1:1", source))
+    }
+
+    #[test]
+    fn a_write_takes_the_device_path_and_completes_at_enqueue_in_async() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = open_volume(&dir.path().join("vol"), 4096, Some(1 << 20))
+            .unwrap()
+            .file;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            for (mode, offset_bytes) in [(Mode::Async, 8192), (Mode::Sync, 16384)] {
+                let (handle, task) = unreachable(mode);
+                let watch = Watch {
+                    inner: &handle,
+                    file: &volume,
+                    offset_bytes,
+                    written_before_enqueue: Cell::new(None),
+                };
+                let gate = RangeGate::new(1);
+                let data = Bytes::from(vec![0xa5u8; 4096]);
+                let submitted = write(&watch, &gate, &volume, offset_bytes, data.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(watch.written_before_enqueue.get(), Some(false), "{mode}");
+                let mut back = vec![0u8; 4096];
+                volume.read_exact_at(&mut back, offset_bytes).unwrap();
+                assert_eq!(back, data, "{mode}: not written locally");
+                assert!(gate.is_empty());
+                // Async: complete without the target. Sync: waits for it (here, forever).
+                assert_eq!(submitted.acked(), mode == Mode::Async, "{mode}");
+                let done =
+                    tokio::time::timeout(Duration::from_millis(200), submitted.complete(&Direct))
+                        .await;
+                match mode {
+                    Mode::Async => assert!(matches!(done, Ok(Ok(Completed::Early(_))))),
+                    _ => assert!(done.is_err(), "{mode}: completed without a target"),
+                }
+                let _ = handle.shutdown().await;
+                let _ = task.await;
+            }
+        });
+    }
 
     #[test]
     fn histogram_quantiles_are_within_a_few_percent() {

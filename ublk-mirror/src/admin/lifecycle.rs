@@ -1,0 +1,307 @@
+//! The daemon's start and stop, in the foreground or as a background child.
+//!
+//! Order of start-up, so that a failure leaves nothing behind: validate; lock the local volume;
+//! private mount namespace and blocked termination signals (before any thread exists); the
+//! replicator on its own tokio runtime, which must complete a handshake with the target within
+//! `--connect-timeout-secs`; the control socket; the ublk device. On SIGTERM/SIGINT/SIGHUP or a
+//! `stop` request: STOP_DEV (the kernel drains the requests in flight), wait (bounded by
+//! `--stop-drain-secs`) until the target holds every operation, stop the replicator, delete the
+//! device, remove the socket.
+//!
+//! Without `--foreground`, `start` runs the daemon as a child process in its own process group
+//! (output to `--log-file`), waits until its device is live and returns; if the child fails, its
+//! error line is reported.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mirror_core::source::{LockStyle, SourceConfig};
+use mirror_core::{Generation, NodeId};
+use tokio::net::UnixListener;
+
+use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
+use super::control::{bind_socket, serve, DaemonState};
+use super::{client, Request};
+use crate::device::{self, Device, DeviceConfig, TermSignals};
+use crate::replicator::{self, Handle, ReplicatorConfig};
+use crate::volume::{open_volume, LocalVolume};
+
+/// `ublk-mirror start`.
+pub fn start(args: &StartArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args)?;
+    settings.preflight()?;
+    if args.foreground {
+        run_foreground(&settings)
+    } else {
+        spawn_background(&settings)
+    }
+}
+
+fn spawn_background(s: &Settings) -> anyhow::Result<()> {
+    if let Some(dir) = s.log_file.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let log = File::create(&s.log_file)
+        .with_context(|| format!("cannot create log file {}", s.log_file.display()))?;
+    let log2 = log.try_clone().context("cannot duplicate the log file")?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the daemon process")?;
+    let deadline = Instant::now() + s.connect_timeout + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the daemon")? {
+            let text = std::fs::read_to_string(&s.log_file).unwrap_or_default();
+            let line = text
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("ublk-mirror: error: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!(
+                        "the daemon exited ({status}) before its device was ready; see {}",
+                        s.log_file.display()
+                    )
+                });
+            bail!("{line}");
+        }
+        if let Ok(resp) =
+            client::request(&s.control_socket, &Request::Status, Duration::from_secs(2))
+        {
+            if let Some(st) = resp.status.filter(|st| st.device.is_some()) {
+                println!(
+                    "ublk-mirror: started '{}': {} (pid {}, peer {}, mode {}, log {})",
+                    s.name,
+                    st.device.unwrap_or_default(),
+                    st.pid,
+                    st.peer,
+                    st.mode,
+                    s.log_file.display()
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the daemon did not become ready in time; see {}",
+                s.log_file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the socket and device files on the way out.
+struct Cleanup {
+    socket: PathBuf,
+    dev_file: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.dev_file);
+    }
+}
+
+/// Starts the replicator and waits (bounded) for the first handshake.
+fn start_mirror(
+    runtime: &tokio::runtime::Runtime,
+    s: &Settings,
+    m: &MirrorSettings,
+    volume_bytes: u64,
+) -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let secret = read_secret(&m.secret_file)?;
+    let source = SourceConfig {
+        volume_id: m.volume_id,
+        node_id: NodeId(s.node_id),
+        generation: Generation(1),
+        volume_bytes,
+        block_bytes: s.block_bytes,
+        secret,
+        mode: m.mode,
+        flush_replicates: s.flush_replicates,
+        lock_style: LockStyle::Implied,
+        log_bytes_max: usize::try_from(s.log_bytes).unwrap_or(usize::MAX),
+        log_entries_max: s.log_entries,
+    };
+    let cfg = ReplicatorConfig::new(m.peer.clone(), source);
+    let (repl, repl_task) = {
+        let _guard = runtime.enter();
+        replicator::spawn(cfg)
+    };
+    eprintln!(
+        "ublk-mirror: connecting to {} (up to {} s)",
+        m.peer,
+        s.connect_timeout.as_secs()
+    );
+    let connected = runtime
+        .block_on(async { tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await });
+    match connected {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("cannot mirror to {}: {e}", m.peer),
+        Err(_) => bail!(
+            "cannot reach peer {} within {} s: {}",
+            m.peer,
+            s.connect_timeout.as_secs(),
+            repl.last_error()
+                .unwrap_or_else(|| "no handshake completed".into())
+        ),
+    }
+    eprintln!("ublk-mirror: connected to {}", m.peer);
+    Ok((repl, repl_task))
+}
+
+fn run_foreground(s: &Settings) -> anyhow::Result<()> {
+    if let Some(m) = &s.mirror {
+        read_secret(&m.secret_file)?;
+    }
+    let LocalVolume {
+        file: volume,
+        bytes: volume_bytes,
+        file_bytes,
+    } = open_volume(&s.volume, s.block_bytes, None)?;
+    if volume_bytes != file_bytes {
+        eprintln!(
+            "ublk-mirror: warning: volume size {file_bytes} is not a multiple of {}; using {volume_bytes} bytes",
+            s.block_bytes
+        );
+    }
+    // Both must happen while this is the only thread.
+    device::private_mount_namespace()?;
+    let signals = TermSignals::block()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ublk-mirror-net")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+
+    let epoch = tokio::time::Instant::now();
+    let mirror = match &s.mirror {
+        Some(m) => Some(start_mirror(&runtime, s, m, volume_bytes)?),
+        None => {
+            eprintln!("ublk-mirror: mirroring is off (--no-mirror): passthrough to the volume");
+            None
+        }
+    };
+    let repl = mirror.as_ref().map(|(h, _)| h.clone());
+
+    let listener = bind_socket(&s.control_socket)?;
+    let _cleanup = Cleanup {
+        socket: s.control_socket.clone(),
+        dev_file: super::dev_file_path(&s.name),
+    };
+    let state = Arc::new(DaemonState::new(
+        s.clone(),
+        volume_bytes,
+        repl.clone(),
+        epoch,
+    ));
+    {
+        let _guard = runtime.enter();
+        let listener =
+            UnixListener::from_std(listener).context("cannot serve the control socket")?;
+        runtime.spawn(serve(listener, state.clone()));
+    }
+
+    let dev = Device::create(DeviceConfig {
+        dev_id: s.dev_id,
+        name: s.name.clone(),
+        queues: s.queues,
+        depth: s.depth,
+        block_bytes: s.block_bytes,
+        volume_bytes,
+        flush_replicates: s.flush_replicates,
+    })?;
+    let stopper = dev.stopper();
+    let stop_state = state.clone();
+    std::thread::Builder::new()
+        .name("ublk-mirror-sig".into())
+        .spawn(move || {
+            let sig = signals.wait();
+            stop_state.set_stopping();
+            eprintln!("ublk-mirror: signal {sig}: stopping the device");
+            if let Err(e) = stopper.stop() {
+                eprintln!("ublk-mirror: {e}");
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let started_state = state.clone();
+    let dev_file = super::dev_file_path(&s.name);
+    let run = dev.run(&volume, repl.clone(), move |started| {
+        let _ = std::fs::write(&dev_file, format!("{}\n", started.dev_id));
+        eprintln!(
+            "ublk-mirror: device {} ready ({volume_bytes} bytes)",
+            started.path
+        );
+        started_state.set_started(started);
+    });
+    state.set_stopping();
+    if let Err(e) = &run {
+        eprintln!("ublk-mirror: {e}");
+    }
+    let drained = match mirror {
+        Some((repl, repl_task)) => {
+            let drained = runtime.block_on(drain(&repl, s.stop_drain));
+            let _ = runtime.block_on(repl.shutdown());
+            let _ = runtime.block_on(repl_task);
+            drained
+        }
+        None => {
+            eprintln!("ublk-mirror: device stopped");
+            Ok(())
+        }
+    };
+    let deleted = dev.delete();
+    match &deleted {
+        Ok(()) => eprintln!("ublk-mirror: device deleted"),
+        Err(e) => eprintln!("ublk-mirror: {e}"),
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    drop(volume);
+    run?;
+    deleted?;
+    if let Err(e) = drained {
+        bail!("stopped, but not every write reached the target: {e:#}");
+    }
+    Ok(())
+}
+
+/// After the device stopped, everything the host wrote is in the log: gives the target a bounded
+/// time to get it all.
+async fn drain(repl: &Handle, limit: Duration) -> anyhow::Result<()> {
+    eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
+    let last = repl.status().await.map(|st| st.source.last_local)?;
+    let drained = match tokio::time::timeout(limit, repl.wait_replicated(last)).await {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow::anyhow!(
+            "replication stopped: target did not catch up within {} s",
+            limit.as_secs()
+        )),
+    };
+    match &drained {
+        Ok(()) => eprintln!(
+            "ublk-mirror: target holds everything through seq {}",
+            last.0
+        ),
+        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e:#}"),
+    }
+    drained
+}

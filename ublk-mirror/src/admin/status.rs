@@ -1,0 +1,91 @@
+//! The `status` report: what the daemon and its replicator say, in the control protocol's terms.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::control::DaemonState;
+use super::{LagReport, LogReport, SeqReport, ShippedReport, StatusReport};
+use crate::replicator::ReplError;
+
+impl DaemonState {
+    /// What every status shares, mirror or not.
+    fn base_status(&self) -> StatusReport {
+        let device = self.started();
+        let phase = if self.is_stopping() {
+            "stopping"
+        } else if device.is_some() {
+            "running"
+        } else {
+            "starting"
+        };
+        StatusReport {
+            unix_time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            name: self.s.name.clone(),
+            pid: std::process::id(),
+            role: "primary".into(),
+            phase: phase.into(),
+            device: device.as_ref().map(|d| d.path.clone()),
+            dev_id: device.as_ref().map(|d| d.dev_id),
+            volume: self.s.volume.display().to_string(),
+            volume_bytes: self.volume_bytes,
+            block_bytes: self.s.block_bytes,
+            flush_replicates: self.s.flush_replicates,
+            ..StatusReport::default()
+        }
+    }
+
+    pub(super) async fn status(&self) -> Result<StatusReport, ReplError> {
+        let (Some(repl), Some(m)) = (&self.repl, &self.s.mirror) else {
+            return Ok(StatusReport {
+                role: "passthrough".into(),
+                peer: "-".into(),
+                connection: "off".into(),
+                mode: "off".into(),
+                ..self.base_status()
+            });
+        };
+        let st = repl.status().await?;
+        let src = &st.source;
+        let now_ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let lag_seconds = src
+            .oldest_unconfirmed_ns
+            .map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9);
+        Ok(StatusReport {
+            peer: m.peer.clone(),
+            connection: if st.fatal.is_some() {
+                "failed".into()
+            } else {
+                src.conn.to_string()
+            },
+            mode: src.mode.to_string(),
+            seq: SeqReport {
+                last_local: src.last_local.0,
+                sent: src.last_sent.0,
+                received: src.received.0,
+                durable: src.durable.0,
+            },
+            log: LogReport {
+                entries: src.log_entries as u64,
+                bytes: src.log_bytes as u64,
+                bytes_max: src.log_bytes_max as u64,
+                entries_max: self.s.log_entries as u64,
+            },
+            lag: LagReport {
+                entries: src.last_local.0.saturating_sub(src.durable.0),
+                bytes: src.log_bytes as u64,
+                seconds: lag_seconds,
+            },
+            shipped: ShippedReport {
+                frames: st.sent_frames,
+                bytes: st.sent_bytes,
+            },
+            connects: st.connects,
+            disconnects: st.disconnects,
+            last_error: st.last_error.clone(),
+            fatal: st.fatal.clone(),
+            halted_at: src.halted_at.map(|s| s.0),
+            ..self.base_status()
+        })
+    }
+}
