@@ -1,7 +1,8 @@
 //! A node: one volume's role, its engines and its persistent metadata.
 //!
 //! A [`Node`] is keyed by its volume (a daemon may later hold several, one per [`VolumeId`]). A
-//! primary holds one [`PeerLink`] per peer ([`PeerId`]; one today), a secondary its [`Target`].
+//! primary holds one [`PeerLink`] per peer ([`Peers`], keyed by [`PeerId`]; one today), a
+//! secondary its [`Target`].
 //! The metadata record ([`MetaRecord`]) is defined for both roles; in this release only the
 //! secondary persists it (the target server's group commit writes what [`Node::record`] returns).
 //!
@@ -399,35 +400,33 @@ impl<L: RollbackLog> PeerLink<L> {
     }
 }
 
-/// The engines of a node, by role.
-#[derive(Debug)]
-pub enum Engines {
-    /// Serves the device and ships writes to each peer.
-    Primary(BTreeMap<PeerId, PeerLink>),
-    /// Receives the mirror.
-    Secondary(Box<Target>),
+/// What a node's role runs: the engines of a primary ([`Peers`]) or of a secondary ([`Target`]).
+pub trait RoleEngines: std::fmt::Debug {
+    /// The role these engines serve.
+    const ROLE: Role;
 }
 
-/// One volume on one node: its persistent metadata and the engines its role runs.
+/// A primary's links, one per peer.
+pub type Peers = BTreeMap<PeerId, PeerLink>;
+
+impl RoleEngines for Peers {
+    const ROLE: Role = Role::Primary;
+}
+
+impl RoleEngines for Target {
+    const ROLE: Role = Role::Secondary;
+}
+
+/// One volume on one node: its persistent metadata and the engines its role runs. The role is
+/// the type (`Node<Peers>` or `Node<Target>`), so a driver never meets the engine of another role;
+/// a role change (issue 16) turns one into the other.
 #[derive(Debug)]
-pub struct Node {
+pub struct Node<E: RoleEngines> {
     meta: MetaRecord,
-    engines: Engines,
+    engines: E,
 }
 
-impl Node {
-    /// A primary mirroring to one peer. `meta` is the record it would persist (role primary).
-    #[must_use]
-    pub fn primary(meta: MetaRecord, peer: PeerId, link: PeerLink) -> Node {
-        Node {
-            meta: MetaRecord {
-                role: Role::Primary,
-                ..meta
-            },
-            engines: Engines::Primary(BTreeMap::from([(peer, link)])),
-        }
-    }
-
+impl<E: RoleEngines> Node<E> {
     /// The volume this node serves.
     #[must_use]
     pub fn volume_id(&self) -> VolumeId {
@@ -437,10 +436,7 @@ impl Node {
     /// Its role.
     #[must_use]
     pub fn role(&self) -> Role {
-        match self.engines {
-            Engines::Primary(_) => Role::Primary,
-            Engines::Secondary(_) => Role::Secondary,
-        }
+        E::ROLE
     }
 
     /// The metadata as last recorded (or to be recorded).
@@ -449,49 +445,42 @@ impl Node {
         &self.meta
     }
 
-    /// A primary's link to `peer`.
-    pub fn peer_mut(&mut self, peer: PeerId) -> Option<&mut PeerLink> {
-        match &mut self.engines {
-            Engines::Primary(links) => links.get_mut(&peer),
-            Engines::Secondary(_) => None,
-        }
-    }
-
-    /// A primary's link to `peer`, read-only.
+    /// The role's engines, read-only.
     #[must_use]
-    pub fn peer(&self, peer: PeerId) -> Option<&PeerLink> {
-        match &self.engines {
-            Engines::Primary(links) => links.get(&peer),
-            Engines::Secondary(_) => None,
-        }
+    pub fn engines(&self) -> &E {
+        &self.engines
     }
 
+    /// The role's engines.
+    pub fn engines_mut(&mut self) -> &mut E {
+        &mut self.engines
+    }
+}
+
+impl Node<Peers> {
+    /// A primary mirroring to one peer. `meta` is the record it would persist.
+    #[must_use]
+    pub fn primary(meta: MetaRecord, peer: PeerId, link: PeerLink) -> Node<Peers> {
+        Node {
+            meta: MetaRecord {
+                role: Role::Primary,
+                ..meta
+            },
+            engines: BTreeMap::from([(peer, link)]),
+        }
+    }
+}
+
+impl Node<Target> {
     /// A secondary over `target`, restored from `meta` (what [`crate::target::recover`] trusted).
     #[must_use]
-    pub fn secondary(meta: MetaRecord, target: Target) -> Node {
+    pub fn secondary(meta: MetaRecord, target: Target) -> Node<Target> {
         Node {
             meta: MetaRecord {
                 role: Role::Secondary,
                 ..meta
             },
-            engines: Engines::Secondary(Box::new(target)),
-        }
-    }
-
-    /// A secondary's engine.
-    pub fn target_mut(&mut self) -> Option<&mut Target> {
-        match &mut self.engines {
-            Engines::Secondary(t) => Some(t),
-            Engines::Primary(_) => None,
-        }
-    }
-
-    /// A secondary's engine, read-only.
-    #[must_use]
-    pub fn target(&self) -> Option<&Target> {
-        match &self.engines {
-            Engines::Secondary(t) => Some(t),
-            Engines::Primary(_) => None,
+            engines: target,
         }
     }
 

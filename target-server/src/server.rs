@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mirror_core::meta::MetaRecord;
+use mirror_core::node::Node;
 use mirror_core::storage::{self, MetaStore};
 use mirror_core::target::{ConflictPolicy, RecoveryKind, Restored, Target, TargetStatus};
 use mirror_core::{NodeId, VolumeId};
@@ -136,10 +138,9 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let created = opened.how == Opening::Created;
     let (restored, kind) = restore(&cfg, opened.record, volume_bytes, created)?;
     // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
-    opened
-        .meta
-        .store(&running_record(&cfg, restored, kind, volume_bytes))?;
-    serve(cfg, opened.volume, opened.meta, restored, kind).await
+    let record = running_record(&cfg, restored, kind, volume_bytes);
+    opened.meta.store(&record)?;
+    serve(cfg, opened.volume, opened.meta, record, restored, kind).await
 }
 
 /// Starts serving on `backing` instead of a volume on disk (the volume's size must fit the block
@@ -156,16 +157,16 @@ pub async fn start_with(cfg: ServerConfig, backing: Backing) -> Result<ServerHan
     }
     let record = backing.meta.load()?;
     let (restored, kind) = restore(&cfg, record, volume_bytes, backing.created)?;
-    backing
-        .meta
-        .store(&running_record(&cfg, restored, kind, volume_bytes))?;
-    serve(cfg, backing.volume, backing.meta, restored, kind).await
+    let record = running_record(&cfg, restored, kind, volume_bytes);
+    backing.meta.store(&record)?;
+    serve(cfg, backing.volume, backing.meta, record, restored, kind).await
 }
 
 async fn serve(
     cfg: ServerConfig,
     volume: Arc<dyn storage::Volume + Send + Sync>,
     meta: Arc<dyn MetaStore + Send + Sync>,
+    record: MetaRecord,
     restored: Restored,
     kind: RecoveryKind,
 ) -> Result<ServerHandle, ServerError> {
@@ -194,12 +195,9 @@ async fn serve(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (stopped_tx, stopped) = watch::channel(false);
     let owner = Owner {
-        target,
+        node: Node::secondary(record, target),
         volume: Arc::clone(&volume),
         meta_file: meta,
-        data_trusted: kind.trusts_data(),
-        volume_id: cfg.volume_id,
-        node_id: cfg.node_id,
         idle_timeout: cfg.idle_timeout,
         listener,
         cmds: cmd_rx,

@@ -19,7 +19,7 @@ impl Run {
         if self.io_pending.is_some() {
             return;
         }
-        let Some(batch) = self.commit.poll_batch(&mut self.o.target) else {
+        let Some(batch) = self.commit.poll_batch(self.o.node.engines_mut()) else {
             return;
         };
         let record = batch
@@ -43,7 +43,7 @@ impl Run {
         done: Result<Result<Batch, IoFailure>, oneshot::error::RecvError>,
     ) -> Result<(), ServerError> {
         let batch = done.map_err(|_| IoFailure::ThreadFailed("I/O thread"))??;
-        self.commit.handle_done(&mut self.o.target, &batch);
+        self.commit.handle_done(self.o.node.engines_mut(), &batch);
         Ok(())
     }
 
@@ -65,7 +65,7 @@ impl Run {
                 break;
             }
         }
-        let applied = self.o.target.applied();
+        let applied = self.o.node.engines().applied();
         let meta = self.meta(applied, true);
         let volume = Arc::clone(&self.o.volume);
         let meta_file = Arc::clone(&self.o.meta_file);
@@ -79,7 +79,7 @@ impl Run {
             error!("final sync failed: {e}");
             return Err(e.into());
         }
-        self.o.target.handle_durable(applied);
+        self.o.node.engines_mut().handle_durable(applied);
         self.flush_all();
         self.publish();
         info!(durable = %applied, "stopped cleanly");

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use mirror_core::commit::{Batch, CommitConfig, GroupCommit};
 use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
+use mirror_core::node::Node;
 use mirror_core::storage::{MetaStore, Volume};
 use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
 use mirror_core::wire::{Encoded, MAC_BYTES};
-use mirror_core::{NodeId, Range, Seq, VolumeId};
+use mirror_core::{Range, Seq};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -54,13 +55,11 @@ pub(crate) enum Cmd {
 /// What the owner needs besides the engine.
 #[derive(Debug)]
 pub(crate) struct Owner {
-    pub(crate) target: Target,
+    /// The volume's node: the engine and the record it persists (whether recovery trusts the
+    /// data included: every record written says so).
+    pub(crate) node: Node<Target>,
     pub(crate) volume: Arc<dyn Volume + Send + Sync>,
     pub(crate) meta_file: Arc<dyn MetaStore + Send + Sync>,
-    /// Whether recovery trusts the data: every record written says so.
-    pub(crate) data_trusted: bool,
-    pub(crate) volume_id: VolumeId,
-    pub(crate) node_id: NodeId,
     pub(crate) idle_timeout: Duration,
     pub(crate) listener: TcpListener,
     pub(crate) cmds: mpsc::Receiver<Cmd>,
@@ -144,12 +143,8 @@ impl Run {
         u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn meta(&self, durable: Seq, clean: bool) -> MetaRecord {
-        let bytes = self.o.volume.volume_bytes();
-        MetaRecord {
-            consistent: self.o.data_trusted,
-            ..MetaRecord::secondary(self.o.volume_id, self.o.node_id, bytes, durable, clean)
-        }
+    fn meta(&mut self, durable: Seq, clean: bool) -> MetaRecord {
+        self.o.node.record(durable, clean)
     }
 
     async fn serve(&mut self) -> Result<(), ServerError> {
@@ -163,10 +158,11 @@ impl Run {
             // Frames are taken only while the commit log has room for the largest one, and while
             // no writer is full: beyond that the readers wait, then the sockets fill
             // (back-pressure on the source).
-            let take = self.o.target.has_room_for_any_frame() && self.blocked.is_none();
+            let take = self.o.node.engines().has_room_for_any_frame() && self.blocked.is_none();
             let wait = self
                 .o
-                .target
+                .node
+                .engines()
                 .poll_timeout()
                 .map(|ns| Duration::from_nanos(ns.saturating_sub(self.now_ns())));
             let blocked = self
@@ -214,7 +210,7 @@ impl Run {
                 Event::Accepted(accepted) => self.accept(accepted),
                 Event::Timer => {
                     let now = self.now_ns();
-                    self.o.target.handle_timeout(now);
+                    self.o.node.engines_mut().handle_timeout(now);
                 }
                 Event::TaskEnded => {}
             }
@@ -226,7 +222,7 @@ impl Run {
     fn take_inputs(&mut self, first: Input) {
         self.handle_input(first);
         for _ in 1..INPUTS_PER_ROUND {
-            if !self.o.target.has_room_for_any_frame() {
+            if !self.o.node.engines().has_room_for_any_frame() {
                 break;
             }
             match self.inputs.try_recv() {
@@ -238,12 +234,14 @@ impl Run {
 
     fn handle_input(&mut self, input: Input) {
         let (conn, result) = match input {
-            Input::Frame(conn, Ok(frame)) => (conn, self.o.target.handle_frame(conn, frame)),
+            Input::Frame(conn, Ok(frame)) => {
+                (conn, self.o.node.engines_mut().handle_frame(conn, frame))
+            }
             Input::Frame(conn, Err(e)) => {
                 if e.nak_seq().is_some() {
                     debug!(%conn, "corrupted payload: {e}");
                 }
-                (conn, self.o.target.handle_wire_error(conn, &e))
+                (conn, self.o.node.engines_mut().handle_wire_error(conn, &e))
             }
             Input::Ended(conn, end) => {
                 self.log_end(conn, &end);
@@ -317,7 +315,8 @@ impl Run {
             },
         );
         debug!(%peer, %conn, "connection accepted");
-        if let Err(e) = self.o.target.on_connect(conn, nonce, self.now_ns()) {
+        let now = self.now_ns();
+        if let Err(e) = self.o.node.engines_mut().on_connect(conn, nonce, now) {
             info!(%peer, %conn, "refusing: {e}");
             self.close(conn, true);
         }
@@ -328,7 +327,7 @@ impl Run {
     /// reads its REFUSE before any reset).
     fn close(&mut self, conn: ConnId, drain: bool) {
         self.flush(conn);
-        self.o.target.on_disconnect(conn);
+        self.o.node.engines_mut().on_disconnect(conn);
         if self.blocked == Some(conn) {
             self.blocked = None;
         }
@@ -358,7 +357,7 @@ impl Run {
             let mut buf = Vec::new();
             let mut bytes = 0;
             while bytes < WRITER_BATCH_BYTES && buf.len() < WRITER_BATCH_FRAMES {
-                let Some(frame) = self.o.target.poll_transmit(conn) else {
+                let Some(frame) = self.o.node.engines_mut().poll_transmit(conn) else {
                     break;
                 };
                 let encoded = frame.encode();
@@ -377,7 +376,7 @@ impl Run {
 
     /// Flushes every connection, and closes those the engine is done with.
     fn flush_all(&mut self) {
-        while let Some((conn, why)) = self.o.target.poll_close() {
+        while let Some((conn, why)) = self.o.node.engines_mut().poll_close() {
             if let Some(c) = self.conns.get(&conn) {
                 info!(peer = %c.peer, %conn, "closing: {why}");
             }
@@ -389,7 +388,7 @@ impl Run {
         ids.extend(self.conns.keys().copied());
         for &conn in &ids {
             self.flush(conn);
-            if !self.o.target.is_open(conn) {
+            if !self.o.node.engines().is_open(conn) {
                 self.close(conn, true);
             }
         }
@@ -397,7 +396,7 @@ impl Run {
     }
 
     fn publish(&self) {
-        let now = self.o.target.status();
+        let now = self.o.node.engines().status();
         self.o.status.send_if_modified(|s| {
             let changed = *s != now;
             if changed {
@@ -410,10 +409,10 @@ impl Run {
     fn handle_cmd(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Lock(range, reply) => {
-                let _ = reply.send(self.o.target.try_lock_local(range));
+                let _ = reply.send(self.o.node.engines_mut().try_lock_local(range));
             }
             Cmd::Unlock(id) => {
-                self.o.target.unlock_local(id);
+                self.o.node.engines_mut().unlock_local(id);
             }
         }
     }
