@@ -64,6 +64,11 @@ impl Lba {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Generation(pub u64);
 
+impl Generation {
+    /// No generation ids yet: what both sides send until resync brings them (issue 14).
+    pub const NONE: Generation = Generation(0);
+}
+
 /// Identity of a mirrored volume: both sides of one mirror carry the same id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct VolumeId(pub [u8; 16]);

@@ -230,7 +230,7 @@ impl Backing {
     }
 
     /// Grows a regular file to `backing_bytes` (the new bytes read as zeroes) and syncs it.
-    pub(crate) fn grow(&mut self, backing_bytes: u64) -> Result<(), StorageError> {
+    pub fn grow(&mut self, backing_bytes: u64) -> Result<(), StorageError> {
         self.file
             .set_len(backing_bytes)
             .and_then(|()| self.file.sync_all())

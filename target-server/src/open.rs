@@ -106,7 +106,7 @@ pub(crate) fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConf
     TargetConfig {
         volume_id: cfg.volume_id,
         node_id: cfg.node_id,
-        generation: Generation(0),
+        generation: Generation::NONE,
         volume_bytes,
         block_bytes: cfg.block_bytes,
         secret: cfg.secret.clone(),

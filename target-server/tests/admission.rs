@@ -40,7 +40,7 @@ async fn an_unauthenticated_hello_does_not_clear_inconsistent() {
     let hello = Frame::Hello(Hello {
         volume_id: VOLUME_ID,
         node_id: NodeId(1),
-        generation: Generation(0),
+        generation: Generation::NONE,
         last_seq: Seq(0),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK as u32,

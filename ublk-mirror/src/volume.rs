@@ -1,49 +1,20 @@
 //! Opening the local volume, for the daemon and `loadgen` alike: read-write and exclusive
-//! (O_EXCL for a block device, an advisory lock for a file), its usable size a whole number of
-//! blocks. One function, so that the shared storage crate's volume can take its place.
+//! (mirror-storage's [`Backing`]: O_EXCL for a block device, an advisory lock for a file), its
+//! usable size a whole number of blocks. The primary keeps no metadata on its volume yet (issue
+//! 14 moves it to mirror-storage's internal layout, as the target's).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use mirror_storage::{Backing, StorageError};
 
 /// Why the volume cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VolumeError {
-    /// It does not exist or cannot be examined.
-    #[error("cannot use volume {}: {err}", .path.display())]
-    Stat {
-        /// The volume.
-        path: PathBuf,
-        /// Why.
-        err: std::io::Error,
-    },
-    /// A block device some other opener holds exclusively.
-    #[error("volume {} is already in use (busy)", .path.display())]
-    Busy {
-        /// The volume.
-        path: PathBuf,
-    },
-    /// A file another process has locked.
-    #[error("volume {} is already in use (locked by another process)", .path.display())]
-    Locked {
-        /// The volume.
-        path: PathBuf,
-    },
-    /// Opening, sizing or extending it failed.
-    #[error("cannot {what} volume {}: {err}", .path.display())]
-    Io {
-        /// The step.
-        what: &'static str,
-        /// The volume.
-        path: PathBuf,
-        /// Why.
-        err: std::io::Error,
-    },
+    /// Opening, creating, locking or extending it failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// Not even one block.
     #[error("volume {} ({bytes} bytes) is smaller than one {block_bytes}-byte block", .path.display())]
     TooSmall {
@@ -75,43 +46,16 @@ pub fn open_volume(
     block_bytes: u32,
     create_bytes: Option<u64>,
 ) -> Result<LocalVolume, VolumeError> {
-    let is_block = match std::fs::metadata(path) {
-        Ok(meta) => meta.file_type().is_block_device(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_bytes.is_some() => false,
-        Err(err) => {
-            return Err(VolumeError::Stat {
-                path: path.into(),
-                err,
-            })
-        }
+    let mut backing = match create_bytes {
+        Some(want) if !path.exists() => Backing::create(path, want)?,
+        _ => Backing::open(path)?,
     };
-    let io = |what, err| VolumeError::Io {
-        what,
-        path: path.into(),
-        err,
-    };
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true);
-    if is_block {
-        opts.custom_flags(OFlag::O_EXCL.bits());
-    } else if create_bytes.is_some() {
-        opts.create(true).truncate(false);
-    }
-    let mut file = opts.open(path).map_err(|e| {
-        if e.raw_os_error() == Some(Errno::EBUSY as i32) {
-            VolumeError::Busy { path: path.into() }
-        } else {
-            io("open", e)
+    if let Some(want) = create_bytes {
+        if !backing.is_block_device() && backing.backing_bytes() < want {
+            backing.grow(want)?;
         }
-    })?;
-    if !is_block && file.try_lock().is_err() {
-        return Err(VolumeError::Locked { path: path.into() });
     }
-    let mut file_bytes = file.seek(SeekFrom::End(0)).map_err(|e| io("size", e))?;
-    if let Some(want) = create_bytes.filter(|&want| !is_block && file_bytes < want) {
-        file.set_len(want).map_err(|e| io("extend", e))?;
-        file_bytes = want;
-    }
+    let file_bytes = backing.backing_bytes();
     let bytes = file_bytes - file_bytes % u64::from(block_bytes);
     if bytes == 0 {
         return Err(VolumeError::TooSmall {
@@ -121,7 +65,7 @@ pub fn open_volume(
         });
     }
     Ok(LocalVolume {
-        file,
+        file: backing.into_file(),
         bytes,
         file_bytes,
     })
@@ -139,7 +83,12 @@ mod tests {
         let v = open_volume(&path, 4096, None).unwrap();
         assert_eq!((v.bytes, v.file_bytes), (4096 * 3, 4096 * 3 + 100));
         let again = open_volume(&path, 4096, None).unwrap_err();
-        assert!(matches!(again, VolumeError::Locked { .. }), "{again}");
+        assert!(
+            again
+                .to_string()
+                .contains("already in use (locked by another process)"),
+            "{again}"
+        );
         drop(v);
         assert!(open_volume(&path, 4096, None).is_ok());
     }
@@ -149,7 +98,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol");
         let e = open_volume(&path, 512, None).unwrap_err();
-        assert!(matches!(e, VolumeError::Stat { .. }), "{e}");
+        assert!(
+            matches!(e, VolumeError::Storage(StorageError::Io { .. })),
+            "{e}"
+        );
         let v = open_volume(&path, 512, Some(1 << 20)).unwrap();
         assert_eq!(v.bytes, 1 << 20);
         drop(v);

@@ -116,7 +116,7 @@ pub fn source_config(volume_bytes: u64, mode: Mode) -> SourceConfig {
     SourceConfig {
         volume_id: VOLUME_ID,
         node_id: NodeId(1),
-        generation: Generation(0),
+        generation: Generation::NONE,
         volume_bytes,
         block_bytes: BLOCK as u32,
         secret: SECRET.to_vec(),

@@ -129,7 +129,7 @@ fn start_mirror(
     let source = SourceConfig {
         volume_id: m.volume_id,
         node_id: NodeId(s.node_id),
-        generation: Generation(1),
+        generation: Generation::NONE,
         volume_bytes,
         block_bytes: s.block_bytes,
         secret,

@@ -4,6 +4,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::control::DaemonState;
 use super::{LagReport, LogReport, SeqReport, ShippedReport, StatusReport};
+use mirror_core::meta::Role;
+
 use crate::replicator::ReplError;
 
 impl DaemonState {
@@ -23,7 +25,8 @@ impl DaemonState {
                 .map_or(0.0, |d| d.as_secs_f64()),
             name: self.s.name.clone(),
             pid: std::process::id(),
-            role: "primary".into(),
+            // The daemon runs a volume's primary role only; issue 16 brings the others.
+            role: Role::Primary.to_string(),
             phase: phase.into(),
             device: device.as_ref().map(|d| d.path.clone()),
             dev_id: device.as_ref().map(|d| d.dev_id),

@@ -381,7 +381,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let source = SourceConfig {
         volume_id: args.volume_id,
         node_id: NodeId(args.node_id),
-        generation: Generation(1),
+        generation: Generation::NONE,
         volume_bytes: args.volume_bytes,
         block_bytes: args.block_bytes,
         secret,
@@ -687,7 +687,7 @@ mod tests {
         let source = SourceConfig {
             volume_id: VolumeId([7; 16]),
             node_id: NodeId(1),
-            generation: Generation(1),
+            generation: Generation::NONE,
             volume_bytes: 1 << 20,
             block_bytes: 4096,
             secret: b"s".to_vec(),
