@@ -34,6 +34,8 @@ pub mod sim;
 pub mod source;
 pub mod storage;
 pub mod target;
+#[cfg(test)]
+mod testkit;
 pub mod types;
 pub mod wire;
 

@@ -4,32 +4,17 @@ use bytes::Bytes;
 
 use super::*;
 use crate::session::SessionConfig;
-use crate::source::{LockStyle, SourceConfig};
-use crate::target::{
-    ConflictPolicy, ConnId, Restored, TargetConfig, HANDSHAKES_MAX_DEFAULT,
-    HANDSHAKE_TIMEOUT_NS_DEFAULT,
-};
+use crate::target::ConnId;
+use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES};
 use crate::wire::{decode, Op, RefuseReason};
-use crate::{Generation, Lba, NodeId};
+use crate::Lba;
 
-const VOLUME_BYTES: u64 = 1 << 20;
 const C: ConnId = ConnId(1);
 const MS: u64 = 1_000_000;
 
 fn link(mode: Mode, log_entries_max: usize) -> PeerLink {
-    let source = Source::new(SourceConfig {
-        volume_id: VolumeId([7; 16]),
-        node_id: NodeId(1),
-        generation: Generation(1),
-        volume_bytes: VOLUME_BYTES,
-        block_bytes: 4096,
-        secret: b"s".to_vec(),
-        mode,
-        flush_replicates: false,
-        lock_style: LockStyle::Implied,
-        log_bytes_max: 64 << 10,
-        log_entries_max,
-    });
+    let mut cfg = source_config(mode, 1, log_entries_max);
+    cfg.log_bytes_max = 64 << 10;
     let session = SourceSession::new(
         SessionConfig {
             backoff_min_ns: 50 * MS,
@@ -40,30 +25,11 @@ fn link(mode: Mode, log_entries_max: usize) -> PeerLink {
         3,
         0,
     );
-    PeerLink::new(source, session)
+    PeerLink::new(Source::new(cfg), session)
 }
 
 fn target() -> Target {
-    Target::new(
-        TargetConfig {
-            volume_id: VolumeId([7; 16]),
-            node_id: NodeId(2),
-            generation: Generation(1),
-            volume_bytes: VOLUME_BYTES,
-            block_bytes: 4096,
-            secret: b"s".to_vec(),
-            conflict_policy: ConflictPolicy::Wait,
-            commit_log_bytes_max: 1 << 20,
-            commit_log_entries_max: 64,
-            local_locks_max: 4,
-            handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
-            handshakes_max: HANDSHAKES_MAX_DEFAULT,
-        },
-        Restored {
-            durable: Seq::NONE,
-            clean: true,
-        },
-    )
+    testkit::target(FRESH)
 }
 
 fn write(block: u64) -> SummedOp {
