@@ -231,8 +231,8 @@ impl RollbackLog for FaultyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{LockStyle, Mode, Source, SourceConfig, SourceError};
-    use crate::types::{Generation, Lba, NodeId, VolumeId};
+    use crate::source::{Mode, Source, SourceError};
+    use crate::types::Lba;
     use crate::wire::Op;
     use bytes::Bytes;
 
@@ -249,19 +249,7 @@ mod tests {
     fn the_source_reports_a_failed_append_and_logs_nothing() {
         let log = FaultyLog::new();
         let faults = log.faults();
-        let cfg = SourceConfig {
-            volume_id: VolumeId([7; 16]),
-            node_id: NodeId(1),
-            generation: Generation(1),
-            volume_bytes: 1 << 20,
-            block_bytes: 4096,
-            secret: b"s".to_vec(),
-            mode: Mode::Async,
-            flush_replicates: false,
-            lock_style: LockStyle::Implied,
-            log_bytes_max: 1 << 20,
-            log_entries_max: 64,
-        };
+        let cfg = crate::testkit::source_config(Mode::Async, 1, 64);
         let mut source = Source::with_log(cfg, log, Seq::NONE);
         faults.fail_appends(true);
         let err = source.submit(write(0), 0).unwrap_err();

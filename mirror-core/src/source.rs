@@ -912,17 +912,8 @@ mod tests {
     #[test]
     fn debug_output_never_shows_the_secret() {
         let cfg = SourceConfig {
-            volume_id: VolumeId([7; 16]),
-            node_id: NodeId(1),
-            generation: Generation(1),
-            volume_bytes: 1 << 20,
-            block_bytes: 4096,
             secret: b"hunter2-hunter2".to_vec(),
-            mode: Mode::Sync,
-            flush_replicates: false,
-            lock_style: LockStyle::Implied,
-            log_bytes_max: 1 << 20,
-            log_entries_max: 64,
+            ..crate::testkit::source_config(Mode::Sync, 1, 64)
         };
         let text = format!("{cfg:?}");
         assert!(!text.contains("hunter2"), "{text}");
