@@ -13,6 +13,9 @@
 //! completed at enqueue is logged when its sequence number is known), so a test can check after a
 //! crash that every acknowledged write reached the target.
 
+mod plan;
+mod stats;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -34,6 +37,9 @@ use ublk_mirror::device::gate::RangeGate;
 use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
 use ublk_mirror::replicator::{self, ReplicatorConfig};
 use ublk_mirror::volume::open_volume;
+
+use plan::{Placer, Plan};
+use stats::{print_summary, Latencies, Summary};
 
 /// Flags of `ublk-mirror loadgen`.
 #[derive(Debug, clap::Args)]
@@ -115,251 +121,6 @@ fn parse_volume_id(text: &str) -> Result<VolumeId, String> {
     VolumeId::parse(text).ok_or_else(|| format!("'{text}' is not 32 hex digits"))
 }
 
-/// Validated workload parameters.
-#[derive(Debug)]
-struct Plan {
-    volume_blocks: u64,
-    block_bytes: u64,
-    max_blocks: u64,
-    writes: Option<u64>,
-    seconds: Option<f64>,
-    qd: usize,
-    seed: u64,
-}
-
-impl Plan {
-    fn new(args: &LoadgenArgs) -> anyhow::Result<Plan> {
-        let block = args.block_bytes;
-        mirror_core::block_shift(block).map_err(|e| anyhow::anyhow!("--block-bytes: {e}"))?;
-        let block_bytes = u64::from(block);
-        if args.volume_bytes == 0 || !args.volume_bytes.is_multiple_of(block_bytes) {
-            bail!(
-                "--volume-bytes {} must be a non-zero multiple of the {block}-byte block",
-                args.volume_bytes
-            );
-        }
-        if args.max_blocks == 0 {
-            bail!("--max-blocks must be at least 1");
-        }
-        let max_blocks = u64::from(args.max_blocks);
-        let largest = max_blocks * block_bytes;
-        if largest > u64::from(PAYLOAD_BYTES_MAX) {
-            bail!(
-                "--max-blocks {} of {block} bytes exceeds the {PAYLOAD_BYTES_MAX}-byte frame limit",
-                args.max_blocks
-            );
-        }
-        if largest > args.log_bytes_max {
-            bail!(
-                "--log-bytes-max {} is smaller than the largest write ({largest} bytes)",
-                args.log_bytes_max
-            );
-        }
-        let volume_blocks = args.volume_bytes / block_bytes;
-        if volume_blocks < max_blocks {
-            bail!(
-                "--volume-bytes {} is smaller than the largest write ({largest} bytes)",
-                args.volume_bytes
-            );
-        }
-        if args.qd == 0 || args.qd > 4096 {
-            bail!("--qd {} must be between 1 and 4096", args.qd);
-        }
-        if let Some(s) = args.seconds {
-            if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
-                bail!("--seconds {s} must be between 0 and 86400");
-            }
-        }
-        if args.log_entries_max == 0 {
-            bail!("--log-entries-max must be at least 1");
-        }
-        let seed = match args.seed {
-            Some(s) => s,
-            None => getrandom::u64().context("no randomness for a seed; pass --seed")?,
-        };
-        Ok(Plan {
-            volume_blocks,
-            block_bytes,
-            max_blocks,
-            writes: match (args.ops, args.seconds) {
-                (Some(n), _) => Some(n),
-                (None, Some(_)) => None,
-                (None, None) => Some(1000),
-            },
-            seconds: args.seconds,
-            qd: args.qd,
-            seed,
-        })
-    }
-}
-
-/// Chooses block ranges: random ones, or (`--distinct`) ranges inside slots of `max_blocks`
-/// blocks visited in a scrambled order, each slot at most once.
-#[derive(Debug)]
-struct Placer {
-    distinct: bool,
-    slots: u64,
-    stride: u64,
-    offset: u64,
-    used: u64,
-}
-
-impl Placer {
-    fn new(plan: &Plan, distinct: bool, rng: &mut fastrand::Rng) -> Placer {
-        let slots = plan.volume_blocks / plan.max_blocks;
-        // A stride coprime with the slot count visits every slot once: (stride * i + offset) mod
-        // slots is a permutation.
-        let mut stride = 1;
-        for _ in 0..64 {
-            let candidate = rng.u64(1..=slots.max(1));
-            if gcd(candidate, slots) == 1 {
-                stride = candidate;
-                break;
-            }
-        }
-        Placer {
-            distinct,
-            slots,
-            stride,
-            offset: rng.u64(0..slots.max(1)),
-            used: 0,
-        }
-    }
-
-    /// `(first block, blocks)` of the next write.
-    fn next(&mut self, plan: &Plan, rng: &mut fastrand::Rng) -> anyhow::Result<(u64, u64)> {
-        let n = rng.u64(1..=plan.max_blocks);
-        if !self.distinct {
-            return Ok((rng.u64(0..=plan.volume_blocks - n), n));
-        }
-        if self.used >= self.slots {
-            bail!(
-                "--distinct: the volume has room for only {} distinct writes of up to {} blocks; \
-                 use a larger --volume-bytes",
-                self.slots,
-                plan.max_blocks
-            );
-        }
-        let slot = (u128::from(self.stride) * u128::from(self.used) + u128::from(self.offset))
-            % u128::from(self.slots);
-        self.used += 1;
-        let slot = u64::try_from(slot).unwrap_or(0);
-        let within = rng.u64(0..=plan.max_blocks - n);
-        Ok((slot * plan.max_blocks + within, n))
-    }
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
-}
-
-/// Completion latencies in a log-linear histogram (about 3 % resolution, fixed memory).
-#[derive(Debug)]
-struct Latencies {
-    buckets: Vec<u64>,
-    count: u64,
-    sum_ns: u128,
-    max_ns: u64,
-}
-
-const SUB_BUCKETS: u64 = 32;
-/// Linear buckets below 64 ns, then 32 per power of two up to 2^64 ns.
-const BUCKETS: usize = 64 + 58 * 32;
-
-impl Latencies {
-    fn new() -> Latencies {
-        Latencies {
-            buckets: vec![0; BUCKETS],
-            count: 0,
-            sum_ns: 0,
-            max_ns: 0,
-        }
-    }
-
-    fn index(ns: u64) -> usize {
-        if ns < 2 * SUB_BUCKETS {
-            return usize::try_from(ns).unwrap_or(0);
-        }
-        let msb = u64::from(63 - ns.leading_zeros());
-        let shift = msb - 5;
-        let sub = (ns >> shift) - SUB_BUCKETS;
-        usize::try_from(2 * SUB_BUCKETS + (msb - 6) * SUB_BUCKETS + sub).unwrap_or(0)
-    }
-
-    /// The middle of bucket `index` in nanoseconds.
-    fn value(index: usize) -> u64 {
-        let i = index as u64;
-        if i < 2 * SUB_BUCKETS {
-            return i;
-        }
-        let msb = (i - 2 * SUB_BUCKETS) / SUB_BUCKETS + 6;
-        let sub = (i - 2 * SUB_BUCKETS) % SUB_BUCKETS + SUB_BUCKETS;
-        let shift = msb - 5;
-        (sub << shift) + (1 << shift) / 2
-    }
-
-    fn record(&mut self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        if let Some(b) = self.buckets.get_mut(Self::index(ns)) {
-            *b += 1;
-        }
-        self.count += 1;
-        self.sum_ns += u128::from(ns);
-        self.max_ns = self.max_ns.max(ns);
-    }
-
-    fn mean_us(&self) -> f64 {
-        if self.count == 0 {
-            return 0.0;
-        }
-        self.sum_ns as f64 / self.count as f64 / 1000.0
-    }
-
-    /// The latency below which `per_mille` thousandths of the samples lie.
-    fn quantile_us(&self, per_mille: u64) -> f64 {
-        if self.count == 0 {
-            return 0.0;
-        }
-        let rank = (u128::from(per_mille) * u128::from(self.count)).div_ceil(1000);
-        let rank = u64::try_from(rank).unwrap_or(u64::MAX).clamp(1, self.count);
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Self::value(i).min(self.max_ns) as f64 / 1000.0;
-            }
-        }
-        self.max_ns as f64 / 1000.0
-    }
-}
-
-/// What `loadgen` prints (`--json`: one object).
-#[derive(Debug, Serialize)]
-struct Summary {
-    mode: String,
-    qd: usize,
-    seed: u64,
-    block_bytes: u64,
-    writes: u64,
-    flushes: u64,
-    bytes: u64,
-    elapsed_s: f64,
-    iops: f64,
-    mib_s: f64,
-    lat_mean_us: f64,
-    lat_p50_us: f64,
-    lat_p99_us: f64,
-    lat_max_us: f64,
-    last_seq: u64,
-    replicated: bool,
-    drain_s: f64,
-    connects: u64,
-    disconnects: u64,
-}
-
 /// Where acknowledged writes are recorded.
 type AckLog = Arc<Mutex<File>>;
 
@@ -403,38 +164,6 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         print_summary(&summary);
     }
     Ok(())
-}
-
-fn print_summary(s: &Summary) {
-    println!(
-        "loadgen: mode {}, qd {}, seed {}, block {} bytes",
-        s.mode, s.qd, s.seed, s.block_bytes
-    );
-    println!(
-        "  {} writes + {} flushes, {:.1} MiB in {:.3} s: {:.0} IOPS, {:.1} MiB/s",
-        s.writes,
-        s.flushes,
-        s.bytes as f64 / f64::from(1 << 20),
-        s.elapsed_s,
-        s.iops,
-        s.mib_s
-    );
-    println!(
-        "  completion latency: mean {:.0} us, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-        s.lat_mean_us, s.lat_p50_us, s.lat_p99_us, s.lat_max_us
-    );
-    if s.replicated {
-        println!(
-            "  target holds everything through seq {} ({:.3} s after the last completion); \
-             connects {}, disconnects {}",
-            s.last_seq, s.drain_s, s.connects, s.disconnects
-        );
-    } else {
-        println!(
-            "  last seq {} (not waited for); connects {}, disconnects {}",
-            s.last_seq, s.connects, s.disconnects
-        );
-    }
 }
 
 async fn drive(
@@ -739,53 +468,5 @@ mod tests {
                 let _ = task.await;
             }
         });
-    }
-
-    #[test]
-    fn histogram_quantiles_are_within_a_few_percent() {
-        let mut l = Latencies::new();
-        for us in 1..=1000u64 {
-            l.record(Duration::from_micros(us));
-        }
-        let p99 = l.quantile_us(990);
-        assert!((p99 - 990.0).abs() < 990.0 * 0.04, "p99 {p99}");
-        let p50 = l.quantile_us(500);
-        assert!((p50 - 500.0).abs() < 500.0 * 0.04, "p50 {p50}");
-        assert!((l.mean_us() - 500.5).abs() < 0.01);
-        // Every index maps back into its own bucket.
-        for ns in [0u64, 63, 64, 65, 1000, 123_456_789, u64::MAX / 3] {
-            assert_eq!(
-                Latencies::index(Latencies::value(Latencies::index(ns))),
-                Latencies::index(ns)
-            );
-        }
-    }
-
-    #[test]
-    fn distinct_placement_never_repeats_a_slot_and_stops_when_full() {
-        let seed = 7;
-        println!("seed {seed}");
-        let plan = Plan {
-            volume_blocks: 1000,
-            block_bytes: 4096,
-            max_blocks: 8,
-            writes: Some(125),
-            seconds: None,
-            qd: 1,
-            seed,
-        };
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let mut placer = Placer::new(&plan, true, &mut rng);
-        let mut used = vec![false; 1000];
-        for _ in 0..125 {
-            let (first, n) = placer.next(&plan, &mut rng).unwrap();
-            assert!(first + n <= 1000);
-            for b in first..first + n {
-                let b = usize::try_from(b).unwrap();
-                assert!(!used[b], "block {b} written twice");
-                used[b] = true;
-            }
-        }
-        assert!(placer.next(&plan, &mut rng).is_err());
     }
 }
