@@ -9,7 +9,6 @@
 //! build it.
 
 use std::fs::File;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -291,43 +290,6 @@ pub async fn run_loadgen(args: &[String], timeout: Duration) -> anyhow::Result<F
         .spawn()
         .context("starting ublk-mirror")?;
     finish(child, timeout).await
-}
-
-/// The offset of the first byte where two files differ (a shorter file differs at its end), or
-/// `None` when they are identical.
-pub fn first_difference(a: &Path, b: &Path) -> std::io::Result<Option<u64>> {
-    let mut fa = File::open(a)?;
-    let mut fb = File::open(b)?;
-    let mut ba = vec![0u8; 1 << 20];
-    let mut bb = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    loop {
-        let na = read_full(&mut fa, &mut ba)?;
-        let nb = read_full(&mut fb, &mut bb)?;
-        let n = na.min(nb);
-        if let Some(i) = (0..n).find(|&i| ba[i] != bb[i]) {
-            return Ok(Some(offset + i as u64));
-        }
-        if na != nb {
-            return Ok(Some(offset + n as u64));
-        }
-        if na == 0 {
-            return Ok(None);
-        }
-        offset += na as u64;
-    }
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = f.read(&mut buf[got..])?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
 }
 
 /// One line of a loadgen `--ack-log`.
