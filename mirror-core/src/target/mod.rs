@@ -1,0 +1,499 @@
+//! The target side: commit log, lock table, in-order apply, acknowledgements.
+//!
+//! A driver (the target server, the simulator) pumps it:
+//! - [`Target::on_connect`] for each accepted connection (named by a [`ConnId`]), then
+//!   [`Target::handle_frame`] for each decoded frame and [`Target::handle_wire_error`] for each
+//!   frame that failed to decode, and [`Target::on_disconnect`] when it is gone;
+//! - [`Target::poll_transmit`] for frames to send back on a connection, [`Target::poll_close`] for
+//!   connections the engine is done with, [`Target::poll_timeout`] / [`Target::handle_timeout`]
+//!   for the handshake deadline;
+//! - [`Target::poll_apply`] for the next operation to apply to the volume, in sequence order, then
+//!   [`Target::handle_applied`] once written, and [`Target::handle_durable`] once the volume (and the
+//!   driver's record of the durable sequence number) is synced.
+//!
+//! An error from `handle_*` means the connection must be closed after the frames already queued
+//! (a REFUSE, say) are sent.
+//!
+//! Admission: any number of connections may be in their handshake (up to
+//! [`TargetConfig::handshakes_max`], each until [`TargetConfig::handshake_timeout_ns`]); none of
+//! them touches the target's state. Only a connection whose AUTH verified becomes the session. A
+//! new session of the node that holds the current one replaces it (its old connection is dead but
+//! not yet timed out); another node's gets REFUSE(Busy).
+
+use std::collections::VecDeque;
+
+use crate::auth::{self, Signer};
+use crate::lock::{LocalLockId, LockError, LockTable};
+use crate::meta::{MetaRecord, Role};
+use crate::source::LOCKS_AHEAD_MAX;
+use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
+use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
+
+mod admission;
+mod error;
+mod recover;
+mod session;
+
+pub use error::{SourceViolation, TargetError};
+pub use recover::{
+    recover, recover_with, RecoverError, RecoveryKind, RecoverySabotage, Restored, VolumeFacts,
+};
+
+/// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.
+const OUT_FRAMES_MAX: usize = 64;
+
+/// Default for [`TargetConfig::handshake_timeout_ns`]: 5 s.
+pub const HANDSHAKE_TIMEOUT_NS_DEFAULT: u64 = 5_000_000_000;
+/// Default for [`TargetConfig::handshakes_max`].
+pub const HANDSHAKES_MAX_DEFAULT: usize = 8;
+
+/// A connection, named by the driver; unique for the engine's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Why the engine is done with a connection ([`Target::poll_close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The handshake did not finish within [`TargetConfig::handshake_timeout_ns`].
+    HandshakeTimeout,
+    /// The same node authenticated a new session; this older one is dead.
+    Replaced,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::HandshakeTimeout => "the handshake did not finish in time",
+            CloseReason::Replaced => "a new session of the same source replaced it",
+        })
+    }
+}
+
+/// What the target does when a mirrored lock conflicts with a local lock holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// Keep the entry and retry until the lock is granted (no new local lock on that region).
+    Wait,
+    /// Send REJECT now and GRANTED once the region is free; the source resends from there.
+    Reject,
+}
+
+/// Deliberate bugs for tests that prove the simulator's checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Apply the second ready entry before the first.
+    ApplyOutOfOrder,
+    /// Apply an entry even though a local holder locks its range.
+    IgnoreLocalLocks,
+    /// Take a HELLO's last seq before its AUTH verified (the bug item 9a of issue 13 fixed).
+    TrustHelloBeforeAuth,
+}
+
+/// Configuration of a target.
+#[derive(Clone)]
+pub struct TargetConfig {
+    /// The volume this target mirrors.
+    pub volume_id: VolumeId,
+    /// This node.
+    pub node_id: NodeId,
+    /// Data generation.
+    pub generation: Generation,
+    /// Size of the target volume.
+    pub volume_bytes: u64,
+    /// Logical block size: every operation must be aligned to it.
+    pub block_bytes: u32,
+    /// Shared secret for authentication.
+    pub secret: Vec<u8>,
+    /// Lock conflict policy.
+    pub conflict_policy: ConflictPolicy,
+    /// Bound on commit log payload bytes.
+    pub commit_log_bytes_max: usize,
+    /// Bound on commit log entries.
+    pub commit_log_entries_max: usize,
+    /// Bound on local locks held at once.
+    pub local_locks_max: usize,
+    /// How long a connection may take from accept to a verified AUTH.
+    pub handshake_timeout_ns: u64,
+    /// Connections in their handshake at once; more are refused with Busy.
+    pub handshakes_max: usize,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("volume_id", &self.volume_id)
+            .field("node_id", &self.node_id)
+            .field("generation", &self.generation)
+            .field("volume_bytes", &self.volume_bytes)
+            .field("block_bytes", &self.block_bytes)
+            .field("secret", &"<redacted>")
+            .field("conflict_policy", &self.conflict_policy)
+            .field("commit_log_bytes_max", &self.commit_log_bytes_max)
+            .field("commit_log_entries_max", &self.commit_log_entries_max)
+            .field("local_locks_max", &self.local_locks_max)
+            .field("handshake_timeout_ns", &self.handshake_timeout_ns)
+            .field("handshakes_max", &self.handshakes_max)
+            .finish()
+    }
+}
+
+/// An operation to apply to the target volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apply {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// What to do.
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockState {
+    /// No range to lock (a flush).
+    NotNeeded,
+    Held,
+    Waiting,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: Seq,
+    range: Option<Range>,
+    lock: LockState,
+    want_grant: bool,
+    op: Option<Op>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakeState {
+    AwaitHello,
+    AwaitAuth {
+        peer_nonce: [u8; MAC_BYTES],
+        peer_node: NodeId,
+        peer_last_seq: Seq,
+        /// The position our HELLO told the peer; the session starts from it.
+        told: Seq,
+    },
+    /// Refused: the REFUSE waits in `out`, the driver closes after sending it.
+    Refused,
+}
+
+/// A connection that has not authenticated: it owns nothing but its own frames.
+#[derive(Debug)]
+struct Handshake {
+    conn: ConnId,
+    nonce: [u8; MAC_BYTES],
+    deadline_ns: u64,
+    state: HandshakeState,
+    /// At most a HELLO and a REFUSE.
+    out: VecDeque<Frame>,
+}
+
+/// The authenticated connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Session {
+    conn: ConnId,
+    node: NodeId,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ResendWait {
+    seq: Seq,
+    /// For a REJECT: the range still to be granted; `None` once GRANTED was sent (or for a NAK).
+    pending_range: Option<Range>,
+}
+
+/// A snapshot of the target's state, for status and checkers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStatus {
+    /// Whether a source is authenticated.
+    pub connected: bool,
+    /// Last sequence number received in order (in the commit log or beyond).
+    pub received: Seq,
+    /// Last applied.
+    pub applied: Seq,
+    /// Last applied and durable.
+    pub durable: Seq,
+    /// Commit log entries.
+    pub commit_log_entries: usize,
+    /// Commit log payload bytes.
+    pub commit_log_bytes: usize,
+    /// Whether the volume is known to be a consistent prefix of the source's writes.
+    pub consistent: bool,
+    /// Current resend epoch.
+    pub epoch: u32,
+}
+
+/// The target state machine.
+#[derive(Debug)]
+pub struct Target {
+    cfg: TargetConfig,
+    session: Option<Session>,
+    handshakes: Vec<Handshake>,
+    closing: VecDeque<(ConnId, CloseReason)>,
+    log: VecDeque<Entry>,
+    log_bytes: usize,
+    applying: VecDeque<Seq>,
+    received: Seq,
+    applied: Seq,
+    durable: Seq,
+    epoch: u32,
+    resend: Option<ResendWait>,
+    locks: LockTable,
+    out: VecDeque<Frame>,
+    ack_dirty: bool,
+    /// An operation asked for an ACK on receipt ([`crate::wire::FLAG_ACK_ON_RECEIPT`]): the next advance
+    /// of `received` is acknowledged at once instead of with the next durability ACK.
+    receipt_wanted: bool,
+    /// The data was never known to be consistent (see [`RecoveryKind::trusts_data`]): no resend
+    /// clears `inconsistent_until`, only a full resync will.
+    data_untrusted: bool,
+    /// After an unclean restart: consistent again once durable reaches this (set by the source's
+    /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
+    inconsistent_until: Option<Seq>,
+    /// Commit log entries created by a LOCK that still wait for their data.
+    lock_only: usize,
+    sabotage: TargetSabotage,
+}
+
+impl Target {
+    /// A target as [`recover`] found it: `restored`, and never consistent while `kind` does not
+    /// trust the data.
+    #[must_use]
+    pub fn recovered(cfg: TargetConfig, restored: Restored, kind: RecoveryKind) -> Target {
+        let mut target = Target::new(cfg, restored);
+        if !kind.trusts_data() {
+            target.data_untrusted = true;
+            target.inconsistent_until = Some(Seq(u64::MAX));
+        }
+        target
+    }
+
+    /// A target whose volume's durable state is `restored`.
+    #[must_use]
+    pub fn new(cfg: TargetConfig, restored: Restored) -> Target {
+        let locks = LockTable::new(cfg.local_locks_max);
+        Target {
+            cfg,
+            session: None,
+            handshakes: Vec::new(),
+            closing: VecDeque::new(),
+            log: VecDeque::new(),
+            log_bytes: 0,
+            applying: VecDeque::new(),
+            received: restored.durable,
+            applied: restored.durable,
+            durable: restored.durable,
+            epoch: 0,
+            resend: None,
+            locks,
+            out: VecDeque::new(),
+            ack_dirty: false,
+            receipt_wanted: false,
+            inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
+            data_untrusted: false,
+            lock_only: 0,
+            sabotage: TargetSabotage::None,
+        }
+    }
+
+    /// Breaks the engine on purpose (tests that prove the checkers bite).
+    pub fn set_sabotage(&mut self, sabotage: TargetSabotage) {
+        self.sabotage = sabotage;
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &TargetConfig {
+        &self.cfg
+    }
+
+    /// Whether a source is authenticated.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Whether the commit log has room for an operation carrying `payload_bytes`. A driver stops
+    /// reading from the connection while this is false (back-pressure on the source).
+    ///
+    /// Entries created by a LOCK frame that still wait for their data do not count: the source
+    /// sends at most [`LOCKS_AHEAD_MAX`] of them, and the data that completes them lies behind
+    /// them in the stream, so counting them could stop the reading that would complete them.
+    #[must_use]
+    pub fn has_room(&self, payload_bytes: usize) -> bool {
+        self.data_entries() + self.applying.len() < self.cfg.commit_log_entries_max
+            && self.log_bytes + payload_bytes <= self.cfg.commit_log_bytes_max
+    }
+
+    /// Whether the commit log has room for a frame of any size (the largest payload). A driver
+    /// that takes whole frames without seeing their size first stops taking them while this is
+    /// false; one that reads the header first asks [`Self::has_room`] with the payload's size.
+    #[must_use]
+    pub fn has_room_for_any_frame(&self) -> bool {
+        self.has_room(crate::wire::PAYLOAD_BYTES_MAX as usize)
+    }
+
+    /// Commit log entries that carry their operation.
+    fn data_entries(&self) -> usize {
+        self.log.len() - self.lock_only
+    }
+
+    /// The next operation to apply, strictly in sequence order, once its lock is held.
+    pub fn poll_apply(&mut self) -> Option<Apply> {
+        let index = self.ready_index()?;
+        let entry = self.log.remove(index)?;
+        let op = entry.op?;
+        self.log_bytes -= op.payload_bytes();
+        self.applying.push_back(entry.seq);
+        Some(Apply { seq: entry.seq, op })
+    }
+
+    fn entry_ready(e: &Entry) -> bool {
+        e.op.is_some() && e.lock != LockState::Waiting
+    }
+
+    fn ready_index(&self) -> Option<usize> {
+        match self.sabotage {
+            TargetSabotage::None | TargetSabotage::TrustHelloBeforeAuth => {
+                self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
+            }
+            TargetSabotage::ApplyOutOfOrder => {
+                let second_ready = self.log.get(1).is_some_and(Self::entry_ready);
+                if second_ready {
+                    Some(1)
+                } else {
+                    self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
+                }
+            }
+            TargetSabotage::IgnoreLocalLocks => {
+                self.log.front().filter(|e| e.op.is_some()).map(|_| 0)
+            }
+        }
+    }
+
+    /// The driver has written operation `seq` (handed out by [`Target::poll_apply`]) to the volume.
+    ///
+    /// # Panics
+    /// If `seq` is not the oldest operation handed out: the driver must apply in order.
+    pub fn handle_applied(&mut self, seq: Seq) {
+        let front = self.applying.pop_front();
+        assert_eq!(
+            front,
+            Some(seq),
+            "operations must be applied in the order handed out"
+        );
+        // Only a test that asked for out-of-order application is spared the check.
+        if self.sabotage != TargetSabotage::ApplyOutOfOrder {
+            assert!(seq > self.applied, "applied sequence numbers only grow");
+        }
+        self.locks.unlock_mirror(seq);
+        self.applied = self.applied.max(seq);
+        self.pump_locks();
+    }
+
+    /// Whether applied operations wait for a sync of the volume before they count as durable.
+    #[must_use]
+    pub fn needs_sync(&self) -> bool {
+        self.applied > self.durable
+    }
+
+    /// Last applied sequence number (what a sync now would make durable).
+    #[must_use]
+    pub fn applied(&self) -> Seq {
+        self.applied
+    }
+
+    /// The driver has synced the volume and durably recorded `seq` as the last durable operation.
+    ///
+    /// # Panics
+    /// If `seq` was not applied, or goes backwards.
+    pub fn handle_durable(&mut self, seq: Seq) {
+        assert!(seq <= self.applied, "durable beyond applied");
+        assert!(seq >= self.durable, "durable sequence numbers only grow");
+        if seq != self.durable {
+            self.durable = seq;
+            self.ack_dirty = true;
+        }
+        self.check_consistent();
+    }
+
+    fn check_consistent(&mut self) {
+        if !self.data_untrusted
+            && self
+                .inconsistent_until
+                .is_some_and(|until| self.durable >= until)
+        {
+            self.inconsistent_until = None;
+        }
+    }
+
+    /// The next frame to send on connection `conn`.
+    pub fn poll_transmit(&mut self, conn: ConnId) -> Option<Frame> {
+        if !self.is_session(conn) {
+            let h = self.handshakes.iter_mut().find(|h| h.conn == conn)?;
+            return h.out.pop_front();
+        }
+        if let Some(frame) = self.out.pop_front() {
+            return Some(frame);
+        }
+        if self.ack_dirty {
+            self.ack_dirty = false;
+            return Some(Frame::Ack {
+                received: self.received,
+                durable: self.durable,
+            });
+        }
+        None
+    }
+
+    /// Takes a local lock (a consistent backup read, verify, resync) on `range`. Refused while the
+    /// mirror holds or waits for an overlapping range.
+    pub fn try_lock_local(&mut self, range: Range) -> Result<LocalLockId, LockError> {
+        if range.end_bytes() > self.cfg.volume_bytes {
+            return Err(LockError::BadRange);
+        }
+        self.locks.try_lock_local(range)
+    }
+
+    /// Releases a local lock; mirrored operations waiting for it may proceed.
+    pub fn unlock_local(&mut self, id: LocalLockId) -> bool {
+        let released = self.locks.unlock_local(id);
+        if released {
+            self.pump_locks();
+        }
+        released
+    }
+
+    /// Current state.
+    #[must_use]
+    pub fn status(&self) -> TargetStatus {
+        TargetStatus {
+            connected: self.session.is_some(),
+            received: self.received,
+            applied: self.applied,
+            durable: self.durable,
+            commit_log_entries: self.log.len() + self.applying.len(),
+            commit_log_bytes: self.log_bytes,
+            consistent: self.inconsistent_until.is_none(),
+            epoch: self.epoch,
+        }
+    }
+
+    /// Number of mirror locks and waiters (bounded by the commit log) and local locks.
+    #[must_use]
+    pub fn lock_counts(&self) -> (usize, usize) {
+        (self.locks.mirror_count(), self.locks.local_count())
+    }
+}
+
+#[cfg(test)]
+mod tests;

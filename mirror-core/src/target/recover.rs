@@ -1,0 +1,148 @@
+//! What a restarted target trusts of its metadata.
+
+use super::*;
+
+/// What the target's driver recovered from its own durable state at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Last sequence number applied and durable.
+    pub durable: Seq,
+    /// Whether the previous run stopped cleanly (all applied writes synced). After an unclean stop
+    /// the volume may hold part of a batch past `durable`, so it is inconsistent until the source's
+    /// resend has been applied.
+    pub clean: bool,
+}
+
+/// What a target's driver knows of its volume at start, for [`recover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeFacts {
+    /// The volume the target is configured to mirror.
+    pub volume_id: VolumeId,
+    /// The volume's size now.
+    pub volume_bytes: u64,
+    /// Whether the driver just created the volume (it held nothing before).
+    pub created: bool,
+}
+
+/// How a restarted target came to its [`Restored`] state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryKind {
+    /// From its metadata record.
+    Resumed,
+    /// A volume the driver just created full of zeroes, with no metadata: consistent at seq 0.
+    Fresh,
+    /// An existing volume without a record (new to the mirror, or replaced): its content is
+    /// unknown, so it is initialised at seq 0 as not consistent. The driver should say so.
+    Adopted,
+    /// A record of this volume that says its data is not known to be consistent (an adopted
+    /// volume, restarted): still not consistent.
+    Unverified,
+}
+
+impl RecoveryKind {
+    /// Whether the volume's data may be taken as a prefix of the mirror's writes (after the
+    /// resend an unclean stop needs). Otherwise only a full resync makes it consistent, and every
+    /// record the target writes says so.
+    #[must_use]
+    pub fn trusts_data(self) -> bool {
+        matches!(self, RecoveryKind::Resumed | RecoveryKind::Fresh)
+    }
+}
+
+/// Why a target must not start on this volume and metadata.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoverError {
+    /// Metadata exists for a volume that was just created: it describes an earlier volume.
+    #[error("the volume was just created but metadata of an earlier volume exists")]
+    MetaOfEarlierVolume,
+    /// The metadata names another volume.
+    #[error("it belongs to volume {found}, not {expected}")]
+    OtherVolume {
+        /// The id in the metadata.
+        found: VolumeId,
+        /// The configured id.
+        expected: VolumeId,
+    },
+    /// The volume's size changed since the metadata was written.
+    #[error("it records a volume of {recorded} bytes, the volume has {actual}")]
+    Size {
+        /// The size in the metadata.
+        recorded: u64,
+        /// The size now.
+        actual: u64,
+    },
+    /// The metadata is a primary's; a target does not take over a primary's state.
+    #[error("it was written by a primary (node {})", .0.0)]
+    Primary(NodeId),
+}
+
+/// Deliberate bugs of [`recover_with`] for tests that prove the simulator's checkers bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoverySabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Trust a record of an unclean stop as if the stop had been clean.
+    TrustUnclean,
+}
+
+/// What a restarted target trusts: its metadata record if it has one that describes this volume
+/// (durable seq, and whether the last run stopped cleanly: if not, the volume may hold part of a
+/// batch past the durable seq and is inconsistent until the source's resend is applied), nothing
+/// at all for a new volume, and never the data of a volume without a record (or whose record says
+/// it is not consistent): the [`RecoveryKind`] says which, and [`Target::recovered`] acts on it.
+pub fn recover(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+) -> Result<(Restored, RecoveryKind), RecoverError> {
+    recover_with(record, facts, RecoverySabotage::None)
+}
+
+/// [`recover`], broken on purpose when `sabotage` says so (tests only).
+pub fn recover_with(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+    sabotage: RecoverySabotage,
+) -> Result<(Restored, RecoveryKind), RecoverError> {
+    let Some(record) = record else {
+        let kind = if facts.created {
+            RecoveryKind::Fresh
+        } else {
+            RecoveryKind::Adopted
+        };
+        let restored = Restored {
+            durable: Seq::NONE,
+            clean: kind.trusts_data(),
+        };
+        return Ok((restored, kind));
+    };
+    if facts.created {
+        return Err(RecoverError::MetaOfEarlierVolume);
+    }
+    if record.volume_id != facts.volume_id {
+        return Err(RecoverError::OtherVolume {
+            found: record.volume_id,
+            expected: facts.volume_id,
+        });
+    }
+    if record.volume_bytes != facts.volume_bytes {
+        return Err(RecoverError::Size {
+            recorded: record.volume_bytes,
+            actual: facts.volume_bytes,
+        });
+    }
+    if record.role == Role::Primary {
+        return Err(RecoverError::Primary(record.node_id));
+    }
+    let restored = Restored {
+        durable: record.durable,
+        clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
+    };
+    let kind = if record.consistent {
+        RecoveryKind::Resumed
+    } else {
+        RecoveryKind::Unverified
+    };
+    Ok((restored, kind))
+}
