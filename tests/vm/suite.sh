@@ -3,7 +3,8 @@
 # as root, with the binaries already built on the host.
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
-#                                                overlap blockdev512 kill9 sigterm delete perf)
+#                                                overlap blockdev512 target-blockdev passthrough kill9
+#                                                sigterm delete perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -448,6 +449,61 @@ case_blockdev512() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 
+# case_target_blockdev: the target's volume is a block device (a loop device with room for the
+# metadata area). Without a record it is initialised as NOT consistent (nothing vouches for what a
+# device already holds); the mirror fills its data area; a restart resumes from the record at the
+# end of the device (its durable seq), still not consistent.
+case_target_blockdev() {
+    local tag=tbd why loopdev log=$OUT/target-tbd.log
+    new_volumes "$tag"
+    truncate -s $((SIZE + (1 << 20))) "$W/$tag-tgt.img"
+    loopdev=$(losetup --find --show "$W/$tag-tgt.img") || { fail target-blockdev "losetup failed"; return; }
+    tbd_target() {
+        "$TS" --listen "127.0.0.1:$TPORT" --volume "$loopdev" --create-size "$SIZE" --volume-id "$VID" \
+            --secret-file "$W/secret" "$@" >>"$log" 2>&1 &
+        TPID=$!
+        TPIDS+=("$TPID")
+    }
+    PORT=$((PORT + 1))
+    TPORT=$PORT
+    : >"$log"
+    tbd_target
+    for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
+    if ! grep -q "initialised at durable seq 0 as NOT consistent" "$log"; then
+        fail target-blockdev "a device without metadata was not initialised as not consistent: $(tail -n 3 "$log")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    if ! "$UM" start --name m-tbd --volume "$W/$tag-src.img" --peer "127.0.0.1:$TPORT" --volume-id "$VID" \
+        --secret-file "$W/secret" --mode sync --log-file "$OUT/daemon-m-tbd.log" >"$OUT/start-m-tbd.out" 2>&1; then
+        fail target-blockdev "start failed: $(cat "$OUT/start-m-tbd.out")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    DEV=$("$UM" status --name m-tbd --json | jq -r .device)
+    if ! fio --name=tbd --filename="$DEV" --rw=randwrite --bs=4k --size=8M --ioengine=libaio --iodepth=8 \
+        --direct=1 --output="$OUT/fio-tbd.txt" >/dev/null 2>&1; then
+        fail target-blockdev "fio failed: $(grep -m1 -iE 'error' "$OUT/fio-tbd.txt")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    stop_daemon m-tbd || { fail target-blockdev "daemon stop failed"; cleanup_all; losetup -d "$loopdev"; return; }
+    stop_target
+    if ! why=$(cmp -n "$SIZE" "$W/$tag-src.img" "$loopdev" 2>&1); then
+        fail target-blockdev "data area differs: $why"; cleanup_all; losetup -d "$loopdev"; return
+    fi
+    : >"$log"
+    tbd_target
+    for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
+    if ! grep -q "NOT consistent until a full resync" "$log" ||
+        ! grep -qE "volume opened.*durable=[1-9][0-9]*.*data_trusted=false" "$log"; then
+        fail target-blockdev "the restart did not resume from the device's record as not consistent: $(grep -m2 -E 'volume opened|NOT' "$log")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    stop_target
+    losetup -d "$loopdev"
+    pass target-blockdev
+    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-tbd.txt" | sed 's/^ *//'); data area identical"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
 # case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
 # status says so, mirror requests are refused with one clear line.
 case_passthrough() {
@@ -480,7 +536,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 passthrough kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -494,6 +550,7 @@ for c in "${cases[@]}"; do
         sigterm) case_sigterm ;;
         delete) case_delete ;;
         blockdev512) case_blockdev512 ;;
+        target-blockdev) case_target_blockdev ;;
         passthrough) case_passthrough ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
