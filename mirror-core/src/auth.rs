@@ -35,6 +35,14 @@ fn hmac(
     mac
 }
 
+/// The secret a secret file holds: its bytes without surrounding whitespace (so base64, hex or
+/// raw bytes all work, and a trailing newline does not count); `None` when nothing is left. Both
+/// daemons read their secret file through this one rule.
+#[must_use]
+pub fn secret_from_file(bytes: &[u8]) -> Option<&[u8]> {
+    Some(bytes.trim_ascii()).filter(|s| !s.is_empty())
+}
+
 /// The MAC `signer` sends in answer to the peer's `challenge`, binding its own nonce and the volume.
 #[must_use]
 pub fn sign(

@@ -219,11 +219,9 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let trimmed = bytes.trim_ascii();
-    if trimmed.is_empty() {
-        return Err(ConfigError::EmptySecret(path.to_owned()));
-    }
-    Ok(trimmed.to_vec())
+    mirror_core::auth::secret_from_file(&bytes)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| ConfigError::EmptySecret(path.to_owned()))
 }
 
 /// Merges flags over the configuration file (if any) into a server configuration.

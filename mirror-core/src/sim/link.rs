@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use crate::target::ConnId;
-use crate::wire::{self, Encoded, Frame, HEADER_BYTES, MAC_BYTES};
+use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
 use crate::{Generation, NodeId, Seq};
 
 use super::world::{Event, Sim, Step, TICK_NS};
@@ -233,18 +233,8 @@ impl Sim<'_> {
             self.commit_full_noted = false;
             let Some(frame) = self.s2t.pop() else { break };
             progress = true;
-            match wire::decode(&frame.bytes) {
-                Ok(Some((decoded, used))) => {
-                    if frame.corruption != Corruption::None || used != frame.bytes.len() {
-                        return Err(self.violation(
-                            Check::Protocol,
-                            format!(
-                                "{:?} corruption of a frame to the target went undetected \
-                                 ({decoded:?})",
-                                frame.corruption
-                            ),
-                        ));
-                    }
+            match self.decoded(&frame, "target")? {
+                Ok(decoded) => {
                     if let Err(e) = self.target.handle_frame(ConnId(self.conn), decoded) {
                         return Err(self.violation(
                             Check::Protocol,
@@ -252,19 +242,7 @@ impl Sim<'_> {
                         ));
                     }
                 }
-                Ok(None) => {
-                    return Err(self.violation(
-                        Check::Protocol,
-                        "a whole frame decoded as incomplete".into(),
-                    ))
-                }
                 Err(err) => {
-                    if frame.corruption == Corruption::None {
-                        return Err(self.violation(
-                            Check::Protocol,
-                            format!("an intact frame failed to decode: {err}"),
-                        ));
-                    }
                     let repairable = err.nak_seq().is_some();
                     match self.target.handle_wire_error(ConnId(self.conn), &err) {
                         Ok(()) if repairable => {}
@@ -300,18 +278,8 @@ impl Sim<'_> {
             }
             let Some(frame) = self.t2s.pop() else { break };
             progress = true;
-            match wire::decode(&frame.bytes) {
-                Ok(Some((decoded, used))) => {
-                    if frame.corruption != Corruption::None || used != frame.bytes.len() {
-                        return Err(self.violation(
-                            Check::Protocol,
-                            format!(
-                                "{:?} corruption of a frame to the source went undetected \
-                                 ({decoded:?})",
-                                frame.corruption
-                            ),
-                        ));
-                    }
+            match self.decoded(&frame, "source")? {
+                Ok(decoded) => {
                     match &decoded {
                         Frame::Nak { .. } => self.report.naks += 1,
                         Frame::Reject { .. } => self.report.rejects += 1,
@@ -326,19 +294,7 @@ impl Sim<'_> {
                     }
                     self.check_log()?;
                 }
-                Ok(None) => {
-                    return Err(self.violation(
-                        Check::Protocol,
-                        "a whole frame decoded as incomplete".into(),
-                    ))
-                }
-                Err(err) => {
-                    if frame.corruption == Corruption::None {
-                        return Err(self.violation(
-                            Check::Protocol,
-                            format!("an intact frame failed to decode: {err}"),
-                        ));
-                    }
+                Err(_) => {
                     // The source cannot repair anything it receives: it closes the connection.
                     self.reset();
                     return Ok(true);
@@ -346,5 +302,33 @@ impl Sim<'_> {
             }
         }
         Ok(progress)
+    }
+
+    /// Decodes a frame that arrived for `to`: a corrupted frame must not decode, an intact one
+    /// must decode whole. `Err(e)` inside: a detected corruption for the receiver to handle.
+    fn decoded(&self, frame: &InFlight, to: &str) -> Step<Result<Frame, WireError>> {
+        match wire::decode(&frame.bytes) {
+            Ok(Some((decoded, used))) => {
+                if frame.corruption != Corruption::None || used != frame.bytes.len() {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        format!(
+                            "{:?} corruption of a frame to the {to} went undetected ({decoded:?})",
+                            frame.corruption
+                        ),
+                    ));
+                }
+                Ok(Ok(decoded))
+            }
+            Ok(None) => Err(self.violation(
+                Check::Protocol,
+                "a whole frame decoded as incomplete".into(),
+            )),
+            Err(err) if frame.corruption == Corruption::None => Err(self.violation(
+                Check::Protocol,
+                format!("an intact frame failed to decode: {err}"),
+            )),
+            Err(err) => Ok(Err(err)),
+        }
     }
 }

@@ -316,11 +316,10 @@ impl Settings {
 pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read secret file {}", path.display()))?;
-    let secret = bytes.trim_ascii();
-    if secret.is_empty() {
-        bail!("secret file {} is empty", path.display());
+    match mirror_core::auth::secret_from_file(&bytes) {
+        Some(secret) => Ok(secret.to_vec()),
+        None => bail!("secret file {} is empty", path.display()),
     }
-    Ok(secret.to_vec())
 }
 
 #[cfg(test)]

@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use mirror_core::node::{PeerLink, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
-use mirror_core::source::{
-    ConnState, Mode, Needs, Source, SourceConfig, SourceError, SourceStatus,
-};
+use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
 use mirror_core::Seq;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -353,9 +351,7 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         .submit_queue_bytes
         .clamp(PAYLOAD_BYTES_MAX as usize, Semaphore::MAX_PERMITS);
     let queued_bytes = Arc::new(Semaphore::new(queued_bytes_max));
-    let fast_ack = Arc::new(AtomicBool::new(
-        Needs::of(cfg.source.mode, cfg.source.flush_replicates, false) == Needs::Local,
-    ));
+
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = watch::channel(ConnInfo {
         state: ConnState::Disconnected,
@@ -365,6 +361,7 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     });
     let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
     let link = PeerLink::new(Source::new(cfg.source.clone()), session);
+    let fast_ack = Arc::new(AtomicBool::new(link.acks_on_submit()));
     let engine = engine::Engine::new(cfg, link, Arc::clone(&fast_ack), conn_tx);
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
     (
