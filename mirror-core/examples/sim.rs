@@ -84,13 +84,13 @@ fn main() -> ExitCode {
     let began = Instant::now();
     let mut failures = 0u64;
     let mut steps = 0u64;
-    let mut totals = Totals::default();
+    let mut totals = Totals(sim::SimReport::default());
     let end = args.start.saturating_add(args.count);
     for seed in args.start..end {
         match sim::run(seed, &opts) {
             Ok(report) => {
                 steps += report.steps;
-                totals.add(&report);
+                totals.0.add(&report);
                 if args.verbose {
                     emit(&format!("ok   {report}"));
                     emit(&format!("     config: {}", report.config));
@@ -131,56 +131,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Sums of the mechanisms the passing seeds exercised.
-#[derive(Default)]
-struct Totals {
-    naks: u64,
-    rejects: u64,
-    granted: u64,
-    disconnects: u64,
-    resets: u64,
-    handshakes: u64,
-    crashes: u64,
-    intruders: u64,
-    partial_crashes: u64,
-    clean_restarts: u64,
-    local_locks: u64,
-    mode_switches: u64,
-    completed: [u64; 4],
-    inconsistent_steps: u64,
-    source_crashes: u64,
-    host_ops_failed: u64,
-    acked_durable_kept: u64,
-    acked_writes_lost: u64,
-    rebases_on_inconsistent: u64,
-}
-
-impl Totals {
-    fn add(&mut self, r: &sim::SimReport) {
-        self.naks += r.naks;
-        self.rejects += r.rejects;
-        self.granted += r.granted;
-        self.disconnects += r.disconnects;
-        self.resets += r.resets;
-        self.handshakes += r.handshakes;
-        self.crashes += r.crashes;
-        self.intruders += r.intruders;
-        self.partial_crashes += r.partial_crashes;
-        self.clean_restarts += r.clean_restarts;
-        self.local_locks += r.local_locks;
-        self.mode_switches += r.mode_switches;
-        self.completed[0] += r.completed_async;
-        self.completed[1] += r.completed_received;
-        self.completed[2] += r.completed_sync;
-        self.completed[3] += r.completed_lock_then_write;
-        self.inconsistent_steps += r.inconsistent_steps;
-        self.source_crashes += r.source_crashes;
-        self.host_ops_failed += r.host_ops_failed;
-        self.acked_durable_kept += r.acked_durable_kept;
-        self.acked_writes_lost += r.acked_writes_lost;
-        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
-    }
-}
+/// The mechanisms the passing seeds exercised, from their summed reports.
+struct Totals(sim::SimReport);
 
 impl std::fmt::Display for Totals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,28 +144,28 @@ impl std::fmt::Display for Totals {
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
              acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
              target {})",
-            self.naks,
-            self.rejects,
-            self.granted,
-            self.disconnects,
-            self.resets,
-            self.handshakes,
-            self.crashes,
-            self.partial_crashes,
-            self.intruders,
-            self.clean_restarts,
-            self.local_locks,
-            self.mode_switches,
-            self.inconsistent_steps,
-            self.completed[0],
-            self.completed[1],
-            self.completed[2],
-            self.completed[3],
-            self.source_crashes,
-            self.host_ops_failed,
-            self.acked_durable_kept,
-            self.acked_writes_lost,
-            self.rebases_on_inconsistent,
+            self.0.naks,
+            self.0.rejects,
+            self.0.granted,
+            self.0.disconnects,
+            self.0.resets,
+            self.0.handshakes,
+            self.0.crashes,
+            self.0.partial_crashes,
+            self.0.intruders,
+            self.0.clean_restarts,
+            self.0.local_locks,
+            self.0.mode_switches,
+            self.0.inconsistent_steps,
+            self.0.completed_async,
+            self.0.completed_received,
+            self.0.completed_sync,
+            self.0.completed_lock_then_write,
+            self.0.source_crashes,
+            self.0.host_ops_failed,
+            self.0.acked_durable_kept,
+            self.0.acked_writes_lost,
+            self.0.rebases_on_inconsistent,
         )
     }
 }

@@ -113,7 +113,8 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     source: Source<L>,
     sabotage: PeerSabotage,
     session: SourceSession,
-    parked: Option<(u64, SummedOp)>,
+    /// The token, the operation and when it was submitted (its age counts from then).
+    parked: Option<(u64, SummedOp, u64)>,
     fatal: Option<SourceError>,
     /// Whether [`PeerEvent::Connected`] was reported for the current connection.
     announced: bool,
@@ -200,7 +201,7 @@ impl<L: RollbackLog> PeerLink<L> {
         match self.source.submit(op.clone(), now_ns) {
             Ok(seq) => Ok(Submitted::Accepted(seq)),
             Err(SourceError::LogFull) => {
-                self.parked = Some((token, op));
+                self.parked = Some((token, op, now_ns));
                 Ok(Submitted::Parked)
             }
             Err(e @ SourceError::InvalidOp(_)) => Err(SubmitError::Invalid(e)),
@@ -257,7 +258,7 @@ impl<L: RollbackLog> PeerLink<L> {
         if self.fatal.is_some() {
             return None;
         }
-        if let Some((token, op)) = self.parked.take() {
+        if let Some((token, op, submitted_ns)) = self.parked.take() {
             if self.source.has_room(op.op().payload_bytes()) {
                 if self.sabotage == PeerSabotage::DropParked {
                     return Some(PeerEvent::Accepted {
@@ -266,7 +267,7 @@ impl<L: RollbackLog> PeerLink<L> {
                     });
                 }
                 // The source validated it when it parked; what can fail now is the log itself.
-                match self.source.submit(op, 0) {
+                match self.source.submit(op, submitted_ns) {
                     Ok(seq) => return Some(PeerEvent::Accepted { token, seq }),
                     Err(e) => {
                         self.stop(e);
@@ -274,7 +275,7 @@ impl<L: RollbackLog> PeerLink<L> {
                     }
                 }
             }
-            self.parked = Some((token, op));
+            self.parked = Some((token, op, submitted_ns));
         }
         if let Some(seq) = self.source.poll_completion() {
             return Some(PeerEvent::Completed(seq));

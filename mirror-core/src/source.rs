@@ -184,6 +184,9 @@ pub enum SourceError {
     /// The target broke the protocol.
     #[error("protocol violation by the target: {0}")]
     Protocol(TargetViolation),
+    /// The driver has no randomness for a handshake nonce (reported by the driver).
+    #[error("no randomness for the handshake nonce")]
+    NoRandomness,
 }
 
 /// Why a host operation is not valid for the volume.
@@ -255,7 +258,8 @@ impl SourceError {
             | SourceError::BadAuth
             | SourceError::WrongVolume
             | SourceError::TargetRegressed { .. }
-            | SourceError::TargetAhead { .. } => true,
+            | SourceError::TargetAhead { .. }
+            | SourceError::NoRandomness => true,
             SourceError::LogFull
             | SourceError::InvalidOp(_)
             | SourceError::NeverFits { .. }
@@ -892,6 +896,7 @@ mod tests {
             assert!(!e.is_fatal(), "{e}");
         }
         let fatal = [
+            SourceError::NoRandomness,
             SourceError::BadAuth,
             SourceError::Refused(RefuseReason::WrongVolume),
             SourceError::Refused(RefuseReason::Geometry),

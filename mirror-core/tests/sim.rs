@@ -22,74 +22,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
-#[derive(Default, Debug)]
-struct Totals {
-    runs: u64,
-    naks: u64,
-    rejects: u64,
-    granted: u64,
-    disconnects: u64,
-    resets: u64,
-    handshakes: u64,
-    crashes: u64,
-    intruders: u64,
-    partial_crashes: u64,
-    clean_restarts: u64,
-    local_locks: u64,
-    local_lock_refusals: u64,
-    mode_switches: u64,
-    completed: [u64; 4],
-    inconsistent_steps: u64,
-    corrupt_headers: u64,
-    corrupt_payloads: u64,
-    log_full_waits: u64,
-    commit_full_waits: u64,
-    discards: u64,
-    write_zeroes: u64,
-    flushes: u64,
-    source_crashes: u64,
-    host_ops_failed: u64,
-    acked_durable_kept: u64,
-    acked_writes_lost: u64,
-    rebases_on_inconsistent: u64,
-}
-
-impl Totals {
-    fn add(&mut self, r: &SimReport) {
-        self.runs += 1;
-        self.naks += r.naks;
-        self.rejects += r.rejects;
-        self.granted += r.granted;
-        self.disconnects += r.disconnects;
-        self.resets += r.resets;
-        self.handshakes += r.handshakes;
-        self.crashes += r.crashes;
-        self.intruders += r.intruders;
-        self.partial_crashes += r.partial_crashes;
-        self.clean_restarts += r.clean_restarts;
-        self.local_locks += r.local_locks;
-        self.local_lock_refusals += r.local_lock_refusals;
-        self.mode_switches += r.mode_switches;
-        self.completed[0] += r.completed_async;
-        self.completed[1] += r.completed_received;
-        self.completed[2] += r.completed_sync;
-        self.completed[3] += r.completed_lock_then_write;
-        self.inconsistent_steps += r.inconsistent_steps;
-        self.corrupt_headers += r.corrupt_headers;
-        self.corrupt_payloads += r.corrupt_payloads;
-        self.log_full_waits += r.log_full_waits;
-        self.commit_full_waits += r.commit_full_waits;
-        self.discards += r.discards;
-        self.write_zeroes += r.write_zeroes;
-        self.flushes += r.flushes;
-        self.source_crashes += r.source_crashes;
-        self.host_ops_failed += r.host_ops_failed;
-        self.acked_durable_kept += r.acked_durable_kept;
-        self.acked_writes_lost += r.acked_writes_lost;
-        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
-    }
-}
-
 #[test]
 fn many_seeds_hold_every_invariant() {
     let start = env_u64("SIM_SEED_START", 1);
@@ -101,7 +33,7 @@ fn many_seeds_hold_every_invariant() {
         opts.ops
     );
     let began = Instant::now();
-    let mut totals = Totals::default();
+    let mut totals = SimReport::default();
     let mut failures = Vec::new();
     for seed in start..start + count {
         match sim::run(seed, &opts) {
@@ -144,10 +76,13 @@ fn many_seeds_hold_every_invariant() {
             ("local lock", totals.local_locks),
             ("local lock refused", totals.local_lock_refusals),
             ("mode switch", totals.mode_switches),
-            ("completion in async", totals.completed[0]),
-            ("completion in received", totals.completed[1]),
-            ("completion in sync", totals.completed[2]),
-            ("completion in lock-then-write", totals.completed[3]),
+            ("completion in async", totals.completed_async),
+            ("completion in received", totals.completed_received),
+            ("completion in sync", totals.completed_sync),
+            (
+                "completion in lock-then-write",
+                totals.completed_lock_then_write,
+            ),
             ("step while target inconsistent", totals.inconsistent_steps),
             ("corrupted header", totals.corrupt_headers),
             ("corrupted payload", totals.corrupt_payloads),

@@ -88,7 +88,7 @@ fn a_full_log_parks_one_submission_until_the_target_makes_room() {
     let mut l = link(Mode::Sync, 2);
     assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
     assert_eq!(l.submit(2, write(1), 0), Ok(Submitted::Accepted(Seq(2))));
-    assert_eq!(l.submit(3, write(2), 0), Ok(Submitted::Parked));
+    assert_eq!(l.submit(3, write(2), 7), Ok(Submitted::Parked));
     assert!(l.is_parked());
     assert_eq!(l.submit(4, write(3), 0), Err(SubmitError::AlreadyParked));
     assert_eq!(events(&mut l), vec![], "nothing moves while disconnected");
@@ -119,6 +119,8 @@ fn a_full_log_parks_one_submission_until_the_target_makes_room() {
     );
     assert!(!l.is_parked());
     assert_eq!(l.check_replicated(Seq(2)), Ok(true));
+    // Its age counts from when the host submitted it, not from when it found room.
+    assert_eq!(l.source().status().oldest_unconfirmed_ns, Some(7));
     exchange(&mut l, &mut t).unwrap();
     assert_eq!(
         events(&mut l),

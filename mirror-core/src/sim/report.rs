@@ -94,6 +94,52 @@ pub struct SimReport {
     pub acked_writes_lost: u64,
 }
 
+impl SimReport {
+    /// Adds `r`'s counters to these (peaks: the larger); for totals over many seeds, which keep
+    /// the seed and configuration of the first.
+    pub fn add(&mut self, r: &SimReport) {
+        self.steps += r.steps;
+        self.ticks += r.ticks;
+        self.ops += r.ops;
+        self.writes += r.writes;
+        self.discards += r.discards;
+        self.write_zeroes += r.write_zeroes;
+        self.flushes += r.flushes;
+        self.frames += r.frames;
+        self.wire_bytes += r.wire_bytes;
+        self.corrupt_headers += r.corrupt_headers;
+        self.corrupt_payloads += r.corrupt_payloads;
+        self.naks += r.naks;
+        self.rejects += r.rejects;
+        self.granted += r.granted;
+        self.disconnects += r.disconnects;
+        self.resets += r.resets;
+        self.handshakes += r.handshakes;
+        self.target_closes += r.target_closes;
+        self.crashes += r.crashes;
+        self.intruders += r.intruders;
+        self.partial_crashes += r.partial_crashes;
+        self.clean_restarts += r.clean_restarts;
+        self.local_locks += r.local_locks;
+        self.local_lock_refusals += r.local_lock_refusals;
+        self.mode_switches += r.mode_switches;
+        self.completed_async += r.completed_async;
+        self.completed_received += r.completed_received;
+        self.completed_sync += r.completed_sync;
+        self.completed_lock_then_write += r.completed_lock_then_write;
+        self.log_full_waits += r.log_full_waits;
+        self.commit_full_waits += r.commit_full_waits;
+        self.inconsistent_steps += r.inconsistent_steps;
+        self.source_crashes += r.source_crashes;
+        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
+        self.host_ops_failed += r.host_ops_failed;
+        self.acked_durable_kept += r.acked_durable_kept;
+        self.acked_writes_lost += r.acked_writes_lost;
+        self.log_bytes_peak = self.log_bytes_peak.max(r.log_bytes_peak);
+        self.commit_entries_peak = self.commit_entries_peak.max(r.commit_entries_peak);
+    }
+}
+
 impl fmt::Display for SimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

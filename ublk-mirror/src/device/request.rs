@@ -1,7 +1,8 @@
 //! Which block requests the device serves, and the errno each failure completes a request with:
 //! the one place that decides what a block device user sees when a request fails.
 
-use mirror_core::SECTOR_BYTES;
+use mirror_core::source::SourceError;
+use mirror_core::{ExtentError, Range, SECTOR_BYTES};
 use nix::errno::Errno;
 
 use crate::host_write::HostWriteError;
@@ -54,28 +55,9 @@ pub enum RequestError {
     /// An operation this device does not implement (zoned operations, ...).
     #[error("operation {0} is not supported")]
     Unsupported(u32),
-    /// The range ends past the device.
-    #[error("{bytes} bytes at byte {offset_bytes} end past the {volume_bytes}-byte device")]
-    OutOfRange {
-        /// First byte.
-        offset_bytes: u64,
-        /// Length.
-        bytes: u64,
-        /// The device's size.
-        volume_bytes: u64,
-    },
-    /// Offset or length not a multiple of the block size.
-    #[error(
-        "{bytes} bytes at byte {offset_bytes} are not aligned to the {block_bytes}-byte block"
-    )]
-    Unaligned {
-        /// First byte.
-        offset_bytes: u64,
-        /// Length.
-        bytes: u64,
-        /// The block size.
-        block_bytes: u32,
-    },
+    /// Empty, not on block boundaries, or past the device (mirror-core's one extent rule).
+    #[error(transparent)]
+    Extent(#[from] ExtentError),
     /// Longer than this operation may be.
     #[error("{bytes} bytes in one request (at most {bytes_max})")]
     TooLarge {
@@ -106,13 +88,11 @@ impl From<HostWriteError> for RequestError {
 pub fn errno(e: &RequestError) -> Errno {
     match e {
         RequestError::Unsupported(_) => Errno::EOPNOTSUPP,
-        RequestError::OutOfRange { .. }
-        | RequestError::Unaligned { .. }
-        | RequestError::TooLarge { .. } => Errno::EINVAL,
+        RequestError::Extent(_) | RequestError::TooLarge { .. } => Errno::EINVAL,
         // What the volume said: ENOSPC from a full filesystem under a sparse file, EIO, ...
         RequestError::Local(errno) => *errno,
         // The engine's own check of the range (alignment, extent): the request was invalid.
-        RequestError::Mirror(ReplError::InvalidOp { .. }) => Errno::EINVAL,
+        RequestError::Mirror(ReplError::InvalidOp(SourceError::InvalidOp(_))) => Errno::EINVAL,
         // Replication stopped or was shut down: the data is not safe as the mode promises.
         RequestError::Mirror(_) => Errno::EIO,
     }
@@ -154,21 +134,12 @@ pub fn check(
     if bytes > u64::from(bytes_max) {
         return Err(RequestError::TooLarge { bytes, bytes_max });
     }
-    let block = u64::from(limits.block_bytes);
-    if !offset_bytes.is_multiple_of(block) || !bytes.is_multiple_of(block) {
-        return Err(RequestError::Unaligned {
-            offset_bytes,
-            bytes,
-            block_bytes: limits.block_bytes,
-        });
-    }
-    if offset_bytes.saturating_add(bytes) > limits.volume_bytes {
-        return Err(RequestError::OutOfRange {
-            offset_bytes,
-            bytes,
-            volume_bytes: limits.volume_bytes,
-        });
-    }
+    Range::checked(
+        offset_bytes,
+        bytes,
+        u64::from(limits.block_bytes),
+        limits.volume_bytes,
+    )?;
     Ok(Request {
         kind,
         offset_bytes,
@@ -179,8 +150,6 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mirror_core::source::SourceError;
-    use mirror_core::ExtentError;
 
     const LIMITS: Limits = Limits {
         volume_bytes: 1 << 20,
@@ -273,6 +242,17 @@ mod tests {
             .into(),
         )));
         assert_eq!(errno(&e), Errno::EINVAL);
+    }
+
+    /// An operation the rollback log can never hold is the configuration's fault, not the
+    /// request's: EIO, not EINVAL.
+    #[test]
+    fn an_operation_larger_than_the_log_is_eio() {
+        let e = RequestError::Mirror(ReplError::InvalidOp(SourceError::NeverFits {
+            bytes: 512 << 10,
+            log_bytes_max: 256 << 10,
+        }));
+        assert_eq!(errno(&e), Errno::EIO);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mirror_core::node::{CloseConn, PeerEvent, PeerLink, Submitted, WaitError};
 use mirror_core::session::SessionAction;
-use mirror_core::source::ConnState;
+use mirror_core::source::SourceError;
 use mirror_core::wire::{Encoded, Frame, MAC_BYTES};
 use mirror_core::Seq;
 use mirror_net::ReadEnd;
@@ -169,7 +169,6 @@ impl Engine {
                 }
                 PeerEvent::Stopped(e) => {
                     tracing::warn!(reason = %e.describe(), "replication stopped");
-                    self.close_socket();
                     self.last_error = Some(e.describe());
                     self.stop(&ReplError::Fatal(e));
                     self.publish();
@@ -249,11 +248,6 @@ impl Engine {
     fn publish(&self) {
         let st = self.link.status();
         let info = ConnInfo {
-            state: if self.conn.is_some() {
-                st.source.conn
-            } else {
-                ConnState::Disconnected
-            },
             connects: st.connects,
             fatal: st.fatal,
             last_error: self.last_error.clone(),
@@ -272,8 +266,17 @@ impl Engine {
                     return;
                 }
                 self.connecting = None;
-                match result.and_then(|stream| fresh_nonce().map(|nonce| (stream, nonce))) {
-                    Ok((stream, nonce)) => self.open_conn(id, stream, nonce),
+                match result {
+                    Ok(stream) => {
+                        let mut nonce = [0u8; MAC_BYTES];
+                        match getrandom::fill(&mut nonce) {
+                            Ok(()) => self.open_conn(id, stream, nonce),
+                            Err(e) => {
+                                tracing::error!(error = %e, "no randomness for the handshake nonce");
+                                self.link.stop(SourceError::NoRandomness);
+                            }
+                        }
+                    }
                     Err(reason) => {
                         tracing::info!(%reason, "connection attempt failed");
                         self.last_error = Some(reason);
@@ -422,13 +425,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn fresh_nonce() -> Result<[u8; MAC_BYTES], String> {
-    let mut nonce = [0u8; MAC_BYTES];
-    getrandom::fill(&mut nonce)
-        .map_err(|e| format!("no randomness for the handshake nonce: {e}"))?;
-    Ok(nonce)
 }
 
 async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPermit<Encoded>> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use mirror_core::node::{PeerLink, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
-use mirror_core::source::{ConnState, Mode, Source, SourceConfig, SourceError, SourceStatus};
+use mirror_core::source::{Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
 use mirror_core::Seq;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -155,7 +155,6 @@ pub struct ReplicatorStatus {
 /// Connection state, published on every change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ConnInfo {
-    state: ConnState,
     connects: u64,
     fatal: Option<SourceError>,
     last_error: Option<String>,
@@ -354,7 +353,6 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
 
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = watch::channel(ConnInfo {
-        state: ConnState::Disconnected,
         connects: 0,
         fatal: None,
         last_error: None,
