@@ -167,16 +167,6 @@ impl<L: RollbackLog> PeerLink<L> {
         &self.source
     }
 
-    /// The engine, for a test's sabotage switch or the simulator's checks.
-    pub fn source_mut(&mut self) -> &mut Source<L> {
-        &mut self.source
-    }
-
-    /// The session, for a test's sabotage switch.
-    pub fn session_mut(&mut self) -> &mut SourceSession {
-        &mut self.session
-    }
-
     /// Offers a host operation. `token` names it in a later [`PeerEvent::Accepted`] if it parks.
     pub fn submit(
         &mut self,

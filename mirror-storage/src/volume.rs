@@ -26,12 +26,6 @@ impl FileVolume {
     pub(crate) fn new(file: Arc<File>, volume_bytes: u64) -> FileVolume {
         FileVolume { file, volume_bytes }
     }
-
-    /// The open file or device.
-    #[must_use]
-    pub fn file(&self) -> &File {
-        &self.file
-    }
 }
 
 impl Volume for FileVolume {
@@ -72,9 +66,10 @@ impl Volume for FileVolume {
 }
 
 /// The two record slots at the end of the metadata area. Each update overwrites the slot that
-/// does *not* hold the newest record, then fdatasyncs (one `pwrite` and one `fdatasync` per
-/// group commit); a torn update leaves the other slot's record, and the loader takes the valid
-/// record with the higher write count. Every record stored carries this area's size.
+/// does *not* hold the newest record, then fdatasyncs (a group commit therefore syncs twice: the
+/// data, then this record, so the record never claims data the volume may lose); a torn update
+/// leaves the other slot's record, and the loader takes the valid record with the higher write
+/// count. Every record stored carries this area's size.
 #[derive(Debug)]
 pub struct AreaMeta {
     file: Arc<File>,
@@ -100,12 +95,6 @@ impl AreaMeta {
             meta_area_bytes,
             write_count: Mutex::new(write_count),
         }
-    }
-
-    /// The metadata area's size.
-    #[must_use]
-    pub fn meta_area_bytes(&self) -> u64 {
-        self.meta_area_bytes
     }
 
     fn io_error(&self, e: io::Error) -> MetaStoreError {
