@@ -237,13 +237,7 @@ fn target_config() -> TargetConfig {
 /// A source and a target that completed the handshake (HELLO, HELLO, AUTH, first ACK).
 fn connected_pair(mode: Mode) -> (Source, Target) {
     let mut source = Source::new(source_config(mode));
-    let mut target = Target::new(
-        target_config(),
-        Restored {
-            durable: Seq::NONE,
-            clean: true,
-        },
-    );
+    let mut target = Target::new(target_config(), Restored::FRESH);
     target.on_connect(C, [1; MAC_BYTES], 0).unwrap();
     source.on_connect([2; MAC_BYTES]);
     // Bounded: the handshake takes four frames.

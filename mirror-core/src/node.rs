@@ -105,6 +105,8 @@ pub enum PeerSabotage {
     /// Drop the parked submission when room appears, reporting it accepted as if it had been
     /// taken into the log.
     DropParked,
+    /// Treat an error that stops replication for good as one to reconnect after.
+    RetryFatal,
 }
 
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
@@ -342,7 +344,7 @@ impl<L: RollbackLog> PeerLink<L> {
         self.session.on_rx(now_ns);
         match self.source.handle_frame(frame) {
             Ok(()) => Ok(()),
-            Err(e) if e.is_fatal() => {
+            Err(e) if e.is_fatal() && self.sabotage != PeerSabotage::RetryFatal => {
                 self.disconnects += 1;
                 self.stop(e.clone());
                 Err(CloseConn {

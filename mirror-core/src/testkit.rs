@@ -5,7 +5,7 @@ use crate::target::{
     ConflictPolicy, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
     HANDSHAKE_TIMEOUT_NS_DEFAULT,
 };
-use crate::{Generation, NodeId, Seq, VolumeId};
+use crate::{Generation, NodeId, VolumeId};
 
 pub(crate) const VOLUME_BYTES: u64 = 1 << 20;
 pub(crate) const VOLUME_ID: VolumeId = VolumeId([7; 16]);
@@ -49,7 +49,4 @@ pub(crate) fn target(restored: Restored) -> Target {
 }
 
 /// A new volume: nothing durable, stopped cleanly.
-pub(crate) const FRESH: Restored = Restored {
-    durable: Seq::NONE,
-    clean: true,
-};
+pub(crate) const FRESH: Restored = Restored::FRESH;

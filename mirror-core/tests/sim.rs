@@ -121,6 +121,52 @@ fn many_seeds_hold_every_invariant() {
     }
 }
 
+/// A target whose volume is replaced (unknown content, no metadata) under it, as the target server
+/// starts on it: recovery never trusts it, so the prefix check never sees it claim consistency,
+/// and a source that had writes durable there stops for good (the fatal-error rule) instead of
+/// resending into it.
+#[test]
+fn a_replaced_target_volume_is_never_trusted() {
+    let opts = SimOptions {
+        replace_target_volume: true,
+        ..SimOptions::default()
+    };
+    let mut totals = SimReport::default();
+    for seed in 1..=400 {
+        match sim::run(seed, &opts) {
+            Ok(report) => totals.add(&report),
+            Err(v) => panic!("{v}\nreplay with: {}", v.replay_command()),
+        }
+    }
+    println!("{totals:?}");
+    assert!(totals.replaced_volumes >= 40, "{totals:?}");
+    assert!(totals.fatal_stops >= 20, "{totals:?}");
+    assert!(totals.fatal_stops < totals.replaced_volumes, "{totals:?}");
+}
+
+/// Recovery trusting a volume without a record (the rule the target server runs).
+#[test]
+fn trusting_a_replaced_volume_is_caught_by_the_prefix_check() {
+    let opts = SimOptions {
+        replace_target_volume: true,
+        recovery_sabotage: RecoverySabotage::TrustAdopted,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::Prefix]);
+}
+
+/// The primary's per-peer policy retrying an error that must stop replication (a target that
+/// lost what it had made durable): it reconnects for ever and no host write completes.
+#[test]
+fn retrying_a_fatal_error_is_caught_as_no_progress() {
+    let opts = SimOptions {
+        replace_target_volume: true,
+        peer_sabotage: PeerSabotage::RetryFatal,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::NoProgress]);
+}
+
 /// Runs seeds `1..=seeds` with a sabotaged engine and returns the first violation.
 fn first_violation(opts: &SimOptions, seeds: u64) -> sim::Violation {
     for seed in 1..=seeds {

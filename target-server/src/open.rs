@@ -50,13 +50,14 @@ pub(crate) fn open_volume(cfg: &ServerConfig) -> Result<Opened, ServerError> {
     Ok(opened)
 }
 
-/// Lets mirror-core decide what this start trusts of `record`.
+/// Lets mirror-core decide what this start trusts of `record`, and the record the server keeps
+/// while it runs.
 pub(crate) fn restore(
     cfg: &ServerConfig,
     record: Option<MetaRecord>,
     volume_bytes: u64,
     created: bool,
-) -> Result<(Restored, RecoveryKind), ServerError> {
+) -> Result<(Restored, MetaRecord), ServerError> {
     let facts = VolumeFacts {
         volume_id: cfg.volume_id,
         volume_bytes,
@@ -79,27 +80,8 @@ pub(crate) fn restore(
         ),
         RecoveryKind::Resumed | RecoveryKind::Fresh => {}
     }
-    Ok((restored, kind))
-}
-
-/// The record a running server keeps: not clean until a graceful shutdown says otherwise, and
-/// not consistent while recovery does not trust the data.
-pub(crate) fn running_record(
-    cfg: &ServerConfig,
-    restored: Restored,
-    kind: RecoveryKind,
-    volume_bytes: u64,
-) -> MetaRecord {
-    MetaRecord {
-        consistent: kind.trusts_data(),
-        ..MetaRecord::secondary(
-            cfg.volume_id,
-            cfg.node_id,
-            volume_bytes,
-            restored.durable,
-            false,
-        )
-    }
+    let running = target::running_record(record.as_ref(), &facts, cfg.node_id, restored);
+    Ok((restored, running))
 }
 
 pub(crate) fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use mirror_core::meta::MetaRecord;
 use mirror_core::node::Node;
 use mirror_core::storage::{self, MetaStore};
-use mirror_core::target::{ConflictPolicy, RecoveryKind, Restored, Target, TargetStatus};
+use mirror_core::target::{ConflictPolicy, Restored, Target, TargetStatus};
 use mirror_core::{NodeId, VolumeId};
 use mirror_storage::{legacy_meta_path, Opening};
 use tokio::net::TcpListener;
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::error::{BadConfig, InternalError, ServerError};
-use crate::open::{check_config, open_volume, restore, running_record, target_config};
+use crate::open::{check_config, open_volume, restore, target_config};
 use crate::owner::{Cmd, Owner};
 
 /// Default commit log bound in payload bytes.
@@ -136,11 +136,10 @@ pub async fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let opened = open_volume(&cfg)?;
     let volume_bytes = storage::Volume::volume_bytes(&*opened.volume);
     let created = opened.how == Opening::Created;
-    let (restored, kind) = restore(&cfg, opened.record, volume_bytes, created)?;
     // Until a graceful shutdown says otherwise, the volume may hold writes past `durable`.
-    let record = running_record(&cfg, restored, kind, volume_bytes);
+    let (restored, record) = restore(&cfg, opened.record, volume_bytes, created)?;
     opened.meta.store(&record)?;
-    serve(cfg, opened.volume, opened.meta, record, restored, kind).await
+    serve(cfg, opened.volume, opened.meta, record, restored).await
 }
 
 /// Starts serving on `backing` instead of a volume on disk (the volume's size must fit the block
@@ -156,10 +155,9 @@ pub async fn start_with(cfg: ServerConfig, backing: Backing) -> Result<ServerHan
         .into());
     }
     let record = backing.meta.load()?;
-    let (restored, kind) = restore(&cfg, record, volume_bytes, backing.created)?;
-    let record = running_record(&cfg, restored, kind, volume_bytes);
+    let (restored, record) = restore(&cfg, record, volume_bytes, backing.created)?;
     backing.meta.store(&record)?;
-    serve(cfg, backing.volume, backing.meta, record, restored, kind).await
+    serve(cfg, backing.volume, backing.meta, record, restored).await
 }
 
 async fn serve(
@@ -168,18 +166,17 @@ async fn serve(
     meta: Arc<dyn MetaStore + Send + Sync>,
     record: MetaRecord,
     restored: Restored,
-    kind: RecoveryKind,
 ) -> Result<ServerHandle, ServerError> {
     info!(
         volume = %cfg.volume_path.display(),
         volume_bytes = volume.volume_bytes(),
         durable = %restored.durable,
         clean = restored.clean,
-        data_trusted = kind.trusts_data(),
+        consistent = restored.consistent,
         "volume opened"
     );
     let config = target_config(&cfg, volume.volume_bytes());
-    let target = Target::recovered(config, restored, kind);
+    let target = Target::new(config, restored);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use crate::source::SourceError;
 use crate::target::ConnId;
 use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
 use crate::{Generation, NodeId, Seq};
@@ -67,9 +68,10 @@ impl Sim<'_> {
         self.rng.fill(&mut nonce_s);
         self.s2t.clear(self.now);
         self.t2s.clear(self.now);
-        if let Err(e) = self
-            .target
-            .on_connect(ConnId(self.conn), nonce_t, self.now * TICK_NS)
+        if let Err(e) =
+            self.node
+                .engines_mut()
+                .on_connect(ConnId(self.conn), nonce_t, self.now * TICK_NS)
         {
             unreachable!("the simulator's only connection was refused: {e}");
         }
@@ -82,8 +84,12 @@ impl Sim<'_> {
             return;
         }
         self.cut_link();
-        // The source's reconnect policy decides when (backoff with jitter, as the daemon's).
         self.link.on_lost(self.now * TICK_NS);
+        self.schedule_reconnect();
+    }
+
+    /// The source's reconnect policy decides when (backoff with jitter, as the daemon's).
+    fn schedule_reconnect(&mut self) {
         let at_ns = self.link.poll_timeout().unwrap_or(self.now * TICK_NS);
         let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
         self.schedule(at, Event::Reconnect { conn: self.conn });
@@ -94,7 +100,7 @@ impl Sim<'_> {
         self.link_up = false;
         self.s2t.clear(self.now);
         self.t2s.clear(self.now);
-        self.target.on_disconnect(ConnId(self.conn));
+        self.node.engines_mut().on_disconnect(ConnId(self.conn));
         self.conn += 1;
     }
 
@@ -108,11 +114,12 @@ impl Sim<'_> {
         let mut nonce = [0u8; MAC_BYTES];
         self.rng.fill(&mut nonce);
         if self
-            .target
+            .node
+            .engines_mut()
             .on_connect(conn, nonce, self.now * TICK_NS)
             .is_err()
         {
-            self.target.on_disconnect(conn);
+            self.node.engines_mut().on_disconnect(conn);
             return Ok(());
         }
         if self.rng.bool() {
@@ -129,15 +136,15 @@ impl Sim<'_> {
             nonce,
             mac: [0; MAC_BYTES],
         });
-        let answered = self.target.handle_frame(conn, hello);
-        let refused = self.target.handle_frame(
+        let answered = self.node.engines_mut().handle_frame(conn, hello);
+        let refused = self.node.engines_mut().handle_frame(
             conn,
             Frame::Auth {
                 mac: [0; MAC_BYTES],
             },
         );
-        while self.target.poll_transmit(conn).is_some() {}
-        self.target.on_disconnect(conn);
+        while self.node.engines_mut().poll_transmit(conn).is_some() {}
+        self.node.engines_mut().on_disconnect(conn);
         if answered.is_err() || refused.is_ok() {
             return Err(self.violation(
                 Check::Protocol,
@@ -200,7 +207,7 @@ impl Sim<'_> {
     pub(super) fn target_send(&mut self) -> bool {
         let mut progress = false;
         while self.link_up && self.t2s.bytes < self.cfg.link_bytes_max {
-            let Some(frame) = self.target.poll_transmit(ConnId(self.conn)) else {
+            let Some(frame) = self.node.engines_mut().poll_transmit(ConnId(self.conn)) else {
                 break;
             };
             self.send(Dir::ToSource, &frame.encode());
@@ -222,7 +229,7 @@ impl Sim<'_> {
                 break;
             };
             if let Ok(header) = wire::decode_header(&front.bytes) {
-                if !self.target.has_room(header.payload_len as usize) {
+                if !self.node.engines().has_room(header.payload_len as usize) {
                     if !self.commit_full_noted {
                         self.commit_full_noted = true;
                         self.report.commit_full_waits += 1;
@@ -235,7 +242,11 @@ impl Sim<'_> {
             progress = true;
             match self.decoded(&frame, "target")? {
                 Ok(decoded) => {
-                    if let Err(e) = self.target.handle_frame(ConnId(self.conn), decoded) {
+                    if let Err(e) = self
+                        .node
+                        .engines_mut()
+                        .handle_frame(ConnId(self.conn), decoded)
+                    {
                         return Err(self.violation(
                             Check::Protocol,
                             format!("target closed the connection: {e}"),
@@ -244,7 +255,11 @@ impl Sim<'_> {
                 }
                 Err(err) => {
                     let repairable = err.nak_seq().is_some();
-                    match self.target.handle_wire_error(ConnId(self.conn), &err) {
+                    match self
+                        .node
+                        .engines_mut()
+                        .handle_wire_error(ConnId(self.conn), &err)
+                    {
                         Ok(()) if repairable => {}
                         Ok(()) => {
                             return Err(self.violation(
@@ -265,7 +280,9 @@ impl Sim<'_> {
                     }
                 }
             }
-            self.received_high = self.received_high.max(self.target.status().received);
+            self.received_high = self
+                .received_high
+                .max(self.node.engines().status().received);
         }
         Ok(progress)
     }
@@ -287,6 +304,15 @@ impl Sim<'_> {
                         _ => {}
                     }
                     if let Err(e) = self.link.handle_frame(decoded, self.now * TICK_NS) {
+                        if self.replaced && matches!(e.error, SourceError::TargetRegressed { .. }) {
+                            // Replication stops for good (the link's event says so); only a
+                            // broken policy retries.
+                            self.cut_link();
+                            if !e.fatal {
+                                self.schedule_reconnect();
+                            }
+                            return Ok(true);
+                        }
                         return Err(self.violation(
                             Check::Protocol,
                             format!("source closed the connection: {e}"),

@@ -90,6 +90,11 @@ pub struct SimOptions {
     pub peer_sabotage: PeerSabotage,
     /// Deliberate bug of the simulated source process at a crash (tests only).
     pub source_crash_sabotage: SourceCrashSabotage,
+    /// One target crash in the run (each with even odds, while the source runs) puts a volume
+    /// of unknown content without metadata under the target. The target must stay inconsistent;
+    /// if the source had writes durable on it, replication stops for good (until issue 14's full
+    /// resync) and the run ends there.
+    pub replace_target_volume: bool,
 }
 
 /// Deliberate bugs of the simulated source process around a crash, for the tests that prove the
@@ -120,6 +125,7 @@ impl Default for SimOptions {
             session_sabotage: SessionSabotage::None,
             peer_sabotage: PeerSabotage::None,
             source_crash_sabotage: SourceCrashSabotage::None,
+            replace_target_volume: false,
         }
     }
 }

@@ -88,7 +88,7 @@ impl Sim<'_> {
         }
         let durable = self.persisted;
         self.check_survives_source_crash(durable)?;
-        if !self.target.status().consistent {
+        if !self.node.engines().status().consistent {
             self.report.rebases_on_inconsistent += 1;
         }
         let image = self.volume.with_durable(<[u8]>::to_vec);
@@ -123,11 +123,11 @@ impl Sim<'_> {
 
     /// Whether the target has nothing left of the dead source's connection to apply or sync.
     fn target_idle(&self) -> bool {
-        let t = self.target.status();
+        let t = self.node.engines().status();
         self.batch.is_none()
             && self.applying.is_empty()
             && t.commit_log_entries == 0
-            && !self.target.needs_sync()
+            && !self.node.engines().needs_sync()
             && self.written == self.persisted
     }
 

@@ -1,13 +1,16 @@
 //! The target node's storage: its volume (written, synced, part of it lost in a crash), its
-//! metadata record, the group commit that batches writes, and target crashes and restarts.
+//! metadata record, the group commit that batches writes, target crashes and restarts, and the
+//! replacement of its volume.
 
 use crate::commit::{CommitConfig, GroupCommit};
 use crate::meta::MetaRecord;
+use crate::node::Node;
 use crate::storage::{self, Volume};
-use crate::target::{recover_with, Restored, Target, TargetConfig, VolumeFacts};
+use crate::target::{recover_with, running_record, Target, TargetConfig, VolumeFacts};
 use crate::Seq;
 
 use super::check::{advance, byte_range};
+use super::source::SourceLife;
 use super::world::{Event, Sim};
 use super::{SimConfig, SimOptions};
 
@@ -15,7 +18,7 @@ impl Sim<'_> {
     pub(super) fn crash(&mut self) {
         self.disconnect();
         self.holders.clear();
-        let clean = self.rng.u32(0..4) == 0 && self.target.status().consistent;
+        let clean = self.rng.u32(0..4) == 0 && self.node.engines().status().consistent;
         if clean {
             // A clean shutdown finishes the batch out, syncs what was applied and records that
             // it stopped cleanly.
@@ -23,7 +26,7 @@ impl Sim<'_> {
                 self.apply_done();
             }
             self.batch_done();
-            let applied = self.target.applied();
+            let applied = self.node.engines().applied();
             self.fsync(applied);
             self.report.clean_restarts += 1;
         } else {
@@ -45,22 +48,41 @@ impl Sim<'_> {
         self.batch = None;
         self.commit = new_commit(&self.cfg, self.opts);
         self.target_run += 1;
-        // The driver's record, through its bytes, and the recovery rule the target server runs.
-        let record = MetaRecord {
-            durable: self.persisted,
-            clean,
-            ..MetaRecord::new(self.target_cfg.volume_id, self.target_cfg.volume_bytes)
-        };
+        if self.opts.replace_target_volume
+            && !self.replaced
+            && self.source_life == SourceLife::Up
+            && self.rng.u32(0..2) == 0
+        {
+            self.replace_volume();
+            return;
+        }
+        // The record the driver last wrote (the node's, as the target server keeps it), through
+        // its bytes, and the recovery rule the target server runs.
+        let record = self.node.record(self.persisted, clean);
         let (record, _) = MetaRecord::decode_file(&record.encode_file(self.target_run))
             .unwrap_or_else(|e| panic!("the metadata record does not read back: {e}"));
-        let facts = VolumeFacts {
-            volume_id: self.target_cfg.volume_id,
-            volume_bytes: self.target_cfg.volume_bytes,
-            created: false,
-        };
-        let (restored, _) = recover_with(Some(&record), &facts, self.opts.recovery_sabotage)
-            .unwrap_or_else(|e| panic!("recovery refused the target's own metadata: {e}"));
-        self.target = new_target(self.target_cfg.clone(), restored, self.opts);
+        self.node = new_node(&self.target_cfg, Some(&record), false, self.opts);
+    }
+
+    /// The operator puts another disk of unknown content under the crashed target, without its
+    /// metadata: it must never be trusted as consistent (nothing the source resends covers the
+    /// regions it does not write), and a source that had it durable further stops for good.
+    fn replace_volume(&mut self) {
+        self.report.replaced_volumes += 1;
+        self.replaced = true;
+        let mut other = vec![0u8; self.base_image.len()];
+        self.rng.fill(&mut other);
+        let replaced = self
+            .volume
+            .write_at(0, &other)
+            .and_then(|()| self.volume.sync());
+        if let Err(e) = replaced {
+            panic!("replacing the target's volume: {e}");
+        }
+        self.lost_through = self.persisted;
+        self.persisted = Seq::NONE;
+        self.written = Seq::NONE;
+        self.node = new_node(&self.target_cfg, None, false, self.opts);
     }
 
     /// One operation of the batch out is written (to the volatile view).
@@ -100,7 +122,7 @@ impl Sim<'_> {
 
     pub(super) fn batch_done(&mut self) {
         if let Some(batch) = self.batch.take() {
-            self.commit.handle_done(&mut self.target, &batch);
+            self.commit.handle_done(self.node.engines_mut(), &batch);
         }
     }
 
@@ -121,7 +143,7 @@ impl Sim<'_> {
 
     /// Takes the planner's next batch and schedules its writes, one after another.
     pub(super) fn target_apply(&mut self) -> bool {
-        let Some(batch) = self.commit.poll_batch(&mut self.target) else {
+        let Some(batch) = self.commit.poll_batch(self.node.engines_mut()) else {
             return false;
         };
         for apply in &batch.ops {
@@ -145,10 +167,25 @@ impl Sim<'_> {
     }
 }
 
-pub(super) fn new_target(cfg: TargetConfig, restored: Restored, opts: &SimOptions) -> Target {
-    let mut target = Target::new(cfg, restored);
+/// The target node as the target server starts it: recovery decides what `loaded` (the record on
+/// disk, if any) is trusted for, the node keeps the running record.
+pub(super) fn new_node(
+    cfg: &TargetConfig,
+    loaded: Option<&MetaRecord>,
+    created: bool,
+    opts: &SimOptions,
+) -> Node<Target> {
+    let facts = VolumeFacts {
+        volume_id: cfg.volume_id,
+        volume_bytes: cfg.volume_bytes,
+        created,
+    };
+    let (restored, _) = recover_with(loaded, &facts, opts.recovery_sabotage)
+        .unwrap_or_else(|e| panic!("recovery refused the target's own metadata: {e}"));
+    let record = running_record(loaded, &facts, cfg.node_id, restored);
+    let mut target = Target::new(cfg.clone(), restored);
     target.set_sabotage(opts.target_sabotage);
-    target
+    Node::secondary(record, target)
 }
 
 /// The planner for a run, with bounds small enough that batches are cut by both (derived from the

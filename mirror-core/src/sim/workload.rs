@@ -4,8 +4,8 @@
 use bytes::Bytes;
 
 use crate::lock::{LocalLockId, LockError};
-use crate::node::{PeerEvent, Submitted};
-use crate::source::Mode;
+use crate::node::{PeerEvent, SubmitError, Submitted};
+use crate::source::{Mode, SourceError};
 use crate::storage;
 use crate::wire::{Op, SummedOp};
 use crate::{Lba, Range, Seq};
@@ -97,7 +97,7 @@ impl Sim<'_> {
         };
         first = first.min(blocks_total - len_blocks);
         let range = Range::new(first * block, len_blocks * block);
-        match self.target.try_lock_local(range) {
+        match self.node.engines_mut().try_lock_local(range) {
             Ok(id) => {
                 self.report.local_locks += 1;
                 let key = self.next_holder_key;
@@ -131,7 +131,7 @@ impl Sim<'_> {
         };
         self.check_holders()?;
         let holder = self.holders.remove(index);
-        if !self.target.unlock_local(holder.id) {
+        if !self.node.engines_mut().unlock_local(holder.id) {
             return Err(self.violation(
                 Check::LocalLock,
                 format!("local lock {:?} was not held at release", holder.id),
@@ -160,6 +160,8 @@ impl Sim<'_> {
         {
             Ok(Submitted::Accepted(seq)) => self.accepted(token, seq)?,
             Ok(Submitted::Parked) => self.report.log_full_waits += 1,
+            // The daemon fails the host's request (EIO).
+            Err(SubmitError::Stopped(_)) if self.stopped => self.failed += 1,
             Err(e) => {
                 return Err(self.violation(Check::Protocol, format!("source refused {op:?}: {e}")))
             }
@@ -173,6 +175,16 @@ impl Sim<'_> {
             self.faults_on = false;
         }
         Ok(true)
+    }
+
+    /// Replication stopped for good: every host operation in flight fails, as does every later
+    /// one.
+    fn fatal_stop(&mut self) {
+        self.report.fatal_stops += 1;
+        self.stopped = true;
+        // Those in the log and the one parked waiting for room alike.
+        self.failed = self.submitted - self.completed;
+        self.in_flight.clear();
     }
 
     /// Operation `token` (its index in `ops`, from 1) entered the log as `seq`.
@@ -219,6 +231,10 @@ impl Sim<'_> {
                 }
                 PeerEvent::Connected => {
                     self.report.handshakes += 1;
+                    continue;
+                }
+                PeerEvent::Stopped(SourceError::TargetRegressed { .. }) if self.replaced => {
+                    self.fatal_stop();
                     continue;
                 }
                 PeerEvent::Stopped(e) => {
@@ -279,7 +295,7 @@ impl Sim<'_> {
                         let differs = self
                             .volume
                             .with_durable(|d| d[r.clone()] != self.durable_shadow[r.clone()]);
-                        if self.target.status().consistent && differs {
+                        if self.node.engines().status().consistent && differs {
                             return Err(self.violation(
                                 Check::AckedDurable,
                                 format!(

@@ -5,17 +5,18 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::commit::{Batch, GroupCommit};
+use crate::node::Node;
 use crate::node::PeerLink;
 use crate::session::SessionAction;
 use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
-use crate::target::{Apply, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
+use crate::target::{Apply, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
 use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
 use super::source::{new_link, SourceLife};
-use super::storage::{new_commit, new_target};
+use super::storage::{new_commit, new_node};
 use super::workload::{Holder, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
 
@@ -107,8 +108,15 @@ pub(super) struct Sim<'a> {
     pub(super) source_run: u64,
     /// Draws of source crashes (a stream apart from `rng`).
     pub(super) crash_rng: fastrand::Rng,
-    pub(super) target: Target,
+    /// The target node: its engine and the metadata record its driver keeps.
+    pub(super) node: Node<Target>,
     pub(super) target_cfg: TargetConfig,
+    /// The target's volume was replaced by one of unknown content (and no record).
+    pub(super) replaced: bool,
+    /// What the target had durable when its volume was replaced.
+    pub(super) lost_through: Seq,
+    /// Replication stopped for good (the fatal error a replaced target causes).
+    pub(super) stopped: bool,
 
     /// The source volume (every submitted operation applied).
     pub(super) src_vol: Vec<u8>,
@@ -249,15 +257,11 @@ impl<'a> Sim<'a> {
             source_life: SourceLife::Up,
             source_run: 0,
             crash_rng,
-            target: new_target(
-                target_cfg.clone(),
-                Restored {
-                    durable: Seq::NONE,
-                    clean: true,
-                },
-                opts,
-            ),
+            node: new_node(&target_cfg, None, true, opts),
             target_cfg,
+            replaced: false,
+            lost_through: Seq::NONE,
+            stopped: false,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
             volume: FaultyVolume::new(initial.clone()),
@@ -441,7 +445,9 @@ impl<'a> Sim<'a> {
             Event::LockRelease { key } => self.lock_release(key)?,
             Event::SourceCrash => {
                 if self.faults_on {
-                    if self.source_life == SourceLife::Up {
+                    // The re-base that stands in for a restarted source's recovery takes the
+                    // target's image: meaningless once the target's volume was replaced.
+                    if self.source_life == SourceLife::Up && !self.replaced {
                         self.source_crash();
                     }
                     self.schedule_source_crash();
@@ -457,8 +463,8 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn pump(&mut self) -> Step<()> {
-        self.target.handle_timeout(self.now * TICK_NS);
-        while let Some((conn, _)) = self.target.poll_close() {
+        self.node.engines_mut().handle_timeout(self.now * TICK_NS);
+        while let Some((conn, _)) = self.node.engines_mut().poll_close() {
             if conn == ConnId(self.conn) && self.link_up {
                 self.report.target_closes += 1;
                 self.disconnect();

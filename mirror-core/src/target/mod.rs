@@ -36,7 +36,8 @@ mod session;
 
 pub use error::{SourceViolation, TargetError};
 pub use recover::{
-    recover, recover_with, RecoverError, RecoveryKind, RecoverySabotage, Restored, VolumeFacts,
+    recover, recover_with, running_record, RecoverError, RecoveryKind, RecoverySabotage, Restored,
+    VolumeFacts,
 };
 
 /// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.
@@ -253,7 +254,7 @@ pub struct Target {
     /// An operation asked for an ACK on receipt ([`crate::wire::FLAG_ACK_ON_RECEIPT`]): the next advance
     /// of `received` is acknowledged at once instead of with the next durability ACK.
     receipt_wanted: bool,
-    /// The data was never known to be consistent (see [`RecoveryKind::trusts_data`]): no resend
+    /// The data was never known to be consistent ([`Restored::consistent`] false): no resend
     /// clears `inconsistent_until`, only a full resync will.
     data_untrusted: bool,
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
@@ -265,19 +266,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target as [`recover`] found it: `restored`, and never consistent while `kind` does not
-    /// trust the data.
-    #[must_use]
-    pub fn recovered(cfg: TargetConfig, restored: Restored, kind: RecoveryKind) -> Target {
-        let mut target = Target::new(cfg, restored);
-        if !kind.trusts_data() {
-            target.data_untrusted = true;
-            target.inconsistent_until = Some(Seq(u64::MAX));
-        }
-        target
-    }
-
-    /// A target whose volume's durable state is `restored`.
+    /// A target whose volume's durable state is `restored` (what [`recover`] trusted): not
+    /// consistent after an unclean stop until the source's resend is durable, and never while
+    /// the data is not known to be consistent.
     #[must_use]
     pub fn new(cfg: TargetConfig, restored: Restored) -> Target {
         let locks = LockTable::new(cfg.local_locks_max);
@@ -298,8 +289,8 @@ impl Target {
             out: VecDeque::new(),
             ack_dirty: false,
             receipt_wanted: false,
-            inconsistent_until: (!restored.clean).then_some(Seq(u64::MAX)),
-            data_untrusted: false,
+            inconsistent_until: (!restored.clean || !restored.consistent).then_some(Seq(u64::MAX)),
+            data_untrusted: !restored.consistent,
             lock_only: 0,
             sabotage: TargetSabotage::None,
         }

@@ -11,6 +11,20 @@ pub struct Restored {
     /// the volume may hold part of a batch past `durable`, so it is inconsistent until the source's
     /// resend has been applied.
     pub clean: bool,
+    /// Whether the volume's data may be taken as a prefix of the mirror's writes (after the
+    /// resend an unclean stop needs). If not (a volume without a record, or one whose record says
+    /// so), no resend makes it consistent: only a full resync will, and every record the target
+    /// writes keeps saying so.
+    pub consistent: bool,
+}
+
+impl Restored {
+    /// A volume just created full of zeroes: nothing durable, stopped cleanly, consistent.
+    pub const FRESH: Restored = Restored {
+        durable: Seq::NONE,
+        clean: true,
+        consistent: true,
+    };
 }
 
 /// What a target's driver knows of its volume at start, for [`recover`].
@@ -24,7 +38,8 @@ pub struct VolumeFacts {
     pub created: bool,
 }
 
-/// How a restarted target came to its [`Restored`] state.
+/// How a restarted target came to its [`Restored`] state (for the driver's log: the state
+/// itself says what is trusted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecoveryKind {
     /// From its metadata record.
@@ -37,16 +52,6 @@ pub enum RecoveryKind {
     /// A record of this volume that says its data is not known to be consistent (an adopted
     /// volume, restarted): still not consistent.
     Unverified,
-}
-
-impl RecoveryKind {
-    /// Whether the volume's data may be taken as a prefix of the mirror's writes (after the
-    /// resend an unclean stop needs). Otherwise only a full resync makes it consistent, and every
-    /// record the target writes says so.
-    #[must_use]
-    pub fn trusts_data(self) -> bool {
-        matches!(self, RecoveryKind::Resumed | RecoveryKind::Fresh)
-    }
 }
 
 /// Why a target must not start on this volume and metadata.
@@ -85,13 +90,16 @@ pub enum RecoverySabotage {
     None,
     /// Trust a record of an unclean stop as if the stop had been clean.
     TrustUnclean,
+    /// Trust the data of an existing volume without a record (a replaced volume) as consistent.
+    TrustAdopted,
 }
 
 /// What a restarted target trusts: its metadata record if it has one that describes this volume
 /// (durable seq, and whether the last run stopped cleanly: if not, the volume may hold part of a
 /// batch past the durable seq and is inconsistent until the source's resend is applied), nothing
 /// at all for a new volume, and never the data of a volume without a record (or whose record says
-/// it is not consistent): the [`RecoveryKind`] says which, and [`Target::recovered`] acts on it.
+/// it is not consistent). [`Target::new`] acts on the [`Restored`] state; the [`RecoveryKind`]
+/// says how it came about.
 pub fn recover(
     record: Option<&MetaRecord>,
     facts: &VolumeFacts,
@@ -106,16 +114,16 @@ pub fn recover_with(
     sabotage: RecoverySabotage,
 ) -> Result<(Restored, RecoveryKind), RecoverError> {
     let Some(record) = record else {
-        let kind = if facts.created {
-            RecoveryKind::Fresh
-        } else {
-            RecoveryKind::Adopted
-        };
+        if facts.created {
+            return Ok((Restored::FRESH, RecoveryKind::Fresh));
+        }
+        let trusted = sabotage == RecoverySabotage::TrustAdopted;
         let restored = Restored {
             durable: Seq::NONE,
-            clean: kind.trusts_data(),
+            clean: trusted,
+            consistent: trusted,
         };
-        return Ok((restored, kind));
+        return Ok((restored, RecoveryKind::Adopted));
     };
     if facts.created {
         return Err(RecoverError::MetaOfEarlierVolume);
@@ -138,6 +146,7 @@ pub fn recover_with(
     let restored = Restored {
         durable: record.durable,
         clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
+        consistent: record.consistent,
     };
     let kind = if record.consistent {
         RecoveryKind::Resumed
@@ -145,4 +154,28 @@ pub fn recover_with(
         RecoveryKind::Unverified
     };
     Ok((restored, kind))
+}
+
+/// The record a target keeps while it runs, from the record it loaded (if any: its generation and
+/// bitmap location are kept) and what [`recover`] trusted of it: this node's, a secondary's, not
+/// clean until a graceful stop says otherwise, and not consistent while the data is not trusted.
+#[must_use]
+pub fn running_record(
+    loaded: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+    node_id: NodeId,
+    restored: Restored,
+) -> MetaRecord {
+    let base = loaded.map_or_else(
+        || MetaRecord::new(facts.volume_id, facts.volume_bytes),
+        |r| *r,
+    );
+    MetaRecord {
+        node_id,
+        role: Role::Secondary,
+        durable: restored.durable,
+        clean: false,
+        consistent: restored.consistent,
+        ..base
+    }
 }

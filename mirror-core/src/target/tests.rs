@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::source::{Mode, Source};
-use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES};
+use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
 use crate::types::Lba;
 use crate::wire::{decode, SummedOp};
 use bytes::Bytes;
@@ -112,7 +112,8 @@ fn recovery_trusts_only_a_record_of_this_volume() {
         Ok((
             Restored {
                 durable: Seq(9),
-                clean: false
+                clean: false,
+                consistent: true,
             },
             RecoveryKind::Resumed
         ))
@@ -121,15 +122,38 @@ fn recovery_trusts_only_a_record_of_this_volume() {
     // data is not trusted.
     let (adopted, kind) = recover(None, &facts).unwrap();
     assert_eq!(kind, RecoveryKind::Adopted);
-    assert!(!adopted.clean && !kind.trusts_data());
+    assert!(!adopted.clean && !adopted.consistent);
     let unverified = MetaRecord {
         consistent: false,
         clean: true,
         ..own
     };
     assert_eq!(
-        recover(Some(&unverified), &facts).map(|r| r.1),
-        Ok(RecoveryKind::Unverified)
+        recover(Some(&unverified), &facts),
+        Ok((
+            Restored {
+                durable: Seq(9),
+                clean: true,
+                consistent: false,
+            },
+            RecoveryKind::Unverified
+        ))
+    );
+    // The running record keeps what recovery did not trust, and what it loaded.
+    let loaded = MetaRecord {
+        generation: Generation(3),
+        ..unverified
+    };
+    let (restored, _) = recover(Some(&loaded), &facts).unwrap();
+    let running = running_record(Some(&loaded), &facts, NodeId(2), restored);
+    assert_eq!(
+        (
+            running.consistent,
+            running.clean,
+            running.generation,
+            running.node_id
+        ),
+        (false, false, Generation(3), NodeId(2))
     );
     let created = VolumeFacts {
         created: true,
@@ -172,16 +196,26 @@ fn recovery_trusts_only_a_record_of_this_volume() {
 /// source's resend; one that is (a fresh volume, an unclean stop) does not.
 #[test]
 fn an_untrusted_volume_stays_inconsistent_after_the_resend() {
-    for (kind, consistent_after) in [
-        (RecoveryKind::Adopted, false),
-        (RecoveryKind::Unverified, false),
-        (RecoveryKind::Resumed, true),
+    let facts = VolumeFacts {
+        volume_id: VOLUME_ID,
+        volume_bytes: VOLUME_BYTES,
+        created: false,
+    };
+    let unclean = MetaRecord {
+        clean: false,
+        ..MetaRecord::new(VOLUME_ID, VOLUME_BYTES)
+    };
+    let unverified = MetaRecord {
+        consistent: false,
+        ..unclean
+    };
+    for (record, consistent_after) in [
+        (None, false),
+        (Some(unverified), false),
+        (Some(unclean), true),
     ] {
-        let restored = Restored {
-            durable: Seq::NONE,
-            clean: false,
-        };
-        let mut target = Target::recovered(new_target(FRESH).cfg.clone(), restored, kind);
+        let (restored, kind) = recover(record.as_ref(), &facts).unwrap();
+        let mut target = Target::new(new_target(FRESH).cfg.clone(), restored);
         let mut source = new_source(Mode::Sync, 1);
         write(&mut source, 0);
         source.on_connect([2; MAC_BYTES]);
@@ -201,6 +235,7 @@ fn an_unauthenticated_hello_changes_nothing() {
     let mut target = new_target(Restored {
         durable: Seq(5),
         clean: false,
+        consistent: true,
     });
     let before = target.status();
     assert!(!before.consistent);
