@@ -5,6 +5,9 @@
 //! secondary its [`Target`].
 //! The metadata record ([`MetaRecord`]) is defined for both roles; in this release only the
 //! secondary persists it (the target server's group commit writes what [`Node::record`] returns).
+//! The replicator and the simulator drive a primary's link the same way, through its
+//! [`PeerLink`]: its timers ([`PeerLink::poll_timeout`]) include the start's connect deadline and
+//! the stop's drain limit, so no driver decides how long to wait for its peer.
 //!
 //! [`PeerLink`] is everything a primary decides about one peer, so that the replicator and the
 //! simulator run the same policy: the [`Source`] engine, its connection lifecycle
@@ -63,6 +66,27 @@ pub enum WaitError {
     Stopped(SourceError),
 }
 
+/// Why a drain ([`PeerLink::begin_drain`]) ended before the peer held everything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    /// The limit passed first.
+    #[error(
+        "the target did not catch up within {limit_secs} s: durable through seq {durable}, the \
+         last local seq is {through}"
+    )]
+    TimedOut {
+        /// The last local seq when the drain began.
+        through: Seq,
+        /// What the peer held durable at the limit.
+        durable: Seq,
+        /// The limit, in whole seconds.
+        limit_secs: u64,
+    },
+    /// Replication stopped for good.
+    #[error("replication stopped: {}", .0.describe())]
+    Stopped(SourceError),
+}
+
 /// What the driver forwards to the host's waiters, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -83,6 +107,9 @@ pub enum PeerEvent {
     /// Replication stopped for good with this error: every pending operation, the parked one and
     /// every waiter fail with it; later submissions are refused. The driver closes the connection.
     Stopped(SourceError),
+    /// The drain [`PeerLink::begin_drain`] started is over: the peer holds everything through
+    /// this seq durably, or why not.
+    Drained(Result<Seq, DrainError>),
 }
 
 /// Why the driver must close the connection (the link has already taken note).
@@ -107,6 +134,8 @@ pub enum PeerSabotage {
     DropParked,
     /// Treat an error that stops replication for good as one to reconnect after.
     RetryFatal,
+    /// Report a drain complete as soon as it begins.
+    DrainEarly,
 }
 
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
@@ -124,6 +153,18 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     events: VecDeque<PeerEvent>,
     connects: u64,
     disconnects: u64,
+    /// Replication stops if no handshake completed by then (the deadline, and the limit it came
+    /// from).
+    connect_deadline: Option<(u64, u64)>,
+    /// A drain under way: the seq the peer must hold, and when the drain gives up.
+    drain: Option<Drain>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    through: Seq,
+    deadline_ns: u64,
+    limit_ns: u64,
 }
 
 /// Counters a status report shows.
@@ -155,6 +196,37 @@ impl<L: RollbackLog> PeerLink<L> {
             events: VecDeque::new(),
             connects: 0,
             disconnects: 0,
+            connect_deadline: None,
+            drain: None,
+        }
+    }
+
+    /// Replication stops for good ([`SourceError::Unreachable`]) unless a handshake completes
+    /// within `limit_ns` of `now_ns`: a start that must find its peer (until issue 14's degraded
+    /// start).
+    pub fn set_connect_deadline(&mut self, now_ns: u64, limit_ns: u64) {
+        if self.connects == 0 {
+            self.connect_deadline = Some((now_ns.saturating_add(limit_ns), limit_ns));
+        }
+    }
+
+    /// The host is done (its device stopped): reports [`PeerEvent::Drained`] once the peer holds
+    /// every operation submitted so far durably, or when `limit_ns` has passed since `now_ns`, or
+    /// when replication stops. A later call replaces the drain under way.
+    pub fn begin_drain(&mut self, now_ns: u64, limit_ns: u64) {
+        let through = self.source.status().last_local;
+        self.drain = Some(Drain {
+            through,
+            deadline_ns: now_ns.saturating_add(limit_ns),
+            limit_ns,
+        });
+        if self.sabotage == PeerSabotage::DrainEarly {
+            self.drain = None;
+            self.events.push_back(PeerEvent::Drained(Ok(through)));
+        } else if let Some(e) = &self.fatal {
+            self.drain = None;
+            self.events
+                .push_back(PeerEvent::Drained(Err(DrainError::Stopped(e.clone()))));
         }
     }
 
@@ -277,9 +349,16 @@ impl<L: RollbackLog> PeerLink<L> {
             self.durable_reported = durable;
             return Some(PeerEvent::Durable(durable));
         }
+        if let Some(drain) = self.drain {
+            if self.source.is_replicated(drain.through) {
+                self.drain = None;
+                return Some(PeerEvent::Drained(Ok(drain.through)));
+            }
+        }
         if !self.announced && self.source.status().conn == ConnState::Connected {
             self.announced = true;
             self.connects += 1;
+            self.connect_deadline = None;
             self.session.on_authenticated();
             return Some(PeerEvent::Connected);
         }
@@ -299,12 +378,38 @@ impl<L: RollbackLog> PeerLink<L> {
     /// When [`Self::handle_timeout`] must next be called, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.session.poll_timeout()
+        let own = [
+            self.connect_deadline.map(|(deadline, _)| deadline),
+            self.drain.map(|d| d.deadline_ns),
+        ];
+        own.into_iter()
+            .flatten()
+            .chain(self.session.poll_timeout())
+            .min()
     }
 
     /// Time has reached `now_ns`: connect, send a PING, or drop a silent connection (then call
     /// [`Self::on_lost`]).
     pub fn handle_timeout(&mut self, now_ns: u64) -> Option<SessionAction> {
+        if let Some(drain) = self.drain.filter(|d| now_ns >= d.deadline_ns) {
+            self.drain = None;
+            self.events
+                .push_back(PeerEvent::Drained(Err(DrainError::TimedOut {
+                    through: drain.through,
+                    durable: self.source.status().durable,
+                    limit_secs: drain.limit_ns / 1_000_000_000,
+                })));
+        }
+        if let Some((_, limit_ns)) = self.connect_deadline.filter(|&(d, _)| now_ns >= d) {
+            self.connect_deadline = None;
+            // A handshake that completed but was not polled yet still counts.
+            if self.source.status().conn != ConnState::Connected {
+                self.stop(SourceError::Unreachable {
+                    secs: limit_ns / 1_000_000_000,
+                });
+                return None;
+            }
+        }
         let action = self.session.handle_timeout(now_ns)?;
         if let SessionAction::Ping(_) = action {
             // The probe goes out with the engine's frames; PING changes no engine state.
@@ -372,7 +477,11 @@ impl<L: RollbackLog> PeerLink<L> {
         self.session.on_fatal();
         self.parked = None;
         self.fatal = Some(error.clone());
-        self.events.push_back(PeerEvent::Stopped(error));
+        self.events.push_back(PeerEvent::Stopped(error.clone()));
+        if self.drain.take().is_some() {
+            self.events
+                .push_back(PeerEvent::Drained(Err(DrainError::Stopped(error))));
+        }
     }
 
     /// Why replication stopped, if it did.
@@ -461,6 +570,17 @@ impl Node<Peers> {
             },
             engines: BTreeMap::from([(peer, link)]),
         }
+    }
+
+    /// The link to `peer`, if this node mirrors to it.
+    #[must_use]
+    pub fn peer(&self, peer: PeerId) -> Option<&PeerLink> {
+        self.engines.get(&peer)
+    }
+
+    /// The link to `peer`, to drive it.
+    pub fn peer_mut(&mut self, peer: PeerId) -> Option<&mut PeerLink> {
+        self.engines.get_mut(&peer)
     }
 }
 

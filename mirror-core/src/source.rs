@@ -187,6 +187,13 @@ pub enum SourceError {
     /// The driver has no randomness for a handshake nonce (reported by the driver).
     #[error("no randomness for the handshake nonce")]
     NoRandomness,
+    /// No handshake completed before the deadline a start set
+    /// ([`crate::node::PeerLink::set_connect_deadline`]).
+    #[error("no handshake with the target completed within {secs} s")]
+    Unreachable {
+        /// The bound, in whole seconds.
+        secs: u64,
+    },
 }
 
 /// Why a host operation is not valid for the volume.
@@ -259,7 +266,8 @@ impl SourceError {
             | SourceError::WrongVolume
             | SourceError::TargetRegressed { .. }
             | SourceError::TargetAhead { .. }
-            | SourceError::NoRandomness => true,
+            | SourceError::NoRandomness
+            | SourceError::Unreachable { .. } => true,
             SourceError::LogFull
             | SourceError::InvalidOp(_)
             | SourceError::NeverFits { .. }

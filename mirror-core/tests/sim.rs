@@ -167,6 +167,17 @@ fn retrying_a_fatal_error_is_caught_as_no_progress() {
     assert_caught_by(&opts, 200, &[Check::NoProgress]);
 }
 
+/// The daemon's stop (the same `PeerLink` drain the replicator runs) reporting that the target holds
+/// everything before it does.
+#[test]
+fn draining_early_is_caught_by_the_acknowledged_durable_check() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::DrainEarly,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::AckedDurable]);
+}
+
 /// Runs seeds `1..=seeds` with a sabotaged engine and returns the first violation.
 fn first_violation(opts: &SimOptions, seeds: u64) -> sim::Violation {
     for seed in 1..=seeds {

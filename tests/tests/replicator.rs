@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mirror_core::source::{LockStyle, Mode, SourceConfig};
+use mirror_core::node::DrainError;
+use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::Op;
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 use mirror_tests::memtarget::{target_config, MemTarget};
@@ -336,6 +337,75 @@ async fn async_acks_on_enqueue_until_fatal_and_queued_bytes_stay_bounded() {
     assert!(
         !handle.acks_on_enqueue(),
         "fatal: no completion without the engine"
+    );
+    handle.shutdown().await.expect("shutdown");
+    task.await.expect("engine task");
+}
+
+/// The start's bound and the stop's drain are the link's timers, run by the engine task: an
+/// unreachable target stops replication once the connect deadline passes; a drain reports the
+/// last seq once the target holds it, and the limit's error while the target is gone.
+#[tokio::test]
+async fn connect_deadline_and_drain_are_the_links_decisions() {
+    let mut cfg = config(
+        "127.0.0.1:1".into(),
+        source_config(Mode::Async, VOLUME_ID, SECRET),
+    );
+    cfg.connect_deadline = Some(Duration::from_millis(300));
+    let (handle, task) = replicator::spawn(cfg);
+    let err = tokio::time::timeout(Duration::from_secs(10), handle.wait_connected())
+        .await
+        .expect("the deadline answers")
+        .expect_err("nothing listens there");
+    assert!(
+        matches!(err, ReplError::Fatal(SourceError::Unreachable { secs: 0 })),
+        "{err:?}"
+    );
+    handle.shutdown().await.expect("shutdown");
+    task.await.expect("engine task");
+
+    let target = MemTarget::start(target_config(VOLUME_ID, VOLUME_BYTES, BLOCK, SECRET))
+        .await
+        .expect("mem target");
+    let proxy = FaultProxy::start("127.0.0.1:0", target.addr(), Faults::none(), 1)
+        .await
+        .expect("proxy");
+    let mut cfg = config(
+        proxy.addr().to_string(),
+        source_config(Mode::Async, VOLUME_ID, SECRET),
+    );
+    cfg.connect_deadline = Some(Duration::from_secs(10));
+    let (handle, task) = replicator::spawn(cfg);
+    handle.wait_connected().await.expect("connected");
+    for block in 0..8u64 {
+        let op = Op::Write {
+            lba: Lba(block),
+            data: Bytes::from(vec![9u8; 512]),
+        };
+        handle.submit(op).await.expect("async write");
+    }
+    assert_eq!(handle.drain(Duration::from_secs(10)).await, Ok(Seq(8)));
+    assert_eq!(&target.volume()[..4096], &[9u8; 4096][..]);
+
+    // The target is gone for the replicator: nothing listens where the proxy now leads.
+    proxy.set_upstream("127.0.0.1:1".parse().expect("address"));
+    proxy.cut();
+    let op = Op::Write {
+        lba: Lba(100),
+        data: Bytes::from(vec![1u8; 512]),
+    };
+    handle.submit(op).await.expect("async write");
+    let drained = handle.drain(Duration::from_millis(300)).await;
+    assert!(
+        matches!(
+            &drained,
+            Err(ReplError::NotDrained(DrainError::TimedOut {
+                through: Seq(9),
+                durable: Seq(8),
+                ..
+            }))
+        ),
+        "{drained:?}"
     );
     handle.shutdown().await.expect("shutdown");
     task.await.expect("engine task");

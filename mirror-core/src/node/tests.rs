@@ -197,6 +197,96 @@ fn a_retryable_error_reconnects_after_the_backoff() {
     assert_eq!(l.status().connects, 2);
 }
 
+/// A start that must find its peer: replication stops once the deadline passes without a
+/// handshake, and a handshake before it lifts the deadline.
+#[test]
+fn a_start_without_a_handshake_by_its_deadline_stops() {
+    let mut l = link(Mode::Sync, 4);
+    l.set_connect_deadline(0, 3_000 * MS);
+    assert_eq!(l.handle_timeout(0), Some(SessionAction::Connect));
+    l.on_connecting();
+    l.on_lost(MS);
+    let mut now = MS;
+    while let Some(at) = l.poll_timeout() {
+        assert!(at <= 3_000 * MS, "nothing is due after the deadline: {at}");
+        now = at;
+        if l.handle_timeout(at) == Some(SessionAction::Connect) {
+            l.on_connecting();
+            l.on_lost(at);
+        }
+    }
+    assert_eq!(now, 3_000 * MS);
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Stopped(SourceError::Unreachable { secs: 3 })]
+    );
+
+    let mut l = link(Mode::Sync, 4);
+    l.set_connect_deadline(0, 3_000 * MS);
+    let mut t = target();
+    assert_eq!(l.handle_timeout(0), Some(SessionAction::Connect));
+    l.on_connecting();
+    t.on_connect(C, [1; MAC_BYTES], 0).unwrap();
+    l.on_connected([2; MAC_BYTES], 0);
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(events(&mut l), vec![PeerEvent::Connected]);
+    l.handle_timeout(3_000 * MS);
+    assert_eq!(events(&mut l), vec![]);
+    assert_eq!(l.fatal(), None);
+}
+
+/// A stop drains: "drained" once the peer holds everything submitted before it durably, or the
+/// limit's error with what the peer holds.
+#[test]
+fn a_drain_ends_when_the_peer_holds_everything_or_at_its_limit() {
+    let (mut l, mut t) = connected(Mode::Async, 4);
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    assert_eq!(l.submit(2, write(1), 0), Ok(Submitted::Accepted(Seq(2))));
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Completed(Seq(1)), PeerEvent::Completed(Seq(2))]
+    );
+    l.begin_drain(0, 1_000 * MS);
+    assert_eq!(
+        events(&mut l),
+        vec![],
+        "async completions are not durability"
+    );
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Durable(Seq(2)), PeerEvent::Drained(Ok(Seq(2)))]
+    );
+
+    let mut l = link(Mode::Async, 4);
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    l.begin_drain(5 * MS, 2_000 * MS);
+    assert_eq!(
+        l.poll_timeout(),
+        Some(0),
+        "the session's first connect comes first"
+    );
+    l.handle_timeout(0);
+    l.on_connecting();
+    l.on_lost(MS);
+    events(&mut l);
+    while let Some(at) = l.poll_timeout().filter(|&at| at < 2_005 * MS) {
+        if l.handle_timeout(at) == Some(SessionAction::Connect) {
+            l.on_connecting();
+            l.on_lost(at);
+        }
+    }
+    l.handle_timeout(2_005 * MS);
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Drained(Err(DrainError::TimedOut {
+            through: Seq(1),
+            durable: Seq::NONE,
+            limit_secs: 2
+        }))]
+    );
+}
+
 /// An operation the log could never hold is refused at once instead of parking forever.
 #[test]
 fn an_operation_larger_than_the_log_is_refused() {

@@ -8,7 +8,7 @@ use crate::{Range, Seq};
 
 use super::source::SourceLife;
 use super::workload::Needs;
-use super::world::{Sim, Step};
+use super::world::{Drain, Sim, Step};
 use super::Check;
 
 /// Granularity of the volume comparisons and of the volatile overlay.
@@ -317,7 +317,7 @@ impl Sim<'_> {
             // prefix check's job, step by step.
             return Ok(true);
         }
-        if !self.link.source().log().is_empty() {
+        if !self.link.source().log().is_empty() || self.drain != Drain::Done {
             return Ok(false);
         }
         let last_local = self.link.source().status().last_local;

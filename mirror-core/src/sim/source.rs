@@ -10,7 +10,7 @@ use crate::wire::Op;
 use crate::Seq;
 
 use super::workload::Needs;
-use super::world::{Event, Sim, Step, TICK_NS};
+use super::world::{Drain, Event, Sim, Step, TICK_NS};
 use super::{SimConfig, SimOptions, SourceCrashSabotage};
 
 /// Where the source process is in its life.
@@ -119,6 +119,22 @@ impl Sim<'_> {
         self.source_life = SourceLife::Up;
         self.connect();
         Ok(true)
+    }
+
+    /// Once every host operation is over, the daemon stops: its device is gone and the link
+    /// drains (no limit here: the run's step bound is the limit).
+    pub(super) fn begin_drain(&mut self) -> bool {
+        if self.drain != Drain::NotBegun
+            || self.stopped
+            || self.source_life != SourceLife::Up
+            || self.submitted < self.opts.ops
+            || self.completed + self.failed < self.submitted
+        {
+            return false;
+        }
+        self.drain = Drain::Waiting;
+        self.link.begin_drain(self.now * TICK_NS, u64::MAX / 4);
+        true
     }
 
     /// Whether the target has nothing left of the dead source's connection to apply or sync.

@@ -12,7 +12,7 @@ use crate::{Lba, Range, Seq};
 
 use super::check::{byte_range, op_name};
 use super::source::SourceLife;
-use super::world::{Event, Sim, Step, TICK_NS};
+use super::world::{Drain, Event, Sim, Step, TICK_NS};
 use super::Check;
 
 /// What a completed host operation promises, as the checkers state it (apart from the engine's
@@ -236,6 +236,24 @@ impl Sim<'_> {
                 PeerEvent::Stopped(SourceError::TargetRegressed { .. }) if self.replaced => {
                     self.fatal_stop();
                     continue;
+                }
+                PeerEvent::Drained(Ok(through)) => {
+                    let last = self.link.source().status().last_local;
+                    if through != last || through > self.persisted {
+                        return Err(self.violation(
+                            Check::AckedDurable,
+                            format!(
+                                "the link reports drained through {through} (last local seq \
+                                 {last}), the target is durable only through {}",
+                                self.persisted
+                            ),
+                        ));
+                    }
+                    self.drain = Drain::Done;
+                    continue;
+                }
+                PeerEvent::Drained(Err(e)) => {
+                    return Err(self.violation(Check::Protocol, format!("drain failed: {e}")));
                 }
                 PeerEvent::Stopped(e) => {
                     return Err(

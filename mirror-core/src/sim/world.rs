@@ -113,6 +113,8 @@ pub(super) struct Sim<'a> {
     pub(super) target_cfg: TargetConfig,
     /// The target's volume was replaced by one of unknown content (and no record).
     pub(super) replaced: bool,
+    /// Where the daemon's stop (drain until the target holds everything) stands.
+    pub(super) drain: Drain,
     /// What the target had durable when its volume was replaced.
     pub(super) lost_through: Seq,
     /// Replication stopped for good (the fatal error a replaced target causes).
@@ -188,6 +190,15 @@ pub(super) struct Sim<'a> {
 
 pub(super) type Step<T> = Result<T, Violation>;
 
+/// The stop of the source daemon, run when every host operation is over: the link reports when
+/// the target holds everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drain {
+    NotBegun,
+    Waiting,
+    Done,
+}
+
 impl<'a> Sim<'a> {
     pub(super) fn new(
         seed: u64,
@@ -261,6 +272,7 @@ impl<'a> Sim<'a> {
             target_cfg,
             replaced: false,
             lost_through: Seq::NONE,
+            drain: Drain::NotBegun,
             stopped: false,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
@@ -479,6 +491,7 @@ impl<'a> Sim<'a> {
             progress |= self.target_apply();
             progress |= self.completions()?;
             progress |= self.source_rebase()?;
+            progress |= self.begin_drain();
             if !progress {
                 return Ok(());
             }

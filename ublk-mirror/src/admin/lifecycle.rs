@@ -3,10 +3,12 @@
 //! Order of start-up, so that a failure leaves nothing behind: validate; lock the local volume;
 //! private mount namespace and blocked termination signals (before any thread exists); the
 //! replicator on its own tokio runtime, which must complete a handshake with the target within
-//! `--connect-timeout-secs`; the control socket; the ublk device. On SIGTERM/SIGINT/SIGHUP or a
-//! `stop` request: STOP_DEV (the kernel drains the requests in flight), wait (bounded by
-//! `--stop-drain-secs`) until the target holds every operation, stop the replicator, delete the
-//! device, remove the socket.
+//! `--connect-timeout-secs` (the replicator's link stops replication when that passes); the
+//! control socket; the ublk device. On SIGTERM/SIGINT/SIGHUP or a `stop` request: STOP_DEV (the
+//! kernel drains the requests in flight), the link's drain (until the target holds every
+//! operation, bounded by `--stop-drain-secs`), stop the replicator, delete the device, remove the
+//! socket. How long to wait is this file's setting; when a wait is over is mirror-core's
+//! [`PeerLink`](mirror_core::node::PeerLink)'s decision.
 //!
 //! Without `--foreground`, `start` runs the daemon as a child process in its own process group
 //! (output to `--log-file`), waits until its device is live and returns; if the child fails, its
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mirror_core::source::{LockStyle, SourceConfig};
+use mirror_core::source::{LockStyle, SourceConfig, SourceError};
 use mirror_core::{Generation, NodeId};
 use tokio::net::UnixListener;
 
@@ -28,7 +30,7 @@ use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
 use super::control::{bind_socket, serve, DaemonState};
 use super::{client, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
-use crate::replicator::{self, Handle, ReplicatorConfig};
+use crate::replicator::{self, Handle, ReplError, ReplicatorConfig};
 use crate::volume::{open_volume, LocalVolume};
 
 /// `ublk-mirror start`.
@@ -139,7 +141,10 @@ fn start_mirror(
         log_bytes_max: usize::try_from(s.log_bytes).unwrap_or(usize::MAX),
         log_entries_max: s.log_entries,
     };
-    let cfg = ReplicatorConfig::new(m.peer.clone(), source);
+    let cfg = ReplicatorConfig {
+        connect_deadline: Some(s.connect_timeout),
+        ..ReplicatorConfig::new(m.peer.clone(), source)
+    };
     let (repl, repl_task) = {
         let _guard = runtime.enter();
         replicator::spawn(cfg)
@@ -149,18 +154,15 @@ fn start_mirror(
         m.peer,
         s.connect_timeout.as_secs()
     );
-    let connected = runtime
-        .block_on(async { tokio::time::timeout(s.connect_timeout, repl.wait_connected()).await });
-    match connected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => bail!("cannot mirror to {}: {e}", m.peer),
-        Err(_) => bail!(
-            "cannot reach peer {} within {} s: {}",
+    match runtime.block_on(repl.wait_connected()) {
+        Ok(()) => {}
+        Err(ReplError::Fatal(SourceError::Unreachable { secs })) => bail!(
+            "cannot reach peer {} within {secs} s: {}",
             m.peer,
-            s.connect_timeout.as_secs(),
             repl.last_error()
                 .unwrap_or_else(|| "no handshake completed".into())
         ),
+        Err(e) => bail!("cannot mirror to {}: {e}", m.peer),
     }
     eprintln!("ublk-mirror: connected to {}", m.peer);
     Ok((repl, repl_task))
@@ -288,20 +290,13 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 /// time to get it all.
 async fn drain(repl: &Handle, limit: Duration) -> anyhow::Result<()> {
     eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
-    let last = repl.status().await.map(|st| st.source.last_local)?;
-    let drained = match tokio::time::timeout(limit, repl.wait_replicated(last)).await {
-        Ok(r) => r.map_err(anyhow::Error::from),
-        Err(_) => Err(anyhow::anyhow!(
-            "replication stopped: target did not catch up within {} s",
-            limit.as_secs()
-        )),
-    };
+    let drained = repl.drain(limit).await;
     match &drained {
-        Ok(()) => eprintln!(
+        Ok(last) => eprintln!(
             "ublk-mirror: target holds everything through seq {}",
             last.0
         ),
-        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e:#}"),
+        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e}"),
     }
-    drained
+    drained.map(drop).map_err(anyhow::Error::from)
 }

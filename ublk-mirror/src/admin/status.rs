@@ -4,7 +4,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::control::DaemonState;
 use super::{LagReport, LogReport, SeqReport, ShippedReport, StatusReport};
-use mirror_core::meta::Role;
 
 use crate::replicator::ReplError;
 
@@ -25,8 +24,8 @@ impl DaemonState {
                 .map_or(0.0, |d| d.as_secs_f64()),
             name: self.s.name.clone(),
             pid: std::process::id(),
-            // The daemon runs a volume's primary role only; issue 16 brings the others.
-            role: Role::Primary.to_string(),
+            // Without a replicator there is no node (the mirror's status names its role).
+            role: "passthrough".into(),
             phase: phase.into(),
             device: device.as_ref().map(|d| d.path.clone()),
             dev_id: device.as_ref().map(|d| d.dev_id),
@@ -41,7 +40,6 @@ impl DaemonState {
     pub(super) async fn status(&self) -> Result<StatusReport, ReplError> {
         let (Some(repl), Some(m)) = (&self.repl, &self.s.mirror) else {
             return Ok(StatusReport {
-                role: "passthrough".into(),
                 peer: "-".into(),
                 connection: "off".into(),
                 mode: "off".into(),
@@ -55,6 +53,7 @@ impl DaemonState {
             .oldest_unconfirmed_ns
             .map_or(0.0, |t| now_ns.saturating_sub(t) as f64 / 1e9);
         Ok(StatusReport {
+            role: st.role.to_string(),
             peer: m.peer.clone(),
             connection: if st.fatal.is_some() {
                 "failed".into()

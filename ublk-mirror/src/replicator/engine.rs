@@ -1,11 +1,14 @@
-//! The engine task: drives one [`PeerLink`] over TCP and forwards its events to the callers.
+//! The engine task: owns the volume's primary [`Node`], drives its one [`PeerLink`] over TCP and
+//! forwards the link's events to the callers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mirror_core::node::{CloseConn, PeerEvent, PeerLink, Submitted, WaitError};
+use mirror_core::node::{
+    CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, Submitted, WaitError,
+};
 use mirror_core::session::SessionAction;
 use mirror_core::source::SourceError;
 use mirror_core::wire::{Encoded, Frame, MAC_BYTES};
@@ -34,6 +37,8 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 const READ_BUFFER_BYTES: usize = 64 << 10;
 /// The link's token for the one parked submission (there is never more than one).
 const PARKED: u64 = 0;
+/// The one peer a primary mirrors to today.
+pub(super) const PEER: PeerId = PeerId(0);
 
 enum Event {
     Connected(u64, Result<TcpStream, String>),
@@ -50,7 +55,7 @@ struct Conn {
 
 pub(super) struct Engine {
     cfg: ReplicatorConfig,
-    link: PeerLink,
+    node: Node<Peers>,
     epoch: Instant,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
@@ -65,6 +70,8 @@ pub(super) struct Engine {
     parked: Option<Reply<Seq>>,
     replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
     replicated_waiter_count: usize,
+    /// The caller of the drain under way.
+    drainer: Option<Reply<Seq>>,
     /// Shared with the handles: see [`super::Handle::acks_on_enqueue`].
     fast_ack: Arc<AtomicBool>,
     /// The next frame for the writer, taken from the link but not yet queued.
@@ -77,14 +84,14 @@ pub(super) struct Engine {
 impl Engine {
     pub(super) fn new(
         cfg: ReplicatorConfig,
-        link: PeerLink,
+        node: Node<Peers>,
         fast_ack: Arc<AtomicBool>,
         conn_tx: watch::Sender<ConnInfo>,
     ) -> Engine {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         Engine {
             cfg,
-            link,
+            node,
             epoch: Instant::now(),
             events_tx,
             events_rx,
@@ -96,6 +103,7 @@ impl Engine {
             parked: None,
             replicated_waiters: BTreeMap::new(),
             replicated_waiter_count: 0,
+            drainer: None,
             fast_ack,
             staged: None,
             last_error: None,
@@ -115,7 +123,7 @@ impl Engine {
                 (Some(c), Some(_)) => Some(c.writer_tx.clone()),
                 _ => None,
             };
-            let take_submit = !self.link.is_parked();
+            let take_submit = !self.link().is_parked();
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -144,13 +152,25 @@ impl Engine {
         self.stop(&ReplError::Shutdown);
     }
 
+    fn link(&self) -> &PeerLink {
+        self.node
+            .peer(PEER)
+            .expect("a primary node keeps the peer it was built with")
+    }
+
+    fn link_mut(&mut self) -> &mut PeerLink {
+        self.node
+            .peer_mut(PEER)
+            .expect("a primary node keeps the peer it was built with")
+    }
+
     fn now_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Forwards the link's events and stages the next frame.
     fn pump(&mut self) {
-        while let Some(ev) = self.link.poll_event() {
+        while let Some(ev) = self.link_mut().poll_event() {
             match ev {
                 PeerEvent::Accepted { seq, .. } => {
                     if let Some(reply) = self.parked.take() {
@@ -173,11 +193,22 @@ impl Engine {
                     self.stop(&ReplError::Fatal(e));
                     self.publish();
                 }
+                PeerEvent::Drained(result) => {
+                    if let Some(reply) = self.drainer.take() {
+                        let _ = reply.send(result.map_err(|e| match e {
+                            DrainError::Stopped(e) => ReplError::Fatal(e),
+                            e @ DrainError::TimedOut { .. } => ReplError::NotDrained(e),
+                        }));
+                    }
+                }
             }
         }
         if self.staged.is_none() && self.conn.is_some() {
             let now = self.now_ns();
-            self.staged = self.link.poll_transmit(now).map(|frame| frame.encode());
+            self.staged = self
+                .link_mut()
+                .poll_transmit(now)
+                .map(|frame| frame.encode());
             if let Some(e) = &self.staged {
                 self.sent_frames += 1;
                 self.sent_bytes += e.wire_len() as u64;
@@ -200,7 +231,7 @@ impl Engine {
 
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
-        match self.link.poll_timeout() {
+        match self.link().poll_timeout() {
             Some(ns) => (self.epoch + Duration::from_nanos(ns)).min(far),
             None => far,
         }
@@ -208,7 +239,7 @@ impl Engine {
 
     fn on_timer(&mut self) {
         let now = self.now_ns();
-        match self.link.handle_timeout(now) {
+        match self.link_mut().handle_timeout(now) {
             Some(SessionAction::Connect) => self.start_connect(),
             Some(SessionAction::Drop(reason)) => self.lose_conn(reason.to_string()),
             Some(SessionAction::Ping(token)) => {
@@ -228,7 +259,7 @@ impl Engine {
         self.next_conn_id += 1;
         let id = self.next_conn_id;
         self.connecting = Some(id);
-        self.link.on_connecting();
+        self.link_mut().on_connecting();
         let peer = self.cfg.peer.clone();
         let timeout = self.cfg.connect_timeout;
         let events = self.events_tx.clone();
@@ -246,7 +277,7 @@ impl Engine {
     }
 
     fn publish(&self) {
-        let st = self.link.status();
+        let st = self.link().status();
         let info = ConnInfo {
             connects: st.connects,
             fatal: st.fatal,
@@ -273,7 +304,7 @@ impl Engine {
                             Ok(()) => self.open_conn(id, stream, nonce),
                             Err(e) => {
                                 tracing::error!(error = %e, "no randomness for the handshake nonce");
-                                self.link.stop(SourceError::NoRandomness);
+                                self.link_mut().stop(SourceError::NoRandomness);
                             }
                         }
                     }
@@ -281,7 +312,7 @@ impl Engine {
                         tracing::info!(%reason, "connection attempt failed");
                         self.last_error = Some(reason);
                         let now = self.now_ns();
-                        self.link.on_lost(now);
+                        self.link_mut().on_lost(now);
                         self.publish();
                     }
                 }
@@ -291,7 +322,7 @@ impl Engine {
                     return;
                 }
                 let now = self.now_ns();
-                if let Err(CloseConn { error, fatal }) = self.link.handle_frame(frame, now) {
+                if let Err(CloseConn { error, fatal }) = self.link_mut().handle_frame(frame, now) {
                     // A fatal error is reported by the Stopped event the link queued.
                     self.close_socket();
                     if !fatal {
@@ -325,7 +356,7 @@ impl Engine {
         });
         self.staged = None;
         let now = self.now_ns();
-        self.link.on_connected(nonce, now);
+        self.link_mut().on_connected(nonce, now);
         tracing::debug!(peer = %self.cfg.peer, "handshaking");
         self.publish();
     }
@@ -343,7 +374,7 @@ impl Engine {
         tracing::warn!(%reason, "connection to the target dropped");
         self.close_socket();
         let now = self.now_ns();
-        self.link.on_lost(now);
+        self.link_mut().on_lost(now);
         self.last_error = Some(reason);
         self.publish();
     }
@@ -364,13 +395,16 @@ impl Engine {
         if let Some(reply) = self.parked.take() {
             let _ = reply.send(Err(err.clone()));
         }
+        if let Some(reply) = self.drainer.take() {
+            let _ = reply.send(Err(err.clone()));
+        }
     }
 
     fn on_submit(&mut self, mut req: SubmitReq) {
         // Out of the channel: its bytes no longer count against the channel's bound.
         drop(req.permit.take());
         let now = self.now_ns();
-        match self.link.submit(PARKED, req.op, now) {
+        match self.link_mut().submit(PARKED, req.op, now) {
             Ok(Submitted::Accepted(seq)) => {
                 self.waiting.insert(seq, req.reply);
             }
@@ -384,8 +418,9 @@ impl Engine {
     fn on_ctl(&mut self, ctl: Ctl) {
         match ctl {
             Ctl::Status(reply) => {
-                let st = self.link.status();
+                let st = self.link().status();
                 let _ = reply.send(ReplicatorStatus {
+                    role: self.node.role(),
                     source: st.source,
                     last_error: self.last_error.clone(),
                     fatal: st.fatal.map(|e| e.describe()),
@@ -396,12 +431,12 @@ impl Engine {
                 });
             }
             Ctl::SetMode(mode, reply) => {
-                self.link.set_mode(mode);
+                self.link_mut().set_mode(mode);
                 self.fast_ack
-                    .store(self.link.acks_on_submit(), Ordering::Release);
+                    .store(self.link().acks_on_submit(), Ordering::Release);
                 let _ = reply.send(());
             }
-            Ctl::WaitReplicated(seq, reply) => match self.link.check_replicated(seq) {
+            Ctl::WaitReplicated(seq, reply) => match self.link().check_replicated(seq) {
                 Ok(true) => {
                     let _ = reply.send(Ok(()));
                 }
@@ -419,6 +454,15 @@ impl Engine {
                     let _ = reply.send(Err(ReplError::Fatal(e)));
                 }
             },
+            Ctl::Drain(limit, reply) => {
+                let now = self.now_ns();
+                let limit_ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+                // A second drain replaces the first, whose caller hears it was replaced.
+                if let Some(old) = self.drainer.replace(reply) {
+                    let _ = old.send(Err(ReplError::Shutdown));
+                }
+                self.link_mut().begin_drain(now, limit_ns);
+            }
             Ctl::Shutdown(done) => {
                 // Handled by the loop; kept for exhaustiveness.
                 let _ = done.send(());

@@ -1,13 +1,15 @@
-//! The replicator: runs the [`Source`] engine on a tokio task over TCP to the target server.
+//! The replicator: runs a volume's primary [`Node`] (its [`Source`] engine per peer) on a tokio
+//! task over TCP to the target server.
 //!
 //! [`spawn`] starts the engine task and returns a [`Handle`]. The handle is cheap to clone and
 //! usable from any thread or executor: it only talks to the engine through bounded
 //! `tokio::sync` channels and oneshots, which need no tokio runtime on the caller's side.
 //!
-//! The engine task (`engine.rs`) owns mirror-core's [`PeerLink`], which decides everything: when
-//! to connect, probe and give up (its session), which errors stop replication for good, when an
-//! operation completes, when "durable through N" wakes a waiter, and which submission waits for
-//! room in the rollback log. The task moves bytes: it opens the connection (with a bounded
+//! The engine task (`engine.rs`) owns the node and so mirror-core's [`PeerLink`], which decides
+//! everything: when to connect, probe and give up (its session, and the start's connect
+//! deadline), which errors stop replication for good, when an operation completes, when "durable
+//! through N" wakes a waiter, when a stop's drain is over, and which submission waits for room in
+//! the rollback log. The task moves bytes: it opens the connection (with a bounded
 //! timeout), gives the link a fresh random nonce, runs a reader task (frames from the target) and
 //! a writer task (what the link hands out, header and payload in one vectored write; data is never
 //! copied), and forwards the link's [`PeerEvent`](mirror_core::node::PeerEvent)s to the callers
@@ -26,7 +28,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mirror_core::node::{PeerLink, SubmitError};
+use mirror_core::meta::{MetaRecord, Role};
+use mirror_core::node::{DrainError, Node, PeerLink, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
 use mirror_core::source::{Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
@@ -48,6 +51,9 @@ pub struct ReplicatorConfig {
     pub source: SourceConfig,
     /// Bound on one connection attempt.
     pub connect_timeout: Duration,
+    /// Replication stops for good unless a handshake completes within this of the start
+    /// (`None`: keep trying).
+    pub connect_deadline: Option<Duration>,
     /// First reconnect delay.
     pub backoff_min: Duration,
     /// Largest reconnect delay (the delay doubles after each failure up to this).
@@ -70,6 +76,7 @@ impl ReplicatorConfig {
             peer: peer.into(),
             source,
             connect_timeout: Duration::from_secs(3),
+            connect_deadline: None,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
             ping_interval: Duration::from_secs(2),
@@ -90,6 +97,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("volume_bytes", &self.source.volume_bytes)
             .field("block_bytes", &self.source.block_bytes)
             .field("connect_timeout", &self.connect_timeout)
+            .field("connect_deadline", &self.connect_deadline)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .field("ping_interval", &self.ping_interval)
@@ -116,6 +124,9 @@ pub enum ReplError {
     /// A wait for a sequence number that was never submitted.
     #[error("seq {0} was never submitted")]
     NeverSubmitted(Seq),
+    /// A drain ended before the target held everything.
+    #[error("{0}")]
+    NotDrained(DrainError),
     /// Too many callers already wait for replication.
     #[error("too many callers waiting for replication (limit {REPLICATED_WAITERS_MAX})")]
     TooManyWaiters,
@@ -136,6 +147,8 @@ impl From<SubmitError> for ReplError {
 /// A snapshot of the replicator's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicatorStatus {
+    /// The node's role for this volume.
+    pub role: Role,
     /// The engine's state (sequence numbers, log fill, connection).
     pub source: SourceStatus,
     /// Why the last connection (attempt) ended, if one did.
@@ -174,6 +187,7 @@ enum Ctl {
     Status(oneshot::Sender<ReplicatorStatus>),
     SetMode(Mode, oneshot::Sender<()>),
     WaitReplicated(Seq, Reply<()>),
+    Drain(Duration, Reply<Seq>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -222,6 +236,7 @@ impl fmt::Debug for Ctl {
             Ctl::Status(_) => "Status",
             Ctl::SetMode(..) => "SetMode",
             Ctl::WaitReplicated(..) => "WaitReplicated",
+            Ctl::Drain(..) => "Drain",
             Ctl::Shutdown(_) => "Shutdown",
         })
     }
@@ -308,8 +323,8 @@ impl Handle {
     }
 
     /// Resolves once a handshake with the target has completed (now or earlier), or fails when
-    /// replication stopped for good. Bound it with a timeout: an unreachable target is retried
-    /// forever.
+    /// replication stopped for good: with [`ReplicatorConfig::connect_deadline`], also once it
+    /// passed without a handshake (else an unreachable target is retried forever).
     pub async fn wait_connected(&self) -> Result<(), ReplError> {
         let mut rx = self.conn_rx.clone();
         loop {
@@ -330,6 +345,13 @@ impl Handle {
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
         self.conn_rx.borrow().last_error.clone()
+    }
+
+    /// The host is done: resolves with the last seq once the target holds every operation
+    /// submitted so far durably, or fails when `limit` passed first
+    /// ([`ReplError::NotDrained`]) or replication stopped.
+    pub async fn drain(&self, limit: Duration) -> Result<Seq, ReplError> {
+        self.ask(|tx| Ctl::Drain(limit, tx)).await?
     }
 
     /// Stops the engine: pending operations fail with [`ReplError::Shutdown`], the connection
@@ -358,9 +380,18 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         last_error: None,
     });
     let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
-    let link = PeerLink::new(Source::new(cfg.source.clone()), session);
+    let mut link = PeerLink::new(Source::new(cfg.source.clone()), session);
+    if let Some(limit) = cfg.connect_deadline {
+        link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
+    }
     let fast_ack = Arc::new(AtomicBool::new(link.acks_on_submit()));
-    let engine = engine::Engine::new(cfg, link, Arc::clone(&fast_ack), conn_tx);
+    // Defined for the primary; persisted from issue 14 on.
+    let meta = MetaRecord {
+        node_id: cfg.source.node_id,
+        ..MetaRecord::new(cfg.source.volume_id, cfg.source.volume_bytes)
+    };
+    let node = Node::primary(meta, engine::PEER, link);
+    let engine = engine::Engine::new(cfg, node, Arc::clone(&fast_ack), conn_tx);
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
     (
         Handle {
