@@ -181,13 +181,17 @@ pub enum MetaCorrupt {
 }
 
 impl MetaCorrupt {
-    /// Whether the bytes are all zero: nothing was ever stored there (a new or replaced volume),
-    /// as opposed to a record that was damaged.
+    /// Whether no record was ever stored there, as opposed to a record that was damaged: every
+    /// slot is all zeroes (a new volume) or lacks the record's magic (a volume's own data, such as
+    /// the last blocks of a volume whose metadata lived in a legacy file). The two slots are
+    /// written alternately, so a torn write damages one of them, never the magic of both.
     #[must_use]
-    pub fn is_blank(&self) -> bool {
+    pub fn holds_no_record(&self) -> bool {
         match self {
-            MetaCorrupt::Empty => true,
-            MetaCorrupt::NoValidRecord { slot0, slot1 } => slot0.is_blank() && slot1.is_blank(),
+            MetaCorrupt::Empty | MetaCorrupt::BadMagic => true,
+            MetaCorrupt::NoValidRecord { slot0, slot1 } => {
+                slot0.holds_no_record() && slot1.holds_no_record()
+            }
             _ => false,
         }
     }
@@ -590,12 +594,30 @@ mod tests {
     }
 
     #[test]
-    fn only_zeroed_slots_are_blank() {
+    fn only_slots_without_the_magic_hold_no_record() {
         let zeros = vec![0u8; META_FILE_BYTES];
-        assert!(MetaRecord::decode_file(&zeros).unwrap_err().is_blank());
+        assert!(MetaRecord::decode_file(&zeros)
+            .unwrap_err()
+            .holds_no_record());
+        let data: Vec<u8> = (0..META_FILE_BYTES)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        assert!(MetaRecord::decode_file(&data)
+            .unwrap_err()
+            .holds_no_record());
         let mut damaged = sample().encode_file(0);
         damaged[20] ^= 1;
-        assert!(!MetaRecord::decode_file(&damaged).unwrap_err().is_blank());
+        assert!(!MetaRecord::decode_file(&damaged)
+            .unwrap_err()
+            .holds_no_record());
+        // One slot's record torn, the other never written over a volume's data.
+        let mut torn = data.clone();
+        let record = sample().encode(0);
+        torn[..record.len()].copy_from_slice(&record);
+        torn[20] ^= 1;
+        assert!(!MetaRecord::decode_file(&torn)
+            .unwrap_err()
+            .holds_no_record());
     }
 
     #[test]

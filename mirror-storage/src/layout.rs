@@ -6,11 +6,13 @@
 //! | missing, a data size given                    | creates data + area, all zeroes ([`Opening::Created`]); refuses if a legacy `.meta` file is there (it describes an earlier volume) |
 //! | ends in a valid record                        | checks its sizes ([`Opening::Found`])            |
 //! | ends in damaged slots                         | refuses ([`StorageError::Corrupt`])              |
-//! | ends in zeroes, a legacy `.meta` file beside  | regular file: grows it by the area, writes the legacy record there (not consistent if the volume was modified after the record), renames the file to `.meta.upgraded` ([`Opening::Upgraded`]); block device: refuses |
-//! | ends in zeroes, a data size given             | file of that size: grows it by the area; already data + area (or a device large enough): as is ([`Opening::Initialised`], no record) |
-//! | ends in zeroes, no data size                  | refuses ([`StorageError::NoMetadata`])           |
+//! | ends in no record, a legacy `.meta` file beside | regular file: grows it by the area, writes the legacy record there (not consistent if the volume was modified after the record), renames the file to `.meta.upgraded` ([`Opening::Upgraded`]); block device: refuses |
+//! | ends in no record, a data size given          | file of that size: grows it by the area; already data + area (or a device large enough): as is ([`Opening::Initialised`], no record) |
+//! | ends in no record, no data size               | refuses ([`StorageError::NoMetadata`])           |
 //!
-//! A grown or shrunk backing no longer ends in its record; given its data size it is refused as
+//! "No record": neither slot has the record's magic (zeroes, or the volume's own data, as at the
+//! end of a volume whose metadata lived in a legacy file); a slot with the magic that fails a
+//! check is damage. A grown or shrunk backing no longer ends in its record; given its data size it is refused as
 //! resized, without it as lacking metadata. Nothing is written before every check passed.
 
 use std::fs::{self, File};
@@ -399,6 +401,24 @@ mod tests {
         );
     }
 
+    /// A volume of the previous release holds data up to its last byte: its end is no record,
+    /// and the legacy record moves into a new area behind the data, which stays as it was.
+    #[test]
+    fn a_legacy_volume_with_data_at_its_end_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, legacy) = (dir.path().join("v"), dir.path().join("v.meta"));
+        let content: Vec<u8> = (0..DATA).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        fs::write(&vol, &content).unwrap();
+        fs::write(&legacy, legacy_record().encode_file(0)).unwrap();
+        let opened = open(&spec(&vol, &legacy, None)).unwrap();
+        assert!(matches!(opened.how, Opening::Upgraded { .. }));
+        assert_eq!(opened.record.unwrap().durable, Seq(7));
+        drop(opened);
+        assert_eq!(fs::read(&vol).unwrap()[..DATA as usize], content[..]);
+        let opened = open(&spec(&vol, &legacy, None)).unwrap();
+        assert_eq!(opened.how, Opening::Found);
+    }
+
     #[test]
     fn a_second_open_is_refused_while_the_first_holds_the_volume() {
         let dir = tempfile::tempdir().unwrap();
@@ -407,5 +427,62 @@ mod tests {
         assert_eq!(first.how, Opening::Created);
         let err = open(&spec(&vol, &legacy, Some(DATA))).unwrap_err();
         assert!(matches!(err, StorageError::InUse { .. }), "{err}");
+    }
+
+    /// A loop device over a file, detached on drop. Needs root and the loop driver, as CI has.
+    struct Loop(PathBuf);
+
+    impl Loop {
+        fn attach(file: &Path) -> Loop {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output()
+                .expect("run losetup (this test needs util-linux)");
+            assert!(
+                out.status.success(),
+                "losetup failed (this test needs root and the loop driver): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// A block device cannot grow by the metadata area: its legacy record is not moved, the
+    /// device and the legacy file stay as they were, and the error says what to do.
+    #[test]
+    fn a_legacy_file_beside_a_block_device_without_a_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, legacy) = (dir.path().join("image"), dir.path().join("dev.meta"));
+        let content: Vec<u8> = (0..DATA).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        fs::write(&image, &content).unwrap();
+        fs::write(&legacy, legacy_record().encode_file(0)).unwrap();
+        let dev = Loop::attach(&image);
+        let err = open(&spec(&dev.0, &legacy, None)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StorageError::BlockDeviceUpgrade { volume_bytes, needed_bytes, .. }
+                    if *volume_bytes == DATA && *needed_bytes == DATA + meta_area_bytes(DATA)
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--create-size"), "{err}");
+        drop(dev);
+        assert_eq!(fs::read(&image).unwrap(), content);
+        assert_eq!(
+            fs::read(&legacy).unwrap(),
+            legacy_record().encode_file(0).to_vec()
+        );
+        assert!(!upgraded_path(&legacy).exists());
     }
 }

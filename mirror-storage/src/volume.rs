@@ -115,7 +115,7 @@ pub(crate) fn read_slots(
     file.read_exact_at(&mut bytes, offset_bytes)?;
     Ok(match MetaRecord::decode_file(&bytes) {
         Ok(found) => Ok(Some(found)),
-        Err(why) if why.is_blank() => Ok(None),
+        Err(why) if why.holds_no_record() => Ok(None),
         Err(why) => Err(why),
     })
 }

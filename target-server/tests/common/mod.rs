@@ -52,7 +52,7 @@ pub fn volume_record(cfg: &ServerConfig) -> Option<MetaRecord> {
     let slots = &bytes[bytes.len() - META_FILE_BYTES..];
     match MetaRecord::decode_file(slots) {
         Ok((record, _)) => Some(record),
-        Err(why) if why.is_blank() => None,
+        Err(why) if why.holds_no_record() => None,
         Err(why) => panic!("corrupt record: {why}"),
     }
 }
