@@ -137,9 +137,17 @@ impl RangeGate {
             admitted: false,
             waker: None,
         });
+        // The common case, decided under this lock: nothing earlier overlaps, so the first poll
+        // need not look at the table again.
+        let last = t.entries.len() - 1;
+        let at_once = t.admissible(last);
+        if let Some(e) = t.entries.get_mut(last) {
+            e.admitted = at_once;
+        }
         Acquire {
             gate: Some(self.clone()),
             ticket,
+            at_once,
         }
     }
 
@@ -170,12 +178,22 @@ pub struct Acquire {
     /// `None` once resolved (the guard owns the entry from then on).
     gate: Option<Arc<RangeGate>>,
     ticket: u64,
+    /// Admitted when the ticket was taken.
+    at_once: bool,
 }
 
 impl Future for Acquire {
     type Output = Guard;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Guard> {
+        if self.at_once {
+            if let Some(gate) = self.gate.take() {
+                return Poll::Ready(Guard {
+                    gate,
+                    ticket: self.ticket,
+                });
+            }
+        }
         let Some(gate) = self.gate.clone() else {
             panic!("range gate: Acquire polled after it resolved");
         };
