@@ -557,6 +557,15 @@ impl<E: RoleEngines> Node<E> {
     pub fn engines_mut(&mut self) -> &mut E {
         &mut self.engines
     }
+
+    /// The record to persist: a secondary's once `durable` is synced (`clean` at a graceful
+    /// stop, after the last sync), a primary's at a clean stop (its peer holds everything through
+    /// `durable`). The node keeps it as its current metadata.
+    pub fn record(&mut self, durable: Seq, clean: bool) -> MetaRecord {
+        self.meta.durable = durable;
+        self.meta.clean = clean;
+        self.meta
+    }
 }
 
 impl Node<Peers> {
@@ -596,15 +605,13 @@ impl Node<Target> {
             engines: target,
         }
     }
-
-    /// The record a secondary persists once `durable` is synced (`clean`: at a graceful stop,
-    /// after the last sync). The node keeps it as its current metadata.
-    pub fn record(&mut self, durable: Seq, clean: bool) -> MetaRecord {
-        self.meta.durable = durable;
-        self.meta.clean = clean;
-        self.meta
-    }
 }
 
+mod recover;
 #[cfg(test)]
 mod tests;
+
+pub use recover::{
+    recover_primary, recover_primary_with, running_primary_record, PrimaryRecoverError,
+    PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
+};

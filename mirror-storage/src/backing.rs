@@ -83,8 +83,8 @@ pub enum StorageError {
     /// An existing backing without metadata, and no data size to initialise it with.
     #[error(
         "volume {path} has no metadata at its end: give its data size (--create-size) to \
-         initialise it as a new, not consistent target volume; if it was grown or shrunk, \
-         restore its size"
+         initialise it (the metadata area follows that many bytes of data; a target volume so \
+         initialised is not consistent); if it was grown or shrunk, restore its size"
     )]
     NoMetadata {
         /// The file or device.
@@ -141,7 +141,8 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn io(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+    /// Wraps an I/O error on `path`.
+    pub fn io(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
         move |source| StorageError::Io {
             path: path.to_owned(),
             source,

@@ -36,6 +36,11 @@ pub struct VolumeSpec<'a> {
     pub legacy_meta: Option<&'a Path>,
     /// The logical block size; the data area is a multiple of it.
     pub block_bytes: u32,
+    /// Without `create_bytes`, a regular file without a record is taken whole (rounded down to
+    /// the block size) as the data area and grown by the metadata area: a primary's volume of an
+    /// earlier release keeps its size. A block device is never taken whole (its data area would
+    /// shrink by the metadata area under a filesystem that fills it).
+    pub adopt_file: bool,
 }
 
 /// How [`open`] found the volume.
@@ -214,7 +219,10 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
                 upgrade(backing, spec, record, count, &legacy_path)
             }
             None => {
-                let Some(volume_bytes) = spec.create_bytes else {
+                let whole = (spec.adopt_file && !backing.is_block_device())
+                    .then(|| size - size % u64::from(spec.block_bytes))
+                    .filter(|b| *b > 0);
+                let Some(volume_bytes) = spec.create_bytes.or(whole) else {
                     return Err(StorageError::NoMetadata {
                         path: path.to_owned(),
                     });
@@ -224,7 +232,7 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
                 let fits = if backing.is_block_device() {
                     size >= needed
                 } else {
-                    size == volume_bytes || size == needed
+                    size == volume_bytes || size == needed || whole == Some(volume_bytes)
                 };
                 if !fits {
                     return Err(StorageError::Resized {
@@ -234,7 +242,7 @@ pub fn open(spec: &VolumeSpec<'_>) -> Result<Opened, StorageError> {
                         expected_bytes: needed,
                     });
                 }
-                if size == volume_bytes {
+                if !backing.is_block_device() && size < needed {
                     backing.grow(needed)?;
                 }
                 let area = backing.backing_bytes() - volume_bytes;
@@ -352,6 +360,7 @@ mod tests {
             create_bytes,
             legacy_meta: Some(legacy),
             block_bytes: 4096,
+            adopt_file: false,
         }
     }
 

@@ -26,6 +26,13 @@ impl FileVolume {
     pub(crate) fn new(file: Arc<File>, volume_bytes: u64) -> FileVolume {
         FileVolume { file, volume_bytes }
     }
+
+    /// The backing's file, for a driver that does its own I/O on the data area (the ublk
+    /// device's io_uring): it must stay below [`Volume::volume_bytes`].
+    #[must_use]
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Volume for FileVolume {

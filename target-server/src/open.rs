@@ -37,6 +37,7 @@ pub(crate) fn open_volume(cfg: &ServerConfig) -> Result<Opened, ServerError> {
         create_bytes: cfg.create_bytes,
         legacy_meta: Some(&cfg.legacy_meta_path),
         block_bytes: cfg.block_bytes,
+        adopt_file: false,
     })?;
     if let Opening::Upgraded { legacy, renamed } = &opened.how {
         info!(

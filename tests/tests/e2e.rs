@@ -119,19 +119,26 @@ fn check_success(run: &Finished, rig: &Rig, name: &str) -> anyhow::Result<serde_
     Ok(s)
 }
 
-/// The source volume equals the target's data area; the target file is larger by exactly its
-/// metadata area.
-fn identical(source: &Path, target: &Path) -> anyhow::Result<()> {
-    let a = std::fs::read(source)?;
-    let b = std::fs::read(target)?;
-    let data_bytes = a.len() as u64;
-    anyhow::ensure!(
-        b.len() as u64 == data_bytes + mirror_core::meta::meta_area_bytes(data_bytes),
-        "{} has {} bytes, not {data_bytes} data bytes and their metadata area",
-        target.display(),
-        b.len()
-    );
-    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
+/// The source's data area equals the target's; both files are their data and its metadata area.
+fn identical(source: &Path, target: &Path, data_bytes: u64) -> anyhow::Result<()> {
+    let whole = data_bytes + mirror_core::meta::meta_area_bytes(data_bytes);
+    let data = usize::try_from(data_bytes)?;
+    let mut images = Vec::new();
+    for path in [source, target] {
+        let bytes = std::fs::read(path)?;
+        anyhow::ensure!(
+            bytes.len() as u64 == whole,
+            "{} has {} bytes, not {data_bytes} data bytes and their metadata area",
+            path.display(),
+            bytes.len()
+        );
+        images.push(bytes);
+    }
+    if let Some(at) = images[0][..data]
+        .iter()
+        .zip(&images[1][..data])
+        .position(|(x, y)| x != y)
+    {
         anyhow::bail!(
             "{} and {} differ first at byte {at}",
             source.display(),
@@ -213,7 +220,7 @@ async fn e2e_random_writes_under_faults_converge_in_every_mode() {
             drop(proxy);
             let status = server.terminate(Duration::from_secs(20)).await?;
             anyhow::ensure!(status.success(), "target-server exited with {status}");
-            identical(&source, &rig.path(&format!("{name}.target")))?;
+            identical(&source, &rig.path(&format!("{name}.target")), volume_bytes)?;
         }
         Ok(())
     })
@@ -330,7 +337,7 @@ async fn kill_scenario(
     drop(proxy);
     let status = server.terminate(Duration::from_secs(20)).await?;
     anyhow::ensure!(status.success(), "target-server exited with {status}");
-    identical(&source, &opts.volume)
+    identical(&source, &opts.volume, volume_bytes)
 }
 
 /// (b) `sync`: kill -9 of the target mid-run loses no acknowledged write; after a restart on the
@@ -381,6 +388,60 @@ fn one_error_line(run: &Finished, expect: &str) -> anyhow::Result<()> {
     );
     println!("{}", lines[0]);
     Ok(())
+}
+
+/// (e) Issue 14, failure 1: a primary restarted after a clean stop continues the sequence against
+/// the target that holds it (before, the second run was refused: "target is ahead"); after a stop
+/// that left writes the target may lack (here `--no-wait`: no drain), the restart is refused with
+/// one line, and the target is never told a sequence that skips them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_primary_resumes_after_a_clean_stop_and_refuses_after_an_unclean_one() {
+    scenario("primary restart", |rig, seed| async move {
+        let volume_bytes: u64 = 2 << 20;
+        let mut server =
+            TargetServer::start(&rig.server_opts("restart.target", volume_bytes, 4096)).await?;
+        let source = rig.path("restart.source");
+        let run = |ops: &str, seed: u64, extra: &[&str]| {
+            let mut list = args(&[
+                "--volume",
+                source.to_str().unwrap_or_default(),
+                "--volume-bytes",
+                &volume_bytes.to_string(),
+                "--peer",
+                &server.addr.to_string(),
+                "--volume-id",
+                VOLUME_ID,
+                "--secret-file",
+                rig.secret.to_str().unwrap_or_default(),
+                "--mode",
+                "async",
+                "--ops",
+                ops,
+                "--seed",
+                &seed.to_string(),
+                "--json",
+            ]);
+            list.extend(args(extra));
+            list
+        };
+        let t = Duration::from_secs(60);
+        let first = procs::run_loadgen(&run("300", seed, &[]), t).await?;
+        let s = check_success(&first, &rig, "first")?;
+        anyhow::ensure!(s["last_seq"] == 300, "{s}");
+        let second = procs::run_loadgen(&run("200", seed + 1, &[]), t).await?;
+        let s = check_success(&second, &rig, "second")?;
+        anyhow::ensure!(s["last_seq"] == 500, "the sequence continues: {s}");
+
+        let unclean = procs::run_loadgen(&run("50", seed + 2, &["--no-wait"]), t).await?;
+        anyhow::ensure!(unclean.status.success(), "{}", unclean.stderr);
+        let refused = procs::run_loadgen(&run("10", seed + 3, &[]), t).await?;
+        one_error_line(&refused, "did not stop cleanly")?;
+
+        let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        Ok(())
+    })
+    .await;
 }
 
 /// (d) Bad input gives one clear error line and a non-zero exit.
@@ -446,7 +507,17 @@ async fn e2e_loadgen_errors_are_one_clear_line() {
         .await?;
         one_error_line(&run, "authentication")?;
 
+        // The source volume's own record names the volume it mirrors; a fresh source of another
+        // volume gets as far as the target, which refuses it.
         let run = procs::run_loadgen(&base(&peer, OTHER_VOLUME_ID, &secret), t).await?;
+        one_error_line(&run, "its metadata belongs to volume")?;
+        let fresh = rig.path("other.source");
+        let other = replace(
+            base(&peer, OTHER_VOLUME_ID, &secret),
+            "--volume",
+            fresh.to_str().unwrap_or_default(),
+        );
+        let run = procs::run_loadgen(&other, t).await?;
         one_error_line(&run, "refused")?;
 
         let bad = replace(base(&peer, VOLUME_ID, &secret), "--mode", "bogus");

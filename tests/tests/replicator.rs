@@ -384,7 +384,11 @@ async fn connect_deadline_and_drain_are_the_links_decisions() {
         };
         handle.submit(op).await.expect("async write");
     }
-    assert_eq!(handle.drain(Duration::from_secs(10)).await, Ok(Seq(8)));
+    let clean = handle
+        .drain(Duration::from_secs(10))
+        .await
+        .expect("drained");
+    assert_eq!((clean.durable, clean.clean), (Seq(8), true));
     assert_eq!(&target.volume()[..4096], &[9u8; 4096][..]);
 
     // The target is gone for the replicator: nothing listens where the proxy now leads.

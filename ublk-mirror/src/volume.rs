@@ -1,20 +1,48 @@
 //! Opening the local volume, for the daemon and `loadgen` alike: read-write and exclusive
-//! (mirror-storage's [`Backing`]: O_EXCL for a block device, an advisory lock for a file), its
-//! usable size a whole number of blocks. The primary keeps no metadata on its volume yet (issue
-//! 14 moves it to mirror-storage's internal layout, as the target's).
+//! (mirror-storage's [`Backing`]: O_EXCL for a block device, an advisory
+//! lock for a file), with the primary's metadata record at its end in mirror-storage's internal
+//! layout (the target's layout: data area, then the metadata area).
+//!
+//! A regular file of an earlier release (no record) keeps its size as the data area and grows by
+//! the metadata area. A block device without a record needs its data size (`--create-size`): its
+//! data area is then that many bytes, and the metadata area follows.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use mirror_storage::{Backing, StorageError};
+use mirror_core::meta::MetaRecord;
+use mirror_core::node::{
+    recover_primary, running_primary_record, PrimaryRecoverError, PrimaryRestored,
+};
+use mirror_core::storage::{MetaStore, MetaStoreError};
+use mirror_core::target::VolumeFacts;
+use mirror_core::{NodeId, VolumeId};
+use mirror_storage::{AreaMeta, Backing, Opening, StorageError, VolumeSpec};
 
 /// Why the volume cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VolumeError {
-    /// Opening, creating, locking or extending it failed.
+    /// Opening, creating, locking, extending or reading its metadata failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// mirror-core refused to start the primary on this volume's record.
+    #[error("cannot start on volume {}: {why}", .path.display())]
+    Recover {
+        /// The volume.
+        path: PathBuf,
+        /// Why.
+        why: PrimaryRecoverError,
+    },
+    /// The record could not be written.
+    #[error("volume {}: {source}", .path.display())]
+    Record {
+        /// The volume.
+        path: PathBuf,
+        /// What failed.
+        source: MetaStoreError,
+    },
     /// Not even one block.
     #[error("volume {} ({bytes} bytes) is smaller than one {block_bytes}-byte block", .path.display())]
     TooSmall {
@@ -30,58 +58,168 @@ pub enum VolumeError {
 /// An open local volume.
 #[derive(Debug)]
 pub struct LocalVolume {
-    /// Open for reading and writing, held exclusively.
+    /// Open for reading and writing, held exclusively; only its data area `[0, bytes)` is the
+    /// host's.
     pub file: File,
-    /// The usable size: the file's, rounded down to whole blocks.
+    /// The data area's size: a whole number of blocks.
     pub bytes: u64,
-    /// The file's own size.
-    pub file_bytes: u64,
+    /// The record slots at the end of the metadata area (`None`: a passthrough volume that was
+    /// never mirrored, used whole).
+    pub meta: Option<Arc<AreaMeta>>,
+    /// The record found, if any.
+    pub record: Option<MetaRecord>,
+    /// Whether it was created now (all zeroes).
+    pub created: bool,
 }
 
-/// Opens the volume at `path` exclusively. With `create_bytes` a missing file is created and a
-/// shorter one extended to that size (what `loadgen` wants); without it the file or block device
-/// must exist.
+/// Opens the volume at `path` exclusively. With `create_bytes` a missing file is created with that
+/// data size, and a volume without a record is initialised with it; without it a regular file
+/// without a record is taken whole (see the module docs).
 pub fn open_volume(
     path: &Path,
     block_bytes: u32,
     create_bytes: Option<u64>,
 ) -> Result<LocalVolume, VolumeError> {
-    let mut backing = match create_bytes {
-        Some(want) if !path.exists() => Backing::create(path, want)?,
-        _ => Backing::open(path)?,
-    };
-    if let Some(want) = create_bytes {
-        if !backing.is_block_device() && backing.backing_bytes() < want {
-            backing.grow(want)?;
+    if path.is_file() {
+        let bytes = std::fs::metadata(path)
+            .map_err(StorageError::io(path))?
+            .len();
+        if bytes < u64::from(block_bytes) {
+            return Err(VolumeError::TooSmall {
+                path: path.into(),
+                bytes,
+                block_bytes,
+            });
         }
     }
-    let file_bytes = backing.backing_bytes();
-    let bytes = file_bytes - file_bytes % u64::from(block_bytes);
-    if bytes == 0 {
-        return Err(VolumeError::TooSmall {
-            path: path.into(),
-            bytes: file_bytes,
-            block_bytes,
-        });
+    let opened = mirror_storage::open(&VolumeSpec {
+        path,
+        create_bytes,
+        legacy_meta: None,
+        block_bytes,
+        adopt_file: true,
+    })?;
+    local(path, opened)
+}
+
+/// Opens the volume for passthrough (`--no-mirror`): a volume with a record as [`open_volume`]
+/// does (the caller marks the record unclean: the peer will not see these writes); one without
+/// is used whole, as plain ublk would, and gets no metadata.
+pub fn open_passthrough(path: &Path, block_bytes: u32) -> Result<LocalVolume, VolumeError> {
+    let spec = VolumeSpec {
+        path,
+        create_bytes: None,
+        legacy_meta: None,
+        block_bytes,
+        adopt_file: false,
+    };
+    match mirror_storage::open(&spec) {
+        Ok(opened) => local(path, opened),
+        Err(StorageError::NoMetadata { .. }) => {
+            let backing = Backing::open(path)?;
+            let size = backing.backing_bytes();
+            let bytes = size - size % u64::from(block_bytes);
+            if bytes == 0 {
+                return Err(VolumeError::TooSmall {
+                    path: path.into(),
+                    bytes: size,
+                    block_bytes,
+                });
+            }
+            Ok(LocalVolume {
+                file: backing.into_file(),
+                bytes,
+                meta: None,
+                record: None,
+                created: false,
+            })
+        }
+        Err(e) => Err(e.into()),
     }
+}
+
+impl LocalVolume {
+    /// What a primary restarts from, as mirror-core decides ([`recover_primary`]), and the
+    /// record it keeps while it runs. The caller stores that record ([`LocalVolume::store`])
+    /// before the host may write: not clean, so that a crash from then on is never taken for a
+    /// clean stop (a start that fails before leaves the volume's record as it was).
+    pub fn restore_primary(
+        &self,
+        path: &Path,
+        volume_id: VolumeId,
+        node_id: NodeId,
+    ) -> Result<(PrimaryRestored, MetaRecord), VolumeError> {
+        let facts = VolumeFacts {
+            volume_id,
+            volume_bytes: self.bytes,
+            created: self.created,
+        };
+        let restored =
+            recover_primary(self.record.as_ref(), &facts).map_err(|why| VolumeError::Recover {
+                path: path.into(),
+                why,
+            })?;
+        let running = running_primary_record(self.record.as_ref(), &facts, node_id, restored);
+        Ok((restored, running))
+    }
+
+    /// Stores `record` (the replicator's record of a clean stop).
+    pub fn store(&self, path: &Path, record: &MetaRecord) -> Result<(), VolumeError> {
+        match &self.meta {
+            Some(meta) => meta.store(record).map_err(|source| VolumeError::Record {
+                path: path.into(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Passthrough on a volume that was mirrored: its record says "not clean" from now on, since
+    /// the peer never sees these writes.
+    pub fn start_passthrough(&self, path: &Path) -> Result<(), VolumeError> {
+        match self.record {
+            Some(record) => self.store(
+                path,
+                &MetaRecord {
+                    clean: false,
+                    ..record
+                },
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+fn local(path: &Path, opened: mirror_storage::Opened) -> Result<LocalVolume, VolumeError> {
+    let file = opened
+        .volume
+        .file()
+        .try_clone()
+        .map_err(StorageError::io(path))?;
     Ok(LocalVolume {
-        file: backing.into_file(),
-        bytes,
-        file_bytes,
+        file,
+        bytes: mirror_core::storage::Volume::volume_bytes(&*opened.volume),
+        meta: Some(opened.meta),
+        record: opened.record,
+        created: opened.how == Opening::Created,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mirror_core::meta::meta_area_bytes;
+    use mirror_core::storage::MetaStore;
+    use mirror_core::VolumeId;
 
     #[test]
-    fn a_file_is_sized_in_whole_blocks_and_held_exclusively() {
+    fn a_file_keeps_its_whole_blocks_as_data_and_is_held_exclusively() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol");
         std::fs::write(&path, vec![0u8; 4096 * 3 + 100]).unwrap();
         let v = open_volume(&path, 4096, None).unwrap();
-        assert_eq!((v.bytes, v.file_bytes), (4096 * 3, 4096 * 3 + 100));
+        assert_eq!(v.bytes, 4096 * 3);
+        assert!(v.record.is_none() && !v.created);
         let again = open_volume(&path, 4096, None).unwrap_err();
         assert!(
             again
@@ -89,8 +227,20 @@ mod tests {
                 .contains("already in use (locked by another process)"),
             "{again}"
         );
+        v.meta
+            .as_ref()
+            .unwrap()
+            .store(&MetaRecord::new(VolumeId([1; 16]), 4096 * 3))
+            .unwrap();
         drop(v);
-        assert!(open_volume(&path, 4096, None).is_ok());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            4096 * 3 + meta_area_bytes(4096 * 3),
+            "grown by the metadata area"
+        );
+        let v = open_volume(&path, 4096, None).unwrap();
+        assert_eq!(v.bytes, 4096 * 3);
+        assert_eq!(v.record.map(|r| r.volume_bytes), Some(4096 * 3));
     }
 
     #[test]
@@ -104,10 +254,7 @@ mod tests {
         );
         let v = open_volume(&path, 512, Some(1 << 20)).unwrap();
         assert_eq!(v.bytes, 1 << 20);
-        drop(v);
-        // A larger file is left as it is.
-        let v = open_volume(&path, 512, Some(4096)).unwrap();
-        assert_eq!(v.bytes, 1 << 20);
+        assert!(v.created);
     }
 
     #[test]

@@ -5,9 +5,9 @@ use bytes::Bytes;
 use super::*;
 use crate::session::SessionConfig;
 use crate::target::ConnId;
-use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES};
+use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
 use crate::wire::{decode, Op, RefuseReason};
-use crate::Lba;
+use crate::{Lba, NodeId};
 
 const C: ConnId = ConnId(1);
 const MS: u64 = 1_000_000;
@@ -320,4 +320,84 @@ fn a_secondary_node_records_its_durable_seq() {
         (Role::Primary, Role::Primary)
     );
     assert!(primary.engines().contains_key(&PeerId(0)));
+}
+
+/// What a restarted primary trusts: only the record of a clean stop of this volume; a first
+/// start begins at seq 1; an unclean stop, another volume, another size or a secondary's record
+/// is refused.
+#[test]
+fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
+    use crate::target::VolumeFacts;
+    let facts = VolumeFacts {
+        volume_id: VOLUME_ID,
+        volume_bytes: VOLUME_BYTES,
+        created: false,
+    };
+    let first = recover_primary(None, &facts).unwrap();
+    assert_eq!(
+        first,
+        PrimaryRestored {
+            confirmed: Seq::NONE,
+            kind: PrimaryStart::First
+        }
+    );
+    let running = running_primary_record(None, &facts, NodeId(1), first);
+    assert_eq!(
+        (running.role, running.clean, running.durable),
+        (Role::Primary, false, Seq::NONE)
+    );
+    assert_eq!(
+        recover_primary(Some(&running), &facts),
+        Err(PrimaryRecoverError::Unclean { durable: Seq::NONE }),
+        "a crash right after the start"
+    );
+    let clean = MetaRecord {
+        durable: Seq(40),
+        clean: true,
+        ..running
+    };
+    assert_eq!(
+        recover_primary(Some(&clean), &facts),
+        Ok(PrimaryRestored {
+            confirmed: Seq(40),
+            kind: PrimaryStart::Resumed
+        })
+    );
+    let unclean = MetaRecord {
+        clean: false,
+        ..clean
+    };
+    assert_eq!(
+        recover_primary_with(
+            Some(&unclean),
+            &facts,
+            PrimaryRecoverySabotage::TrustUnclean
+        )
+        .map(|r| r.confirmed),
+        Ok(Seq(40))
+    );
+    let secondary = MetaRecord {
+        role: Role::Secondary,
+        ..clean
+    };
+    assert!(matches!(
+        recover_primary(Some(&secondary), &facts),
+        Err(PrimaryRecoverError::Secondary(_))
+    ));
+    let other = MetaRecord {
+        volume_id: VolumeId([9; 16]),
+        ..clean
+    };
+    assert!(matches!(
+        recover_primary(Some(&other), &facts),
+        Err(PrimaryRecoverError::OtherVolume { .. })
+    ));
+    let created = VolumeFacts {
+        created: true,
+        ..facts
+    };
+    assert_eq!(
+        recover_primary(Some(&clean), &created),
+        Err(PrimaryRecoverError::MetaOfEarlierVolume)
+    );
 }

@@ -20,9 +20,14 @@ pub struct StartArgs {
     /// TOML file with the settings below (keys in snake_case; flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The local volume: a file or a block device (must exist).
+    /// The local volume: a file or a block device (must exist). Its metadata record lives at its
+    /// end: a file without one keeps its size as the data and grows by the metadata area.
     #[arg(long, value_name = "PATH")]
     pub volume: Option<PathBuf>,
+    /// Data size of a volume without metadata (suffixes K, M, G): needed for a block device,
+    /// whose metadata area then follows that many bytes of data.
+    #[arg(long, value_name = "BYTES")]
+    pub create_size: Option<String>,
     /// Target server address, host:port.
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,
@@ -88,6 +93,7 @@ pub struct StartArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     volume: Option<PathBuf>,
+    create_size: Option<Size>,
     peer: Option<String>,
     volume_id: Option<String>,
     secret_file: Option<PathBuf>,
@@ -122,6 +128,8 @@ pub(super) struct MirrorSettings {
 pub struct Settings {
     pub(super) name: String,
     pub(super) volume: PathBuf,
+    /// The data size of a volume without metadata (`--create-size`).
+    pub(super) create_bytes: Option<u64>,
     /// `None`: passthrough (`--no-mirror`).
     pub(super) mirror: Option<MirrorSettings>,
     pub(super) flush_replicates: bool,
@@ -253,7 +261,18 @@ impl Settings {
         );
         let log_file =
             path_of(&args.log_file, file.log_file).unwrap_or_else(|| super::log_path(&name));
+        let create_bytes = match (&args.create_size, file.create_size) {
+            (Some(text), _) => Some(parse_size(text).map_err(|e| anyhow!("--create-size: {e}"))?),
+            (None, Some(Size(n))) => Some(n),
+            (None, None) => None,
+        };
+        if let Some(bytes) = create_bytes {
+            if bytes == 0 || !bytes.is_multiple_of(u64::from(block_bytes)) {
+                bail!("--create-size {bytes}: must be a non-zero multiple of the {block_bytes}-byte block");
+            }
+        }
         Ok(Settings {
+            create_bytes,
             dev_id: args.dev_id.or(file.dev_id),
             node_id: args.node_id.or(file.node_id).unwrap_or(1),
             name,

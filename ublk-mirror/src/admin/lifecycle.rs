@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use mirror_core::meta::MetaRecord;
+use mirror_core::node::PrimaryStart;
 use mirror_core::source::{LockStyle, SourceConfig, SourceError};
 use mirror_core::{Generation, NodeId};
 use tokio::net::UnixListener;
@@ -31,7 +33,7 @@ use super::control::{bind_socket, serve, DaemonState};
 use super::{client, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
 use crate::replicator::{self, Handle, ReplError, ReplicatorConfig};
-use crate::volume::{open_volume, LocalVolume};
+use crate::volume::{open_passthrough, open_volume, LocalVolume};
 
 /// `ublk-mirror start`.
 pub fn start(args: &StartArgs) -> anyhow::Result<()> {
@@ -125,9 +127,17 @@ fn start_mirror(
     runtime: &tokio::runtime::Runtime,
     s: &Settings,
     m: &MirrorSettings,
-    volume_bytes: u64,
+    volume: &LocalVolume,
 ) -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
     let secret = read_secret(&m.secret_file)?;
+    let volume_bytes = volume.bytes;
+    let (restored, running) = volume.restore_primary(&s.volume, m.volume_id, NodeId(s.node_id))?;
+    if restored.kind == PrimaryStart::Resumed {
+        eprintln!(
+            "ublk-mirror: resuming after a clean stop: the target held everything through seq {}",
+            restored.confirmed.0
+        );
+    }
     let source = SourceConfig {
         volume_id: m.volume_id,
         node_id: NodeId(s.node_id),
@@ -143,6 +153,8 @@ fn start_mirror(
     };
     let cfg = ReplicatorConfig {
         connect_deadline: Some(s.connect_timeout),
+        confirmed: restored.confirmed,
+        meta: running,
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };
     let (repl, repl_task) = {
@@ -165,6 +177,8 @@ fn start_mirror(
         Err(e) => bail!("cannot mirror to {}: {e}", m.peer),
     }
     eprintln!("ublk-mirror: connected to {}", m.peer);
+    // From here on the host may write: a crash is never taken for a clean stop.
+    volume.store(&s.volume, &running)?;
     Ok((repl, repl_task))
 }
 
@@ -172,17 +186,15 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
     if let Some(m) = &s.mirror {
         read_secret(&m.secret_file)?;
     }
-    let LocalVolume {
-        file: volume,
-        bytes: volume_bytes,
-        file_bytes,
-    } = open_volume(&s.volume, s.block_bytes, None)?;
-    if volume_bytes != file_bytes {
-        eprintln!(
-            "ublk-mirror: warning: volume size {file_bytes} is not a multiple of {}; using {volume_bytes} bytes",
-            s.block_bytes
-        );
-    }
+    let local = match &s.mirror {
+        Some(_) => open_volume(&s.volume, s.block_bytes, s.create_bytes)?,
+        None => {
+            let local = open_passthrough(&s.volume, s.block_bytes)?;
+            local.start_passthrough(&s.volume)?;
+            local
+        }
+    };
+    let volume_bytes = local.bytes;
     // Both must happen while this is the only thread.
     device::private_mount_namespace()?;
     let signals = TermSignals::block()?;
@@ -196,7 +208,7 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
     let epoch = tokio::time::Instant::now();
     let mirror = match &s.mirror {
-        Some(m) => Some(start_mirror(&runtime, s, m, volume_bytes)?),
+        Some(m) => Some(start_mirror(&runtime, s, m, &local)?),
         None => {
             eprintln!("ublk-mirror: mirroring is off (--no-mirror): passthrough to the volume");
             None
@@ -247,7 +259,7 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
     let started_state = state.clone();
     let dev_file = super::dev_file_path(&s.name);
-    let run = dev.run(&volume, repl.clone(), move |started| {
+    let run = dev.run(&local.file, repl.clone(), move |started| {
         let _ = std::fs::write(&dev_file, format!("{}\n", started.dev_id));
         eprintln!(
             "ublk-mirror: device {} ready ({volume_bytes} bytes)",
@@ -261,7 +273,16 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
     }
     let drained = match mirror {
         Some((repl, repl_task)) => {
-            let drained = runtime.block_on(drain(&repl, s.stop_drain));
+            let drained = runtime
+                .block_on(drain(&repl, s.stop_drain))
+                .and_then(|clean| {
+                    local.store(&s.volume, &clean)?;
+                    eprintln!(
+                        "ublk-mirror: recorded a clean stop at seq {}",
+                        clean.durable.0
+                    );
+                    Ok(())
+                });
             let _ = runtime.block_on(repl.shutdown());
             let _ = runtime.block_on(repl_task);
             drained
@@ -277,7 +298,7 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         Err(e) => eprintln!("ublk-mirror: {e}"),
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
-    drop(volume);
+    drop(local);
     run?;
     deleted?;
     if let Err(e) = drained {
@@ -288,15 +309,18 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
 /// After the device stopped, everything the host wrote is in the log: gives the target a bounded
 /// time to get it all.
-async fn drain(repl: &Handle, limit: Duration) -> anyhow::Result<()> {
+async fn drain(repl: &Handle, limit: Duration) -> anyhow::Result<MetaRecord> {
     eprintln!("ublk-mirror: device stopped; waiting for the target to catch up");
     let drained = repl.drain(limit).await;
     match &drained {
-        Ok(last) => eprintln!(
+        Ok(clean) => eprintln!(
             "ublk-mirror: target holds everything through seq {}",
-            last.0
+            clean.durable.0
         ),
-        Err(e) => eprintln!("ublk-mirror: warning: unreplicated writes are lost: {e}"),
+        Err(e) => eprintln!(
+            "ublk-mirror: warning: unreplicated writes are lost: {e}; the next start refuses \
+             this volume until it is resynced"
+        ),
     }
-    drained.map(drop).map_err(anyhow::Error::from)
+    drained.map_err(anyhow::Error::from)
 }

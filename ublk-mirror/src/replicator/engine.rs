@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mirror_core::meta::MetaRecord;
 use mirror_core::node::{
     CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, Submitted, WaitError,
 };
@@ -37,6 +38,8 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 const READ_BUFFER_BYTES: usize = 64 << 10;
 /// The link's token for the one parked submission (there is never more than one).
 const PARKED: u64 = 0;
+/// "Never" for the engine's timer: ten years after its start.
+const FAR_SECS: u64 = 10 * 365 * 86_400;
 /// The one peer a primary mirrors to today.
 pub(super) const PEER: PeerId = PeerId(0);
 
@@ -71,7 +74,7 @@ pub(super) struct Engine {
     replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
     replicated_waiter_count: usize,
     /// The caller of the drain under way.
-    drainer: Option<Reply<Seq>>,
+    drainer: Option<Reply<MetaRecord>>,
     /// Shared with the handles: see [`super::Handle::acks_on_enqueue`].
     fast_ack: Arc<AtomicBool>,
     /// The next frame for the writer, taken from the link but not yet queued.
@@ -117,6 +120,10 @@ impl Engine {
         mut submit_rx: mpsc::Receiver<SubmitReq>,
         mut ctl_rx: mpsc::Receiver<Ctl>,
     ) {
+        // One timer entry for the task's life, moved only when the link's next timeout moves (a
+        // new sleep per loop registered and dropped a timer entry for every frame and submission).
+        let sleep = tokio::time::sleep_until(self.next_wake());
+        tokio::pin!(sleep);
         loop {
             self.pump();
             let writer = match (&self.conn, &self.staged) {
@@ -125,6 +132,9 @@ impl Engine {
             };
             let take_submit = !self.link().is_parked();
             let wake = self.next_wake();
+            if sleep.deadline() != wake {
+                sleep.as_mut().reset(wake);
+            }
             tokio::select! {
                 biased;
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
@@ -146,7 +156,7 @@ impl Engine {
                     Some(req) => self.on_submit(req),
                     None => break,
                 },
-                () = tokio::time::sleep_until(wake) => self.on_timer(),
+                () = &mut sleep => self.on_timer(),
             }
         }
         self.stop(&ReplError::Shutdown);
@@ -194,11 +204,13 @@ impl Engine {
                     self.publish();
                 }
                 PeerEvent::Drained(result) => {
+                    let result = match result {
+                        Ok(seq) => Ok(self.node.record(seq, true)),
+                        Err(DrainError::Stopped(e)) => Err(ReplError::Fatal(e)),
+                        Err(e @ DrainError::TimedOut { .. }) => Err(ReplError::NotDrained(e)),
+                    };
                     if let Some(reply) = self.drainer.take() {
-                        let _ = reply.send(result.map_err(|e| match e {
-                            DrainError::Stopped(e) => ReplError::Fatal(e),
-                            e @ DrainError::TimedOut { .. } => ReplError::NotDrained(e),
-                        }));
+                        let _ = reply.send(result);
                     }
                 }
             }
@@ -230,7 +242,8 @@ impl Engine {
     }
 
     fn next_wake(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
+        // Fixed, so that "no timeout" does not move the timer on every loop.
+        let far = self.epoch + Duration::from_secs(FAR_SECS);
         match self.link().poll_timeout() {
             Some(ns) => (self.epoch + Duration::from_nanos(ns)).min(far),
             None => far,

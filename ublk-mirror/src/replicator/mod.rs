@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mirror_core::log::MemLog;
 use mirror_core::meta::{MetaRecord, Role};
 use mirror_core::node::{DrainError, Node, PeerLink, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
@@ -49,6 +50,13 @@ pub struct ReplicatorConfig {
     pub peer: String,
     /// The engine's configuration (volume identity, secret, mode, log bounds).
     pub source: SourceConfig,
+    /// The peer holds every operation through this seq (what [`recover_primary`] restored): the
+    /// sequence continues after it.
+    ///
+    /// [`recover_primary`]: mirror_core::node::recover_primary
+    pub confirmed: Seq,
+    /// The node's metadata record as it runs; a clean drain returns it marked clean.
+    pub meta: MetaRecord,
     /// Bound on one connection attempt.
     pub connect_timeout: Duration,
     /// Replication stops for good unless a handshake completes within this of the start
@@ -72,9 +80,16 @@ impl ReplicatorConfig {
     /// A configuration with default timeouts and bounds.
     #[must_use]
     pub fn new(peer: impl Into<String>, source: SourceConfig) -> ReplicatorConfig {
+        let meta = MetaRecord {
+            node_id: source.node_id,
+            role: Role::Primary,
+            ..MetaRecord::new(source.volume_id, source.volume_bytes)
+        };
         ReplicatorConfig {
             peer: peer.into(),
             source,
+            confirmed: Seq::NONE,
+            meta,
             connect_timeout: Duration::from_secs(3),
             connect_deadline: None,
             backoff_min: Duration::from_millis(50),
@@ -95,6 +110,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("volume_id", &self.source.volume_id)
             .field("mode", &self.source.mode)
             .field("volume_bytes", &self.source.volume_bytes)
+            .field("confirmed", &self.confirmed)
             .field("block_bytes", &self.source.block_bytes)
             .field("connect_timeout", &self.connect_timeout)
             .field("connect_deadline", &self.connect_deadline)
@@ -187,7 +203,7 @@ enum Ctl {
     Status(oneshot::Sender<ReplicatorStatus>),
     SetMode(Mode, oneshot::Sender<()>),
     WaitReplicated(Seq, Reply<()>),
-    Drain(Duration, Reply<Seq>),
+    Drain(Duration, Reply<MetaRecord>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -347,10 +363,11 @@ impl Handle {
         self.conn_rx.borrow().last_error.clone()
     }
 
-    /// The host is done: resolves with the last seq once the target holds every operation
-    /// submitted so far durably, or fails when `limit` passed first
-    /// ([`ReplError::NotDrained`]) or replication stopped.
-    pub async fn drain(&self, limit: Duration) -> Result<Seq, ReplError> {
+    /// The host is done: once the target holds every operation submitted so far durably,
+    /// resolves with the node's record of that clean stop (its `durable` the last seq) for the
+    /// caller to store; fails when `limit` passed first ([`ReplError::NotDrained`]) or
+    /// replication stopped.
+    pub async fn drain(&self, limit: Duration) -> Result<MetaRecord, ReplError> {
         self.ask(|tx| Ctl::Drain(limit, tx)).await?
     }
 
@@ -380,17 +397,13 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         last_error: None,
     });
     let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
-    let mut link = PeerLink::new(Source::new(cfg.source.clone()), session);
+    let source = Source::with_log(cfg.source.clone(), MemLog::new(), cfg.confirmed);
+    let mut link = PeerLink::new(source, session);
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
     }
     let fast_ack = Arc::new(AtomicBool::new(link.acks_on_submit()));
-    // Defined for the primary; persisted from issue 14 on.
-    let meta = MetaRecord {
-        node_id: cfg.source.node_id,
-        ..MetaRecord::new(cfg.source.volume_id, cfg.source.volume_bytes)
-    };
-    let node = Node::primary(meta, engine::PEER, link);
+    let node = Node::primary(cfg.meta, engine::PEER, link);
     let engine = engine::Engine::new(cfg, node, Arc::clone(&fast_ack), conn_tx);
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
     (

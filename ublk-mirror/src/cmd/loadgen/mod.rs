@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use mirror_core::source::{LockStyle, Mode, SourceConfig};
+use mirror_core::meta::MetaRecord;
+use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
 use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
 use nix::errno::Errno;
@@ -35,8 +36,8 @@ use tokio::time::Instant;
 use ublk_mirror::admin::config::read_secret;
 use ublk_mirror::device::gate::RangeGate;
 use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
-use ublk_mirror::replicator::{self, ReplicatorConfig};
-use ublk_mirror::volume::open_volume;
+use ublk_mirror::replicator::{self, ReplError, ReplicatorConfig};
+use ublk_mirror::volume::{open_volume, LocalVolume};
 
 use plan::{Placer, Plan};
 use stats::{print_summary, Latencies, Summary};
@@ -128,7 +129,7 @@ type AckLog = Arc<Mutex<File>>;
 pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let plan = Plan::new(&args)?;
     let secret = read_secret(&args.secret_file)?;
-    let volume = open_volume(&args.volume, args.block_bytes, Some(args.volume_bytes))?.file;
+    let volume = open_volume(&args.volume, args.block_bytes, Some(args.volume_bytes))?;
     let ack_log = match &args.ack_log {
         Some(path) => Some(Arc::new(Mutex::new(
             OpenOptions::new()
@@ -170,14 +171,51 @@ async fn drive(
     args: &LoadgenArgs,
     plan: &Plan,
     source: SourceConfig,
-    volume: File,
+    volume: LocalVolume,
     ack_log: Option<AckLog>,
 ) -> anyhow::Result<Summary> {
-    let (handle, task) = replicator::spawn(ReplicatorConfig::new(args.peer.clone(), source));
-    let result = workload(args, plan, &handle, &volume, ack_log).await;
+    // The daemon's rules: what a restart trusts, and a clean stop recorded once the target holds
+    // everything.
+    let (restored, running) =
+        volume.restore_primary(&args.volume, args.volume_id, NodeId(args.node_id))?;
+    let cfg = ReplicatorConfig {
+        connect_deadline: Some(Duration::from_secs(args.connect_timeout_secs)),
+        confirmed: restored.confirmed,
+        meta: running,
+        ..ReplicatorConfig::new(args.peer.clone(), source)
+    };
+    let (handle, task) = replicator::spawn(cfg);
+    let result = async {
+        connect(args, &handle).await?;
+        // From here on the volume is written: a crash is never taken for a clean stop.
+        volume.store(&args.volume, &running)?;
+        workload(args, plan, &handle, &volume.file, ack_log).await
+    }
+    .await;
     let _ = handle.shutdown().await;
     let _ = task.await;
-    result
+    let (summary, clean) = result?;
+    if let Some(clean) = clean {
+        volume.store(&args.volume, &clean)?;
+    }
+    Ok(summary)
+}
+
+/// Waits for the first handshake (the replicator's connect deadline bounds it).
+async fn connect(args: &LoadgenArgs, handle: &replicator::Handle) -> anyhow::Result<()> {
+    match handle.wait_connected().await {
+        Ok(()) => Ok(()),
+        Err(ReplError::Fatal(SourceError::Unreachable { secs })) => {
+            let why = handle
+                .last_error()
+                .unwrap_or_else(|| "no answer".to_string());
+            bail!(
+                "cannot reach the target at {} within {secs} s: {why}",
+                args.peer
+            );
+        }
+        Err(e) => Err(e).context(format!("target {}", args.peer)),
+    }
 }
 
 async fn workload(
@@ -186,23 +224,7 @@ async fn workload(
     handle: &replicator::Handle,
     volume: &File,
     ack_log: Option<AckLog>,
-) -> anyhow::Result<Summary> {
-    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
-    match tokio::time::timeout(connect_timeout, handle.wait_connected()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e).context(format!("target {}", args.peer)),
-        Err(_) => {
-            let why = handle
-                .last_error()
-                .unwrap_or_else(|| "no answer".to_string());
-            bail!(
-                "cannot reach the target at {} within {} s: {why}",
-                args.peer,
-                args.connect_timeout_secs
-            );
-        }
-    }
-
+) -> anyhow::Result<(Summary, Option<MetaRecord>)> {
     let mut rng = fastrand::Rng::with_seed(plan.seed);
     let mut placer = Placer::new(plan, args.distinct, &mut rng);
     let latencies = Arc::new(Mutex::new(Latencies::new()));
@@ -281,27 +303,27 @@ async fn workload(
     let status = handle.status().await.context("replication")?;
     let last_seq = status.source.last_local;
     let drain_start = Instant::now();
-    let replicated = if args.no_wait {
-        false
+    let clean = if args.no_wait {
+        None
     } else {
         let wait = Duration::from_secs(args.wait_timeout_secs);
-        match tokio::time::timeout(wait, handle.wait_replicated(last_seq)).await {
-            Ok(r) => r.context("waiting for the target")?,
-            Err(_) => bail!(
-                "the target did not confirm seq {last_seq} within {} s (last error: {})",
-                args.wait_timeout_secs,
+        match handle.drain(wait).await {
+            Ok(clean) => Some(clean),
+            Err(ReplError::NotDrained(e)) => bail!(
+                "{e} (last error: {})",
                 handle.last_error().unwrap_or_else(|| "none".into())
             ),
+            Err(e) => return Err(e).context("waiting for the target"),
         }
-        true
     };
+    let replicated = clean.is_some();
     let drain = drain_start.elapsed();
     let status = handle.status().await.context("replication")?;
     let elapsed_s = elapsed.as_secs_f64().max(1e-9);
     let l = latencies
         .lock()
         .map_err(|_| anyhow::anyhow!("latency lock poisoned"))?;
-    Ok(Summary {
+    let summary = Summary {
         mode: args.mode.to_string(),
         qd: plan.qd,
         seed: plan.seed,
@@ -321,7 +343,8 @@ async fn workload(
         drain_s: drain.as_secs_f64(),
         connects: status.connects,
         disconnects: status.disconnects,
-    })
+    };
+    Ok((summary, clean))
 }
 
 /// One host write by the device's path ([`host_write`]): range, enqueue, positioned write,

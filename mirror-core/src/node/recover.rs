@@ -1,0 +1,154 @@
+//! What a restarted primary trusts of its metadata record.
+//!
+//! A primary records where its peer stands: at start, "not clean" with the seq its engine
+//! continues after; at a clean stop, once the drain ended with the peer holding everything, "clean"
+//! with the last seq. Only such a record lets a restart continue the sequence: the peer holds
+//! every write through it and nothing after it exists. After any other stop (a crash, a drain
+//! that timed out) local writes may be missing on the peer and nothing records where: the
+//! restart is refused until the dirty bitmap (issue 14) says what to resync.
+
+use crate::meta::{MetaRecord, Role};
+use crate::target::VolumeFacts;
+use crate::{NodeId, Seq, VolumeId};
+
+/// What a restarted primary continues from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrimaryRestored {
+    /// The peer holds every operation through this seq durably, and no later one exists: the
+    /// engine's sequence continues after it.
+    pub confirmed: Seq,
+    /// How the primary came to it.
+    pub kind: PrimaryStart,
+}
+
+/// How a primary's start came to its [`PrimaryRestored`] state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryStart {
+    /// A volume just created, or one without a record: the sequence starts at 1. Its data is
+    /// not known to be on the peer (the initial sync is issue 14's).
+    First,
+    /// The record of a clean stop.
+    Resumed,
+}
+
+/// Why a primary must not start on this volume and record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrimaryRecoverError {
+    /// The last run did not stop cleanly.
+    #[error(
+        "the last run did not stop cleanly (a crash, or a stop before the target held every \
+         write): writes after seq {durable} may be missing on the target and nothing records \
+         which; this release cannot resync them (the dirty bitmap is coming): rebuild the target \
+         from this volume"
+    )]
+    Unclean {
+        /// What the peer was known to hold.
+        durable: Seq,
+    },
+    /// Metadata exists for a volume that was just created: it describes an earlier volume.
+    #[error("the volume was just created but metadata of an earlier volume exists")]
+    MetaOfEarlierVolume,
+    /// The metadata names another volume.
+    #[error("its metadata belongs to volume {found}, not {expected}")]
+    OtherVolume {
+        /// The id in the metadata.
+        found: VolumeId,
+        /// The configured id.
+        expected: VolumeId,
+    },
+    /// The volume's size changed since the metadata was written.
+    #[error("its metadata records a volume of {recorded} bytes, the volume has {actual}")]
+    Size {
+        /// The size in the metadata.
+        recorded: u64,
+        /// The size now.
+        actual: u64,
+    },
+    /// The metadata is a secondary's: roles change with issue 16's verbs, not by a restart.
+    #[error("its metadata was written by a secondary (node {}): it holds a copy, not the primary's data", .0.0)]
+    Secondary(NodeId),
+}
+
+/// Deliberate bugs of [`recover_primary_with`] for tests that prove the simulator's checkers
+/// bite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrimaryRecoverySabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Trust the record of an unclean stop as if the stop had been clean.
+    TrustUnclean,
+}
+
+/// What a restarted primary trusts: nothing but the record of a clean stop of this volume (see
+/// the module docs).
+pub fn recover_primary(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+) -> Result<PrimaryRestored, PrimaryRecoverError> {
+    recover_primary_with(record, facts, PrimaryRecoverySabotage::None)
+}
+
+/// [`recover_primary`], broken on purpose when `sabotage` says so (tests only).
+pub fn recover_primary_with(
+    record: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+    sabotage: PrimaryRecoverySabotage,
+) -> Result<PrimaryRestored, PrimaryRecoverError> {
+    let Some(record) = record else {
+        return Ok(PrimaryRestored {
+            confirmed: Seq::NONE,
+            kind: PrimaryStart::First,
+        });
+    };
+    if facts.created {
+        return Err(PrimaryRecoverError::MetaOfEarlierVolume);
+    }
+    if record.volume_id != facts.volume_id {
+        return Err(PrimaryRecoverError::OtherVolume {
+            found: record.volume_id,
+            expected: facts.volume_id,
+        });
+    }
+    if record.volume_bytes != facts.volume_bytes {
+        return Err(PrimaryRecoverError::Size {
+            recorded: record.volume_bytes,
+            actual: facts.volume_bytes,
+        });
+    }
+    if record.role == Role::Secondary {
+        return Err(PrimaryRecoverError::Secondary(record.node_id));
+    }
+    if !record.clean && sabotage != PrimaryRecoverySabotage::TrustUnclean {
+        return Err(PrimaryRecoverError::Unclean {
+            durable: record.durable,
+        });
+    }
+    Ok(PrimaryRestored {
+        confirmed: record.durable,
+        kind: PrimaryStart::Resumed,
+    })
+}
+
+/// The record a primary keeps while it runs: the loaded one (its generation and bitmap location
+/// kept) or a new one, this node's, not clean until a clean stop says otherwise.
+#[must_use]
+pub fn running_primary_record(
+    loaded: Option<&MetaRecord>,
+    facts: &VolumeFacts,
+    node_id: NodeId,
+    restored: PrimaryRestored,
+) -> MetaRecord {
+    let base = loaded.map_or_else(
+        || MetaRecord::new(facts.volume_id, facts.volume_bytes),
+        |r| *r,
+    );
+    MetaRecord {
+        node_id,
+        role: Role::Primary,
+        durable: restored.confirmed,
+        clean: false,
+        ..base
+    }
+}
