@@ -127,11 +127,11 @@ stop_daemon() {
     "$UM" stop --name "$1" >"$OUT/stop-$1.out" 2>&1 || { echo "stop failed: $(cat "$OUT/stop-$1.out")"; return 1; }
 }
 
-# same_volumes TAG: the source volume and the target's data area byte-identical (the target file
-# is larger by its metadata area)
+# same_volumes TAG: the source's and the target's data areas ($SIZE bytes) byte-identical (each
+# file is followed by its own metadata area)
 same_volumes() {
     local out
-    out=$(cmp -n "$(stat -c %s "$W/$1-src.img")" "$W/$1-src.img" "$W/$1-tgt.img" 2>&1) && return 0
+    out=$(cmp -n "$SIZE" "$W/$1-src.img" "$W/$1-tgt.img" 2>&1) && return 0
     echo "volumes differ: $out"
     return 1
 }
@@ -285,7 +285,7 @@ case_overlap() {
     echo "$st" >"$OUT/status-overlap.json"
     stop_daemon m-overlap || { fail overlap "daemon stop failed"; cleanup_all; return; }
     stop_target
-    why=$(same_volumes "$tag") || { fail overlap "$why ($(cmp -l -n "$(stat -c %s "$W/$tag-src.img")" "$W/$tag-src.img" "$W/$tag-tgt.img" | wc -l) bytes differ)"; return; }
+    why=$(same_volumes "$tag") || { fail overlap "$why ($(cmp -l -n "$SIZE" "$W/$tag-src.img" "$W/$tag-tgt.img" | wc -l) bytes differ)"; return; }
     pass overlap
     echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-overlap.txt" | sed 's/^ *//'); $(jq -c .seq <<<"$st"); volumes identical"
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
@@ -415,6 +415,8 @@ case_perf() {
 case_blockdev512() {
     local tag=bd512 why loopdev
     new_volumes "$tag"
+    # A block device holds its metadata area behind the data: --create-size says where it starts.
+    truncate -s $((SIZE + (1 << 20))) "$W/$tag-src.img"
     loopdev=$(losetup --find --show "$W/$tag-src.img") || { fail blockdev512 "losetup failed"; return; }
     PORT=$((PORT + 1))
     TPORT=$PORT
@@ -422,8 +424,8 @@ case_blockdev512() {
         --volume-id "$VID" --secret-file "$W/secret" >"$OUT/target-$tag.log" 2>&1 &
     TPID=$!
     for _ in $(seq 100); do grep -q "listening on" "$OUT/target-$tag.log" && break; sleep 0.1; done
-    if ! "$UM" start --name m-bd512 --volume "$loopdev" --peer "127.0.0.1:$TPORT" --volume-id "$VID" \
-        --secret-file "$W/secret" --mode received --block-bytes 512 --queues 1 \
+    if ! "$UM" start --name m-bd512 --volume "$loopdev" --create-size "$SIZE" --peer "127.0.0.1:$TPORT" \
+        --volume-id "$VID" --secret-file "$W/secret" --mode received --block-bytes 512 --queues 1 \
         --log-file "$OUT/daemon-m-bd512.log" >"$OUT/start-m-bd512.out" 2>&1; then
         fail blockdev512 "start failed: $(cat "$OUT/start-m-bd512.out")"
         stop_target; losetup -d "$loopdev"; return
@@ -504,6 +506,44 @@ case_target_blockdev() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 
+# case_restart (issue 14, failure 1): a primary stopped cleanly restarts on the same volume and
+# target and continues the sequence, a mounted filesystem's files intact; after kill -9 of the
+# daemon its restart is refused with one line (until the dirty bitmap can say what to resync).
+case_restart() {
+    local tag=restart why st seq1 seq2
+    new_volumes "$tag"
+    start_target "$tag" || { fail restart "target did not start"; return; }
+    start_daemon m-rs "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail restart "$why"; stop_target; return; }
+    mkfs.ext4 -q -F "$DEV" >"$OUT/mkfs-restart.out" 2>&1 || { fail restart "mkfs failed"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail restart "mount failed"; cleanup_all; return; }
+    write_files "$MNT" 30 || { fail restart "writing files failed"; cleanup_all; return; }
+    rm -rf "$W/ref-restart" && cp -a "$MNT" "$W/ref-restart"
+    umount "$MNT"
+    seq1=$("$UM" status --name m-rs --json | jq -r .seq.last_local)
+    stop_daemon m-rs || { fail restart "stop failed"; cleanup_all; return; }
+    grep -q "recorded a clean stop at seq $seq1" "$OUT/daemon-m-rs.log" \
+        || { fail restart "no clean stop at seq $seq1 in the daemon's log"; cleanup_all; return; }
+    start_daemon m-rs "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail restart "restart refused: $why"; stop_target; return; }
+    grep -q "resuming after a clean stop" "$OUT/daemon-m-rs.log" \
+        || { fail restart "the restart did not resume"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail restart "mount after the restart failed"; cleanup_all; return; }
+    why=$(diff -r "$W/ref-restart" "$MNT" 2>&1 | head -n 3)
+    [ -z "$why" ] || { fail restart "files changed across the restart: $why"; cleanup_all; return; }
+    dd if=/dev/urandom of="$MNT/more" bs=1M count=4 status=none && sync
+    umount "$MNT"
+    seq2=$("$UM" status --name m-rs --json | jq -r .seq.last_local)
+    [ "$seq2" -gt "$seq1" ] || { fail restart "the sequence did not continue: $seq1 then $seq2"; cleanup_all; return; }
+    kill -9 "$DPID"
+    for _ in $(seq 50); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+    "$UM" delete --name m-rs >/dev/null 2>&1
+    expect_error restart-after-kill9 "did not stop cleanly" "$UM" start --name m-rs --volume "$W/$tag-src.img" \
+        --peer "127.0.0.1:$TPORT" --volume-id "$VID" --secret-file "$W/secret" --log-file "$OUT/daemon-m-rs2.log"
+    stop_target
+    pass restart
+    echo "    clean stop at seq $seq1, resumed through seq $seq2"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-restart"
+}
+
 # case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
 # status says so, mirror requests are refused with one clear line.
 case_passthrough() {
@@ -536,7 +576,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -552,6 +592,7 @@ for c in "${cases[@]}"; do
         blockdev512) case_blockdev512 ;;
         target-blockdev) case_target_blockdev ;;
         passthrough) case_passthrough ;;
+        restart) case_restart ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac

@@ -142,7 +142,8 @@ impl LocalVolume {
     /// What a primary restarts from, as mirror-core decides ([`recover_primary`]), and the
     /// record it keeps while it runs. The caller stores that record ([`LocalVolume::store`])
     /// before the host may write: not clean, so that a crash from then on is never taken for a
-    /// clean stop (a start that fails before leaves the volume's record as it was).
+    /// clean stop (a start that fails before leaves the volume's record as it was; a volume
+    /// without one gets the record of a clean stop at seq 0 at once).
     pub fn restore_primary(
         &self,
         path: &Path,
@@ -160,6 +161,18 @@ impl LocalVolume {
                 why,
             })?;
         let running = running_primary_record(self.record.as_ref(), &facts, node_id, restored);
+        if self.record.is_none() {
+            // A file just grown by the metadata area must hold a record before anything else can
+            // happen: without one, the next open would take the grown file whole as its data.
+            // Nothing was written under the mirror yet, so "clean through seq 0" is the truth.
+            self.store(
+                path,
+                &MetaRecord {
+                    clean: true,
+                    ..running
+                },
+            )?;
+        }
         Ok((restored, running))
     }
 
@@ -210,7 +223,7 @@ mod tests {
     use super::*;
     use mirror_core::meta::meta_area_bytes;
     use mirror_core::storage::MetaStore;
-    use mirror_core::VolumeId;
+    use mirror_core::{NodeId, VolumeId};
 
     #[test]
     fn a_file_keeps_its_whole_blocks_as_data_and_is_held_exclusively() {
@@ -241,6 +254,27 @@ mod tests {
         let v = open_volume(&path, 4096, None).unwrap();
         assert_eq!(v.bytes, 4096 * 3);
         assert_eq!(v.record.map(|r| r.volume_bytes), Some(4096 * 3));
+    }
+
+    /// A start that fails after the file grew (the peer unreachable) leaves a record behind, so
+    /// the next start does not take the grown file whole as its data.
+    #[test]
+    fn a_grown_file_keeps_its_data_size_across_a_failed_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let v = open_volume(&path, 4096, None).unwrap();
+        let (restored, _) = v
+            .restore_primary(&path, VolumeId([1; 16]), NodeId(1))
+            .unwrap();
+        assert_eq!(restored.confirmed, mirror_core::Seq::NONE);
+        drop(v);
+        let v = open_volume(&path, 4096, None).unwrap();
+        assert_eq!(v.bytes, 1 << 20);
+        let (again, _) = v
+            .restore_primary(&path, VolumeId([1; 16]), NodeId(1))
+            .unwrap();
+        assert_eq!(again.confirmed, mirror_core::Seq::NONE);
     }
 
     #[test]
