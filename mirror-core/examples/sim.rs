@@ -143,7 +143,7 @@ impl std::fmt::Display for Totals {
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
              acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
-             target {})",
+             target {}); clean source stop {} (resumed from its record {})",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -166,6 +166,8 @@ impl std::fmt::Display for Totals {
             self.0.acked_durable_kept,
             self.0.acked_writes_lost,
             self.0.rebases_on_inconsistent,
+            self.0.clean_source_stops,
+            self.0.source_resumes,
         )
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
-use mirror_core::node::PeerSabotage;
+use mirror_core::node::{PeerSabotage, PrimaryRecoverySabotage};
 use mirror_core::session::SessionSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport, SourceCrashSabotage};
 use mirror_core::source::SourceSabotage;
@@ -111,6 +111,11 @@ fn many_seeds_hold_every_invariant() {
                 "re-base on a target inconsistent after an unclean restart",
                 totals.rebases_on_inconsistent,
             ),
+            ("clean stop of the source", totals.clean_source_stops),
+            (
+                "restart that resumed from the record of a clean stop",
+                totals.source_resumes,
+            ),
         ];
         for (what, n) in exercised {
             assert!(
@@ -176,6 +181,18 @@ fn draining_early_is_caught_by_the_acknowledged_durable_check() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::AckedDurable]);
+}
+
+/// The primary's recovery rule (the one the daemon and loadgen run) resuming from the record of an
+/// unclean stop: the new sequence starts where the record of the last start says, reusing seqs
+/// the host's later writes already had (and that the target may hold).
+#[test]
+fn resuming_after_an_unclean_stop_is_caught_by_the_protocol_check() {
+    let opts = SimOptions {
+        primary_recovery_sabotage: PrimaryRecoverySabotage::TrustUnclean,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::Protocol]);
 }
 
 /// Runs seeds `1..=seeds` with a sabotaged engine and returns the first violation.

@@ -122,7 +122,7 @@ impl Sim<'_> {
 
     /// (c) nothing leaves the rollback log before the target made it durable.
     pub(super) fn check_log(&self) -> Step<()> {
-        if self.source_life != SourceLife::Up {
+        if !self.source_life.alive() {
             // The log died with the process.
             return Ok(());
         }

@@ -5,7 +5,8 @@
 //! lock style, conflict policy, log bounds, link latency and bandwidth, fault rates), the host
 //! workload (writes, discards, write-zeroes and flushes of mixed sizes over a hot region), and the
 //! faults (disconnects, corrupted bytes, local lock holders on the target, mode switches, target
-//! crashes that lose all or part of the volatile data, source process crashes). Source crashes draw
+//! crashes that lose all or part of the volatile data, source process crashes and clean stops,
+//! and with [`SimOptions::replace_target_volume`] a target disk replaced). Source crashes draw
 //! from a [`fastrand::Rng`] stream of their own, everything else from one other. Time is a
 //! tick counter; events sit in a queue ordered by (time, insertion counter), so a seed replays
 //! exactly. Frames cross the link as encoded bytes, so the codec is exercised too.
@@ -23,9 +24,11 @@
 //!   (or corrupted handshake payloads) must cause, and corruption is always detected;
 //! - **local-lock**: a local lock holder never sees its region change;
 //! - **survives-source-crash**: a source crash loses its engine, rollback log, session and pending
-//!   completions, not its volume; once restarted it is re-based on the target's durable image (an
-//!   operator's full resync from the target, the placeholder until issue 14 gives the source
-//!   persistent state). Every operation completed before the crash with the promise "durable on
+//!   completions, not its volume or its metadata record. Restarted, it runs the daemon's recovery
+//!   rule on its record ([`crate::node::recover_primary`]): after a clean stop (the operator's
+//!   `stop`: the device stops, the link drains, the record says clean) it continues the sequence;
+//!   after a crash it is re-based on the target's durable image (an operator's full resync from
+//!   the target, the placeholder until issue 14's dirty bitmap). Every operation completed before the crash with the promise "durable on
 //!   the target" must be in that image; writes completed with a weaker promise that it lacks are
 //!   counted in [`SimReport::acked_writes_lost`];
 //! - **quiescence** / **no-progress**: once the workload ends and faults stop, the run reaches a
@@ -34,7 +37,7 @@
 //!
 //! The code is split by concern: `world` (event queue, run loop, pump), `link` (connections,
 //! frames in flight, corruption), `storage` (the target's volume, metadata, group commit and
-//! crashes), `source` (the source process: its crash, restart and re-base), `workload` (host
+//! crashes), `source` (the source process: its crash, clean stop, restart and re-base), `workload` (host
 //! operations and local lock holders), `check` (the checkers), `config` and `report`.
 //!
 //! [`run`] returns a [`SimReport`] with counters of what happened, or the first [`Violation`],
@@ -48,6 +51,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::commit::CommitSabotage;
 use crate::node::PeerSabotage;
+use crate::node::PrimaryRecoverySabotage;
 use crate::session::SessionSabotage;
 use crate::source::SourceSabotage;
 use crate::target::{RecoverySabotage, TargetSabotage};
@@ -90,6 +94,8 @@ pub struct SimOptions {
     pub peer_sabotage: PeerSabotage,
     /// Deliberate bug of the simulated source process at a crash (tests only).
     pub source_crash_sabotage: SourceCrashSabotage,
+    /// Deliberate bug of the primary's recovery rule at a restart (tests only).
+    pub primary_recovery_sabotage: PrimaryRecoverySabotage,
     /// One target crash in the run (each with even odds, while the source runs) puts a volume
     /// of unknown content without metadata under the target. The target must stay inconsistent;
     /// if the source had writes durable on it, replication stops for good (until issue 14's full
@@ -125,6 +131,7 @@ impl Default for SimOptions {
             session_sabotage: SessionSabotage::None,
             peer_sabotage: PeerSabotage::None,
             source_crash_sabotage: SourceCrashSabotage::None,
+            primary_recovery_sabotage: PrimaryRecoverySabotage::None,
             replace_target_volume: false,
         }
     }

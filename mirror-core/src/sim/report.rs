@@ -92,6 +92,10 @@ pub struct SimReport {
     /// Not a violation until the source keeps persistent state (issue 14): today's re-base
     /// discards the local writes the target lacks.
     pub acked_writes_lost: u64,
+    /// Clean stops of the source (the operator's `stop`: drained, recorded clean).
+    pub clean_source_stops: u64,
+    /// Restarts that continued the sequence from the record of a clean stop.
+    pub source_resumes: u64,
     /// Target volumes replaced by one of unknown content (`replace_target_volume`).
     pub replaced_volumes: u64,
     /// Replication stopped for good, as it must for a target that lost what it had made durable.
@@ -133,6 +137,8 @@ impl SimReport {
         self.completed_lock_then_write += r.completed_lock_then_write;
         self.log_full_waits += r.log_full_waits;
         self.replaced_volumes += r.replaced_volumes;
+        self.clean_source_stops += r.clean_source_stops;
+        self.source_resumes += r.source_resumes;
         self.fatal_stops += r.fatal_stops;
         self.commit_full_waits += r.commit_full_waits;
         self.inconsistent_steps += r.inconsistent_steps;

@@ -3,11 +3,16 @@
 //! re-base that stands in for a restarted source's recovery until the source keeps persistent
 //! state (issue 14).
 
-use crate::node::PeerLink;
+use crate::meta::MetaRecord;
+use crate::node::{
+    recover_primary_with, running_primary_record, PeerLink, PrimaryRecoverError,
+    PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
+};
 use crate::session::{SessionConfig, SourceSession};
 use crate::source::{Source, SourceConfig};
+use crate::target::{TargetConfig, VolumeFacts};
 use crate::wire::Op;
-use crate::Seq;
+use crate::{NodeId, Seq};
 
 use super::workload::Needs;
 use super::world::{Drain, Event, Sim, Step, TICK_NS};
@@ -18,10 +23,20 @@ use super::{SimConfig, SimOptions, SourceCrashSabotage};
 pub(super) enum SourceLife {
     /// Running: the host's operations go to its engine.
     Up,
+    /// The operator stops it cleanly: no new host operations; once those in flight are done the
+    /// link drains, and a drained link records a clean stop.
+    Stopping,
     /// Dead until its restart event.
     Down,
     /// Restarted, waiting for the target to be idle so that the operator can re-base it.
     AwaitingResync,
+}
+
+impl SourceLife {
+    /// Whether the process runs (its engine and log exist).
+    pub(super) fn alive(self) -> bool {
+        matches!(self, SourceLife::Up | SourceLife::Stopping)
+    }
 }
 
 impl Sim<'_> {
@@ -75,6 +90,99 @@ impl Sim<'_> {
         );
     }
 
+    /// The operator's `stop`: the device stops taking host operations, the link drains
+    /// ([`Sim::begin_drain`]), and [`Sim::finish_stop`] records the clean stop.
+    pub(super) fn source_stop(&mut self) {
+        self.source_life = SourceLife::Stopping;
+        self.stop_draining = false;
+    }
+
+    /// The stop's drain is over: the peer holds everything through `through`. The record of a
+    /// clean stop goes to "disk" (through its bytes), the process exits, and it restarts later.
+    pub(super) fn finish_stop(&mut self, through: Seq) {
+        self.report.clean_source_stops += 1;
+        let clean = MetaRecord {
+            durable: through,
+            clean: true,
+            ..self.primary_meta
+        };
+        self.store_primary(clean);
+        if self.link_up {
+            self.cut_link();
+        }
+        self.source_life = SourceLife::Down;
+        self.source_run += 1;
+        let delay = self
+            .crash_rng
+            .u64(1..=self.cfg.source_restart_ticks_max.max(1));
+        self.schedule(
+            self.now + delay,
+            Event::SourceRestart {
+                source_run: self.source_run,
+            },
+        );
+    }
+
+    /// The primary's record as the daemon writes it: through its bytes.
+    pub(super) fn store_primary(&mut self, record: MetaRecord) {
+        self.primary_writes += 1;
+        let (record, _) = MetaRecord::decode_file(&record.encode_file(self.primary_writes))
+            .unwrap_or_else(|e| panic!("the primary's record does not read back: {e}"));
+        self.primary_meta = record;
+    }
+
+    /// The restarted process runs the daemon's recovery rule on its record: after a clean stop
+    /// it continues the sequence; otherwise it waits for the operator's re-base.
+    pub(super) fn source_restart(&mut self) {
+        let facts = VolumeFacts {
+            volume_id: self.target_cfg.volume_id,
+            volume_bytes: self.target_cfg.volume_bytes,
+            created: false,
+        };
+        match recover_primary_with(
+            Some(&self.primary_meta),
+            &facts,
+            self.opts.primary_recovery_sabotage,
+        ) {
+            Ok(restored) => {
+                self.report.source_resumes += 1;
+                self.resume_source(restored.confirmed);
+            }
+            Err(PrimaryRecoverError::Unclean { .. }) => {
+                self.source_life = SourceLife::AwaitingResync;
+            }
+            Err(e) => panic!("the primary refused its own record: {e}"),
+        }
+    }
+
+    /// A new engine whose operations through `confirmed` are on the target, with its running
+    /// record stored, connecting.
+    fn resume_source(&mut self, confirmed: Seq) {
+        let facts = VolumeFacts {
+            volume_id: self.target_cfg.volume_id,
+            volume_bytes: self.target_cfg.volume_bytes,
+            created: false,
+        };
+        let restored = PrimaryRestored {
+            confirmed,
+            kind: PrimaryStart::Resumed,
+        };
+        let running = running_primary_record(Some(&self.primary_meta), &facts, NodeId(1), restored);
+        self.store_primary(running);
+        let cfg = self.link.source().config().clone();
+        self.link = new_link(
+            cfg,
+            confirmed,
+            &self.cfg,
+            self.seed,
+            self.source_run,
+            self.now * TICK_NS,
+            self.opts,
+        );
+        self.source_life = SourceLife::Up;
+        self.connect();
+    }
+
     /// The restarted source's recovery, as an operator step: a PLACEHOLDER that issue 14 replaces
     /// (metadata, a dirty bitmap and resync on the primary). Today the source keeps nothing on
     /// disk but its volume, so it cannot know which of its local writes the target lacks. The only
@@ -106,24 +214,22 @@ impl Sim<'_> {
         self.base_image = image;
         self.received_high = durable;
         self.acked.clear();
-        let cfg = self.link.source().config().clone();
-        self.link = new_link(
-            cfg,
-            durable,
-            &self.cfg,
-            self.seed,
-            self.source_run,
-            self.now * TICK_NS,
-            self.opts,
-        );
-        self.source_life = SourceLife::Up;
-        self.connect();
+        self.resume_source(durable);
         Ok(true)
     }
 
     /// Once every host operation is over, the daemon stops: its device is gone and the link
     /// drains (no limit here: the run's step bound is the limit).
     pub(super) fn begin_drain(&mut self) -> bool {
+        if self.source_life == SourceLife::Stopping {
+            // The device stopped: once its requests are done, the link drains.
+            if self.stop_draining || !self.in_flight.is_empty() || self.link.is_parked() {
+                return false;
+            }
+            self.stop_draining = true;
+            self.link.begin_drain(self.now * TICK_NS, u64::MAX / 4);
+            return true;
+        }
         if self.drain != Drain::NotBegun
             || self.stopped
             || self.source_life != SourceLife::Up
@@ -152,6 +258,18 @@ impl Sim<'_> {
         let index = usize::try_from(seq.0).ok()?.checked_sub(1)?;
         self.ops.get(index)
     }
+}
+
+/// The primary's record at its first start, as the daemon keeps it while it runs.
+pub(super) fn first_primary_record(cfg: &TargetConfig) -> MetaRecord {
+    let facts = VolumeFacts {
+        volume_id: cfg.volume_id,
+        volume_bytes: cfg.volume_bytes,
+        created: true,
+    };
+    let restored = recover_primary_with(None, &facts, PrimaryRecoverySabotage::None)
+        .unwrap_or_else(|e| panic!("a first start was refused: {e}"));
+    running_primary_record(None, &facts, NodeId(1), restored)
 }
 
 /// The source process's link to the target, the daemon's policy: an engine whose operations

@@ -204,7 +204,7 @@ impl Sim<'_> {
 
     pub(super) fn completions(&mut self) -> Step<bool> {
         let mut progress = false;
-        if self.source_life != SourceLife::Up {
+        if !self.source_life.alive() {
             // A dead process completes nothing (it held nothing not yet polled).
             return Ok(false);
         }
@@ -248,6 +248,11 @@ impl Sim<'_> {
                                 self.persisted
                             ),
                         ));
+                    }
+                    if self.source_life == SourceLife::Stopping {
+                        self.finish_stop(through);
+                        // The process is gone: its link says nothing more.
+                        return Ok(true);
                     }
                     self.drain = Drain::Done;
                     continue;

@@ -5,8 +5,8 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::commit::{Batch, GroupCommit};
-use crate::node::Node;
-use crate::node::PeerLink;
+use crate::meta::MetaRecord;
+use crate::node::{Node, PeerLink};
 use crate::session::SessionAction;
 use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
@@ -15,7 +15,7 @@ use crate::wire::Op;
 use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
-use super::source::{new_link, SourceLife};
+use super::source::{first_primary_record, new_link, SourceLife};
 use super::storage::{new_commit, new_node};
 use super::workload::{Holder, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
@@ -113,6 +113,11 @@ pub(super) struct Sim<'a> {
     pub(super) target_cfg: TargetConfig,
     /// The target's volume was replaced by one of unknown content (and no record).
     pub(super) replaced: bool,
+    /// The primary's metadata record as last stored, and how many times it was.
+    pub(super) primary_meta: MetaRecord,
+    pub(super) primary_writes: u64,
+    /// A clean stop's drain has begun.
+    pub(super) stop_draining: bool,
     /// Where the daemon's stop (drain until the target holds everything) stands.
     pub(super) drain: Drain,
     /// What the target had durable when its volume was replaced.
@@ -254,6 +259,7 @@ impl<'a> Sim<'a> {
             config: config.clone(),
             ..SimReport::default()
         };
+        let primary_meta = first_primary_record(&target_cfg);
         Sim {
             seed,
             opts,
@@ -273,6 +279,9 @@ impl<'a> Sim<'a> {
             replaced: false,
             lost_through: Seq::NONE,
             drain: Drain::NotBegun,
+            primary_meta,
+            primary_writes: 0,
+            stop_draining: false,
             stopped: false,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
@@ -402,7 +411,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::Reconnect { conn } => {
-                if conn == self.conn && !self.link_up && self.source_life == SourceLife::Up {
+                if conn == self.conn && !self.link_up && self.source_life.alive() {
                     let due = self.link.handle_timeout(self.now * TICK_NS);
                     if due == Some(SessionAction::Connect) {
                         self.link.on_connecting();
@@ -460,14 +469,19 @@ impl<'a> Sim<'a> {
                     // The re-base that stands in for a restarted source's recovery takes the
                     // target's image: meaningless once the target's volume was replaced.
                     if self.source_life == SourceLife::Up && !self.replaced {
-                        self.source_crash();
+                        // A third of the time the operator stops it cleanly instead.
+                        if self.crash_rng.u32(0..3) == 0 {
+                            self.source_stop();
+                        } else {
+                            self.source_crash();
+                        }
                     }
                     self.schedule_source_crash();
                 }
             }
             Event::SourceRestart { source_run } => {
                 if source_run == self.source_run && self.source_life == SourceLife::Down {
-                    self.source_life = SourceLife::AwaitingResync;
+                    self.source_restart();
                 }
             }
         }
