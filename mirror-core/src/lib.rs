@@ -12,6 +12,7 @@
 //!   simulator alike.
 //! - [`meta`]: the persistent metadata record of either role (versioned, checksummed, two slots);
 //!   [`target::recover`] decides what a restarted target trusts of it.
+//! - [`genid`]: generation ids and the handshake's decision of what two nodes' ids mean.
 //! - [`storage`]: the volume seam ([`storage::Volume`], one [`storage::apply`] for every
 //!   implementation) with in-memory and fault-injecting volumes.
 //! - [`sim`]: a seeded simulation of both over a faulty link, with invariant checkers.
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod commit;
+pub mod genid;
 pub mod lock;
 pub mod log;
 pub mod meta;

@@ -238,7 +238,89 @@ fn volume_id_at(bytes: &[u8]) -> VolumeId {
     VolumeId(id)
 }
 
+/// What a driver knows of its volume at start, for the recovery rules of either role
+/// ([`crate::target::recover`], [`crate::node::recover_primary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeFacts {
+    /// The volume the node is configured for.
+    pub volume_id: VolumeId,
+    /// The volume's data size now.
+    pub volume_bytes: u64,
+    /// Whether the driver just created the volume (it held nothing before).
+    pub created: bool,
+}
+
+/// Why a record does not describe the volume it was found on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindingError {
+    /// Metadata exists for a volume that was just created: it describes an earlier volume.
+    #[error("the volume was just created but metadata of an earlier volume exists")]
+    MetaOfEarlierVolume,
+    /// The metadata names another volume.
+    #[error("it belongs to volume {found}, not {expected}")]
+    OtherVolume {
+        /// The id in the metadata.
+        found: VolumeId,
+        /// The configured id.
+        expected: VolumeId,
+    },
+    /// The volume's size changed since the metadata was written.
+    #[error("it records a volume of {recorded} bytes, the volume has {actual}")]
+    Size {
+        /// The size in the metadata.
+        recorded: u64,
+        /// The size now.
+        actual: u64,
+    },
+}
+
 impl MetaRecord {
+    /// The record a node keeps while it runs in `role` with `durable`: the one it `loaded` (its
+    /// generation and bitmap location kept) or a new one for the volume of `facts`; this node's,
+    /// and not clean until a clean stop says otherwise.
+    #[must_use]
+    pub fn running(
+        loaded: Option<&MetaRecord>,
+        facts: &VolumeFacts,
+        node_id: NodeId,
+        role: Role,
+        durable: Seq,
+    ) -> MetaRecord {
+        let base = loaded.map_or_else(
+            || MetaRecord::new(facts.volume_id, facts.volume_bytes),
+            |r| *r,
+        );
+        MetaRecord {
+            node_id,
+            role,
+            durable,
+            clean: false,
+            ..base
+        }
+    }
+
+    /// Whether this record describes the volume of `facts`: not a volume just created, the
+    /// configured volume id, the same data size. Both roles' recovery rules start here.
+    pub fn check_binding(&self, facts: &VolumeFacts) -> Result<(), BindingError> {
+        if facts.created {
+            return Err(BindingError::MetaOfEarlierVolume);
+        }
+        if self.volume_id != facts.volume_id {
+            return Err(BindingError::OtherVolume {
+                found: self.volume_id,
+                expected: facts.volume_id,
+            });
+        }
+        if self.volume_bytes != facts.volume_bytes {
+            return Err(BindingError::Size {
+                recorded: self.volume_bytes,
+                actual: facts.volume_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// A clean, consistent record of a secondary at seq 0, generation 0, without a bitmap or a
     /// metadata area.
     #[must_use]

@@ -510,7 +510,7 @@ async fn e2e_loadgen_errors_are_one_clear_line() {
         // The source volume's own record names the volume it mirrors; a fresh source of another
         // volume gets as far as the target, which refuses it.
         let run = procs::run_loadgen(&base(&peer, OTHER_VOLUME_ID, &secret), t).await?;
-        one_error_line(&run, "its metadata belongs to volume")?;
+        one_error_line(&run, "it belongs to volume")?;
         let fresh = rig.path("other.source");
         let other = replace(
             base(&peer, OTHER_VOLUME_ID, &secret),

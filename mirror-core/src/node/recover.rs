@@ -7,9 +7,8 @@
 //! that timed out) local writes may be missing on the peer and nothing records where: the
 //! restart is refused until the dirty bitmap (issue 14) says what to resync.
 
-use crate::meta::{MetaRecord, Role};
-use crate::target::VolumeFacts;
-use crate::{NodeId, Seq, VolumeId};
+use crate::meta::{BindingError, MetaRecord, Role, VolumeFacts};
+use crate::{NodeId, Seq};
 
 /// What a restarted primary continues from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,27 +45,11 @@ pub enum PrimaryRecoverError {
         /// What the peer was known to hold.
         durable: Seq,
     },
-    /// Metadata exists for a volume that was just created: it describes an earlier volume.
-    #[error("the volume was just created but metadata of an earlier volume exists")]
-    MetaOfEarlierVolume,
-    /// The metadata names another volume.
-    #[error("its metadata belongs to volume {found}, not {expected}")]
-    OtherVolume {
-        /// The id in the metadata.
-        found: VolumeId,
-        /// The configured id.
-        expected: VolumeId,
-    },
-    /// The volume's size changed since the metadata was written.
-    #[error("its metadata records a volume of {recorded} bytes, the volume has {actual}")]
-    Size {
-        /// The size in the metadata.
-        recorded: u64,
-        /// The size now.
-        actual: u64,
-    },
+    /// The record does not describe this volume.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
     /// The metadata is a secondary's: roles change with issue 16's verbs, not by a restart.
-    #[error("its metadata was written by a secondary (node {}): it holds a copy, not the primary's data", .0.0)]
+    #[error("it was written by a secondary (node {}): it holds a copy, not the primary's data", .0.0)]
     Secondary(NodeId),
 }
 
@@ -102,21 +85,7 @@ pub fn recover_primary_with(
             kind: PrimaryStart::First,
         });
     };
-    if facts.created {
-        return Err(PrimaryRecoverError::MetaOfEarlierVolume);
-    }
-    if record.volume_id != facts.volume_id {
-        return Err(PrimaryRecoverError::OtherVolume {
-            found: record.volume_id,
-            expected: facts.volume_id,
-        });
-    }
-    if record.volume_bytes != facts.volume_bytes {
-        return Err(PrimaryRecoverError::Size {
-            recorded: record.volume_bytes,
-            actual: facts.volume_bytes,
-        });
-    }
+    record.check_binding(facts)?;
     if record.role == Role::Secondary {
         return Err(PrimaryRecoverError::Secondary(record.node_id));
     }
@@ -140,15 +109,5 @@ pub fn running_primary_record(
     node_id: NodeId,
     restored: PrimaryRestored,
 ) -> MetaRecord {
-    let base = loaded.map_or_else(
-        || MetaRecord::new(facts.volume_id, facts.volume_bytes),
-        |r| *r,
-    );
-    MetaRecord {
-        node_id,
-        role: Role::Primary,
-        durable: restored.confirmed,
-        clean: false,
-        ..base
-    }
+    MetaRecord::running(loaded, facts, node_id, Role::Primary, restored.confirmed)
 }

@@ -327,7 +327,7 @@ fn a_secondary_node_records_its_durable_seq() {
 /// is refused.
 #[test]
 fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
-    use crate::target::VolumeFacts;
+    use crate::meta::{BindingError, VolumeFacts};
     let facts = VolumeFacts {
         volume_id: VOLUME_ID,
         volume_bytes: VOLUME_BYTES,
@@ -390,7 +390,9 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
     };
     assert!(matches!(
         recover_primary(Some(&other), &facts),
-        Err(PrimaryRecoverError::OtherVolume { .. })
+        Err(PrimaryRecoverError::Binding(
+            BindingError::OtherVolume { .. }
+        ))
     ));
     let created = VolumeFacts {
         created: true,
@@ -398,6 +400,8 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
     };
     assert_eq!(
         recover_primary(Some(&clean), &created),
-        Err(PrimaryRecoverError::MetaOfEarlierVolume)
+        Err(PrimaryRecoverError::Binding(
+            BindingError::MetaOfEarlierVolume
+        ))
     );
 }

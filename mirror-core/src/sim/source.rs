@@ -77,6 +77,11 @@ impl Sim<'_> {
                 }
             }
         }
+        self.process_exits();
+    }
+
+    /// The process is gone; it restarts after a while.
+    fn process_exits(&mut self) {
         self.source_life = SourceLife::Down;
         self.source_run += 1;
         let delay = self
@@ -110,17 +115,7 @@ impl Sim<'_> {
         if self.link_up {
             self.cut_link();
         }
-        self.source_life = SourceLife::Down;
-        self.source_run += 1;
-        let delay = self
-            .crash_rng
-            .u64(1..=self.cfg.source_restart_ticks_max.max(1));
-        self.schedule(
-            self.now + delay,
-            Event::SourceRestart {
-                source_run: self.source_run,
-            },
-        );
+        self.process_exits();
     }
 
     /// The primary's record as the daemon writes it: through its bytes.
@@ -131,14 +126,19 @@ impl Sim<'_> {
         self.primary_meta = record;
     }
 
-    /// The restarted process runs the daemon's recovery rule on its record: after a clean stop
-    /// it continues the sequence; otherwise it waits for the operator's re-base.
-    pub(super) fn source_restart(&mut self) {
-        let facts = VolumeFacts {
+    /// What the restarted source knows of its volume (the same as the target's, never new).
+    fn primary_facts(&self) -> VolumeFacts {
+        VolumeFacts {
             volume_id: self.target_cfg.volume_id,
             volume_bytes: self.target_cfg.volume_bytes,
             created: false,
-        };
+        }
+    }
+
+    /// The restarted process runs the daemon's recovery rule on its record: after a clean stop
+    /// it continues the sequence; otherwise it waits for the operator's re-base.
+    pub(super) fn source_restart(&mut self) {
+        let facts = self.primary_facts();
         match recover_primary_with(
             Some(&self.primary_meta),
             &facts,
@@ -158,11 +158,7 @@ impl Sim<'_> {
     /// A new engine whose operations through `confirmed` are on the target, with its running
     /// record stored, connecting.
     fn resume_source(&mut self, confirmed: Seq) {
-        let facts = VolumeFacts {
-            volume_id: self.target_cfg.volume_id,
-            volume_bytes: self.target_cfg.volume_bytes,
-            created: false,
-        };
+        let facts = self.primary_facts();
         let restored = PrimaryRestored {
             confirmed,
             kind: PrimaryStart::Resumed,

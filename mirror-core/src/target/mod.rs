@@ -24,7 +24,8 @@ use std::collections::VecDeque;
 
 use crate::auth::{self, Signer};
 use crate::lock::{LocalLockId, LockError, LockTable};
-use crate::meta::{MetaRecord, Role};
+pub use crate::meta::VolumeFacts;
+use crate::meta::{BindingError, MetaRecord, Role};
 use crate::source::LOCKS_AHEAD_MAX;
 use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
@@ -37,7 +38,6 @@ mod session;
 pub use error::{SourceViolation, TargetError};
 pub use recover::{
     recover, recover_with, running_record, RecoverError, RecoveryKind, RecoverySabotage, Restored,
-    VolumeFacts,
 };
 
 /// Control frames (PONG, REFUSE, HELLO) the target queues beyond one per commit log entry.

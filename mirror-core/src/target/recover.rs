@@ -27,17 +27,6 @@ impl Restored {
     };
 }
 
-/// What a target's driver knows of its volume at start, for [`recover`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VolumeFacts {
-    /// The volume the target is configured to mirror.
-    pub volume_id: VolumeId,
-    /// The volume's size now.
-    pub volume_bytes: u64,
-    /// Whether the driver just created the volume (it held nothing before).
-    pub created: bool,
-}
-
 /// How a restarted target came to its [`Restored`] state (for the driver's log: the state
 /// itself says what is trusted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,25 +47,9 @@ pub enum RecoveryKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RecoverError {
-    /// Metadata exists for a volume that was just created: it describes an earlier volume.
-    #[error("the volume was just created but metadata of an earlier volume exists")]
-    MetaOfEarlierVolume,
-    /// The metadata names another volume.
-    #[error("it belongs to volume {found}, not {expected}")]
-    OtherVolume {
-        /// The id in the metadata.
-        found: VolumeId,
-        /// The configured id.
-        expected: VolumeId,
-    },
-    /// The volume's size changed since the metadata was written.
-    #[error("it records a volume of {recorded} bytes, the volume has {actual}")]
-    Size {
-        /// The size in the metadata.
-        recorded: u64,
-        /// The size now.
-        actual: u64,
-    },
+    /// The record does not describe this volume.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
     /// The metadata is a primary's; a target does not take over a primary's state.
     #[error("it was written by a primary (node {})", .0.0)]
     Primary(NodeId),
@@ -125,21 +98,7 @@ pub fn recover_with(
         };
         return Ok((restored, RecoveryKind::Adopted));
     };
-    if facts.created {
-        return Err(RecoverError::MetaOfEarlierVolume);
-    }
-    if record.volume_id != facts.volume_id {
-        return Err(RecoverError::OtherVolume {
-            found: record.volume_id,
-            expected: facts.volume_id,
-        });
-    }
-    if record.volume_bytes != facts.volume_bytes {
-        return Err(RecoverError::Size {
-            recorded: record.volume_bytes,
-            actual: facts.volume_bytes,
-        });
-    }
+    record.check_binding(facts)?;
     if record.role == Role::Primary {
         return Err(RecoverError::Primary(record.node_id));
     }
@@ -166,16 +125,8 @@ pub fn running_record(
     node_id: NodeId,
     restored: Restored,
 ) -> MetaRecord {
-    let base = loaded.map_or_else(
-        || MetaRecord::new(facts.volume_id, facts.volume_bytes),
-        |r| *r,
-    );
     MetaRecord {
-        node_id,
-        role: Role::Secondary,
-        durable: restored.durable,
-        clean: false,
         consistent: restored.consistent,
-        ..base
+        ..MetaRecord::running(loaded, facts, node_id, Role::Secondary, restored.durable)
     }
 }

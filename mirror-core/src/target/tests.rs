@@ -165,7 +165,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
     );
     assert_eq!(
         recover(Some(&own), &created),
-        Err(RecoverError::MetaOfEarlierVolume)
+        Err(RecoverError::Binding(BindingError::MetaOfEarlierVolume))
     );
     let other = MetaRecord {
         volume_id: VolumeId([8; 16]),
@@ -173,7 +173,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
     };
     assert!(matches!(
         recover(Some(&other), &facts),
-        Err(RecoverError::OtherVolume { .. })
+        Err(RecoverError::Binding(BindingError::OtherVolume { .. }))
     ));
     let grown = MetaRecord {
         volume_bytes: 2 * VOLUME_BYTES,
@@ -181,7 +181,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
     };
     assert!(matches!(
         recover(Some(&grown), &facts),
-        Err(RecoverError::Size { .. })
+        Err(RecoverError::Binding(BindingError::Size { .. }))
     ));
     let primary = MetaRecord {
         role: Role::Primary,
