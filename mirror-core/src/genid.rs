@@ -9,12 +9,12 @@
 //! `current`. A node whose volume holds nothing of its own (just created, or invalidated) has
 //! `current` [`Generation::NONE`].
 //!
-//! This release records the ids and decides with [`decide`]; the handshake that exchanges them,
-//! the bitmap and the resync are the rest of issue 14.
+//! This release has the ids and [`decide`] only: persisting them in the metadata record, the
+//! handshake that exchanges them, the bitmap and the resync are the rest of issue 14.
 
 use crate::Generation;
 
-/// A node's generation ids, persisted in its metadata record.
+/// A node's generation ids (to be persisted in its metadata record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GenIds {
     /// The history the volume holds now.

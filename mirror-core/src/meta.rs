@@ -184,7 +184,9 @@ impl MetaCorrupt {
     /// Whether no record was ever stored there, as opposed to a record that was damaged: every
     /// slot is all zeroes (a new volume) or lacks the record's magic (a volume's own data, such as
     /// the last blocks of a volume whose metadata lived in a legacy file). The two slots are
-    /// written alternately, so a torn write damages one of them, never the magic of both.
+    /// written alternately, so a torn write damages one of them, never the magic of both: except
+    /// the very first store, after which the other slot still holds no record (a first record
+    /// torn before its magic reached the disk reads as no record).
     #[must_use]
     pub fn holds_no_record(&self) -> bool {
         match self {

@@ -3,8 +3,9 @@
 //! A [`Node`] is keyed by its volume (a daemon may later hold several, one per [`VolumeId`]). A
 //! primary holds one [`PeerLink`] per peer ([`Peers`], keyed by [`PeerId`]; one today), a
 //! secondary its [`Target`].
-//! The metadata record ([`MetaRecord`]) is defined for both roles; in this release only the
-//! secondary persists it (the target server's group commit writes what [`Node::record`] returns).
+//! The metadata record ([`MetaRecord`]) is defined for both roles and both persist it: the target
+//! server's group commit writes what [`Node::record`] returns, the primary's driver the record of
+//! a clean stop after the drain (what a restart trusts of it is [`recover_primary`]).
 //! The replicator and the simulator drive a primary's link the same way, through its
 //! [`PeerLink`]: its timers ([`PeerLink::poll_timeout`]) include the start's connect deadline and
 //! the stop's drain limit, so no driver decides how long to wait for its peer.
@@ -75,7 +76,7 @@ pub enum DrainError {
          last local seq is {through}"
     )]
     TimedOut {
-        /// The last local seq when the drain began.
+        /// The last local seq at the limit.
         through: Seq,
         /// What the peer held durable at the limit.
         durable: Seq,
@@ -162,7 +163,6 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
 
 #[derive(Debug, Clone, Copy)]
 struct Drain {
-    through: Seq,
     deadline_ns: u64,
     limit_ns: u64,
 }
@@ -210,13 +210,14 @@ impl<L: RollbackLog> PeerLink<L> {
         }
     }
 
-    /// The host is done (its device stopped): reports [`PeerEvent::Drained`] once the peer holds
-    /// every operation submitted so far durably, or when `limit_ns` has passed since `now_ns`, or
-    /// when replication stops. A later call replaces the drain under way.
+    /// The host is done (its device stopped): reports [`PeerEvent::Drained`] once nothing is
+    /// parked and the peer holds every operation in the log durably (submissions taken after
+    /// this call count too: the driver must hand over everything the host completed before it
+    /// reports the drain), or when `limit_ns` has passed since `now_ns`, or when replication
+    /// stops. A later call replaces the drain under way.
     pub fn begin_drain(&mut self, now_ns: u64, limit_ns: u64) {
         let through = self.source.status().last_local;
         self.drain = Some(Drain {
-            through,
             deadline_ns: now_ns.saturating_add(limit_ns),
             limit_ns,
         });
@@ -349,10 +350,11 @@ impl<L: RollbackLog> PeerLink<L> {
             self.durable_reported = durable;
             return Some(PeerEvent::Durable(durable));
         }
-        if let Some(drain) = self.drain {
-            if self.source.is_replicated(drain.through) {
+        if self.drain.is_some() && self.parked.is_none() {
+            let last = self.source.status().last_local;
+            if self.source.is_replicated(last) {
                 self.drain = None;
-                return Some(PeerEvent::Drained(Ok(drain.through)));
+                return Some(PeerEvent::Drained(Ok(last)));
             }
         }
         if !self.announced && self.source.status().conn == ConnState::Connected {
@@ -395,7 +397,7 @@ impl<L: RollbackLog> PeerLink<L> {
             self.drain = None;
             self.events
                 .push_back(PeerEvent::Drained(Err(DrainError::TimedOut {
-                    through: drain.through,
+                    through: self.source.status().last_local,
                     durable: self.source.status().durable,
                     limit_secs: drain.limit_ns / 1_000_000_000,
                 })));
@@ -612,6 +614,6 @@ mod recover;
 mod tests;
 
 pub use recover::{
-    recover_primary, recover_primary_with, running_primary_record, PrimaryRecoverError,
-    PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
+    new_sequence, recover_primary, recover_primary_with, running_primary_record,
+    PrimaryRecoverError, PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
 };

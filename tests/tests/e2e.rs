@@ -401,6 +401,7 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_refuses_after_an_unclean_o
         let mut server =
             TargetServer::start(&rig.server_opts("restart.target", volume_bytes, 4096)).await?;
         let source = rig.path("restart.source");
+        let peer = server.addr.to_string();
         let run = |ops: &str, seed: u64, extra: &[&str]| {
             let mut list = args(&[
                 "--volume",
@@ -408,7 +409,7 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_refuses_after_an_unclean_o
                 "--volume-bytes",
                 &volume_bytes.to_string(),
                 "--peer",
-                &server.addr.to_string(),
+                &peer,
                 "--volume-id",
                 VOLUME_ID,
                 "--secret-file",
@@ -431,13 +432,29 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_refuses_after_an_unclean_o
         let second = procs::run_loadgen(&run("200", seed + 1, &[]), t).await?;
         let s = check_success(&second, &rig, "second")?;
         anyhow::ensure!(s["last_seq"] == 500, "the sequence continues: {s}");
+        // Every write of both runs is on the target, none twice in another order.
+        identical(&source, &rig.path("restart.target"), volume_bytes)?;
 
         let unclean = procs::run_loadgen(&run("50", seed + 2, &["--no-wait"]), t).await?;
         anyhow::ensure!(unclean.status.success(), "{}", unclean.stderr);
         let refused = procs::run_loadgen(&run("10", seed + 3, &[]), t).await?;
         one_error_line(&refused, "did not stop cleanly")?;
-
+        // The way out: a new sequence, which only a new target accepts.
+        let ahead = procs::run_loadgen(&run("10", seed + 4, &["--new-sequence"]), t).await?;
+        one_error_line(&ahead, "target is ahead")?;
         let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        let mut fresh =
+            TargetServer::start(&rig.server_opts("restart2.target", volume_bytes, 4096)).await?;
+        let list = replace(
+            run("100", seed + 5, &["--new-sequence"]),
+            "--peer",
+            &fresh.addr.to_string(),
+        );
+        let again = procs::run_loadgen(&list, t).await?;
+        let s = check_success(&again, &rig, "new-sequence")?;
+        anyhow::ensure!(s["last_seq"] == 100, "{s}");
+        let status = fresh.terminate(Duration::from_secs(20)).await?;
         anyhow::ensure!(status.success(), "target-server exited with {status}");
         Ok(())
     })

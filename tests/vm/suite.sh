@@ -495,7 +495,7 @@ case_target_blockdev() {
     tbd_target
     for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
     if ! grep -q "NOT consistent until a full resync" "$log" ||
-        ! grep -qE "volume opened.*durable=[1-9][0-9]*.*data_trusted=false" "$log"; then
+        ! grep -qE "volume opened.*durable=[1-9][0-9]*.*consistent=false" "$log"; then
         fail target-blockdev "the restart did not resume from the device's record as not consistent: $(grep -m2 -E 'volume opened|NOT' "$log")"
         cleanup_all; losetup -d "$loopdev"; return
     fi
@@ -533,6 +533,8 @@ case_restart() {
     umount "$MNT"
     seq2=$("$UM" status --name m-rs --json | jq -r .seq.last_local)
     [ "$seq2" -gt "$seq1" ] || { fail restart "the sequence did not continue: $seq1 then $seq2"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-rs --timeout-secs 120 2>&1) || { fail restart "$why"; cleanup_all; return; }
+    why=$(same_volumes "$tag") || { fail restart "after the resumed run: $why"; cleanup_all; return; }
     kill -9 "$DPID"
     for _ in $(seq 50); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
     "$UM" delete --name m-rs >/dev/null 2>&1

@@ -144,23 +144,31 @@ impl LocalVolume {
     /// before the host may write: not clean, so that a crash from then on is never taken for a
     /// clean stop (a start that fails before leaves the volume's record as it was; a volume
     /// without one gets the record of a clean stop at seq 0 at once).
+    /// With `new_sequence` (the operator's `--new-sequence`) nothing of the record is trusted.
     pub fn restore_primary(
         &self,
         path: &Path,
         volume_id: VolumeId,
         node_id: NodeId,
+        new_sequence: bool,
     ) -> Result<(PrimaryRestored, MetaRecord), VolumeError> {
         let facts = VolumeFacts {
             volume_id,
             volume_bytes: self.bytes,
             created: self.created,
         };
-        let restored =
-            recover_primary(self.record.as_ref(), &facts).map_err(|why| VolumeError::Recover {
-                path: path.into(),
-                why,
+        let (restored, loaded) = if new_sequence {
+            (mirror_core::node::new_sequence(), None)
+        } else {
+            let restored = recover_primary(self.record.as_ref(), &facts).map_err(|why| {
+                VolumeError::Recover {
+                    path: path.into(),
+                    why,
+                }
             })?;
-        let running = running_primary_record(self.record.as_ref(), &facts, node_id, restored);
+            (restored, self.record.as_ref())
+        };
+        let running = running_primary_record(loaded, &facts, node_id, restored);
         if self.record.is_none() {
             // A file just grown by the metadata area must hold a record before anything else can
             // happen: without one, the next open would take the grown file whole as its data.
@@ -265,14 +273,14 @@ mod tests {
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         let v = open_volume(&path, 4096, None).unwrap();
         let (restored, _) = v
-            .restore_primary(&path, VolumeId([1; 16]), NodeId(1))
+            .restore_primary(&path, VolumeId([1; 16]), NodeId(1), false)
             .unwrap();
         assert_eq!(restored.confirmed, mirror_core::Seq::NONE);
         drop(v);
         let v = open_volume(&path, 4096, None).unwrap();
         assert_eq!(v.bytes, 1 << 20);
         let (again, _) = v
-            .restore_primary(&path, VolumeId([1; 16]), NodeId(1))
+            .restore_primary(&path, VolumeId([1; 16]), NodeId(1), false)
             .unwrap();
         assert_eq!(again.confirmed, mirror_core::Seq::NONE);
     }

@@ -28,6 +28,9 @@ pub enum PrimaryStart {
     First,
     /// The record of a clean stop.
     Resumed,
+    /// The operator's `--new-sequence`: nothing of the record is trusted and the sequence starts
+    /// at 1 against a new target ([`new_sequence`]).
+    NewSequence,
 }
 
 /// Why a primary must not start on this volume and record.
@@ -38,8 +41,8 @@ pub enum PrimaryRecoverError {
     #[error(
         "the last run did not stop cleanly (a crash, or a stop before the target held every \
          write): writes after seq {durable} may be missing on the target and nothing records \
-         which; this release cannot resync them (the dirty bitmap is coming): rebuild the target \
-         from this volume"
+         which; this release cannot resync them: start again with --new-sequence against a new \
+         target volume (see docs/operations.md, \"after an unclean stop\")"
     )]
     Unclean {
         /// What the peer was known to hold.
@@ -98,6 +101,17 @@ pub fn recover_primary_with(
         confirmed: record.durable,
         kind: PrimaryStart::Resumed,
     })
+}
+
+/// The operator's way out after an unclean stop, until resync exists: trust nothing of the
+/// record and start the sequence at 1. Only a new target accepts it (one with history reports
+/// itself ahead, a fatal error), so nothing is resent into a copy that has other writes.
+#[must_use]
+pub fn new_sequence() -> PrimaryRestored {
+    PrimaryRestored {
+        confirmed: Seq::NONE,
+        kind: PrimaryStart::NewSequence,
+    }
 }
 
 /// The record a primary keeps while it runs: the loaded one (its generation and bitmap location

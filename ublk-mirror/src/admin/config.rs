@@ -24,6 +24,10 @@ pub struct StartArgs {
     /// end: a file without one keeps its size as the data and grows by the metadata area.
     #[arg(long, value_name = "PATH")]
     pub volume: Option<PathBuf>,
+    /// Trust nothing of the volume's record and start the sequence at 1 against a new target:
+    /// the way out after an unclean stop until resync exists (docs/operations.md).
+    #[arg(long)]
+    pub new_sequence: bool,
     /// Data size of a volume without metadata (suffixes K, M, G): needed for a block device,
     /// whose metadata area then follows that many bytes of data.
     #[arg(long, value_name = "BYTES")]
@@ -130,6 +134,8 @@ pub struct Settings {
     pub(super) volume: PathBuf,
     /// The data size of a volume without metadata (`--create-size`).
     pub(super) create_bytes: Option<u64>,
+    /// `--new-sequence`.
+    pub(super) new_sequence: bool,
     /// `None`: passthrough (`--no-mirror`).
     pub(super) mirror: Option<MirrorSettings>,
     pub(super) flush_replicates: bool,
@@ -273,6 +279,7 @@ impl Settings {
         }
         Ok(Settings {
             create_bytes,
+            new_sequence: args.new_sequence,
             dev_id: args.dev_id.or(file.dev_id),
             node_id: args.node_id.or(file.node_id).unwrap_or(1),
             name,

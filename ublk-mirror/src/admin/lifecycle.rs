@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mirror_core::meta::MetaRecord;
-use mirror_core::node::PrimaryStart;
+use mirror_core::node::{PrimaryRestored, PrimaryStart};
 use mirror_core::source::{LockStyle, SourceConfig, SourceError};
+use mirror_core::Seq;
 use mirror_core::{Generation, NodeId};
 use tokio::net::UnixListener;
 
@@ -128,11 +129,11 @@ fn start_mirror(
     s: &Settings,
     m: &MirrorSettings,
     volume: &LocalVolume,
+    (restored, running): (PrimaryRestored, MetaRecord),
 ) -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
     let secret = read_secret(&m.secret_file)?;
     let volume_bytes = volume.bytes;
-    let (restored, running) = volume.restore_primary(&s.volume, m.volume_id, NodeId(s.node_id))?;
-    if restored.kind == PrimaryStart::Resumed {
+    if restored.kind == PrimaryStart::Resumed && restored.confirmed > Seq::NONE {
         eprintln!(
             "ublk-mirror: resuming after a clean stop: the target held everything through seq {}",
             restored.confirmed.0
@@ -186,12 +187,19 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
     if let Some(m) = &s.mirror {
         read_secret(&m.secret_file)?;
     }
-    let local = match &s.mirror {
-        Some(_) => open_volume(&s.volume, s.block_bytes, s.create_bytes)?,
+    // What this start trusts is decided right after the open: a file the open grew gets its
+    // record before anything else can fail.
+    let (local, restored) = match &s.mirror {
+        Some(m) => {
+            let local = open_volume(&s.volume, s.block_bytes, s.create_bytes)?;
+            let restored =
+                local.restore_primary(&s.volume, m.volume_id, NodeId(s.node_id), s.new_sequence)?;
+            (local, Some(restored))
+        }
         None => {
             let local = open_passthrough(&s.volume, s.block_bytes)?;
             local.start_passthrough(&s.volume)?;
-            local
+            (local, None)
         }
     };
     let volume_bytes = local.bytes;
@@ -208,7 +216,10 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
     let epoch = tokio::time::Instant::now();
     let mirror = match &s.mirror {
-        Some(m) => Some(start_mirror(&runtime, s, m, &local)?),
+        Some(m) => {
+            let restored = restored.context("a mirrored start restores its record")?;
+            Some(start_mirror(&runtime, s, m, &local, restored)?)
+        }
         None => {
             eprintln!("ublk-mirror: mirroring is off (--no-mirror): passthrough to the volume");
             None

@@ -14,47 +14,24 @@ use mirror_core::session::SessionAction;
 use mirror_core::source::SourceError;
 use mirror_core::wire::{Encoded, Frame, MAC_BYTES};
 use mirror_core::Seq;
-use mirror_net::ReadEnd;
-use tokio::io::BufReader;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::conn::{read_frames, reserve, write_frames, Conn, Event, WRITER_QUEUE_FRAMES};
 use super::{
     ConnInfo, Ctl, ReplError, ReplicatorConfig, ReplicatorStatus, Reply, SubmitReq,
     REPLICATED_WAITERS_MAX,
 };
 
-/// Frames queued towards the writer task of one connection.
-const WRITER_QUEUE_FRAMES: usize = 64;
 /// Events (decoded frames, failures) queued from the connection tasks to the engine.
 const EVENT_QUEUE: usize = 256;
-/// Frames and bytes the writer gathers into one vectored write.
-const WRITE_BATCH_FRAMES: usize = 64;
-const WRITE_BATCH_BYTES: usize = 1 << 20;
-/// Buffer of the reader (frames from the target are small: acknowledgements).
-const READ_BUFFER_BYTES: usize = 64 << 10;
 /// The link's token for the one parked submission (there is never more than one).
 const PARKED: u64 = 0;
 /// "Never" for the engine's timer: ten years after its start.
 const FAR_SECS: u64 = 10 * 365 * 86_400;
 /// The one peer a primary mirrors to today.
 pub(super) const PEER: PeerId = PeerId(0);
-
-enum Event {
-    Connected(u64, Result<TcpStream, String>),
-    Frame(u64, Frame),
-    Failed(u64, String),
-}
-
-struct Conn {
-    id: u64,
-    writer_tx: mpsc::Sender<Encoded>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
 
 pub(super) struct Engine {
     cfg: ReplicatorConfig,
@@ -73,8 +50,12 @@ pub(super) struct Engine {
     parked: Option<Reply<Seq>>,
     replicated_waiters: BTreeMap<Seq, Vec<Reply<()>>>,
     replicated_waiter_count: usize,
-    /// The caller of the drain under way.
+    /// The caller of the drain under way, and when it gives up.
     drainer: Option<Reply<MetaRecord>>,
+    drain_deadline_ns: u64,
+    /// The link reported the drain done through this seq; the loop checks that nothing the host
+    /// completed is still queued before it tells the caller.
+    drained: Option<Seq>,
     /// Shared with the handles: see [`super::Handle::acks_on_enqueue`].
     fast_ack: Arc<AtomicBool>,
     /// The next frame for the writer, taken from the link but not yet queued.
@@ -107,6 +88,8 @@ impl Engine {
             replicated_waiters: BTreeMap::new(),
             replicated_waiter_count: 0,
             drainer: None,
+            drain_deadline_ns: 0,
+            drained: None,
             fast_ack,
             staged: None,
             last_error: None,
@@ -126,6 +109,9 @@ impl Engine {
         tokio::pin!(sleep);
         loop {
             self.pump();
+            if let Some(seq) = self.drained.take() {
+                self.finish_drain(seq, submit_rx.is_empty());
+            }
             let writer = match (&self.conn, &self.staged) {
                 (Some(c), Some(_)) => Some(c.writer_tx.clone()),
                 _ => None,
@@ -203,14 +189,14 @@ impl Engine {
                     self.stop(&ReplError::Fatal(e));
                     self.publish();
                 }
-                PeerEvent::Drained(result) => {
-                    let result = match result {
-                        Ok(seq) => Ok(self.node.record(seq, true)),
-                        Err(DrainError::Stopped(e)) => Err(ReplError::Fatal(e)),
-                        Err(e @ DrainError::TimedOut { .. }) => Err(ReplError::NotDrained(e)),
+                PeerEvent::Drained(Ok(seq)) => self.drained = Some(seq),
+                PeerEvent::Drained(Err(e)) => {
+                    let err = match e {
+                        DrainError::Stopped(e) => ReplError::Fatal(e),
+                        e @ DrainError::TimedOut { .. } => ReplError::NotDrained(e),
                     };
                     if let Some(reply) = self.drainer.take() {
-                        let _ = reply.send(result);
+                        let _ = reply.send(Err(err));
                     }
                 }
             }
@@ -225,6 +211,26 @@ impl Engine {
                 self.sent_frames += 1;
                 self.sent_bytes += e.wire_len() as u64;
             }
+        }
+    }
+
+    /// The link holds nothing the peer lacks. Unless host operations completed before the stop
+    /// still wait in the submission channel (in `async` a write is complete once queued), the
+    /// drain is over and its caller gets the record of the clean stop; else the link drains
+    /// again, with what is left of the limit, once they are in.
+    fn finish_drain(&mut self, seq: Seq, queue_empty: bool) {
+        if self.drainer.is_none() {
+            return;
+        }
+        if queue_empty {
+            let record = self.node.record(seq, true);
+            if let Some(reply) = self.drainer.take() {
+                let _ = reply.send(Ok(record));
+            }
+        } else {
+            let now = self.now_ns();
+            let left = self.drain_deadline_ns.saturating_sub(now);
+            self.link_mut().begin_drain(now, left);
         }
     }
 
@@ -310,6 +316,11 @@ impl Engine {
                     return;
                 }
                 self.connecting = None;
+                if self.link().fatal().is_some() {
+                    // Replication stopped while the attempt was under way (the connect deadline):
+                    // the late connection is dropped unused.
+                    return;
+                }
                 match result {
                     Ok(stream) => {
                         let mut nonce = [0u8; MAC_BYTES];
@@ -470,10 +481,11 @@ impl Engine {
             Ctl::Drain(limit, reply) => {
                 let now = self.now_ns();
                 let limit_ns = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
-                // A second drain replaces the first, whose caller hears it was replaced.
+                // One drain at a time: the earlier caller hears it was replaced.
                 if let Some(old) = self.drainer.replace(reply) {
-                    let _ = old.send(Err(ReplError::Shutdown));
+                    let _ = old.send(Err(ReplError::DrainReplaced));
                 }
+                self.drain_deadline_ns = now.saturating_add(limit_ns);
                 self.link_mut().begin_drain(now, limit_ns);
             }
             Ctl::Shutdown(done) => {
@@ -481,59 +493,5 @@ impl Engine {
                 let _ = done.send(());
             }
         }
-    }
-}
-
-async fn reserve(writer: Option<mpsc::Sender<Encoded>>) -> Option<mpsc::OwnedPermit<Encoded>> {
-    match writer {
-        Some(tx) => tx.reserve_owned().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_frames(id: u64, rd: OwnedReadHalf, events: mpsc::Sender<Event>) {
-    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let reason = loop {
-        match mirror_net::read_frame(&mut rd, None).await {
-            Ok(Ok(frame)) => {
-                if events.send(Event::Frame(id, frame)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Err(e)) => break format!("bad frame from the target: {e}"),
-            Err(ReadEnd::PeerClosed) => break "the target closed the connection".to_string(),
-            Err(ReadEnd::Wire(e)) => break format!("bad frame from the target: {e}"),
-            Err(e) => break format!("read from the target: {e}"),
-        }
-    };
-    let _ = events.send(Event::Failed(id, reason)).await;
-}
-
-async fn write_frames(
-    id: u64,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Encoded>,
-    events: mpsc::Sender<Event>,
-) {
-    let mut batch: Vec<Encoded> = Vec::with_capacity(WRITE_BATCH_FRAMES);
-    while let Some(first) = rx.recv().await {
-        let mut bytes = first.wire_len();
-        batch.push(first);
-        while batch.len() < WRITE_BATCH_FRAMES && bytes < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(frame) => {
-                    bytes += frame.wire_len();
-                    batch.push(frame);
-                }
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = mirror_net::write_frames(&mut wr, &batch).await {
-            let _ = events
-                .send(Event::Failed(id, format!("write to the target: {e}")))
-                .await;
-            return;
-        }
-        batch.clear();
     }
 }

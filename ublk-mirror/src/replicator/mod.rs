@@ -18,6 +18,7 @@
 //! Back-pressure: while a submission waits for room in the log, the engine takes no other; the
 //! bounded submission channel fills and [`Handle::enqueue`] waits.
 
+mod conn;
 mod engine;
 
 use std::fmt;
@@ -140,6 +141,9 @@ pub enum ReplError {
     /// A wait for a sequence number that was never submitted.
     #[error("seq {0} was never submitted")]
     NeverSubmitted(Seq),
+    /// Another drain replaced this one.
+    #[error("a later drain replaced this one")]
+    DrainReplaced,
     /// A drain ended before the target held everything.
     #[error("{0}")]
     NotDrained(DrainError),

@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use mirror_core::meta::MetaRecord;
+use mirror_core::node::PrimaryRestored;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
 use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
@@ -99,6 +100,10 @@ pub struct LoadgenArgs {
     /// Do not wait for the target to hold everything at the end.
     #[arg(long)]
     no_wait: bool,
+    /// Trust nothing of the volume's record and start the sequence at 1 against a new target
+    /// (as `start --new-sequence`).
+    #[arg(long)]
+    new_sequence: bool,
     /// Give up when no handshake with the target succeeds within this time.
     #[arg(long, default_value_t = 10)]
     connect_timeout_secs: u64,
@@ -130,6 +135,15 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let plan = Plan::new(&args)?;
     let secret = read_secret(&args.secret_file)?;
     let volume = open_volume(&args.volume, args.block_bytes, Some(args.volume_bytes))?;
+    // The daemon's rules: what a restart trusts (decided at once: a file the open grew gets its
+    // record before anything else can fail), and a clean stop recorded once the target holds
+    // everything.
+    let restored = volume.restore_primary(
+        &args.volume,
+        args.volume_id,
+        NodeId(args.node_id),
+        args.new_sequence,
+    )?;
     let ack_log = match &args.ack_log {
         Some(path) => Some(Arc::new(Mutex::new(
             OpenOptions::new()
@@ -158,7 +172,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(drive(&args, &plan, source, volume, ack_log))?;
+    let summary = runtime.block_on(drive(&args, &plan, source, (volume, restored), ack_log))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -171,13 +185,9 @@ async fn drive(
     args: &LoadgenArgs,
     plan: &Plan,
     source: SourceConfig,
-    volume: LocalVolume,
+    (volume, (restored, running)): (LocalVolume, (PrimaryRestored, MetaRecord)),
     ack_log: Option<AckLog>,
 ) -> anyhow::Result<Summary> {
-    // The daemon's rules: what a restart trusts, and a clean stop recorded once the target holds
-    // everything.
-    let (restored, running) =
-        volume.restore_primary(&args.volume, args.volume_id, NodeId(args.node_id))?;
     let cfg = ReplicatorConfig {
         connect_deadline: Some(Duration::from_secs(args.connect_timeout_secs)),
         confirmed: restored.confirmed,
