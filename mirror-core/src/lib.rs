@@ -12,6 +12,7 @@
 //!   simulator alike.
 //! - [`meta`]: the persistent metadata record of either role (versioned, checksummed, two slots);
 //!   [`target::recover`] decides what a restarted target trusts of it.
+//! - [`bitmap`]: the dirty bitmap (a chunk map) and its checksummed stored form.
 //! - [`genid`]: generation ids and the handshake's decision of what two nodes' ids mean.
 //! - [`storage`]: the volume seam ([`storage::Volume`], one [`storage::apply`] for every
 //!   implementation) with in-memory and fault-injecting volumes.
@@ -25,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bitmap;
 pub mod commit;
 pub mod genid;
 pub mod lock;
