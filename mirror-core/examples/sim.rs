@@ -138,7 +138,8 @@ impl std::fmt::Display for Totals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "nak {} reject {} granted {} disconnect {} reset {} handshake {} crash {} \
+            "nak {} reject {} granted {} disconnect {} reset {} handshake {} silence {} ping {} \
+             silent-drop {} host-pause {} crash {} \
              (partial {}) intruder {} clean-restart {} local-lock {} mode-switch {} \
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
@@ -150,6 +151,10 @@ impl std::fmt::Display for Totals {
             self.0.disconnects,
             self.0.resets,
             self.0.handshakes,
+            self.0.silences,
+            self.0.pings,
+            self.0.silent_drops,
+            self.0.host_pauses,
             self.0.crashes,
             self.0.partial_crashes,
             self.0.intruders,

@@ -60,6 +60,10 @@ pub enum SessionSabotage {
     None,
     /// Treat every lost connection as the end: never reconnect.
     NeverReconnect,
+    /// Keep a silent connection forever: no idle timeout.
+    KeepSilent,
+    /// Never probe an idle connection: the idle timeout then drops healthy ones.
+    NeverPing,
 }
 
 /// The lifecycle of one source's connection to its target.
@@ -167,6 +171,13 @@ impl SourceSession {
         matches!(self.state, State::Up { .. })
     }
 
+    fn idle_deadline(cfg: &SessionConfig, sabotage: SessionSabotage, last_rx_ns: u64) -> u64 {
+        if sabotage == SessionSabotage::KeepSilent {
+            return u64::MAX;
+        }
+        last_rx_ns.saturating_add(cfg.idle_timeout_ns)
+    }
+
     /// When [`Self::handle_timeout`] must next be called, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<u64> {
@@ -178,12 +189,14 @@ impl SourceSession {
                 last_tx_ns,
                 authenticated,
             } => {
-                let idle = last_rx_ns.saturating_add(self.cfg.idle_timeout_ns);
-                Some(if authenticated {
-                    idle.min(last_tx_ns.saturating_add(self.cfg.ping_interval_ns))
-                } else {
-                    idle
-                })
+                let idle = Self::idle_deadline(&self.cfg, self.sabotage, last_rx_ns);
+                Some(
+                    if authenticated && self.sabotage != SessionSabotage::NeverPing {
+                        idle.min(last_tx_ns.saturating_add(self.cfg.ping_interval_ns))
+                    } else {
+                        idle
+                    },
+                )
             }
         }
     }
@@ -204,13 +217,15 @@ impl SourceSession {
                 last_tx_ns,
                 authenticated,
             } => {
-                if now_ns >= last_rx_ns.saturating_add(self.cfg.idle_timeout_ns) {
+                if now_ns >= Self::idle_deadline(&self.cfg, self.sabotage, *last_rx_ns) {
                     return Some(SessionAction::Drop(DropReason::Silent {
                         idle_timeout_ns: self.cfg.idle_timeout_ns,
                     }));
                 }
                 // PING is answered only once the target has authenticated us.
-                if *authenticated && now_ns >= last_tx_ns.saturating_add(self.cfg.ping_interval_ns)
+                if *authenticated
+                    && self.sabotage != SessionSabotage::NeverPing
+                    && now_ns >= last_tx_ns.saturating_add(self.cfg.ping_interval_ns)
                 {
                     *last_tx_ns = now_ns;
                     return Some(SessionAction::Ping(self.rng.u64(..)));

@@ -287,6 +287,28 @@ fn never_reconnecting_is_caught_as_no_progress() {
     assert_caught_by(&opts, 200, &[Check::NoProgress]);
 }
 
+/// The source's session keeping a connection on which nothing arrives (no idle timeout): a link
+/// that went silent for good, a peer gone without a FIN, holds replication up forever.
+#[test]
+fn keeping_a_silent_connection_is_caught_as_no_progress() {
+    let opts = SimOptions {
+        session_sabotage: SessionSabotage::KeepSilent,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 1000, &[Check::NoProgress]);
+}
+
+/// The source's session never probing an idle connection: its idle timeout then drops a healthy
+/// link whenever the host pauses (the checker allows a drop only while the link is silent).
+#[test]
+fn never_pinging_an_idle_connection_is_caught() {
+    let opts = SimOptions {
+        session_sabotage: SessionSabotage::NeverPing,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 300, &[Check::Protocol]);
+}
+
 /// The primary's per-peer policy (the replicator's) losing the submission it parked while the
 /// rollback log was full.
 #[test]

@@ -66,11 +66,26 @@ pub struct SimConfig {
     pub source_crash_gap_ticks: u64,
     /// Time before a crashed source process restarts, at most.
     pub source_restart_ticks_max: u64,
+    /// The source's session sends a PING after this long without sending anything.
+    pub ping_interval_ticks: u64,
+    /// The source's session drops a connection on which nothing arrived for this long.
+    pub idle_timeout_ticks: u64,
+    /// Mean gap between silences of the link (0: none): frames in both directions are held, for
+    /// a while or until the connection is dropped, and neither end is told.
+    pub silence_gap_ticks: u64,
+    /// Mean gap between pauses of the host (0: none), each longer than the idle timeout: the
+    /// link idles, and only PING keeps it alive.
+    pub host_pause_gap_ticks: u64,
 }
 
 impl SimConfig {
-    /// Draws a configuration; what concerns source crashes comes from `crash_rng`.
-    pub(super) fn random(rng: &mut fastrand::Rng, crash_rng: &mut fastrand::Rng) -> SimConfig {
+    /// Draws a configuration; what concerns source crashes comes from `crash_rng`, the session's
+    /// timers and the link's silences from `silence_rng`.
+    pub(super) fn random(
+        rng: &mut fastrand::Rng,
+        crash_rng: &mut fastrand::Rng,
+        silence_rng: &mut fastrand::Rng,
+    ) -> SimConfig {
         let block_bytes: u32 = if rng.bool() { 4096 } else { 512 };
         let block = u64::from(block_bytes);
         let volume_bytes = rng.u64(16..=64) * 4096;
@@ -89,7 +104,7 @@ impl SimConfig {
                 0
             }
         };
-        SimConfig {
+        let mut cfg = SimConfig {
             volume_bytes,
             block_bytes,
             op_bytes_max,
@@ -128,7 +143,18 @@ impl SimConfig {
             mode_switch_gap_ticks: some(rng, 50, 200, 3000),
             source_crash_gap_ticks: some(crash_rng, 50, 300, 3000),
             source_restart_ticks_max: crash_rng.u64(1..=500),
-        }
+            ping_interval_ticks: silence_rng.u64(20..=400),
+            idle_timeout_ticks: 0,
+            silence_gap_ticks: some(silence_rng, 40, 500, 5000),
+            host_pause_gap_ticks: some(silence_rng, 30, 1500, 6000),
+        };
+        // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
+        // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
+        let queue_ticks =
+            u64::try_from(cfg.link_bytes_max).unwrap_or(u64::MAX) / cfg.bandwidth_bytes_per_tick;
+        cfg.idle_timeout_ticks =
+            cfg.ping_interval_ticks * 3 + 4 * cfg.latency_ticks + 2 * queue_ticks + 2_000;
+        cfg
     }
 
     pub(super) fn summary(&self) -> String {
@@ -136,7 +162,7 @@ impl SimConfig {
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} switch~{} \
-             source-crash~{} restart<={}",
+             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -162,6 +188,10 @@ impl SimConfig {
             self.mode_switch_gap_ticks,
             self.source_crash_gap_ticks,
             self.source_restart_ticks_max,
+            self.ping_interval_ticks,
+            self.idle_timeout_ticks,
+            self.silence_gap_ticks,
+            self.host_pause_gap_ticks,
         )
     }
 }

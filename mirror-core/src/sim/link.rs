@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use crate::session::SessionAction;
 use crate::source::SourceError;
 use crate::target::ConnId;
 use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
@@ -40,6 +41,8 @@ pub(super) struct Link {
     pub(super) frames: VecDeque<InFlight>,
     pub(super) bytes: usize,
     pub(super) busy_until: u64,
+    /// Nothing arrives before this tick: the link is silent (0: it never was on this connection).
+    pub(super) held_until: u64,
 }
 
 impl Link {
@@ -47,10 +50,13 @@ impl Link {
         self.frames.clear();
         self.bytes = 0;
         self.busy_until = now;
+        self.held_until = 0;
     }
 
     pub(super) fn arrived(&self, now: u64) -> Option<&InFlight> {
-        self.frames.front().filter(|f| f.arrive <= now)
+        self.frames
+            .front()
+            .filter(|f| f.arrive.max(self.held_until) <= now)
     }
 
     pub(super) fn pop(&mut self) -> Option<InFlight> {
@@ -86,6 +92,89 @@ impl Sim<'_> {
         self.cut_link();
         self.link.on_lost(self.now * TICK_NS);
         self.schedule_reconnect();
+    }
+
+    pub(super) fn schedule_silence(&mut self) {
+        let mean = self.cfg.silence_gap_ticks;
+        if mean > 0 {
+            let gap = self.silence_rng.u64(1..=mean.saturating_mul(2));
+            self.schedule(self.now + gap, Event::Silence);
+        }
+    }
+
+    /// The link falls silent: frames in both directions are held (those on the way included),
+    /// half of the time for good (a peer that vanished without a FIN), otherwise for up to twice
+    /// the session's idle timeout, after which they arrive. Neither end is told; only the
+    /// source's idle timeout gets the connection going again.
+    pub(super) fn silence(&mut self) {
+        if !self.link_up {
+            return;
+        }
+        self.report.silences += 1;
+        let until = if self.silence_rng.bool() {
+            u64::MAX
+        } else {
+            let ticks = self
+                .silence_rng
+                .u64(1..=self.cfg.idle_timeout_ticks.saturating_mul(2));
+            let until = self.now.saturating_add(ticks);
+            self.schedule(until, Event::Deliver);
+            until
+        };
+        self.s2t.held_until = until;
+        self.t2s.held_until = until;
+    }
+
+    /// Asks for a [`Event::SessionTimer`] at the source session's next deadline while a
+    /// connection is up (the reconnect while it is down is [`Event::Reconnect`]'s).
+    pub(super) fn arm_session_timer(&mut self) {
+        if !self.link_up || !self.source_life.alive() {
+            return;
+        }
+        let Some(at_ns) = self.link.poll_timeout() else {
+            return;
+        };
+        let at = at_ns.div_ceil(TICK_NS).max(self.now);
+        if self.session_timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.session_timer = Some(at);
+        self.schedule(at, Event::SessionTimer);
+    }
+
+    /// The session's deadline: a PING goes out (as the daemon's, skipped while the link's queue
+    /// is full: data is flowing), or a silent connection is dropped and the reconnect policy
+    /// takes over.
+    pub(super) fn session_timer(&mut self) -> Step<()> {
+        if self.session_timer == Some(self.now) {
+            self.session_timer = None;
+        }
+        if !self.link_up || !self.source_life.alive() {
+            return Ok(());
+        }
+        match self.link.handle_timeout(self.now * TICK_NS) {
+            Some(SessionAction::Ping(token)) => {
+                if self.s2t.bytes < self.cfg.link_bytes_max {
+                    self.report.pings += 1;
+                    self.send(Dir::ToTarget, &Frame::Ping { token }.encode());
+                }
+            }
+            Some(SessionAction::Drop(reason)) => {
+                // The idle timeout is far above a healthy link's quiet spells (SimConfig), and
+                // PING keeps an idle one talking: only a connection that went silent may be
+                // dropped (if only just healed, its answers may still be on the way).
+                if self.s2t.held_until == 0 {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        format!("the source dropped a live connection: {reason}"),
+                    ));
+                }
+                self.report.silent_drops += 1;
+                self.disconnect();
+            }
+            Some(SessionAction::Connect) | None => {}
+        }
+        Ok(())
     }
 
     /// The source's reconnect policy decides when (backoff with jitter, as the daemon's).

@@ -4,10 +4,13 @@
 //! One `u64` seed drives everything: the configuration (volume geometry, acknowledgement mode,
 //! lock style, conflict policy, log bounds, link latency and bandwidth, fault rates), the host
 //! workload (writes, discards, write-zeroes and flushes of mixed sizes over a hot region), and the
-//! faults (disconnects, corrupted bytes, local lock holders on the target, mode switches, target
+//! faults (disconnects, corrupted bytes, silences of the link and pauses of the host longer than
+//! the source's idle timeout, local lock holders on the target, mode switches, target
 //! crashes that lose all or part of the volatile data, source process crashes and clean stops,
 //! and with [`SimOptions::replace_target_volume`] a target disk replaced). Source crashes draw
-//! from a [`fastrand::Rng`] stream of their own, everything else from one other. Time is a
+//! from a [`fastrand::Rng`] stream of their own, the session's timers and the link's silences
+//! (frames held in both directions, neither end told, as a half-open TCP connection) from a
+//! third, everything else from one other. Time is a
 //! tick counter; events sit in a queue ordered by (time, insertion counter), so a seed replays
 //! exactly. Frames cross the link as encoded bytes, so the codec is exercised too.
 //!
@@ -72,6 +75,8 @@ pub use report::SimReport;
 
 /// Mixed into the seed for the source-crash stream.
 const SOURCE_CRASH_STREAM: u64 = 0x50c3_c4a5_d1e5_0001;
+/// Mixed into the seed for the stream of the session's timers and the link's silences.
+const SILENCE_STREAM: u64 = 0x51e1_ce00_d1e5_0002;
 
 /// What a run may be told from outside the seed.
 #[derive(Debug, Clone)]
@@ -236,10 +241,11 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
     // Source crashes draw from a stream of their own: a seed that has none runs exactly as it did
     // before they were simulated.
     let mut crash_rng = fastrand::Rng::with_seed(seed ^ SOURCE_CRASH_STREAM);
-    let cfg = SimConfig::random(&mut rng, &mut crash_rng);
+    let mut silence_rng = fastrand::Rng::with_seed(seed ^ SILENCE_STREAM);
+    let cfg = SimConfig::random(&mut rng, &mut crash_rng, &mut silence_rng);
     let config = cfg.summary();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let mut sim = Sim::new(seed, opts, cfg, rng, crash_rng);
+        let mut sim = Sim::new(seed, opts, cfg, rng, crash_rng, silence_rng);
         let result = sim.run();
         (result, sim.step, sim.now)
     }));

@@ -100,6 +100,14 @@ pub struct SimReport {
     pub replaced_volumes: u64,
     /// Replication stopped for good, as it must for a target that lost what it had made durable.
     pub fatal_stops: u64,
+    /// Times the link fell silent (frames held both ways, neither end told).
+    pub silences: u64,
+    /// PINGs the source's session sent on an idle connection.
+    pub pings: u64,
+    /// Connections the source's session dropped because nothing arrived for its idle timeout.
+    pub silent_drops: u64,
+    /// Pauses of the host longer than the idle timeout.
+    pub host_pauses: u64,
 }
 
 impl SimReport {
@@ -140,6 +148,10 @@ impl SimReport {
         self.clean_source_stops += r.clean_source_stops;
         self.source_resumes += r.source_resumes;
         self.fatal_stops += r.fatal_stops;
+        self.silences += r.silences;
+        self.pings += r.pings;
+        self.silent_drops += r.silent_drops;
+        self.host_pauses += r.host_pauses;
         self.commit_full_waits += r.commit_full_waits;
         self.inconsistent_steps += r.inconsistent_steps;
         self.source_crashes += r.source_crashes;
@@ -157,7 +169,7 @@ impl fmt::Display for SimReport {
         write!(
             f,
             "seed {}: {} ops in {} steps / {} ticks; {} frames {} B; corrupt {}h/{}p; \
-             nak {} reject {} granted {}; disconnect {} reset {} handshake {}; crash {} \
+             nak {} reject {} granted {}; disconnect {} reset {} handshake {}; silence {} ping {} silent-drop {} host-pause {}; crash {} \
              (partial {}) clean-restart {}; local locks {} refused {}; mode switches {}; \
              source crash {} (failed {}, acked durable kept {}, acked writes lost {})",
             self.seed,
@@ -174,6 +186,10 @@ impl fmt::Display for SimReport {
             self.disconnects,
             self.resets,
             self.handshakes,
+            self.silences,
+            self.pings,
+            self.silent_drops,
+            self.host_pauses,
             self.crashes,
             self.partial_crashes,
             self.clean_restarts,

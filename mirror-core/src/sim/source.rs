@@ -270,8 +270,8 @@ pub(super) fn first_primary_record(cfg: &TargetConfig) -> MetaRecord {
 
 /// The source process's link to the target, the daemon's policy: an engine whose operations
 /// through `confirmed` are durable on the target, and its session with reconnect delays in the
-/// run's scale (1 tick up to the configured bound); the link is never silent, so PING and the
-/// idle timeout never fire. Each life of the source process draws its own jitter.
+/// run's scale (1 tick up to the configured bound), PING and the idle timeout as the seed chose
+/// them. Each life of the source process draws its own jitter.
 pub(super) fn new_link(
     source_cfg: SourceConfig,
     confirmed: Seq,
@@ -286,8 +286,8 @@ pub(super) fn new_link(
     let session = SessionConfig {
         backoff_min_ns: TICK_NS,
         backoff_max_ns: cfg.reconnect_ticks_max.max(1) * TICK_NS,
-        ping_interval_ns: u64::MAX / 4,
-        idle_timeout_ns: u64::MAX / 4,
+        ping_interval_ns: cfg.ping_interval_ticks * TICK_NS,
+        idle_timeout_ns: cfg.idle_timeout_ticks * TICK_NS,
     };
     let jitter_seed = seed ^ 0x5e55_1011 ^ source_run.rotate_left(32);
     let mut session = SourceSession::new(session, jitter_seed, now_ns);

@@ -169,12 +169,29 @@ impl Sim<'_> {
         self.submitted += 1;
         if self.next_op < self.opts.ops {
             let gap = self.rng.u64(0..=self.cfg.op_gap_ticks_max);
-            self.schedule(self.now + gap, Event::HostArrive);
+            let at = (self.now + gap).max(self.host_paused_until);
+            self.schedule(at, Event::HostArrive);
         } else {
             // The workload is over: faults stop, and the run must reach quiescence.
             self.faults_on = false;
         }
         Ok(true)
+    }
+
+    pub(super) fn schedule_host_pause(&mut self) {
+        let mean = self.cfg.host_pause_gap_ticks;
+        if mean > 0 {
+            let gap = self.silence_rng.u64(1..=mean.saturating_mul(2));
+            self.schedule(self.now + gap, Event::HostPause);
+        }
+    }
+
+    /// The host goes quiet for one to two idle timeouts: its next operation waits.
+    pub(super) fn host_pause(&mut self) {
+        let idle = self.cfg.idle_timeout_ticks;
+        let ticks = self.silence_rng.u64(idle..=idle.saturating_mul(2));
+        self.host_paused_until = self.host_paused_until.max(self.now.saturating_add(ticks));
+        self.report.host_pauses += 1;
     }
 
     /// Replication stopped for good: every host operation in flight fails, as does every later

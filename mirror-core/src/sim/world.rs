@@ -61,6 +61,12 @@ pub(super) enum Event {
     SourceRestart {
         source_run: u64,
     },
+    /// The link falls silent (rescheduled from the silence stream while the workload runs).
+    Silence,
+    /// The source's session asked to be woken at this tick (a PING, or a silent link's drop).
+    SessionTimer,
+    /// The host stops producing operations for a while (from the silence stream).
+    HostPause,
 }
 
 #[derive(Debug)]
@@ -108,6 +114,12 @@ pub(super) struct Sim<'a> {
     pub(super) source_run: u64,
     /// Draws of source crashes (a stream apart from `rng`).
     pub(super) crash_rng: fastrand::Rng,
+    /// Draws of the link's silences (a third stream).
+    pub(super) silence_rng: fastrand::Rng,
+    /// The earliest tick a [`Event::SessionTimer`] is scheduled for.
+    pub(super) session_timer: Option<u64>,
+    /// The host produces no operation before this tick.
+    pub(super) host_paused_until: u64,
     /// The target node: its engine and the metadata record its driver keeps.
     pub(super) node: Node<Target>,
     pub(super) target_cfg: TargetConfig,
@@ -211,6 +223,7 @@ impl<'a> Sim<'a> {
         cfg: SimConfig,
         mut rng: fastrand::Rng,
         crash_rng: fastrand::Rng,
+        silence_rng: fastrand::Rng,
     ) -> Sim<'a> {
         let mut volume_id = [0u8; 16];
         rng.fill(&mut volume_id);
@@ -274,6 +287,9 @@ impl<'a> Sim<'a> {
             source_life: SourceLife::Up,
             source_run: 0,
             crash_rng,
+            silence_rng,
+            session_timer: None,
+            host_paused_until: 0,
             node: new_node(&target_cfg, None, true, opts),
             target_cfg,
             replaced: false,
@@ -361,6 +377,8 @@ impl<'a> Sim<'a> {
         self.schedule_gap(self.cfg.lock_gap_ticks, Event::LockAttempt);
         self.schedule_gap(self.cfg.mode_switch_gap_ticks, Event::ModeSwitch);
         self.schedule_source_crash();
+        self.schedule_silence();
+        self.schedule_host_pause();
         self.pump()?;
         self.check()?;
         loop {
@@ -484,6 +502,19 @@ impl<'a> Sim<'a> {
                     self.source_restart();
                 }
             }
+            Event::Silence => {
+                if self.faults_on {
+                    self.silence();
+                    self.schedule_silence();
+                }
+            }
+            Event::SessionTimer => self.session_timer()?,
+            Event::HostPause => {
+                if self.faults_on {
+                    self.host_pause();
+                    self.schedule_host_pause();
+                }
+            }
         }
         Ok(())
     }
@@ -507,6 +538,7 @@ impl<'a> Sim<'a> {
             progress |= self.source_rebase()?;
             progress |= self.begin_drain();
             if !progress {
+                self.arm_session_timer();
                 return Ok(());
             }
         }
