@@ -154,7 +154,6 @@ fn start_mirror(
     };
     let cfg = ReplicatorConfig {
         connect_deadline: Some(s.connect_timeout),
-        confirmed: restored.confirmed,
         meta: running,
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };

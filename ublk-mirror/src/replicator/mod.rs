@@ -51,12 +51,11 @@ pub struct ReplicatorConfig {
     pub peer: String,
     /// The engine's configuration (volume identity, secret, mode, log bounds).
     pub source: SourceConfig,
-    /// The peer holds every operation through this seq (what [`recover_primary`] restored): the
-    /// sequence continues after it.
+    /// The node's metadata record as it runs (its `durable`: the peer holds every operation
+    /// through it, what [`recover_primary`] restored, and the sequence continues after it); a
+    /// clean drain returns it marked clean.
     ///
     /// [`recover_primary`]: mirror_core::node::recover_primary
-    pub confirmed: Seq,
-    /// The node's metadata record as it runs; a clean drain returns it marked clean.
     pub meta: MetaRecord,
     /// Bound on one connection attempt.
     pub connect_timeout: Duration,
@@ -89,7 +88,6 @@ impl ReplicatorConfig {
         ReplicatorConfig {
             peer: peer.into(),
             source,
-            confirmed: Seq::NONE,
             meta,
             connect_timeout: Duration::from_secs(3),
             connect_deadline: None,
@@ -111,7 +109,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("volume_id", &self.source.volume_id)
             .field("mode", &self.source.mode)
             .field("volume_bytes", &self.source.volume_bytes)
-            .field("confirmed", &self.confirmed)
+            .field("confirmed", &self.meta.durable)
             .field("block_bytes", &self.source.block_bytes)
             .field("connect_timeout", &self.connect_timeout)
             .field("connect_deadline", &self.connect_deadline)
@@ -401,7 +399,7 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
         last_error: None,
     });
     let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
-    let source = Source::with_log(cfg.source.clone(), MemLog::new(), cfg.confirmed);
+    let source = Source::with_log(cfg.source.clone(), MemLog::new(), cfg.meta.durable);
     let mut link = PeerLink::new(source, session);
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));

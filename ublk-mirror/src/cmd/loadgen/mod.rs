@@ -26,7 +26,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use mirror_core::meta::MetaRecord;
-use mirror_core::node::PrimaryRestored;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
 use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
@@ -138,7 +137,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     // The daemon's rules: what a restart trusts (decided at once: a file the open grew gets its
     // record before anything else can fail), and a clean stop recorded once the target holds
     // everything.
-    let restored = volume.restore_primary(
+    let (_, running) = volume.restore_primary(
         &args.volume,
         args.volume_id,
         NodeId(args.node_id),
@@ -172,7 +171,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(drive(&args, &plan, source, (volume, restored), ack_log))?;
+    let summary = runtime.block_on(drive(&args, &plan, source, (volume, running), ack_log))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -185,12 +184,11 @@ async fn drive(
     args: &LoadgenArgs,
     plan: &Plan,
     source: SourceConfig,
-    (volume, (restored, running)): (LocalVolume, (PrimaryRestored, MetaRecord)),
+    (volume, running): (LocalVolume, MetaRecord),
     ack_log: Option<AckLog>,
 ) -> anyhow::Result<Summary> {
     let cfg = ReplicatorConfig {
         connect_deadline: Some(Duration::from_secs(args.connect_timeout_secs)),
-        confirmed: restored.confirmed,
         meta: running,
         ..ReplicatorConfig::new(args.peer.clone(), source)
     };
