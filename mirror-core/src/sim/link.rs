@@ -9,7 +9,7 @@ use crate::target::ConnId;
 use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
 use crate::{Generation, NodeId, Seq};
 
-use super::world::{Event, Sim, Step, TICK_NS};
+use super::world::{Event, Sim, Step, Stream, TICK_NS};
 use super::Check;
 
 /// Intruders' connection ids start above this (the real source's count from 0).
@@ -96,10 +96,7 @@ impl Sim<'_> {
 
     pub(super) fn schedule_silence(&mut self) {
         let mean = self.cfg.silence_gap_ticks;
-        if mean > 0 {
-            let gap = self.silence_rng.u64(1..=mean.saturating_mul(2));
-            self.schedule(self.now + gap, Event::Silence);
-        }
+        self.schedule_gap_on(Stream::Silence, mean, Event::Silence);
     }
 
     /// The link falls silent: frames in both directions are held (those on the way included),

@@ -15,7 +15,7 @@ use crate::wire::Op;
 use crate::{NodeId, Seq};
 
 use super::workload::Needs;
-use super::world::{Drain, Event, Sim, Step, TICK_NS};
+use super::world::{Drain, Event, Sim, Step, Stream, TICK_NS};
 use super::{SimConfig, SimOptions, SourceCrashSabotage};
 
 /// Where the source process is in its life.
@@ -42,10 +42,7 @@ impl SourceLife {
 impl Sim<'_> {
     pub(super) fn schedule_source_crash(&mut self) {
         let mean = self.cfg.source_crash_gap_ticks;
-        if mean > 0 {
-            let gap = self.crash_rng.u64(1..=mean.saturating_mul(2));
-            self.schedule(self.now + gap, Event::SourceCrash);
-        }
+        self.schedule_gap_on(Stream::Crash, mean, Event::SourceCrash);
     }
 
     /// The source process dies: its engine (rollback log, pending completions), its session and

@@ -12,7 +12,7 @@ use crate::{Lba, Range, Seq};
 
 use super::check::{byte_range, op_name};
 use super::source::SourceLife;
-use super::world::{Drain, Event, Sim, Step, TICK_NS};
+use super::world::{Drain, Event, Sim, Step, Stream, TICK_NS};
 use super::Check;
 
 /// What a completed host operation promises, as the checkers state it (apart from the engine's
@@ -180,10 +180,7 @@ impl Sim<'_> {
 
     pub(super) fn schedule_host_pause(&mut self) {
         let mean = self.cfg.host_pause_gap_ticks;
-        if mean > 0 {
-            let gap = self.silence_rng.u64(1..=mean.saturating_mul(2));
-            self.schedule(self.now + gap, Event::HostPause);
-        }
+        self.schedule_gap_on(Stream::Silence, mean, Event::HostPause);
     }
 
     /// The host goes quiet for one to two idle timeouts: its next operation waits.

@@ -207,6 +207,15 @@ pub(super) struct Sim<'a> {
 
 pub(super) type Step<T> = Result<T, Violation>;
 
+/// The random streams a seed drives (apart, so that one kind of fault does not shift another's
+/// draws).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stream {
+    Main,
+    Crash,
+    Silence,
+}
+
 /// The stop of the source daemon, run when every host operation is over: the link reports when
 /// the target holds everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,8 +370,19 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn schedule_gap(&mut self, mean: u64, event: Event) {
+        self.schedule_gap_on(Stream::Main, mean, event);
+    }
+
+    /// Schedules `event` after a gap of 1 to twice `mean` ticks drawn from `stream` (none if
+    /// `mean` is 0).
+    pub(super) fn schedule_gap_on(&mut self, stream: Stream, mean: u64, event: Event) {
         if mean > 0 {
-            let gap = self.rng.u64(1..=mean.saturating_mul(2));
+            let rng = match stream {
+                Stream::Main => &mut self.rng,
+                Stream::Crash => &mut self.crash_rng,
+                Stream::Silence => &mut self.silence_rng,
+            };
+            let gap = rng.u64(1..=mean.saturating_mul(2));
             self.schedule(self.now + gap, event);
         }
     }
