@@ -137,6 +137,8 @@ pub enum PeerSabotage {
     RetryFatal,
     /// Report a drain complete as soon as it begins.
     DrainEarly,
+    /// Report "durable through N" for what was received, not what the peer made durable.
+    DurableEarly,
 }
 
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
@@ -345,7 +347,11 @@ impl<L: RollbackLog> PeerLink<L> {
         if let Some(seq) = self.source.poll_completion() {
             return Some(PeerEvent::Completed(seq));
         }
-        let durable = self.source.status().durable;
+        let durable = if self.sabotage == PeerSabotage::DurableEarly {
+            self.source.status().received
+        } else {
+            self.source.status().durable
+        };
         if durable > self.durable_reported {
             self.durable_reported = durable;
             return Some(PeerEvent::Durable(durable));

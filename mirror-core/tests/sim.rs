@@ -287,6 +287,17 @@ fn never_reconnecting_is_caught_as_no_progress() {
     assert_caught_by(&opts, 200, &[Check::NoProgress]);
 }
 
+/// The primary's per-peer policy telling the waiters "durable through N" for what the target
+/// only received.
+#[test]
+fn reporting_received_as_durable_is_caught_by_the_acknowledged_durable_check() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::DurableEarly,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::AckedDurable]);
+}
+
 /// The source's session keeping a connection on which nothing arrives (no idle timeout): a link
 /// that went silent for good, a peer gone without a FIN, holds replication up forever.
 #[test]
