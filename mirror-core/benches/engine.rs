@@ -14,7 +14,7 @@ use mirror_core::log::{LogEntry, MemLog, RollbackLog};
 use mirror_core::source::{ConnState, LockStyle, Mode, Source, SourceConfig};
 use mirror_core::target::{
     ConflictPolicy, ConnId, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
-    HANDSHAKE_TIMEOUT_NS_DEFAULT,
+    HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
 use mirror_core::wire::{self, Frame, Op, SummedOp, MAC_BYTES};
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
@@ -231,6 +231,7 @@ fn target_config() -> TargetConfig {
         local_locks_max: 64,
         handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
         handshakes_max: HANDSHAKES_MAX_DEFAULT,
+        idle_timeout_ns: IDLE_TIMEOUT_NS_DEFAULT,
     }
 }
 
@@ -245,7 +246,7 @@ fn connected_pair(mode: Mode) -> (Source, Target) {
         let mut moved = false;
         while let Some(frame) = source.poll_transmit() {
             target
-                .handle_frame(C, frame)
+                .handle_frame(C, frame, 0)
                 .unwrap_or_else(|e| panic!("target: {e}"));
             moved = true;
         }
@@ -337,7 +338,7 @@ fn bench_source(c: &mut Criterion) {
             let seq = submit_write(&mut source, next, &writes);
             while let Some(encoded) = source.poll_transmit().map(|frame| frame.encode()) {
                 target
-                    .handle_frame(C, decode(&encoded.header, encoded.payload))
+                    .handle_frame(C, decode(&encoded.header, encoded.payload), 0)
                     .unwrap_or_else(|e| panic!("target: {e}"));
             }
             match target.poll_apply() {
@@ -375,13 +376,13 @@ fn bench_source(c: &mut Criterion) {
             let mut next = 1u64;
             for _ in 0..depth {
                 target
-                    .handle_frame(C, wrapped_write(next, &deep))
+                    .handle_frame(C, wrapped_write(next, &deep), 0)
                     .unwrap_or_else(|e| panic!("target: {e}"));
                 next += 1;
             }
             b.iter(|| {
                 target
-                    .handle_frame(C, wrapped_write(next, &deep))
+                    .handle_frame(C, wrapped_write(next, &deep), 0)
                     .unwrap_or_else(|e| panic!("target: {e}"));
                 next += 1;
                 let apply = target.poll_apply().expect("an entry is ready");

@@ -139,8 +139,8 @@ impl std::fmt::Display for Totals {
         write!(
             f,
             "nak {} reject {} granted {} disconnect {} reset {} handshake {} silence {} ping {} \
-             silent-drop {} host-pause {} crash {} \
-             (partial {}) intruder {} clean-restart {} local-lock {} mode-switch {} \
+             silent-drop {} target-idle-close {} host-pause {} crash {} \
+             (partial {}) intruder {} clean-restart {} local-lock {} (timed out {}) mode-switch {} \
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
              acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
@@ -154,12 +154,14 @@ impl std::fmt::Display for Totals {
             self.0.silences,
             self.0.pings,
             self.0.silent_drops,
+            self.0.target_idle_closes,
             self.0.host_pauses,
             self.0.crashes,
             self.0.partial_crashes,
             self.0.intruders,
             self.0.clean_restarts,
             self.0.local_locks,
+            self.0.local_lock_timeouts,
             self.0.mode_switches,
             self.0.inconsistent_steps,
             self.0.completed_async,

@@ -176,6 +176,17 @@ pub enum LocalRetry {
 pub struct LocalLockRetry {
     deadline_ns: u64,
     backoff_ns: u64,
+    sabotage: LocalRetrySabotage,
+}
+
+/// Deliberate bugs for the simulator test that proves its local-lock check bites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalRetrySabotage {
+    /// Behave correctly.
+    #[default]
+    None,
+    /// Never time out: a holder waits for as long as the region stays locked.
+    NoDeadline,
 }
 
 impl LocalLockRetry {
@@ -185,7 +196,21 @@ impl LocalLockRetry {
         LocalLockRetry {
             deadline_ns: now_ns.saturating_add(timeout_ns),
             backoff_ns: LOCAL_RETRY_FIRST_NS,
+            sabotage: LocalRetrySabotage::None,
         }
+    }
+
+    /// Breaks the policy on purpose (tests that prove the checkers bite).
+    #[must_use]
+    pub fn with_sabotage(mut self, sabotage: LocalRetrySabotage) -> LocalLockRetry {
+        self.sabotage = sabotage;
+        self
+    }
+
+    /// When the holder gives up.
+    #[must_use]
+    pub fn deadline_ns(&self) -> u64 {
+        self.deadline_ns
     }
 
     /// The request was refused with `why` at `now_ns`: wait, give up, or fail.
@@ -195,7 +220,8 @@ impl LocalLockRetry {
             // Busy or too many holders: both clear up when others release.
             LockError::Busy | LockError::TooMany => {
                 let wait_ns = self.backoff_ns;
-                if now_ns.saturating_add(wait_ns) > self.deadline_ns {
+                let late = now_ns.saturating_add(wait_ns) > self.deadline_ns;
+                if late && self.sabotage != LocalRetrySabotage::NoDeadline {
                     return LocalRetry::TimedOut;
                 }
                 self.backoff_ns = (wait_ns * 2).min(LOCAL_RETRY_MAX_NS);

@@ -3,7 +3,7 @@
 use crate::source::{LockStyle, Mode, SourceConfig};
 use crate::target::{
     ConflictPolicy, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
-    HANDSHAKE_TIMEOUT_NS_DEFAULT,
+    HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
 use crate::{Generation, NodeId, VolumeId};
 
@@ -43,6 +43,7 @@ pub(crate) fn target(restored: Restored) -> Target {
             local_locks_max: 4,
             handshake_timeout_ns: HANDSHAKE_TIMEOUT_NS_DEFAULT,
             handshakes_max: HANDSHAKES_MAX_DEFAULT,
+            idle_timeout_ns: IDLE_TIMEOUT_NS_DEFAULT,
         },
         restored,
     )

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use mirror_core::commit::CommitSabotage;
+use mirror_core::lock::LocalRetrySabotage;
 use mirror_core::node::{PeerSabotage, PrimaryRecoverySabotage};
 use mirror_core::session::SessionSabotage;
 use mirror_core::sim::{self, Check, SimOptions, SimReport, SourceCrashSabotage};
@@ -320,6 +321,17 @@ fn never_pinging_an_idle_connection_is_caught() {
     assert_caught_by(&opts, 300, &[Check::Protocol]);
 }
 
+/// The target's idle timeout counted from the session's AUTH instead of its last frame: it
+/// closes healthy sessions that outlive it (the checker allows that only on a silent link).
+#[test]
+fn timing_out_a_talking_session_on_the_target_is_caught() {
+    let opts = SimOptions {
+        target_sabotage: TargetSabotage::IdleFromAuth,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 300, &[Check::Protocol]);
+}
+
 /// The primary's per-peer policy (the replicator's) losing the submission it parked while the
 /// rollback log was full.
 #[test]
@@ -329,6 +341,17 @@ fn dropping_a_parked_submission_is_caught() {
         ..SimOptions::default()
     };
     assert_caught_by(&opts, 200, &[Check::Protocol]);
+}
+
+/// A local lock holder that retries past its deadline (the target server's `lock_region` would
+/// never return `LockTimeout`).
+#[test]
+fn retrying_a_local_lock_past_its_deadline_is_caught() {
+    let opts = SimOptions {
+        local_retry_sabotage: LocalRetrySabotage::NoDeadline,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 300, &[Check::LocalLock]);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! One connection's two tasks, over the framed transport ([`mirror_net`]): a reader that turns
-//! bytes into frames for the engine's owner, and a writer that sends what the owner hands it. Neither touches the engine; neither decides anything
-//! but how to move bytes (and the idle timeout, a socket property).
+//! bytes into frames for the engine's owner, and a writer that sends what the owner hands it.
+//! Neither touches the engine; neither decides anything but how to move bytes (when a session
+//! has been silent too long is the engine's idle timeout; its owner then aborts the writer).
 
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ const DRAIN_BYTES_MAX: usize = 1 << 20;
 pub(crate) enum Input {
     /// A decoded frame, or one that failed to decode after its header was read whole.
     Frame(ConnId, Result<Frame, WireError>),
-    /// The stream cannot go on (closed, reset, idle, or a header that cannot be framed).
+    /// The stream cannot go on (closed, reset, or a header that cannot be framed).
     Ended(ConnId, ReadEnd),
 }
 
@@ -34,14 +35,13 @@ pub(crate) enum Input {
 pub(crate) async fn read_loop(
     conn: ConnId,
     rd: OwnedReadHalf,
-    idle: Duration,
     inputs: mpsc::Sender<Input>,
     mut stop: oneshot::Receiver<bool>,
 ) {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let drain = loop {
         let next = tokio::select! {
-            next = mirror_net::read_frame(&mut rd, Some(idle)) => next,
+            next = mirror_net::read_frame(&mut rd, None) => next,
             drain = &mut stop => break drain.unwrap_or(false),
         };
         let input = match next {
@@ -74,25 +74,18 @@ pub(crate) async fn read_loop(
 }
 
 /// Writes each batch the owner sends; when the owner drops its sender, writes what is left and
-/// shuts the write side down (FIN). A peer that does not read for `idle` is given up on.
+/// shuts the write side down (FIN). A peer that stops reading stalls it until the owner aborts
+/// it (the engine's idle timeout: the owner takes no frames while a writer is full).
 pub(crate) async fn write_loop(
     conn: ConnId,
     mut wr: OwnedWriteHalf,
-    idle: Duration,
     mut batches: mpsc::Receiver<Vec<Encoded>>,
 ) {
     while let Some(batch) = batches.recv().await {
-        match tokio::time::timeout(idle, mirror_net::write_frames(&mut wr, &batch)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!(%conn, "write to source failed: {e}");
-                return;
-            }
-            Err(_) => {
-                debug!(%conn, "source did not read for {idle:?}");
-                return;
-            }
+        if let Err(e) = mirror_net::write_frames(&mut wr, &batch).await {
+            debug!(%conn, "write to source failed: {e}");
+            return;
         }
     }
-    let _ = tokio::time::timeout(idle, wr.shutdown()).await;
+    let _ = wr.shutdown().await;
 }

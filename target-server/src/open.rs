@@ -99,5 +99,6 @@ pub(crate) fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConf
         local_locks_max: LOCAL_LOCKS_MAX,
         handshake_timeout_ns: u64::try_from(cfg.handshake_timeout.as_nanos()).unwrap_or(u64::MAX),
         handshakes_max: HANDSHAKES_MAX_DEFAULT,
+        idle_timeout_ns: u64::try_from(cfg.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
     }
 }

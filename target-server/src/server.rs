@@ -195,7 +195,6 @@ async fn serve(
         node: Node::secondary(record, target),
         volume: Arc::clone(&volume),
         meta_file: meta,
-        idle_timeout: cfg.idle_timeout,
         listener,
         cmds: cmd_rx,
         status: status_tx,

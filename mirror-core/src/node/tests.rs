@@ -46,7 +46,7 @@ fn exchange(link: &mut PeerLink, target: &mut Target) -> Result<(), CloseConn> {
         while let Some(frame) = link.poll_transmit(1) {
             let bytes = frame.encode().to_vec();
             let (frame, _) = decode(&bytes).unwrap().unwrap();
-            target.handle_frame(C, frame).unwrap();
+            target.handle_frame(C, frame, 0).unwrap();
             moved = true;
         }
         while let Some(apply) = target.poll_apply() {

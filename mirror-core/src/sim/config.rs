@@ -60,6 +60,9 @@ pub struct SimConfig {
     pub lock_gap_ticks: u64,
     /// Longest local lock hold.
     pub lock_hold_ticks_max: u64,
+    /// How long a refused local lock holder retries (as the target server's
+    /// `--local-lock-timeout`): some give up before their first retry, some after one or two.
+    pub local_lock_timeout_ticks: u64,
     /// Mean gap between mode switches (0: none).
     pub mode_switch_gap_ticks: u64,
     /// Mean gap between source process crashes (0: none).
@@ -140,6 +143,7 @@ impl SimConfig {
             crash_gap_ticks: some(rng, 60, 500, 5000),
             lock_gap_ticks: some(rng, 85, 20, 400),
             lock_hold_ticks_max: rng.u64(1..=300),
+            local_lock_timeout_ticks: 0,
             mode_switch_gap_ticks: some(rng, 50, 200, 3000),
             source_crash_gap_ticks: some(crash_rng, 50, 300, 3000),
             source_restart_ticks_max: crash_rng.u64(1..=500),
@@ -154,6 +158,8 @@ impl SimConfig {
             u64::try_from(cfg.link_bytes_max).unwrap_or(u64::MAX) / cfg.bandwidth_bytes_per_tick;
         cfg.idle_timeout_ticks =
             cfg.ping_interval_ticks * 3 + 4 * cfg.latency_ticks + 2 * queue_ticks + 2_000;
+        // Derived, not drawn, so that every other draw of a seed stays as it was.
+        cfg.local_lock_timeout_ticks = cfg.lock_hold_ticks_max * 12;
         cfg
     }
 
@@ -161,7 +167,7 @@ impl SimConfig {
         format!(
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
-             link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} switch~{} \
+             link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
              source-crash~{} restart<={} ping {} idle {} silence~{} pause~{}",
             self.volume_bytes / 1024,
             self.block_bytes,
@@ -185,6 +191,7 @@ impl SimConfig {
             self.corrupt_per_mille,
             self.crash_gap_ticks,
             self.lock_gap_ticks,
+            self.local_lock_timeout_ticks,
             self.mode_switch_gap_ticks,
             self.source_crash_gap_ticks,
             self.source_restart_ticks_max,

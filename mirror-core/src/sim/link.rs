@@ -83,6 +83,7 @@ impl Sim<'_> {
         }
         self.link.on_connected(nonce_s, self.now * TICK_NS);
         self.link_up = true;
+        self.target_closed = false;
     }
 
     pub(super) fn disconnect(&mut self) {
@@ -137,6 +138,19 @@ impl Sim<'_> {
         }
         self.session_timer = Some(at);
         self.schedule(at, Event::SessionTimer);
+    }
+
+    /// Asks for a [`Event::TargetTimer`] at the target engine's next deadline.
+    pub(super) fn arm_target_timer(&mut self) {
+        let Some(at_ns) = self.node.engines().poll_timeout() else {
+            return;
+        };
+        let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
+        if self.target_timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.target_timer = Some(at);
+        self.schedule(at, Event::TargetTimer);
     }
 
     /// The session's deadline: a PING goes out (as the daemon's, skipped while the link's queue
@@ -222,12 +236,14 @@ impl Sim<'_> {
             nonce,
             mac: [0; MAC_BYTES],
         });
-        let answered = self.node.engines_mut().handle_frame(conn, hello);
+        let now_ns = self.now * TICK_NS;
+        let answered = self.node.engines_mut().handle_frame(conn, hello, now_ns);
         let refused = self.node.engines_mut().handle_frame(
             conn,
             Frame::Auth {
                 mac: [0; MAC_BYTES],
             },
+            now_ns,
         );
         while self.node.engines_mut().poll_transmit(conn).is_some() {}
         self.node.engines_mut().on_disconnect(conn);
@@ -314,6 +330,11 @@ impl Sim<'_> {
             let Some(front) = self.s2t.arrived(self.now) else {
                 break;
             };
+            if self.target_closed {
+                // The target's socket is gone: its stack answers with a reset.
+                self.reset();
+                return Ok(true);
+            }
             if let Ok(header) = wire::decode_header(&front.bytes) {
                 if !self.node.engines().has_room(header.payload_len as usize) {
                     if !self.commit_full_noted {
@@ -328,11 +349,11 @@ impl Sim<'_> {
             progress = true;
             match self.decoded(&frame, "target")? {
                 Ok(decoded) => {
-                    if let Err(e) = self
-                        .node
-                        .engines_mut()
-                        .handle_frame(ConnId(self.conn), decoded)
-                    {
+                    if let Err(e) = self.node.engines_mut().handle_frame(
+                        ConnId(self.conn),
+                        decoded,
+                        self.now * TICK_NS,
+                    ) {
                         return Err(self.violation(
                             Check::Protocol,
                             format!("target closed the connection: {e}"),
@@ -341,11 +362,11 @@ impl Sim<'_> {
                 }
                 Err(err) => {
                     let repairable = err.nak_seq().is_some();
-                    match self
-                        .node
-                        .engines_mut()
-                        .handle_wire_error(ConnId(self.conn), &err)
-                    {
+                    match self.node.engines_mut().handle_wire_error(
+                        ConnId(self.conn),
+                        &err,
+                        self.now * TICK_NS,
+                    ) {
                         Ok(()) if repairable => {}
                         Ok(()) => {
                             return Err(self.violation(

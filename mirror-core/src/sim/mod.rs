@@ -53,6 +53,7 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::commit::CommitSabotage;
+use crate::lock::LocalRetrySabotage;
 use crate::node::PeerSabotage;
 use crate::node::PrimaryRecoverySabotage;
 use crate::session::SessionSabotage;
@@ -101,6 +102,8 @@ pub struct SimOptions {
     pub source_crash_sabotage: SourceCrashSabotage,
     /// Deliberate bug of the primary's recovery rule at a restart (tests only).
     pub primary_recovery_sabotage: PrimaryRecoverySabotage,
+    /// Deliberate bug of the local lock holders' retry policy (tests only).
+    pub local_retry_sabotage: LocalRetrySabotage,
     /// One target crash in the run (each with even odds, while the source runs) puts a volume
     /// of unknown content without metadata under the target. The target must stay inconsistent;
     /// if the source had writes durable on it, replication stops for good (until issue 14's full
@@ -137,6 +140,7 @@ impl Default for SimOptions {
             peer_sabotage: PeerSabotage::None,
             source_crash_sabotage: SourceCrashSabotage::None,
             primary_recovery_sabotage: PrimaryRecoverySabotage::None,
+            local_retry_sabotage: LocalRetrySabotage::None,
             replace_target_volume: false,
         }
     }

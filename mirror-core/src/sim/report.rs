@@ -57,6 +57,8 @@ pub struct SimReport {
     pub local_locks: u64,
     /// Local lock attempts refused (busy or too many).
     pub local_lock_refusals: u64,
+    /// Local lock holders that gave up retrying at their deadline.
+    pub local_lock_timeouts: u64,
     /// Run-time mode switches.
     pub mode_switches: u64,
     /// Host operations completed while the mode was `async`.
@@ -106,6 +108,8 @@ pub struct SimReport {
     pub pings: u64,
     /// Connections the source's session dropped because nothing arrived for its idle timeout.
     pub silent_drops: u64,
+    /// Sessions the target closed because nothing arrived for its idle timeout.
+    pub target_idle_closes: u64,
     /// Pauses of the host longer than the idle timeout.
     pub host_pauses: u64,
 }
@@ -138,6 +142,7 @@ impl SimReport {
         self.clean_restarts += r.clean_restarts;
         self.local_locks += r.local_locks;
         self.local_lock_refusals += r.local_lock_refusals;
+        self.local_lock_timeouts += r.local_lock_timeouts;
         self.mode_switches += r.mode_switches;
         self.completed_async += r.completed_async;
         self.completed_received += r.completed_received;
@@ -151,6 +156,7 @@ impl SimReport {
         self.silences += r.silences;
         self.pings += r.pings;
         self.silent_drops += r.silent_drops;
+        self.target_idle_closes += r.target_idle_closes;
         self.host_pauses += r.host_pauses;
         self.commit_full_waits += r.commit_full_waits;
         self.inconsistent_steps += r.inconsistent_steps;
@@ -169,8 +175,8 @@ impl fmt::Display for SimReport {
         write!(
             f,
             "seed {}: {} ops in {} steps / {} ticks; {} frames {} B; corrupt {}h/{}p; \
-             nak {} reject {} granted {}; disconnect {} reset {} handshake {}; silence {} ping {} silent-drop {} host-pause {}; crash {} \
-             (partial {}) clean-restart {}; local locks {} refused {}; mode switches {}; \
+             nak {} reject {} granted {}; disconnect {} reset {} handshake {}; silence {} ping {} silent-drop {} target-idle-close {} host-pause {}; crash {} \
+             (partial {}) clean-restart {}; local locks {} refused {} timed out {}; mode switches {}; \
              source crash {} (failed {}, acked durable kept {}, acked writes lost {})",
             self.seed,
             self.ops,
@@ -189,12 +195,14 @@ impl fmt::Display for SimReport {
             self.silences,
             self.pings,
             self.silent_drops,
+            self.target_idle_closes,
             self.host_pauses,
             self.crashes,
             self.partial_crashes,
             self.clean_restarts,
             self.local_locks,
             self.local_lock_refusals,
+            self.local_lock_timeouts,
             self.mode_switches,
             self.source_crashes,
             self.host_ops_failed,

@@ -18,6 +18,7 @@ impl Sim<'_> {
     pub(super) fn crash(&mut self) {
         self.disconnect();
         self.holders.clear();
+        self.lock_waiters.clear();
         let clean = self.rng.u32(0..4) == 0 && self.node.engines().status().consistent;
         if clean {
             // A clean shutdown finishes the batch out, syncs what was applied and records that

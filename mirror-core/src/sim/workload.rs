@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 
-use crate::lock::{LocalLockId, LockError};
-use crate::node::{PeerEvent, SubmitError, Submitted};
+use crate::lock::{LocalLockId, LocalLockRetry, LocalRetry, LockError};
+use crate::node::{DrainError, PeerEvent, SubmitError, Submitted};
 use crate::source::{Mode, SourceError};
 use crate::storage;
 use crate::wire::{Op, SummedOp};
@@ -42,6 +42,14 @@ pub(super) struct Holder {
     pub(super) id: LocalLockId,
     pub(super) range: Range,
     pub(super) snapshot: Vec<u8>,
+}
+
+/// A local lock holder that was refused and waits to try again.
+#[derive(Debug)]
+pub(super) struct LockWaiter {
+    pub(super) key: u64,
+    pub(super) range: Range,
+    pub(super) retry: LocalLockRetry,
 }
 
 impl Sim<'_> {
@@ -97,12 +105,45 @@ impl Sim<'_> {
         };
         first = first.min(blocks_total - len_blocks);
         let range = Range::new(first * block, len_blocks * block);
-        match self.node.engines_mut().try_lock_local(range) {
+        let key = self.next_holder_key;
+        self.next_holder_key += 1;
+        let now_ns = self.now * TICK_NS;
+        let retry = LocalLockRetry::new(now_ns, self.cfg.local_lock_timeout_ticks * TICK_NS)
+            .with_sabotage(self.opts.local_retry_sabotage);
+        self.try_local_lock(LockWaiter { key, range, retry })
+    }
+
+    /// A refused holder's retry is due.
+    pub(super) fn lock_retry(&mut self, key: u64) -> Step<()> {
+        let Some(index) = self.lock_waiters.iter().position(|w| w.key == key) else {
+            // The target crashed meanwhile: the request failed with it.
+            return Ok(());
+        };
+        let waiter = self.lock_waiters.swap_remove(index);
+        self.try_local_lock(waiter)
+    }
+
+    /// Asks the target for the lock; when refused, the holder retries as the target server's
+    /// do ([`LocalLockRetry`]). The holder is answered before its deadline, always.
+    fn try_local_lock(&mut self, mut waiter: LockWaiter) -> Step<()> {
+        let now_ns = self.now * TICK_NS;
+        let range = waiter.range;
+        let refused = match self.node.engines_mut().try_lock_local(range) {
             Ok(id) => {
+                if now_ns > waiter.retry.deadline_ns() {
+                    let _ = self.node.engines_mut().unlock_local(id);
+                    return Err(self.violation(
+                        Check::LocalLock,
+                        format!(
+                            "a local lock holder on {range:?} was answered after its deadline \
+                             ({} ns late)",
+                            now_ns - waiter.retry.deadline_ns()
+                        ),
+                    ));
+                }
                 self.report.local_locks += 1;
-                let key = self.next_holder_key;
-                self.next_holder_key += 1;
                 let snapshot = self.volume.with_view(|v| v[byte_range(range)].to_vec());
+                let key = waiter.key;
                 self.holders.push(Holder {
                     key,
                     id,
@@ -111,15 +152,27 @@ impl Sim<'_> {
                 });
                 let hold = self.rng.u64(1..=self.cfg.lock_hold_ticks_max);
                 self.schedule(self.now + hold, Event::LockRelease { key });
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if matches!(refused, LockError::Busy | LockError::TooMany) {
+            self.report.local_lock_refusals += 1;
+        }
+        match waiter.retry.on_refused(refused, now_ns) {
+            LocalRetry::Wait { wait_ns } => {
+                let at = self.now + wait_ns.div_ceil(TICK_NS).max(1);
+                self.schedule(at, Event::LockRetry { key: waiter.key });
+                self.lock_waiters.push(waiter);
                 Ok(())
             }
-            Err(LockError::Busy | LockError::TooMany) => {
-                self.report.local_lock_refusals += 1;
+            LocalRetry::TimedOut => {
+                self.report.local_lock_timeouts += 1;
                 Ok(())
             }
-            Err(e) => Err(self.violation(
+            LocalRetry::Refused => Err(self.violation(
                 Check::Protocol,
-                format!("local lock on {range:?} refused: {e}"),
+                format!("local lock on {range:?} refused: {refused}"),
             )),
         }
     }
@@ -268,6 +321,14 @@ impl Sim<'_> {
                         // The process is gone: its link says nothing more.
                         return Ok(true);
                     }
+                    self.drain = Drain::Done;
+                    continue;
+                }
+                PeerEvent::Drained(Err(DrainError::Stopped(SourceError::TargetRegressed {
+                    ..
+                }))) if self.replaced && self.source_life == SourceLife::Up => {
+                    // The run's last drain met the replaced volume: replication stopped for good
+                    // (the Stopped event says so), and the drain with it.
                     self.drain = Drain::Done;
                     continue;
                 }

@@ -10,14 +10,14 @@ use crate::node::{Node, PeerLink};
 use crate::session::SessionAction;
 use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
-use crate::target::{Apply, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
+use crate::target::{Apply, CloseReason, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
 use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
 use super::source::{first_primary_record, new_link, SourceLife};
 use super::storage::{new_commit, new_node};
-use super::workload::{Holder, Needs};
+use super::workload::{Holder, LockWaiter, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
 
 /// Simulated nanoseconds per tick (only used for the submission time the source records).
@@ -55,6 +55,10 @@ pub(super) enum Event {
     LockRelease {
         key: u64,
     },
+    /// A refused local lock holder tries again.
+    LockRetry {
+        key: u64,
+    },
     /// The source process dies (rescheduled from the source-crash stream while the workload runs).
     SourceCrash,
     /// The source process of life `source_run` starts again.
@@ -65,6 +69,9 @@ pub(super) enum Event {
     Silence,
     /// The source's session asked to be woken at this tick (a PING, or a silent link's drop).
     SessionTimer,
+    /// The target's engine asked to be woken at this tick (a handshake's deadline, or the
+    /// session's idle timeout).
+    TargetTimer,
     /// The host stops producing operations for a while (from the silence stream).
     HostPause,
 }
@@ -118,6 +125,8 @@ pub(super) struct Sim<'a> {
     pub(super) silence_rng: fastrand::Rng,
     /// The earliest tick a [`Event::SessionTimer`] is scheduled for.
     pub(super) session_timer: Option<u64>,
+    /// The earliest tick a [`Event::TargetTimer`] is scheduled for.
+    pub(super) target_timer: Option<u64>,
     /// The host produces no operation before this tick.
     pub(super) host_paused_until: u64,
     /// The target node: its engine and the metadata record its driver keeps.
@@ -166,6 +175,10 @@ pub(super) struct Sim<'a> {
     pub(super) s2t: Link,
     pub(super) t2s: Link,
     pub(super) link_up: bool,
+    /// The target closed this connection while the link was silent: its FIN cannot reach the
+    /// source, which learns of it from its idle timeout, or from the reset that answers its next
+    /// frame once the silence ends.
+    pub(super) target_closed: bool,
     /// Incremented at each disconnect; a reconnect event carries the value it was made for.
     pub(super) conn: u64,
     pub(super) next_intruder: u64,
@@ -200,6 +213,8 @@ pub(super) struct Sim<'a> {
     pub(super) commit_full_noted: bool,
 
     pub(super) holders: Vec<Holder>,
+    /// Local lock holders refused at their first try, waiting to retry (as the target server's).
+    pub(super) lock_waiters: Vec<LockWaiter>,
     pub(super) next_holder_key: u64,
 
     pub(super) report: SimReport,
@@ -268,6 +283,8 @@ impl<'a> Sim<'a> {
             // A handshake is three one-way trips on a link the connect has just cleared.
             handshake_timeout_ns: (cfg.latency_ticks * 8 + 1_000) * TICK_NS,
             handshakes_max: HANDSHAKES_MAX_DEFAULT,
+            // The source's rule, seen from the other end: PING keeps an idle session talking.
+            idle_timeout_ns: cfg.idle_timeout_ticks * TICK_NS,
         };
         let ops_u64 = u64::try_from(opts.ops).unwrap_or(u64::MAX);
         let max_steps = if opts.max_steps > 0 {
@@ -298,6 +315,7 @@ impl<'a> Sim<'a> {
             crash_rng,
             silence_rng,
             session_timer: None,
+            target_timer: None,
             host_paused_until: 0,
             node: new_node(&target_cfg, None, true, opts),
             target_cfg,
@@ -324,6 +342,7 @@ impl<'a> Sim<'a> {
             s2t: Link::default(),
             t2s: Link::default(),
             link_up: false,
+            target_closed: false,
             conn: 0,
             next_intruder: 0,
             commit: new_commit(&cfg, opts),
@@ -342,6 +361,7 @@ impl<'a> Sim<'a> {
             faults_on: opts.ops > 0,
             commit_full_noted: false,
             holders: Vec::new(),
+            lock_waiters: Vec::new(),
             next_holder_key: 1,
             report,
             cfg,
@@ -502,6 +522,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::LockRelease { key } => self.lock_release(key)?,
+            Event::LockRetry { key } => self.lock_retry(key)?,
             Event::SourceCrash => {
                 if self.faults_on {
                     // The re-base that stands in for a restarted source's recovery takes the
@@ -529,6 +550,12 @@ impl<'a> Sim<'a> {
                 }
             }
             Event::SessionTimer => self.session_timer()?,
+            Event::TargetTimer => {
+                // The pump that follows every event runs the target's timeout.
+                if self.target_timer == Some(self.now) {
+                    self.target_timer = None;
+                }
+            }
             Event::HostPause => {
                 if self.faults_on {
                     self.host_pause();
@@ -541,10 +568,22 @@ impl<'a> Sim<'a> {
 
     pub(super) fn pump(&mut self) -> Step<()> {
         self.node.engines_mut().handle_timeout(self.now * TICK_NS);
-        while let Some((conn, _)) = self.node.engines_mut().poll_close() {
+        while let Some((conn, why)) = self.node.engines_mut().poll_close() {
             if conn == ConnId(self.conn) && self.link_up {
+                // As the source's: PING keeps an idle session talking.
+                if why == CloseReason::Idle && self.s2t.held_until == 0 {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        format!("the target closed a live session: {why}"),
+                    ));
+                }
                 self.report.target_closes += 1;
-                self.disconnect();
+                if why == CloseReason::Idle {
+                    self.report.target_idle_closes += 1;
+                    self.target_closed = true;
+                } else {
+                    self.disconnect();
+                }
             }
         }
         for _ in 0..PUMP_ROUNDS_MAX {
@@ -559,6 +598,7 @@ impl<'a> Sim<'a> {
             progress |= self.begin_drain();
             if !progress {
                 self.arm_session_timer();
+                self.arm_target_timer();
                 return Ok(());
             }
         }

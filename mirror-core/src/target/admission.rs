@@ -49,13 +49,26 @@ impl Target {
     /// When [`Self::handle_timeout`] must next be called, if any deadline is pending.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.handshakes.iter().map(|h| h.deadline_ns).min()
+        let session = self.session.map(|s| s.idle_deadline_ns);
+        let handshakes = self.handshakes.iter().map(|h| h.deadline_ns);
+        handshakes.chain(session).min()
     }
 
     /// Time has reached `now_ns`: handshakes past their deadline (refused ones whose driver has
     /// not closed them included) are forgotten, their slots free, and their connections are to
-    /// be closed ([`Self::poll_close`]).
+    /// be closed ([`Self::poll_close`]); so is a session idle past its timeout, unless the
+    /// commit log holds operations (then the target is what is slow, and its driver may be
+    /// holding the source's frames back until there is room).
     pub fn handle_timeout(&mut self, now_ns: u64) {
+        if let Some(s) = self.session.filter(|s| s.idle_deadline_ns <= now_ns) {
+            if self.data_entries() + self.applying.len() == 0 {
+                self.drop_connection_state();
+                self.session = None;
+                self.closing.push_back((s.conn, CloseReason::Idle));
+            } else {
+                self.touch_session(now_ns);
+            }
+        }
         let closing = &mut self.closing;
         self.handshakes.retain(|h| {
             let expired = h.deadline_ns <= now_ns;
@@ -88,6 +101,14 @@ impl Target {
         self.session.is_some_and(|s| s.conn == conn)
     }
 
+    /// The session was heard from (or could not be heard: no room) at `now_ns`.
+    pub(super) fn touch_session(&mut self, now_ns: u64) {
+        let idle_ns = self.cfg.idle_timeout_ns;
+        if let Some(s) = &mut self.session {
+            s.idle_deadline_ns = now_ns.saturating_add(idle_ns);
+        }
+    }
+
     pub(super) fn drop_connection_state(&mut self) {
         let first_unapplied = self.last_handed_out().next();
         self.locks.unlock_mirror_from(first_unapplied);
@@ -113,6 +134,7 @@ impl Target {
         &mut self,
         conn: ConnId,
         frame: Frame,
+        now_ns: u64,
     ) -> Result<(), TargetError> {
         let Some(index) = self.handshakes.iter().position(|h| h.conn == conn) else {
             return Err(TargetError::Protocol(SourceViolation::UnknownConn { conn }));
@@ -182,7 +204,7 @@ impl Target {
                 if !ok {
                     return Self::refuse_handshake(h, RefuseReason::BadAuth);
                 }
-                self.admit(index, peer_node, peer_last_seq, told)
+                self.admit(index, peer_node, peer_last_seq, told, now_ns)
             }
             (HandshakeState::Refused, _) => {
                 Err(TargetError::Protocol(SourceViolation::AfterRefusal {
@@ -217,6 +239,7 @@ impl Target {
         node: NodeId,
         peer_last_seq: Seq,
         told: Seq,
+        now_ns: u64,
     ) -> Result<(), TargetError> {
         if let Some(old) = self.session {
             if old.node != node {
@@ -236,7 +259,11 @@ impl Target {
             self.inconsistent_until = Some(until.min(peer_last_seq));
             self.check_consistent();
         }
-        self.session = Some(Session { conn: h.conn, node });
+        self.session = Some(Session {
+            conn: h.conn,
+            node,
+            idle_deadline_ns: now_ns.saturating_add(self.cfg.idle_timeout_ns),
+        });
         self.ack_dirty = true;
         Ok(())
     }

@@ -6,7 +6,7 @@
 //!   frame that failed to decode, and [`Target::on_disconnect`] when it is gone;
 //! - [`Target::poll_transmit`] for frames to send back on a connection, [`Target::poll_close`] for
 //!   connections the engine is done with, [`Target::poll_timeout`] / [`Target::handle_timeout`]
-//!   for the handshake deadline;
+//!   for the handshake deadline and the session's idle timeout;
 //! - [`Target::poll_apply`] for the next operation to apply to the volume, in sequence order, then
 //!   [`Target::handle_applied`] once written, and [`Target::handle_durable`] once the volume (and the
 //!   driver's record of the durable sequence number) is synced.
@@ -45,6 +45,8 @@ const OUT_FRAMES_MAX: usize = 64;
 
 /// Default for [`TargetConfig::handshake_timeout_ns`]: 5 s.
 pub const HANDSHAKE_TIMEOUT_NS_DEFAULT: u64 = 5_000_000_000;
+/// Default for [`TargetConfig::idle_timeout_ns`]: 30 s.
+pub const IDLE_TIMEOUT_NS_DEFAULT: u64 = 30_000_000_000;
 /// Default for [`TargetConfig::handshakes_max`].
 pub const HANDSHAKES_MAX_DEFAULT: usize = 8;
 
@@ -65,6 +67,10 @@ pub enum CloseReason {
     HandshakeTimeout,
     /// The same node authenticated a new session; this older one is dead.
     Replaced,
+    /// The session sent nothing for [`TargetConfig::idle_timeout_ns`] while the target could
+    /// take its frames (a source that crashed or lost its link without a FIN, or stopped reading:
+    /// a driver whose writer is full takes no frames).
+    Idle,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -72,6 +78,7 @@ impl std::fmt::Display for CloseReason {
         f.write_str(match self {
             CloseReason::HandshakeTimeout => "the handshake did not finish in time",
             CloseReason::Replaced => "a new session of the same source replaced it",
+            CloseReason::Idle => "the source sent nothing within the idle timeout",
         })
     }
 }
@@ -97,6 +104,8 @@ pub enum TargetSabotage {
     IgnoreLocalLocks,
     /// Take a HELLO's last seq before its AUTH verified (the bug item 9a of issue 13 fixed).
     TrustHelloBeforeAuth,
+    /// Count the session's idle timeout from its AUTH, not from its last frame.
+    IdleFromAuth,
 }
 
 /// Configuration of a target.
@@ -126,6 +135,9 @@ pub struct TargetConfig {
     pub handshake_timeout_ns: u64,
     /// Connections in their handshake at once; more are refused with Busy.
     pub handshakes_max: usize,
+    /// The session is closed once it has sent nothing for this long while the target could take
+    /// frames.
+    pub idle_timeout_ns: u64,
 }
 
 impl std::fmt::Debug for TargetConfig {
@@ -143,6 +155,7 @@ impl std::fmt::Debug for TargetConfig {
             .field("local_locks_max", &self.local_locks_max)
             .field("handshake_timeout_ns", &self.handshake_timeout_ns)
             .field("handshakes_max", &self.handshakes_max)
+            .field("idle_timeout_ns", &self.idle_timeout_ns)
             .finish()
     }
 }
@@ -203,6 +216,7 @@ struct Handshake {
 struct Session {
     conn: ConnId,
     node: NodeId,
+    idle_deadline_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -334,7 +348,7 @@ impl Target {
     }
 
     /// Commit log entries that carry their operation.
-    fn data_entries(&self) -> usize {
+    pub(super) fn data_entries(&self) -> usize {
         self.log.len() - self.lock_only
     }
 
@@ -354,7 +368,9 @@ impl Target {
 
     fn ready_index(&self) -> Option<usize> {
         match self.sabotage {
-            TargetSabotage::None | TargetSabotage::TrustHelloBeforeAuth => {
+            TargetSabotage::None
+            | TargetSabotage::TrustHelloBeforeAuth
+            | TargetSabotage::IdleFromAuth => {
                 self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
             }
             TargetSabotage::ApplyOutOfOrder => {

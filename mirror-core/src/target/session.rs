@@ -4,15 +4,21 @@
 use super::*;
 
 impl Target {
-    /// A frame that failed to decode. A corrupted write payload (intact header) is answered with
-    /// NAK and the stream goes on; anything else ends the connection.
-    pub fn handle_wire_error(&mut self, conn: ConnId, err: &WireError) -> Result<(), TargetError> {
+    /// A frame that failed to decode, read at `now_ns`. A corrupted write payload (intact
+    /// header) is answered with NAK and the stream goes on; anything else ends the connection.
+    pub fn handle_wire_error(
+        &mut self,
+        conn: ConnId,
+        err: &WireError,
+        now_ns: u64,
+    ) -> Result<(), TargetError> {
         let Some((seq, epoch)) = err.nak_seq() else {
             return Err(TargetError::Wire(err.clone()));
         };
         if !self.is_session(conn) {
             return Err(TargetError::Wire(err.clone()));
         }
+        self.heard(now_ns);
         if epoch < self.epoch {
             // A stale frame that would have been dropped anyway.
             return Ok(());
@@ -34,6 +40,12 @@ impl Target {
             epoch: self.epoch,
         });
         Ok(())
+    }
+
+    fn heard(&mut self, now_ns: u64) {
+        if self.sabotage != TargetSabotage::IdleFromAuth {
+            self.touch_session(now_ns);
+        }
     }
 
     /// Checks that `seq` is the next new entry, or the newest entry waiting for its data.
@@ -70,12 +82,18 @@ impl Target {
         self.update_received();
     }
 
-    /// One decoded frame from connection `conn`. On a protocol violation a REFUSE is queued
-    /// before the error is returned, so the peer learns why it is disconnected.
-    pub fn handle_frame(&mut self, conn: ConnId, frame: Frame) -> Result<(), TargetError> {
+    /// One decoded frame from connection `conn`, read at `now_ns`. On a protocol violation a
+    /// REFUSE is queued before the error is returned, so the peer learns why it is disconnected.
+    pub fn handle_frame(
+        &mut self,
+        conn: ConnId,
+        frame: Frame,
+        now_ns: u64,
+    ) -> Result<(), TargetError> {
         if !self.is_session(conn) {
-            return self.handle_handshake_frame(conn, frame);
+            return self.handle_handshake_frame(conn, frame, now_ns);
         }
+        self.heard(now_ns);
         let result = self.handle_frame_inner(frame);
         if let Err(TargetError::Protocol(_)) = &result {
             let refusal = Frame::Refuse {

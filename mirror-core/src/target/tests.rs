@@ -51,7 +51,7 @@ fn exchange_on(
             let bytes = frame.encode().to_vec();
             let (decoded, _) = decode(&bytes).unwrap().unwrap();
             target
-                .handle_frame(conn, decoded)
+                .handle_frame(conn, decoded, 0)
                 .map_err(|e| format!("target: {e}"))?;
             moved = true;
         }
@@ -242,7 +242,7 @@ fn an_unauthenticated_hello_changes_nothing() {
     let intruder = ConnId(9);
     target.on_connect(intruder, [1; MAC_BYTES], 0).unwrap();
     target
-        .handle_frame(intruder, forged_hello(Seq::NONE))
+        .handle_frame(intruder, forged_hello(Seq::NONE), 0)
         .unwrap();
     assert!(matches!(
         target.poll_transmit(intruder),
@@ -253,7 +253,8 @@ fn an_unauthenticated_hello_changes_nothing() {
             intruder,
             Frame::Auth {
                 mac: [0; MAC_BYTES]
-            }
+            },
+            0
         ),
         Err(TargetError::Refused(RefuseReason::BadAuth))
     );
@@ -285,6 +286,45 @@ fn an_unauthenticated_hello_changes_nothing() {
     assert!(target.status().consistent);
 }
 
+/// The session's idle timeout counts from its last frame, and not while the commit log holds
+/// operations (the driver may then be holding the source's frames back).
+#[test]
+fn a_session_silent_for_the_idle_timeout_is_closed() {
+    let (mut source, mut target) = pair(Mode::Sync);
+    assert_eq!(target.poll_timeout(), Some(IDLE_TIMEOUT_NS_DEFAULT));
+    let later = IDLE_TIMEOUT_NS_DEFAULT - 1;
+    target
+        .handle_frame(C, Frame::Ping { token: 1 }, later)
+        .unwrap();
+    target.handle_timeout(IDLE_TIMEOUT_NS_DEFAULT);
+    assert_eq!(target.poll_close(), None, "a frame restarts the timeout");
+    let deadline = later + IDLE_TIMEOUT_NS_DEFAULT;
+    assert_eq!(target.poll_timeout(), Some(deadline));
+
+    write(&mut source, 3);
+    while let Some(frame) = source.poll_transmit() {
+        let (decoded, _) = decode(&frame.encode().to_vec()).unwrap().unwrap();
+        target.handle_frame(C, decoded, later).unwrap();
+    }
+    target.handle_timeout(deadline);
+    assert_eq!(
+        target.poll_close(),
+        None,
+        "an operation waits to be applied"
+    );
+    assert_eq!(target.session(), Some(C));
+    let apply = target.poll_apply().unwrap();
+    target.handle_applied(apply.seq);
+    target.handle_durable(apply.seq);
+
+    let deadline = deadline + IDLE_TIMEOUT_NS_DEFAULT;
+    assert_eq!(target.poll_timeout(), Some(deadline));
+    target.handle_timeout(deadline);
+    assert_eq!(target.poll_close(), Some((C, CloseReason::Idle)));
+    assert_eq!(target.session(), None);
+    assert_eq!(target.poll_timeout(), None);
+}
+
 /// Item 9b: a silent connection neither takes the session nor outlives its deadline, and
 /// handshakes in flight are bounded.
 #[test]
@@ -306,7 +346,11 @@ fn a_silent_connection_blocks_nobody() {
         target.poll_close(),
         Some((silent, CloseReason::HandshakeTimeout))
     );
-    assert_eq!(target.poll_timeout(), None);
+    assert_eq!(
+        target.poll_timeout(),
+        Some(IDLE_TIMEOUT_NS_DEFAULT),
+        "only the session's idle deadline is left"
+    );
     assert_eq!(target.session(), Some(C), "the session is not timed out");
 
     let now = HANDSHAKE_TIMEOUT_NS_DEFAULT;
@@ -357,7 +401,7 @@ fn a_reconnect_replaces_its_own_stale_session() {
     assert_eq!(target.poll_close(), Some((C, CloseReason::Replaced)));
     assert_eq!(target.status().received, second);
     assert!(
-        target.handle_frame(C, Frame::Ping { token: 1 }).is_err(),
+        target.handle_frame(C, Frame::Ping { token: 1 }, 0).is_err(),
         "the replaced connection is dead"
     );
 
@@ -386,7 +430,7 @@ fn a_replacement_that_raced_the_old_session_retries() {
     let fresh = ConnId(2);
     target.on_connect(fresh, [5; MAC_BYTES], 0).unwrap();
     let hello = new.poll_transmit().unwrap();
-    target.handle_frame(fresh, hello).unwrap();
+    target.handle_frame(fresh, hello, 0).unwrap();
     let ours = target.poll_transmit(fresh).unwrap();
     new.handle_frame(ours).unwrap();
     // Meanwhile the old connection delivers a write that is handed out.
@@ -395,7 +439,7 @@ fn a_replacement_that_raced_the_old_session_retries() {
     assert!(target.poll_apply().is_some());
     let auth = new.poll_transmit().unwrap();
     assert_eq!(
-        target.handle_frame(fresh, auth),
+        target.handle_frame(fresh, auth, 0),
         Err(TargetError::Refused(RefuseReason::Busy))
     );
     assert_eq!(target.poll_close(), Some((C, CloseReason::Replaced)));
@@ -432,7 +476,7 @@ fn writes_go_out_with_the_checksum_taken_at_submit() {
             }
             let (back, _) = decode(&frame.encode().to_vec()).unwrap().unwrap();
             assert_eq!(back, frame, "{mode:?}");
-            target.handle_frame(C, back).unwrap();
+            target.handle_frame(C, back, 0).unwrap();
             sent += 1;
             if mode == Mode::LockThenWrite {
                 // Grants come back before the WRITEs go.

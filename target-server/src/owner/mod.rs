@@ -1,6 +1,6 @@
 //! The task that owns the engine. It waits on its inputs (accepted connections, frames from the
 //! connections' readers, the I/O thread's batch results, local lock requests, the engine's
-//! handshake timer, shutdown) and hands the results out (bytes to the connections' writers, a
+//! timer (handshake deadlines, the session's idle timeout), shutdown) and hands the results out (bytes to the connections' writers, a
 //! batch to the I/O thread, the status). No other task reaches the engine.
 
 use std::collections::HashMap;
@@ -13,12 +13,12 @@ use mirror_core::lock::{LocalLockId, LockError};
 use mirror_core::meta::MetaRecord;
 use mirror_core::node::Node;
 use mirror_core::storage::{MetaStore, Volume};
-use mirror_core::target::{ConnId, Target, TargetError, TargetStatus};
+use mirror_core::target::{CloseReason, ConnId, Target, TargetError, TargetStatus};
 use mirror_core::wire::{Encoded, MAC_BYTES};
 use mirror_core::{Range, Seq};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use crate::conn::{self, Input};
@@ -60,7 +60,6 @@ pub(crate) struct Owner {
     pub(crate) node: Node<Target>,
     pub(crate) volume: Arc<dyn Volume + Send + Sync>,
     pub(crate) meta_file: Arc<dyn MetaStore + Send + Sync>,
-    pub(crate) idle_timeout: Duration,
     pub(crate) listener: TcpListener,
     pub(crate) cmds: mpsc::Receiver<Cmd>,
     pub(crate) status: watch::Sender<TargetStatus>,
@@ -72,6 +71,8 @@ pub(crate) struct Owner {
 struct ConnIo {
     peer: SocketAddr,
     writer: mpsc::Sender<Vec<Encoded>>,
+    /// The writer's task: aborted when its peer is dead (it may never read what is queued).
+    writer_task: AbortHandle,
     /// Tells the reader to stop; `true`: drain what the peer sent first.
     stop_reader: Option<oneshot::Sender<bool>>,
 }
@@ -233,15 +234,20 @@ impl Run {
     }
 
     fn handle_input(&mut self, input: Input) {
+        let now = self.now_ns();
         let (conn, result) = match input {
-            Input::Frame(conn, Ok(frame)) => {
-                (conn, self.o.node.engines_mut().handle_frame(conn, frame))
-            }
+            Input::Frame(conn, Ok(frame)) => (
+                conn,
+                self.o.node.engines_mut().handle_frame(conn, frame, now),
+            ),
             Input::Frame(conn, Err(e)) => {
                 if e.nak_seq().is_some() {
                     debug!(%conn, "corrupted payload: {e}");
                 }
-                (conn, self.o.node.engines_mut().handle_wire_error(conn, &e))
+                (
+                    conn,
+                    self.o.node.engines_mut().handle_wire_error(conn, &e, now),
+                )
             }
             Input::Ended(conn, end) => {
                 self.log_end(conn, &end);
@@ -297,20 +303,15 @@ impl Run {
         let (rd, wr) = stream.into_split();
         let (writer, batches) = mpsc::channel(WRITER_BATCHES_MAX);
         let (stop_reader, stop) = oneshot::channel();
-        let idle = self.o.idle_timeout;
-        self.tasks.spawn(conn::write_loop(conn, wr, idle, batches));
-        self.tasks.spawn(conn::read_loop(
-            conn,
-            rd,
-            idle,
-            self.inputs_tx.clone(),
-            stop,
-        ));
+        let writer_task = self.tasks.spawn(conn::write_loop(conn, wr, batches));
+        self.tasks
+            .spawn(conn::read_loop(conn, rd, self.inputs_tx.clone(), stop));
         self.conns.insert(
             conn,
             ConnIo {
                 peer,
                 writer,
+                writer_task,
                 stop_reader: Some(stop_reader),
             },
         );
@@ -377,10 +378,15 @@ impl Run {
     /// Flushes every connection, and closes those the engine is done with.
     fn flush_all(&mut self) {
         while let Some((conn, why)) = self.o.node.engines_mut().poll_close() {
+            let dead = matches!(why, CloseReason::Idle | CloseReason::Replaced);
             if let Some(c) = self.conns.get(&conn) {
                 info!(peer = %c.peer, %conn, "closing: {why}");
+                if dead {
+                    // Nobody reads what is queued: the writer could wait for good.
+                    c.writer_task.abort();
+                }
             }
-            self.close(conn, true);
+            self.close(conn, !dead);
         }
         // A scratch list, kept between rounds: this runs once per round of the loop.
         let mut ids = std::mem::take(&mut self.scratch);
