@@ -31,7 +31,9 @@
 #   BENCH_RATE (default none: a netem bandwidth cap such as 100mbit for the whole matrix; lo carries
 #   both directions, so the cap is on their sum),
 #   BENCH_SAMPLE (default 0; 1 samples per-thread CPU and the daemon's status once a second during
-#   every fio run: OUTDIR/samples/, .sample in each run of bench.json, a table in bench.md).
+#   every fio run: OUTDIR/samples/, .sample in each run of bench.json, a table in bench.md),
+#   BENCH_VS_BIN_DIR (default none: an A/B of two builds; every ublk-mirror cell then runs both,
+#   one run at a time, in the order AB BA AB ...; the second build's results are named CONFIG@vs).
 # Exit status: 0 if every cell produced a number; 1 otherwise (the table shows `-` for those).
 set -u
 
@@ -42,6 +44,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${UBLK_MIRROR_BIN_DIR:-$REPO/target/release}
 UM=$BIN/ublk-mirror
 TS=$BIN/target-server
+VS_BIN=${BENCH_VS_BIN_DIR:-}
 RTTS=${BENCH_RTTS:-"0 2 10"}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECS:-5}
@@ -89,7 +92,9 @@ echo "bench: rtts='$RTTS' rate='${RATE:-none}' sample=$SAMPLE runs=$RUNS secs=$S
 for c in $CONFIGS; do [[ " $CONFIG_NAMES " == *" $c "* ]] || die "unknown configuration $c (known: $CONFIG_NAMES)"; done
 for w in $WORKLOADS; do [[ " $WORKLOAD_NAMES " == *" $w "* ]] || die "unknown workload $w (known: $WORKLOAD_NAMES)"; done
 for t in fio jq tc losetup python3; do command -v "$t" >/dev/null || die "missing tool $t (run scripts/vm/setup)"; done
-for b in "$UM" "$TS"; do [ -x "$b" ] || die "missing binary $b (run cargo build --release --workspace)"; done
+for b in "$UM" "$TS" ${VS_BIN:+"$VS_BIN/ublk-mirror" "$VS_BIN/target-server"}; do
+    [ -x "$b" ] || die "missing binary $b (run cargo build --release --workspace)"
+done
 modprobe ublk_drv || die "modprobe ublk_drv failed"
 modprobe loop || die "modprobe loop failed"
 modprobe sch_netem || die "modprobe sch_netem failed"
@@ -313,11 +318,11 @@ run_fio() {
           + (if $sample == null then {} else {sample: $sample} end)' "$json" >>"$RESULTS"
 }
 
-# run_cell CONFIG RTT DEV: every workload, BENCH_RUNS times
+# run_cell CONFIG RTT DEV [FIRST-RUN]: every workload, BENCH_RUNS times (numbered from FIRST-RUN)
 run_cell() {
-    local cfg=$1 rtt=$2 dev=$3 wl r
+    local cfg=$1 rtt=$2 dev=$3 first=${4:-1} wl r
     for wl in $WORKLOADS; do
-        for r in $(seq "$RUNS"); do
+        for r in $(seq "$first" $((first + RUNS - 1))); do
             run_fio "$cfg" "$rtt" "$wl" "$r" "$dev" || FAILED=1
         done
         note "  $cfg rtt=$rtt $wl: $(jq -r --arg c "$cfg" --argjson t "$rtt" --arg w "$wl" \
@@ -381,16 +386,33 @@ mirror_down() { # mirror_down MODE TAG
     rm -f "$W"/m-src.img "$W"/m-tgt.img*
 }
 
-bench_mirror() { # bench_mirror MODE RTT
-    local mode=$1 rtt=$2
-    if mirror_up "$mode" "$mode-rtt$rtt"; then
+bench_mirror() { # bench_mirror MODE RTT [NAME [FIRST-RUN]]: NAME (default MODE) names the results
+    local mode=$1 rtt=$2 name=${3:-$1}
+    if mirror_up "$mode" "$name-rtt$rtt"; then
         STATUS_NAME=b-$mode
-        run_cell "$mode" "$rtt" "$MDEV"
+        run_cell "$name" "$rtt" "$MDEV" "${4:-1}"
         STATUS_NAME=""
     else
         FAILED=1
     fi
-    mirror_down "$mode" "$mode-rtt$rtt"
+    mirror_down "$mode" "$name-rtt$rtt"
+}
+
+# bench_mirror_vs MODE RTT: the A/B (BENCH_VS_BIN_DIR): one run of each build at a time, AB BA AB
+# ..., each on fresh volumes and daemons, so that the VM's drift within a boot falls on both alike.
+bench_mirror_vs() {
+    local mode=$1 rtt=$2 runs=$RUNS r side
+    RUNS=1
+    for r in $(seq "$runs"); do
+        for side in $( ((r % 2)) && echo "a vs" || echo "vs a"); do
+            if [ "$side" = vs ]; then
+                UM=$VS_BIN/ublk-mirror TS=$VS_BIN/target-server bench_mirror "$mode" "$rtt" "$mode@vs" "$r"
+            else
+                bench_mirror "$mode" "$rtt" "$mode" "$r"
+            fi
+        done
+    done
+    RUNS=$runs
 }
 
 # DRBD 8.4 with both ends in this kernel: drbdadm would need two `on HOST` sections, one of them
@@ -472,6 +494,8 @@ bench_drbd() { # bench_drbd CONFIG RTT: CONFIG is drbd-A, drbd-C or drbd-C-crc32
 # configuration's RTT columns are measured minutes apart, not a whole matrix apart. loop and
 # passthrough (no network) are measured once, at the first RTT.
 RTT_MEASURED="{}"
+MIRROR_BENCH=bench_mirror
+[ -z "$VS_BIN" ] || MIRROR_BENCH=bench_mirror_vs
 for cfg in $CONFIGS; do
     for rtt in $RTTS; do
         set_rtt "$rtt" "$RATE"
@@ -482,8 +506,8 @@ for cfg in $CONFIGS; do
         fi
         case "$cfg" in
             loop) bench_loop "$rtt"; break ;;
-            passthrough) bench_mirror passthrough "$rtt"; break ;;
-            async | received | sync | lock-then-write) bench_mirror "$cfg" "$rtt" ;;
+            passthrough) "$MIRROR_BENCH" passthrough "$rtt"; break ;;
+            async | received | sync | lock-then-write) "$MIRROR_BENCH" "$cfg" "$rtt" ;;
             drbd-A | drbd-C | drbd-C-crc32c) bench_drbd "$cfg" "$rtt" ;;
         esac
     done
@@ -658,6 +682,27 @@ jq -n --slurpfile runs "$RESULTS" --slurpfile med "$OUT/medians.json" --slurpfil
                    | . * 10 | round / 10) | "
               + ([$c[] | select(.key | endswith("/*") | not)][:5] | map("\(.key) \(.value)") | join(", ")) + " | "
               + "\($s.log_fill_max_pct | f) | \($s.lag_max_s | f) | \($s.written_per_s | f) | \($s.received_per_s | f) |"
+        ' "$RESULTS"
+    fi
+    if [ -n "$VS_BIN" ]; then
+        echo ""
+        echo "A/B: this build ($BIN) against $VS_BIN (CONFIG@vs), one run of each at a time, AB BA AB ...;"
+        echo "medians of the IOPS (MiB/s for seq1m-qd4); spread = (max - min) / median of each side's runs."
+        echo ""
+        echo "| config | RTT ms | workload | runs | IOPS | @vs IOPS | @vs / this | spread | @vs spread |"
+        echo "|---|---:|---|---:|---:|---:|---:|---:|---:|"
+        jq -r -s "$median"'
+            def v: if .workload == "seq1m-qd4" then .mib_s else .iops end;
+            def stat: (map(v) | sort) as $x | {n: ($x | length), med: ($x | med),
+                spread: (if ($x | med) > 0 then (($x[-1] - $x[0]) / ($x | med) * 100 | round) else null end)};
+            def f: if . == null then "-" else (. | floor | tostring) end;
+            (map(select(.config | endswith("@vs") | not))) as $a
+            | map(select(.config | endswith("@vs"))) | group_by([.config, .rtt_ms, .workload])
+            | .[] | (.[0].config | rtrimstr("@vs")) as $c | .[0].rtt_ms as $t | .[0].workload as $w
+            | (stat) as $b | ([$a[] | select(.config == $c and .rtt_ms == $t and .workload == $w)] | stat) as $m
+            | "| \($c) | \($t) | \($w) | \($m.n) | \($m.med | f) | \($b.med | f) | "
+              + "\(if $m.med > 0 then ($b.med / $m.med * 1000 | round / 1000 | tostring) else "-" end) | "
+              + "\($m.spread | f) % | \($b.spread | f) % |"
         ' "$RESULTS"
     fi
     if [ -s "$LAG_RESULTS" ]; then
