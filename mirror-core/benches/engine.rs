@@ -10,6 +10,7 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mirror_core::genid::GenIds;
 use mirror_core::log::{LogEntry, MemLog, RollbackLog};
 use mirror_core::source::{ConnState, LockStyle, Mode, Source, SourceConfig};
 use mirror_core::target::{
@@ -17,7 +18,7 @@ use mirror_core::target::{
     HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
 use mirror_core::wire::{self, Frame, Op, SummedOp, MAC_BYTES};
-use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
+use mirror_core::{Lba, NodeId, Seq, VolumeId};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -202,7 +203,7 @@ fn source_config(mode: Mode) -> SourceConfig {
     SourceConfig {
         volume_id: VolumeId([0x42; 16]),
         node_id: NodeId(1),
-        generation: Generation(1),
+        gen_ids: GenIds::default(),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK_BYTES,
         secret: b"bench-secret".to_vec(),
@@ -221,7 +222,7 @@ fn target_config() -> TargetConfig {
     TargetConfig {
         volume_id: VolumeId([0x42; 16]),
         node_id: NodeId(2),
-        generation: Generation(1),
+        gen_ids: GenIds::default(),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK_BYTES,
         secret: b"bench-secret".to_vec(),

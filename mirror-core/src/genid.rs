@@ -9,12 +9,13 @@
 //! `current`. A node whose volume holds nothing of its own (just created, or invalidated) has
 //! `current` [`Generation::NONE`].
 //!
-//! This release has the ids and [`decide`] only: persisting them in the metadata record, the
-//! handshake that exchanges them, the bitmap and the resync are the rest of issue 14.
+//! This release persists the ids in the metadata record and exchanges them in HELLO, but
+//! assigns none (every id is [`Generation::NONE`]) and does not call [`decide`] at the handshake:
+//! that, the bitmap and the resync are the rest of issue 14.
 
 use crate::Generation;
 
-/// A node's generation ids (to be persisted in its metadata record).
+/// A node's generation ids, as its metadata record keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GenIds {
     /// The history the volume holds now.

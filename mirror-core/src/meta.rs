@@ -1,5 +1,5 @@
 //! A node's persistent metadata record, for both roles: which volume and node this is, its role,
-//! its data generation, the last durable sequence number, whether the previous run stopped
+//! its generation ids ([`GenIds`]), the last durable sequence number, whether the previous run stopped
 //! cleanly, whether the data is known to be consistent, and where a dirty bitmap lives (none yet).
 //! The bytes, their checks and the size of the metadata area live here; the drivers keep the
 //! record at the end of the volume's backing (`mirror-storage`) and decide nothing about it:
@@ -12,7 +12,7 @@
 //! [`meta_area_bytes`] (rounded up to [`META_AREA_ALIGN_BYTES`]) or more, and is recorded.
 //!
 //! Each update overwrites the slot that does not hold the newest record, so a torn update leaves
-//! the previous record intact. A record (version 4, [`RECORD_BYTES`] bytes, little endian):
+//! the previous record intact. A record (version 5, [`RECORD_BYTES`] bytes, little endian):
 //!
 //! | bytes    | field          | meaning                                                  |
 //! |----------|----------------|----------------------------------------------------------|
@@ -25,27 +25,33 @@
 //! | 44..48   | reserved       | zero                                                     |
 //! | 48..56   | volume bytes   | size of the data area                                    |
 //! | 56..64   | durable seq    | last operation applied and synced                        |
-//! | 64..72   | generation     | the data generation                                      |
+//! | 64..72   | current id     | the history the volume holds ([`GenIds::current`])       |
 //! | 72..80   | bitmap offset  | where the dirty bitmap starts (0 with length 0: none)    |
 //! | 80..88   | bitmap bytes   | its length                                               |
 //! | 88..96   | area bytes     | size of the metadata area (0: kept apart from the data)  |
-//! | 96..104  | write count    | incremented by every update; the higher valid slot wins  |
-//! | 104..108 | crc32c         | CRC32C of bytes 0..104                                   |
+//! | 96..104  | bitmap id      | the history the dirty bitmap counts from ([`GenIds::bitmap`]) |
+//! | 104..120 | history ids    | two earlier histories, newest first ([`GenIds::history`]) |
+//! | 120..128 | write count    | incremented by every update; the higher valid slot wins  |
+//! | 128..132 | crc32c         | CRC32C of bytes 0..128                                   |
 //!
-//! Earlier versions were kept in a separate file (`<volume>.meta`) and are read for the upgrade:
-//! version 1 (one 52-byte record, the whole file), 2 (two 60-byte slots, without node, role,
-//! generation and bitmap), 3 (two 100-byte slots, this layout without area bytes: write count at
-//! 88..96, crc32c of 0..96 at 96..100). They read as consistent, with no metadata area.
+//! Version 4 (108 bytes: this layout up to the area bytes, with the write count at 96..104 and
+//! the crc32c of 0..104 at 104..108; its one "generation" at 64..72 reads as the current id) is
+//! read for the upgrade, in place. Earlier versions were kept in a separate file
+//! (`<volume>.meta`) and are read for the upgrade: version 1 (one 52-byte record, the whole
+//! file), 2 (two 60-byte slots, without node, role, generation and bitmap), 3 (two 100-byte
+//! slots, the version-4 layout without area bytes: write count at 88..96, crc32c of 0..96 at
+//! 96..100). They read as consistent, with no metadata area.
 
+use crate::genid::GenIds;
 use crate::types::{Generation, NodeId, Seq, VolumeId};
 use crate::wire::{le_u32, le_u64};
 
 /// `"UBMRMETA"`.
 pub const META_MAGIC: [u8; 8] = *b"UBMRMETA";
 /// The format version this code writes.
-pub const META_VERSION: u32 = 4;
-/// Bytes in one version-4 record.
-pub const RECORD_BYTES: usize = 108;
+pub const META_VERSION: u32 = 5;
+/// Bytes in one version-5 record.
+pub const RECORD_BYTES: usize = 132;
 /// Distance between the two slots (records never share a page or a sector).
 pub const SLOT_BYTES: usize = 4096;
 /// Bytes of the two slots (a legacy metadata file, or the end of the metadata area).
@@ -59,6 +65,7 @@ pub const META_AREA_ALIGN_BYTES: u64 = 1 << 20;
 const V1_BYTES: usize = 52;
 const V2_RECORD_BYTES: usize = 60;
 const V3_RECORD_BYTES: usize = 100;
+const V4_RECORD_BYTES: usize = 108;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_CONSISTENT: u32 = 2;
 
@@ -120,8 +127,8 @@ pub struct MetaRecord {
     pub volume_bytes: u64,
     /// Last sequence number applied and synced to the volume.
     pub durable: Seq,
-    /// The data generation.
-    pub generation: Generation,
+    /// Which data histories the volume holds and its bitmap counts from.
+    pub gen_ids: GenIds,
     /// Whether the run that wrote this stopped cleanly.
     pub clean: bool,
     /// Whether the data is known to be a prefix of the mirror's writes. False for a volume of
@@ -279,7 +286,7 @@ pub enum BindingError {
 
 impl MetaRecord {
     /// The record a node keeps while it runs in `role` with `durable`: the one it `loaded` (its
-    /// generation and bitmap location kept) or a new one for the volume of `facts`; this node's,
+    /// generation ids and bitmap location kept) or a new one for the volume of `facts`; this node's,
     /// and not clean until a clean stop says otherwise.
     #[must_use]
     pub fn running(
@@ -323,8 +330,8 @@ impl MetaRecord {
         Ok(())
     }
 
-    /// A clean, consistent record of a secondary at seq 0, generation 0, without a bitmap or a
-    /// metadata area.
+    /// A clean, consistent record of a secondary at seq 0, without generation ids (it holds no
+    /// history of its own), a bitmap or a metadata area.
     #[must_use]
     pub fn new(volume_id: VolumeId, volume_bytes: u64) -> MetaRecord {
         MetaRecord {
@@ -333,7 +340,7 @@ impl MetaRecord {
             role: Role::Secondary,
             volume_bytes,
             durable: Seq::NONE,
-            generation: Generation(0),
+            gen_ids: GenIds::default(),
             clean: true,
             consistent: true,
             bitmap: BitmapLocation::default(),
@@ -371,7 +378,7 @@ impl MetaRecord {
         }
     }
 
-    /// The version-4 record carrying `write_count`.
+    /// The version-5 record carrying `write_count`.
     #[must_use]
     pub fn encode(&self, write_count: u64) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
@@ -391,28 +398,32 @@ impl MetaRecord {
         b[40..44].copy_from_slice(&role.to_le_bytes());
         b[48..56].copy_from_slice(&self.volume_bytes.to_le_bytes());
         b[56..64].copy_from_slice(&self.durable.0.to_le_bytes());
-        b[64..72].copy_from_slice(&self.generation.0.to_le_bytes());
+        b[64..72].copy_from_slice(&self.gen_ids.current.0.to_le_bytes());
         b[72..80].copy_from_slice(&self.bitmap.offset_bytes.to_le_bytes());
         b[80..88].copy_from_slice(&self.bitmap.len_bytes.to_le_bytes());
         b[88..96].copy_from_slice(&self.meta_area_bytes.to_le_bytes());
-        b[96..104].copy_from_slice(&write_count.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..104]);
-        b[104..108].copy_from_slice(&crc.to_le_bytes());
+        b[96..104].copy_from_slice(&self.gen_ids.bitmap.0.to_le_bytes());
+        b[104..112].copy_from_slice(&self.gen_ids.history[0].0.to_le_bytes());
+        b[112..120].copy_from_slice(&self.gen_ids.history[1].0.to_le_bytes());
+        b[120..128].copy_from_slice(&write_count.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..128]);
+        b[128..132].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Parses one slot (a version-4 record, or a version-3 or 2 one) and its write count.
+    /// Parses one slot (a version-5 record, or a version-4, 3 or 2 one) and its write count.
     pub fn decode(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
-        let older = bytes.len() >= 12 && bytes[0..8] == META_MAGIC;
-        if older && le_u32(bytes, 8) == 2 {
+        let tagged = bytes.len() >= 12 && bytes[0..8] == META_MAGIC;
+        let found = if tagged { le_u32(bytes, 8) } else { 0 };
+        if found == 2 {
             return Self::decode_v2(bytes);
         }
-        let v3 = older && le_u32(bytes, 8) == 3;
-        let (version, crc_at) = if v3 {
-            (3, V3_RECORD_BYTES - 4)
-        } else {
-            (META_VERSION, RECORD_BYTES - 4)
+        let (version, crc_at) = match found {
+            3 => (3, V3_RECORD_BYTES - 4),
+            4 => (4, V4_RECORD_BYTES - 4),
+            _ => (META_VERSION, RECORD_BYTES - 4),
         };
+        let v3 = version == 3;
         let flags = check_header(bytes, version, crc_at)?;
         if le_u32(bytes, 44) != 0 {
             return Err(MetaCorrupt::Reserved);
@@ -428,7 +439,18 @@ impl MetaRecord {
             role,
             volume_bytes: le_u64(bytes, 48),
             durable: Seq(le_u64(bytes, 56)),
-            generation: Generation(le_u64(bytes, 64)),
+            gen_ids: GenIds {
+                current: Generation(le_u64(bytes, 64)),
+                bitmap: Generation(if version == 5 { le_u64(bytes, 96) } else { 0 }),
+                history: if version == 5 {
+                    [
+                        Generation(le_u64(bytes, 104)),
+                        Generation(le_u64(bytes, 112)),
+                    ]
+                } else {
+                    [Generation::NONE; 2]
+                },
+            },
             clean: flags & FLAG_CLEAN != 0,
             // Before version 4 nothing was initialised on a volume of unknown content.
             consistent: v3 || flags & FLAG_CONSISTENT != 0,
@@ -438,7 +460,12 @@ impl MetaRecord {
             },
             meta_area_bytes: if v3 { 0 } else { le_u64(bytes, 88) },
         };
-        Ok((record, le_u64(bytes, if v3 { 88 } else { 96 })))
+        let write_count_at = match version {
+            3 => 88,
+            4 => 96,
+            _ => 120,
+        };
+        Ok((record, le_u64(bytes, write_count_at)))
     }
 
     /// Version 2: magic, version, flags, volume id, durable seq (32..40), volume bytes (40..48),
@@ -523,7 +550,11 @@ mod tests {
             role: Role::Primary,
             volume_bytes: 1 << 30,
             durable: Seq(123_456),
-            generation: Generation(0x1234_5678_9abc),
+            gen_ids: GenIds {
+                current: Generation(0x1234_5678_9abc),
+                bitmap: Generation(0x77),
+                history: [Generation(0x66), Generation(0x55)],
+            },
             clean: false,
             consistent: false,
             bitmap: BitmapLocation {
@@ -597,15 +628,15 @@ mod tests {
     #[test]
     fn unknown_version_and_role_are_refused_even_with_a_valid_checksum() {
         let reseal = |mut b: [u8; RECORD_BYTES]| {
-            let crc = crc32c::crc32c(&b[0..104]);
-            b[104..108].copy_from_slice(&crc.to_le_bytes());
+            let crc = crc32c::crc32c(&b[0..128]);
+            b[128..132].copy_from_slice(&crc.to_le_bytes());
             b
         };
         let mut bytes = sample().encode(0);
-        bytes[8..12].copy_from_slice(&5u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&6u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Version(5))
+            Err(MetaCorrupt::Version(6))
         );
         let mut bytes = sample().encode(0);
         bytes[12..16].copy_from_slice(&4u32.to_le_bytes());
@@ -636,6 +667,41 @@ mod tests {
         b
     }
 
+    /// Version 4 as it was written: this layout up to the area bytes, write count at 96..104.
+    fn encode_v4(m: &MetaRecord, write_count: u64) -> Vec<u8> {
+        let mut b = m.encode(write_count)[..V4_RECORD_BYTES].to_vec();
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
+        b[96..104].copy_from_slice(&write_count.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..104]);
+        b[104..108].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Version 4's one generation is the current id; it had no bitmap or history ids.
+    #[test]
+    fn version_4_reads_its_generation_as_the_current_id() {
+        let written = sample();
+        let mut file = vec![0u8; META_FILE_BYTES];
+        file[..V4_RECORD_BYTES].copy_from_slice(&encode_v4(&written, 8));
+        let read = MetaRecord {
+            gen_ids: GenIds {
+                current: written.gen_ids.current,
+                ..GenIds::default()
+            },
+            ..written
+        };
+        assert_eq!(MetaRecord::decode_file(&file), Ok((read, 8)));
+        // A newer version-5 record in the other slot wins; the version-4 one is what is left
+        // after a torn first update.
+        let at = MetaRecord::slot_offset(9);
+        file[at..at + RECORD_BYTES].copy_from_slice(&written.encode(9));
+        assert_eq!(MetaRecord::decode_file(&file), Ok((written, 9)));
+        file[at + 100] ^= 1;
+        assert_eq!(MetaRecord::decode_file(&file), Ok((read, 8)));
+        file[70] ^= 1;
+        assert!(MetaRecord::decode_file(&file).is_err());
+    }
+
     /// Version 3 as it was written: this layout up to the bitmap, write count at 88..96.
     fn encode_v3(m: &MetaRecord, write_count: u64) -> Vec<u8> {
         let mut b = m.encode(write_count)[..V3_RECORD_BYTES].to_vec();
@@ -652,6 +718,10 @@ mod tests {
         let written = MetaRecord {
             consistent: true,
             meta_area_bytes: 0,
+            gen_ids: GenIds {
+                current: Generation(9),
+                ..GenIds::default()
+            },
             ..sample()
         };
         let mut file = vec![0u8; META_FILE_BYTES];
@@ -705,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn versions_1_and_2_are_read_as_a_secondary_of_generation_0() {
+    fn versions_1_and_2_are_read_as_a_secondary_without_generation_ids() {
         let target = MetaRecord {
             durable: Seq(99),
             clean: true,

@@ -16,8 +16,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::auth::{self, Signer};
+use crate::genid::GenIds;
 use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
-use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
+use crate::types::{ExtentError, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 
 /// When a host write counts as complete.
@@ -96,8 +97,8 @@ pub struct SourceConfig {
     pub volume_id: VolumeId,
     /// This node.
     pub node_id: NodeId,
-    /// Data generation.
-    pub generation: Generation,
+    /// This node's generation ids (from its metadata record), sent in its HELLO.
+    pub gen_ids: GenIds,
     /// Size of the volume.
     pub volume_bytes: u64,
     /// Logical block size.
@@ -121,7 +122,7 @@ impl fmt::Debug for SourceConfig {
         f.debug_struct("SourceConfig")
             .field("volume_id", &self.volume_id)
             .field("node_id", &self.node_id)
-            .field("generation", &self.generation)
+            .field("gen_ids", &self.gen_ids)
             .field("volume_bytes", &self.volume_bytes)
             .field("block_bytes", &self.block_bytes)
             .field("secret", &"<redacted>")
@@ -568,7 +569,7 @@ impl<L: RollbackLog> Source<L> {
         self.out.push_back(Frame::Hello(Hello {
             volume_id: self.cfg.volume_id,
             node_id: self.cfg.node_id,
-            generation: self.cfg.generation,
+            gen_ids: self.cfg.gen_ids,
             last_seq: self.last_local,
             volume_bytes: self.cfg.volume_bytes,
             block_bytes: self.cfg.block_bytes,

@@ -1,11 +1,12 @@
 //! Configurations the engines' unit tests share: one volume of 1 MiB in 4 KiB blocks, one secret.
 
+use crate::genid::GenIds;
 use crate::source::{LockStyle, Mode, SourceConfig};
 use crate::target::{
     ConflictPolicy, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
     HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
-use crate::{Generation, NodeId, VolumeId};
+use crate::{NodeId, VolumeId};
 
 pub(crate) const VOLUME_BYTES: u64 = 1 << 20;
 pub(crate) const VOLUME_ID: VolumeId = VolumeId([7; 16]);
@@ -15,7 +16,7 @@ pub(crate) fn source_config(mode: Mode, node: u64, log_entries_max: usize) -> So
     SourceConfig {
         volume_id: VOLUME_ID,
         node_id: NodeId(node),
-        generation: Generation::NONE,
+        gen_ids: GenIds::default(),
         volume_bytes: VOLUME_BYTES,
         block_bytes: 4096,
         secret: b"s".to_vec(),
@@ -33,7 +34,7 @@ pub(crate) fn target(restored: Restored) -> Target {
         TargetConfig {
             volume_id: VOLUME_ID,
             node_id: NodeId(2),
-            generation: Generation::NONE,
+            gen_ids: GenIds::default(),
             volume_bytes: VOLUME_BYTES,
             block_bytes: 4096,
             secret: b"s".to_vec(),

@@ -8,12 +8,13 @@
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::genid::GenIds;
 use crate::types::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 
 /// `"UBMR"` in little-endian byte order on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UBMR");
 /// The protocol version this code speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 56;
 /// Largest payload a frame may carry (write data).
@@ -22,7 +23,7 @@ pub const PAYLOAD_BYTES_MAX: u32 = 1 << 20;
 pub const FRAME_BYTES_MAX: usize = HEADER_BYTES + PAYLOAD_BYTES_MAX as usize;
 /// Bytes in a HELLO payload.
 pub const HELLO_PAYLOAD_BYTES: usize = HELLO_PAYLOAD_LEN as usize;
-const HELLO_PAYLOAD_LEN: u32 = 112;
+const HELLO_PAYLOAD_LEN: u32 = 136;
 /// Bytes in a MAC or a nonce.
 pub const MAC_BYTES: usize = MAC_LEN as usize;
 const MAC_LEN: u32 = 32;
@@ -200,8 +201,8 @@ pub struct Hello {
     pub volume_id: VolumeId,
     /// The speaking node.
     pub node_id: NodeId,
-    /// The speaker's data generation.
-    pub generation: Generation,
+    /// The speaker's generation ids: which data histories its volume holds.
+    pub gen_ids: GenIds,
     /// Target: last sequence number it applied or is applying (the source resends after it).
     /// Source: last local sequence number.
     pub last_seq: Seq,
@@ -895,12 +896,15 @@ fn encode_hello(h: &Hello) -> [u8; HELLO_PAYLOAD_BYTES] {
     let mut p = [0u8; HELLO_PAYLOAD_BYTES];
     p[0..16].copy_from_slice(&h.volume_id.0);
     p[16..24].copy_from_slice(&h.node_id.0.to_le_bytes());
-    p[24..32].copy_from_slice(&h.generation.0.to_le_bytes());
+    p[24..32].copy_from_slice(&h.gen_ids.current.0.to_le_bytes());
     p[32..40].copy_from_slice(&h.volume_bytes.to_le_bytes());
     p[40..44].copy_from_slice(&h.block_bytes.to_le_bytes());
     // 44..48 reserved.
     p[48..80].copy_from_slice(&h.nonce);
     p[80..112].copy_from_slice(&h.mac);
+    p[112..120].copy_from_slice(&h.gen_ids.bitmap.0.to_le_bytes());
+    p[120..128].copy_from_slice(&h.gen_ids.history[0].0.to_le_bytes());
+    p[128..136].copy_from_slice(&h.gen_ids.history[1].0.to_le_bytes());
     p
 }
 
@@ -914,7 +918,11 @@ fn decode_hello(p: &[u8], last_seq: Seq) -> Hello {
     Hello {
         volume_id: VolumeId(volume_id),
         node_id: NodeId(le_u64(p, 16)),
-        generation: Generation(le_u64(p, 24)),
+        gen_ids: GenIds {
+            current: Generation(le_u64(p, 24)),
+            bitmap: Generation(le_u64(p, 112)),
+            history: [Generation(le_u64(p, 120)), Generation(le_u64(p, 128))],
+        },
         last_seq,
         volume_bytes: le_u64(p, 32),
         block_bytes: le_u32(p, 40),

@@ -17,6 +17,7 @@ use std::cell::Cell;
 use std::fmt::Debug;
 
 use bytes::Bytes;
+use mirror_core::genid::GenIds;
 use mirror_core::wire::{
     decode, decode_body, decode_header, Frame, Hello, Kind, Op, RefuseReason, WireError,
     FLAG_WANT_GRANT, FRAME_BYTES_MAX, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES, MAGIC,
@@ -194,7 +195,7 @@ fn hello() -> impl Strategy<Value = Hello> {
     (
         any::<[u8; 16]>(),
         any::<u64>(),
-        any::<u64>(),
+        any::<[u64; 4]>(),
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
@@ -202,10 +203,14 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<[u8; MAC_BYTES]>(),
     )
         .prop_map(
-            |(volume, node, generation, last_seq, volume_bytes, block_bytes, nonce, mac)| Hello {
+            |(volume, node, ids, last_seq, volume_bytes, block_bytes, nonce, mac)| Hello {
                 volume_id: VolumeId(volume),
                 node_id: NodeId(node),
-                generation: Generation(generation),
+                gen_ids: GenIds {
+                    current: Generation(ids[0]),
+                    bitmap: Generation(ids[1]),
+                    history: [Generation(ids[2]), Generation(ids[3])],
+                },
                 last_seq: Seq(last_seq),
                 volume_bytes,
                 block_bytes,

@@ -2,11 +2,12 @@
 //! ([`mirror_storage::open`]), and let mirror-core decide what this start trusts
 //! ([`target::recover`]).
 
+use mirror_core::genid::GenIds;
 use mirror_core::meta::MetaRecord;
 use mirror_core::target::{
     self, RecoveryKind, Restored, TargetConfig, VolumeFacts, HANDSHAKES_MAX_DEFAULT,
 };
-use mirror_core::{wire, Generation};
+use mirror_core::wire;
 use mirror_storage::{Opened, Opening, VolumeSpec};
 use tracing::{info, warn};
 
@@ -85,11 +86,16 @@ pub(crate) fn restore(
     Ok((restored, running))
 }
 
-pub(crate) fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {
+/// The engine's configuration: the server's, and the generation ids of the volume's record.
+pub(crate) fn target_config(
+    cfg: &ServerConfig,
+    volume_bytes: u64,
+    gen_ids: GenIds,
+) -> TargetConfig {
     TargetConfig {
         volume_id: cfg.volume_id,
         node_id: cfg.node_id,
-        generation: Generation::NONE,
+        gen_ids,
         volume_bytes,
         block_bytes: cfg.block_bytes,
         secret: cfg.secret.clone(),

@@ -175,7 +175,7 @@ async fn serve(
         consistent = restored.consistent,
         "volume opened"
     );
-    let config = target_config(&cfg, volume.volume_bytes());
+    let config = target_config(&cfg, volume.volume_bytes(), record.gen_ids);
     let target = Target::new(config, restored);
     let listener = TcpListener::bind(cfg.listen)
         .await

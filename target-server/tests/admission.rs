@@ -9,10 +9,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use mirror_core::genid::GenIds;
 use mirror_core::meta::MetaRecord;
 use mirror_core::source::{ConnState, Mode, Source};
 use mirror_core::wire::{Frame, Hello, RefuseReason, MAC_BYTES};
-use mirror_core::{Generation, NodeId, Seq};
+use mirror_core::{NodeId, Seq};
 use tokio::io::AsyncWriteExt;
 
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -40,7 +41,7 @@ async fn an_unauthenticated_hello_does_not_clear_inconsistent() {
     let hello = Frame::Hello(Hello {
         volume_id: VOLUME_ID,
         node_id: NodeId(1),
-        generation: Generation::NONE,
+        gen_ids: GenIds::default(),
         last_seq: Seq(0),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK as u32,

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use mirror_core::genid::GenIds;
 use mirror_core::node::DrainError;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::Op;
-use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
+use mirror_core::{Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 use mirror_tests::memtarget::{target_config, MemTarget};
 use mirror_tests::proxy::{FaultProxy, Faults};
 use tokio::task::JoinSet;
@@ -23,7 +24,7 @@ fn source_config(mode: Mode, volume_id: VolumeId, secret: &[u8]) -> SourceConfig
     SourceConfig {
         volume_id,
         node_id: NodeId(1),
-        generation: Generation(1),
+        gen_ids: GenIds::default(),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK,
         secret: secret.to_vec(),

@@ -3,11 +3,12 @@
 
 use std::collections::VecDeque;
 
+use crate::genid::GenIds;
 use crate::session::SessionAction;
 use crate::source::SourceError;
 use crate::target::ConnId;
 use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
-use crate::{Generation, NodeId, Seq};
+use crate::{NodeId, Seq};
 
 use super::world::{Event, Sim, Step, Stream, TICK_NS};
 use super::Check;
@@ -229,7 +230,7 @@ impl Sim<'_> {
         let hello = Frame::Hello(wire::Hello {
             volume_id: self.target_cfg.volume_id,
             node_id: NodeId(1),
-            generation: Generation(1),
+            gen_ids: GenIds::default(),
             last_seq: Seq::NONE,
             volume_bytes: self.target_cfg.volume_bytes,
             block_bytes: self.target_cfg.block_bytes,

@@ -5,6 +5,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
 use crate::commit::{Batch, GroupCommit};
+use crate::genid::GenIds;
 use crate::meta::MetaRecord;
 use crate::node::{Node, PeerLink};
 use crate::session::SessionAction;
@@ -12,7 +13,7 @@ use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
 use crate::target::{Apply, CloseReason, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
-use crate::{Generation, NodeId, Seq, VolumeId};
+use crate::{NodeId, Seq, VolumeId};
 
 use super::link::Link;
 use super::source::{first_primary_record, new_link, SourceLife};
@@ -259,7 +260,7 @@ impl<'a> Sim<'a> {
         let source_cfg = SourceConfig {
             volume_id: VolumeId(volume_id),
             node_id: NodeId(1),
-            generation: Generation(1),
+            gen_ids: GenIds::default(),
             volume_bytes: cfg.volume_bytes,
             block_bytes: cfg.block_bytes,
             secret: secret.clone(),
@@ -272,7 +273,7 @@ impl<'a> Sim<'a> {
         let target_cfg = TargetConfig {
             volume_id: VolumeId(volume_id),
             node_id: NodeId(2),
-            generation: Generation(1),
+            gen_ids: GenIds::default(),
             volume_bytes: cfg.volume_bytes,
             block_bytes: cfg.block_bytes,
             secret,

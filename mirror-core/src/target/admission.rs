@@ -169,7 +169,7 @@ impl Target {
                 h.out.push_back(Frame::Hello(Hello {
                     volume_id: self.cfg.volume_id,
                     node_id: self.cfg.node_id,
-                    generation: self.cfg.generation,
+                    gen_ids: self.cfg.gen_ids,
                     last_seq: told,
                     volume_bytes: self.cfg.volume_bytes,
                     block_bytes: self.cfg.block_bytes,

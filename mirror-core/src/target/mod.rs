@@ -23,11 +23,12 @@
 use std::collections::VecDeque;
 
 use crate::auth::{self, Signer};
+use crate::genid::GenIds;
 use crate::lock::{LocalLockId, LockError, LockTable};
 pub use crate::meta::VolumeFacts;
 use crate::meta::{BindingError, MetaRecord, Role};
 use crate::source::LOCKS_AHEAD_MAX;
-use crate::types::{ExtentError, Generation, NodeId, Range, Seq, VolumeId};
+use crate::types::{ExtentError, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
 
 mod admission;
@@ -115,8 +116,8 @@ pub struct TargetConfig {
     pub volume_id: VolumeId,
     /// This node.
     pub node_id: NodeId,
-    /// Data generation.
-    pub generation: Generation,
+    /// This node's generation ids (from its metadata record), sent in its HELLO.
+    pub gen_ids: GenIds,
     /// Size of the target volume.
     pub volume_bytes: u64,
     /// Logical block size: every operation must be aligned to it.
@@ -145,7 +146,7 @@ impl std::fmt::Debug for TargetConfig {
         f.debug_struct("TargetConfig")
             .field("volume_id", &self.volume_id)
             .field("node_id", &self.node_id)
-            .field("generation", &self.generation)
+            .field("gen_ids", &self.gen_ids)
             .field("volume_bytes", &self.volume_bytes)
             .field("block_bytes", &self.block_bytes)
             .field("secret", &"<redacted>")

@@ -3,7 +3,7 @@
 use super::*;
 use crate::source::{Mode, Source};
 use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
-use crate::types::Lba;
+use crate::types::{Generation, Lba};
 use crate::wire::{decode, SummedOp};
 use bytes::Bytes;
 
@@ -84,7 +84,7 @@ fn forged_hello(last_seq: Seq) -> Frame {
     Frame::Hello(Hello {
         volume_id: VolumeId([7; 16]),
         node_id: NodeId(1),
-        generation: Generation(1),
+        gen_ids: GenIds::default(),
         last_seq,
         volume_bytes: VOLUME_BYTES,
         block_bytes: 4096,
@@ -141,7 +141,10 @@ fn recovery_trusts_only_a_record_of_this_volume() {
     );
     // The running record keeps what recovery did not trust, and what it loaded.
     let loaded = MetaRecord {
-        generation: Generation(3),
+        gen_ids: crate::genid::GenIds {
+            current: Generation(3),
+            ..Default::default()
+        },
         ..unverified
     };
     let (restored, _) = recover(Some(&loaded), &facts).unwrap();
@@ -150,7 +153,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
         (
             running.consistent,
             running.clean,
-            running.generation,
+            running.gen_ids.current,
             running.node_id
         ),
         (false, false, Generation(3), NodeId(2))

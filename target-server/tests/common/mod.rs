@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mirror_core::genid::GenIds;
 use mirror_core::meta::{meta_area_bytes, MetaRecord, META_FILE_BYTES};
 use mirror_core::source::{LockStyle, Mode, Source, SourceConfig, SourceError};
 use mirror_core::wire::{Frame, Op};
-use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
+use mirror_core::{Lba, NodeId, Seq, VolumeId};
 use target_server::{ServerConfig, ServerHandle};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -116,7 +117,7 @@ pub fn source_config(volume_bytes: u64, mode: Mode) -> SourceConfig {
     SourceConfig {
         volume_id: VOLUME_ID,
         node_id: NodeId(1),
-        generation: Generation::NONE,
+        gen_ids: GenIds::default(),
         volume_bytes,
         block_bytes: BLOCK as u32,
         secret: SECRET.to_vec(),

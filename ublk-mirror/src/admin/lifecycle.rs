@@ -25,8 +25,8 @@ use anyhow::{bail, Context};
 use mirror_core::meta::MetaRecord;
 use mirror_core::node::{PrimaryRestored, PrimaryStart};
 use mirror_core::source::{LockStyle, SourceConfig, SourceError};
+use mirror_core::NodeId;
 use mirror_core::Seq;
-use mirror_core::{Generation, NodeId};
 use tokio::net::UnixListener;
 
 use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
@@ -142,7 +142,7 @@ fn start_mirror(
     let source = SourceConfig {
         volume_id: m.volume_id,
         node_id: NodeId(s.node_id),
-        generation: Generation::NONE,
+        gen_ids: running.gen_ids,
         volume_bytes,
         block_bytes: s.block_bytes,
         secret,

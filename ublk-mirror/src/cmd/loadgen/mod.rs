@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use mirror_core::genid::GenIds;
 use mirror_core::meta::MetaRecord;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
-use mirror_core::{Generation, Lba, NodeId, VolumeId, SECTOR_BYTES};
+use mirror_core::{Lba, NodeId, VolumeId, SECTOR_BYTES};
 use nix::errno::Errno;
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -156,7 +157,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let source = SourceConfig {
         volume_id: args.volume_id,
         node_id: NodeId(args.node_id),
-        generation: Generation::NONE,
+        gen_ids: GenIds::default(),
         volume_bytes: args.volume_bytes,
         block_bytes: args.block_bytes,
         secret,
@@ -449,7 +450,7 @@ mod tests {
         let source = SourceConfig {
             volume_id: VolumeId([7; 16]),
             node_id: NodeId(1),
-            generation: Generation::NONE,
+            gen_ids: GenIds::default(),
             volume_bytes: 1 << 20,
             block_bytes: 4096,
             secret: b"s".to_vec(),
