@@ -144,7 +144,7 @@ impl std::fmt::Display for Totals {
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
              acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
-             target {}); clean source stop {} (resumed from its record {})",
+             target {}); clean source stop {} (resumed from its record {}); write-intent stores {}",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -175,6 +175,7 @@ impl std::fmt::Display for Totals {
             self.0.rebases_on_inconsistent,
             self.0.clean_source_stops,
             self.0.source_resumes,
+            self.0.intent_stores,
         )
     }
 }

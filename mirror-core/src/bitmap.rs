@@ -6,8 +6,9 @@
 //! chunks a write newly marks, which is when the persisted copy must be updated before the
 //! write: writes into chunks already marked cost nothing (activity-log style amortisation).
 //!
-//! This release has the map and its checksummed encoding only; keeping it on the primary's
-//! volume, the write intent, overflow and resync are the rest of issue 14.
+//! The primary's write intent ([`crate::node::WriteIntent`]) keeps two of these maps; the
+//! simulator runs it and stores its map through these bytes. Keeping it on the primary's volume
+//! (the daemon does not store it yet), overflow and resync are the rest of issue 14.
 
 use crate::Range;
 
@@ -99,6 +100,11 @@ impl DirtyBitmap {
     }
 
     /// The chunks `range` touches (empty for an empty range; clipped at the volume's end).
+    #[must_use]
+    pub fn chunks_of(&self, range: Range) -> std::ops::Range<u64> {
+        self.span(range)
+    }
+
     fn span(&self, range: Range) -> std::ops::Range<u64> {
         if range.len_bytes == 0 {
             return 0..0;

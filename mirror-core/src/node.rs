@@ -18,13 +18,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::bitmap::DirtyBitmap;
 use crate::log::{MemLog, RollbackLog};
-use crate::meta::{MetaRecord, Role};
+use crate::meta::{MetaRecord, Role, BITMAP_CHUNK_BYTES};
 use crate::session::{SessionAction, SourceSession};
 use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
 use crate::target::Target;
 use crate::wire::{Frame, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
-use crate::{Seq, VolumeId};
+use crate::{Range, Seq, VolumeId};
 
 /// Which peer of a volume (a primary mirrors to one today; the key leaves room for more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -139,6 +140,8 @@ pub enum PeerSabotage {
     DrainEarly,
     /// Report "durable through N" for what was received, not what the peer made durable.
     DurableEarly,
+    /// Never ask the driver to store the write intent before a write reaches the local volume.
+    SkipIntentStore,
 }
 
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
@@ -161,6 +164,8 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     connect_deadline: Option<(u64, u64)>,
     /// A drain under way: the seq the peer must hold, and when the drain gives up.
     drain: Option<Drain>,
+    /// Which chunks hold writes the peer has not made durable ([`Self::take_intent_store`]).
+    intent: WriteIntent,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,7 +192,10 @@ impl<L: RollbackLog> PeerLink<L> {
     #[must_use]
     pub fn new(source: Source<L>, session: SourceSession) -> PeerLink<L> {
         let durable = source.status().durable;
+        let intent = WriteIntent::new(source.config().volume_bytes, BITMAP_CHUNK_BYTES)
+            .unwrap_or_else(|e| unreachable!("the default chunk size is valid: {e}"));
         PeerLink {
+            intent,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -265,18 +273,51 @@ impl<L: RollbackLog> PeerLink<L> {
                 log_bytes_max,
             }));
         }
-        match self.source.submit(op.clone(), now_ns) {
-            Ok(seq) => Ok(Submitted::Accepted(seq)),
+        let range = op.op().range();
+        if let Some(range) = range {
+            self.intent.submitted(range);
+        }
+        let result = match self.source.submit(op.clone(), now_ns) {
+            Ok(seq) => {
+                self.intent_accepted(range, seq);
+                return Ok(Submitted::Accepted(seq));
+            }
             Err(SourceError::LogFull) => {
                 self.parked = Some((token, op, now_ns));
-                Ok(Submitted::Parked)
+                return Ok(Submitted::Parked);
             }
             Err(e @ SourceError::InvalidOp(_)) => Err(SubmitError::Invalid(e)),
             Err(e) => {
                 self.stop(e.clone());
                 Err(SubmitError::Stopped(e))
             }
+        };
+        if range.is_some() {
+            self.intent.refused();
         }
+        result
+    }
+
+    fn intent_accepted(&mut self, range: Option<Range>, seq: Seq) {
+        if range.is_some() {
+            self.intent.accepted(seq);
+        }
+    }
+
+    /// The write intent to store before the writes submitted since the last store reach the
+    /// local volume, if the stored copy lacks some of their chunks (see [`WriteIntent`]). The
+    /// driver stores it, synced, first.
+    pub fn take_intent_store(&mut self) -> Option<&DirtyBitmap> {
+        if self.sabotage == PeerSabotage::SkipIntentStore {
+            return None;
+        }
+        self.intent.take_store()
+    }
+
+    /// The write intent: which chunks hold writes the peer has not made durable.
+    #[must_use]
+    pub fn intent(&self) -> &WriteIntent {
+        &self.intent
     }
 
     /// Whether a submission waits for room; the driver offers no other meanwhile.
@@ -319,6 +360,7 @@ impl<L: RollbackLog> PeerLink<L> {
 
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.intent.durable(self.source.durable());
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
         }
@@ -334,9 +376,16 @@ impl<L: RollbackLog> PeerLink<L> {
                     });
                 }
                 // The source validated it when it parked; what can fail now is the log itself.
+                let range = op.op().range();
                 match self.source.submit(op, submitted_ns) {
-                    Ok(seq) => return Some(PeerEvent::Accepted { token, seq }),
+                    Ok(seq) => {
+                        self.intent_accepted(range, seq);
+                        return Some(PeerEvent::Accepted { token, seq });
+                    }
                     Err(e) => {
+                        if range.is_some() {
+                            self.intent.refused();
+                        }
                         self.stop(e);
                         return self.events.pop_front();
                     }
@@ -615,10 +664,12 @@ impl Node<Target> {
     }
 }
 
+mod intent;
 mod recover;
 #[cfg(test)]
 mod tests;
 
+pub use intent::WriteIntent;
 pub use recover::{
     new_sequence, recover_primary, recover_primary_with, running_primary_record,
     PrimaryRecoverError, PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,

@@ -555,6 +555,12 @@ impl<L: RollbackLog> Source<L> {
         self.completed.pop_front()
     }
 
+    /// The last seq applied and durable on the target (every earlier one too).
+    #[must_use]
+    pub fn durable(&self) -> Seq {
+        self.durable
+    }
+
     /// Whether operation `seq` is applied and durable on the target.
     #[must_use]
     pub fn is_replicated(&self, seq: Seq) -> bool {

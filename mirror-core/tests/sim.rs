@@ -332,6 +332,17 @@ fn timing_out_a_talking_session_on_the_target_is_caught() {
     assert_caught_by(&opts, 300, &[Check::Protocol]);
 }
 
+/// The primary never storing its write intent before a write reaches its local volume: a source
+/// crash then leaves writes the target lacks that nothing on disk records.
+#[test]
+fn skipping_the_write_intent_store_is_caught_at_a_source_crash() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::SkipIntentStore,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::WriteIntent]);
+}
+
 /// The primary's per-peer policy (the replicator's) losing the submission it parked while the
 /// rollback log was full.
 #[test]

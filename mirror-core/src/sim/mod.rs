@@ -168,6 +168,9 @@ pub enum Check {
     /// An operation completed in `sync`/`lock-then-write` (or a replicated flush) before a source
     /// crash is not in the image the restarted source was re-based on.
     SurvivesSourceCrash,
+    /// At a source crash, the write intent the primary stored misses a chunk of a write that is
+    /// on its local volume and not durable on the target.
+    WriteIntent,
     /// At quiescence the volumes differ or operations are missing.
     Quiescence,
     /// The run stopped making progress (deadlock) or exceeded its step bound (livelock).
@@ -187,6 +190,7 @@ impl fmt::Display for Check {
             Check::Protocol => "protocol",
             Check::LocalLock => "local-lock",
             Check::SurvivesSourceCrash => "survives-source-crash",
+            Check::WriteIntent => "write-intent",
             Check::Quiescence => "quiescence",
             Check::NoProgress => "no-progress",
             Check::Panic => "panic",

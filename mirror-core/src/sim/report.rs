@@ -57,6 +57,8 @@ pub struct SimReport {
     pub local_locks: u64,
     /// Local lock attempts refused (busy or too many).
     pub local_lock_refusals: u64,
+    /// Times the primary stored its write intent before a write.
+    pub intent_stores: u64,
     /// Local lock holders that gave up retrying at their deadline.
     pub local_lock_timeouts: u64,
     /// Run-time mode switches.
@@ -143,6 +145,7 @@ impl SimReport {
         self.local_locks += r.local_locks;
         self.local_lock_refusals += r.local_lock_refusals;
         self.local_lock_timeouts += r.local_lock_timeouts;
+        self.intent_stores += r.intent_stores;
         self.mode_switches += r.mode_switches;
         self.completed_async += r.completed_async;
         self.completed_received += r.completed_received;

@@ -14,9 +14,10 @@ use crate::target::{TargetConfig, VolumeFacts};
 use crate::wire::Op;
 use crate::{NodeId, Seq};
 
+use super::check::op_name;
 use super::workload::Needs;
 use super::world::{Drain, Event, Sim, Step, Stream, TICK_NS};
-use super::{SimConfig, SimOptions, SourceCrashSabotage};
+use super::{Check, SimConfig, SimOptions, SourceCrashSabotage};
 
 /// Where the source process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,8 @@ impl Sim<'_> {
     /// The source process dies: its engine (rollback log, pending completions), its session and
     /// its connection are gone. Host operations in flight fail; the source volume (`src_vol`)
     /// keeps what it took.
-    pub(super) fn source_crash(&mut self) {
+    pub(super) fn source_crash(&mut self) -> Step<()> {
+        self.check_intent_covers_unconfirmed()?;
         self.report.source_crashes += 1;
         if self.link_up {
             self.cut_link();
@@ -75,6 +77,34 @@ impl Sim<'_> {
             }
         }
         self.process_exits();
+        Ok(())
+    }
+
+    /// The write intent stored on the primary covers every write on its local volume that is
+    /// not durable on the target (what a restart must resync), the one waiting for room in the
+    /// log included; a replication stopped for good is left alone (its host writes failed).
+    fn check_intent_covers_unconfirmed(&self) -> Step<()> {
+        if self.stopped || self.replaced {
+            return Ok(());
+        }
+        let first = usize::try_from(self.persisted.0).unwrap_or(usize::MAX);
+        for (index, op) in self.ops.iter().enumerate().skip(first) {
+            let Some(range) = op.range() else { continue };
+            if !self.primary_intent.covers(range) {
+                return Err(self.violation(
+                    Check::WriteIntent,
+                    format!(
+                        "{} of seq {} ({range:?}) is on the local volume and not durable on the \
+                         target (durable through {}), but the stored write intent lacks a chunk \
+                         of it",
+                        op_name(op),
+                        index + 1,
+                        self.persisted
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The process is gone; it restarts after a while.

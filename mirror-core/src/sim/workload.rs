@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use crate::bitmap::DirtyBitmap;
 use crate::lock::{LocalLockId, LocalLockRetry, LocalRetry, LockError};
 use crate::node::{DrainError, PeerEvent, SubmitError, Submitted};
 use crate::source::{Mode, SourceError};
@@ -207,10 +208,16 @@ impl Sim<'_> {
         storage::apply_to_image(&mut self.src_vol, &op);
         self.ops.push(op.clone());
         let token = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
-        match self
+        let submitted = self
             .link
-            .submit(token, SummedOp::new(op.clone()), self.now * TICK_NS)
-        {
+            .submit(token, SummedOp::new(op.clone()), self.now * TICK_NS);
+        // The daemon stores the write intent, synced, before the local write.
+        if let Some(map) = self.link.take_intent_store() {
+            self.primary_intent = DirtyBitmap::decode(&map.encode())
+                .unwrap_or_else(|e| panic!("the stored write intent does not read back: {e}"));
+            self.report.intent_stores += 1;
+        }
+        match submitted {
             Ok(Submitted::Accepted(seq)) => self.accepted(token, seq)?,
             Ok(Submitted::Parked) => self.report.log_full_waits += 1,
             // The daemon fails the host's request (EIO).

@@ -4,9 +4,10 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 
+use crate::bitmap::DirtyBitmap;
 use crate::commit::{Batch, GroupCommit};
 use crate::genid::GenIds;
-use crate::meta::MetaRecord;
+use crate::meta::{MetaRecord, BITMAP_CHUNK_BYTES};
 use crate::node::{Node, PeerLink};
 use crate::session::SessionAction;
 use crate::source::{Mode, SourceConfig};
@@ -137,6 +138,8 @@ pub(super) struct Sim<'a> {
     pub(super) replaced: bool,
     /// The primary's metadata record as last stored, and how many times it was.
     pub(super) primary_meta: MetaRecord,
+    /// The write intent as the primary last stored it (through its bytes).
+    pub(super) primary_intent: DirtyBitmap,
     pub(super) primary_writes: u64,
     /// A clean stop's drain has begun.
     pub(super) stop_draining: bool,
@@ -324,6 +327,8 @@ impl<'a> Sim<'a> {
             lost_through: Seq::NONE,
             drain: Drain::NotBegun,
             primary_meta,
+            primary_intent: DirtyBitmap::new(cfg.volume_bytes, BITMAP_CHUNK_BYTES)
+                .unwrap_or_else(|e| unreachable!("the default chunk size is valid: {e}")),
             primary_writes: 0,
             stop_draining: false,
             stopped: false,
@@ -533,7 +538,7 @@ impl<'a> Sim<'a> {
                         if self.crash_rng.u32(0..3) == 0 {
                             self.source_stop();
                         } else {
-                            self.source_crash();
+                            self.source_crash()?;
                         }
                     }
                     self.schedule_source_crash();

@@ -1,0 +1,168 @@
+//! The primary's write intent (SPEC §3–§4, activity-log style): which chunks hold writes the peer
+//! has not made durable, and the copy of that map the driver keeps on disk. A write's chunks are
+//! marked when it is submitted; when the stored copy lacks one of them, the driver must store the
+//! map ([`WriteIntent::take_store`]) before the write reaches the local volume. So after a crash
+//! at any instant the stored map covers every write the peer had not confirmed durable. Writes
+//! into chunks the stored copy already holds cost nothing.
+//!
+//! A chunk is cleared in memory once the peer holds every write to it durably; the stored copy
+//! follows at its next store (a stored bit of a clean chunk only costs a needless resync).
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::bitmap::{BitmapError, DirtyBitmap};
+use crate::{Range, Seq};
+
+/// A primary's write intent towards one peer.
+#[derive(Debug, Clone)]
+pub struct WriteIntent {
+    live: DirtyBitmap,
+    stored: DirtyBitmap,
+    store_due: bool,
+    /// Submitted writes the peer has not made durable, in order: their seq (none while parked)
+    /// and range. At most the rollback log's entries and the parked one.
+    pending: VecDeque<(Option<Seq>, Range)>,
+    /// Per marked chunk, how many of `pending` touch it.
+    writers: HashMap<u64, u32>,
+}
+
+impl WriteIntent {
+    /// A clean intent over a volume of `volume_bytes` in chunks of `chunk_bytes`.
+    pub fn new(volume_bytes: u64, chunk_bytes: u64) -> Result<WriteIntent, BitmapError> {
+        let live = DirtyBitmap::new(volume_bytes, chunk_bytes)?;
+        Ok(WriteIntent {
+            stored: live.clone(),
+            live,
+            store_due: false,
+            pending: VecDeque::new(),
+            writers: HashMap::new(),
+        })
+    }
+
+    /// A write to `range` was submitted (its seq follows with [`Self::accepted`], at once or
+    /// once a parked submission is taken).
+    pub fn submitted(&mut self, range: Range) {
+        self.live.mark(range);
+        if !self.stored.covers(range) {
+            self.store_due = true;
+        }
+        for chunk in self.live.chunks_of(range) {
+            *self.writers.entry(chunk).or_insert(0) += 1;
+        }
+        self.pending.push_back((None, range));
+    }
+
+    /// The newest submitted write entered the log as `seq`.
+    pub fn accepted(&mut self, seq: Seq) {
+        if let Some(entry) = self.pending.back_mut().filter(|e| e.0.is_none()) {
+            entry.0 = Some(seq);
+        }
+    }
+
+    /// The newest submitted write was refused (it never reaches the local volume).
+    pub fn refused(&mut self) {
+        if self.pending.back().is_some_and(|e| e.0.is_none()) {
+            if let Some((_, range)) = self.pending.pop_back() {
+                self.forget(range);
+            }
+        }
+    }
+
+    /// The peer holds everything through `durable`: chunks no later write touches are clean.
+    pub fn durable(&mut self, durable: Seq) {
+        while let Some(&(Some(seq), range)) = self.pending.front() {
+            if seq > durable {
+                break;
+            }
+            self.pending.pop_front();
+            self.forget(range);
+        }
+    }
+
+    fn forget(&mut self, range: Range) {
+        for chunk in self.live.chunks_of(range) {
+            if let Some(n) = self.writers.get_mut(&chunk) {
+                *n -= 1;
+                if *n == 0 {
+                    self.writers.remove(&chunk);
+                    self.live.clear(chunk);
+                }
+            }
+        }
+    }
+
+    /// The map to store before the writes submitted since the last store reach the local volume,
+    /// if the stored copy lacks some of their chunks; the stored copy is then that map.
+    pub fn take_store(&mut self) -> Option<&DirtyBitmap> {
+        if !self.store_due {
+            return None;
+        }
+        self.store_due = false;
+        self.stored.clone_from(&self.live);
+        Some(&self.stored)
+    }
+
+    /// Chunks holding writes the peer has not made durable.
+    #[must_use]
+    pub fn live(&self) -> &DirtyBitmap {
+        &self.live
+    }
+
+    /// The copy last handed out to be stored.
+    #[must_use]
+    pub fn stored(&self) -> &DirtyBitmap {
+        &self.stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = 64 << 10;
+
+    #[test]
+    fn a_store_is_due_only_for_chunks_the_stored_copy_lacks() {
+        let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
+        w.submitted(Range::new(0, 4096));
+        w.accepted(Seq(1));
+        assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(1));
+        w.submitted(Range::new(8192, 4096));
+        w.accepted(Seq(2));
+        assert!(w.take_store().is_none(), "the chunk is stored already");
+        // Straddling chunks 1 and 2.
+        w.submitted(Range::new(2 * CHUNK - 4096, 8192));
+        w.accepted(Seq(3));
+        assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(3));
+        w.durable(Seq(1));
+        assert!(w.live().is_dirty(0), "seq 2 still writes chunk 0");
+        w.durable(Seq(2));
+        assert!(!w.live().is_dirty(0));
+        assert!(
+            w.stored().is_dirty(0),
+            "the stored copy follows at its next store"
+        );
+        w.durable(Seq(3));
+        assert_eq!(w.live().dirty_chunks(), 0);
+    }
+
+    #[test]
+    fn a_parked_write_stays_marked_until_it_is_durable() {
+        let mut w = WriteIntent::new(4 * CHUNK, CHUNK).unwrap();
+        w.submitted(Range::new(0, 4096));
+        w.accepted(Seq(1));
+        w.submitted(Range::new(4096, 4096));
+        // Parked: no seq yet; seq 1 durable does not clear its chunk.
+        w.durable(Seq(1));
+        assert!(w.live().is_dirty(0));
+        w.accepted(Seq(2));
+        w.durable(Seq(2));
+        assert!(!w.live().is_dirty(0));
+        w.submitted(Range::new(CHUNK, 4096));
+        w.refused();
+        assert!(
+            !w.live().is_dirty(1),
+            "a refused write never reaches the volume"
+        );
+    }
+}
