@@ -25,7 +25,7 @@ use crate::session::{SessionAction, SourceSession};
 use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
 use crate::target::Target;
 use crate::wire::{Frame, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
-use crate::{Range, Seq, VolumeId};
+use crate::{Seq, VolumeId};
 
 /// Which peer of a volume (a primary mirrors to one today; the key leaves room for more).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -273,13 +273,10 @@ impl<L: RollbackLog> PeerLink<L> {
                 log_bytes_max,
             }));
         }
-        let range = op.op().range();
-        if let Some(range) = range {
-            self.intent.submitted(range);
-        }
+        self.intent.submitted(op.op().range());
         let result = match self.source.submit(op.clone(), now_ns) {
             Ok(seq) => {
-                self.intent_accepted(range, seq);
+                self.intent.accepted(seq);
                 return Ok(Submitted::Accepted(seq));
             }
             Err(SourceError::LogFull) => {
@@ -292,16 +289,8 @@ impl<L: RollbackLog> PeerLink<L> {
                 Err(SubmitError::Stopped(e))
             }
         };
-        if range.is_some() {
-            self.intent.refused();
-        }
+        self.intent.refused();
         result
-    }
-
-    fn intent_accepted(&mut self, range: Option<Range>, seq: Seq) {
-        if range.is_some() {
-            self.intent.accepted(seq);
-        }
     }
 
     /// The write intent to store before the writes submitted since the last store reach the
@@ -312,12 +301,6 @@ impl<L: RollbackLog> PeerLink<L> {
             return None;
         }
         self.intent.take_store()
-    }
-
-    /// The write intent: which chunks hold writes the peer has not made durable.
-    #[must_use]
-    pub fn intent(&self) -> &WriteIntent {
-        &self.intent
     }
 
     /// Whether a submission waits for room; the driver offers no other meanwhile.
@@ -376,16 +359,13 @@ impl<L: RollbackLog> PeerLink<L> {
                     });
                 }
                 // The source validated it when it parked; what can fail now is the log itself.
-                let range = op.op().range();
                 match self.source.submit(op, submitted_ns) {
                     Ok(seq) => {
-                        self.intent_accepted(range, seq);
+                        self.intent.accepted(seq);
                         return Some(PeerEvent::Accepted { token, seq });
                     }
                     Err(e) => {
-                        if range.is_some() {
-                            self.intent.refused();
-                        }
+                        self.intent.refused();
                         self.stop(e);
                         return self.events.pop_front();
                     }

@@ -19,9 +19,10 @@ pub struct WriteIntent {
     live: DirtyBitmap,
     stored: DirtyBitmap,
     store_due: bool,
-    /// Submitted writes the peer has not made durable, in order: their seq (none while parked)
-    /// and range. At most the rollback log's entries and the parked one.
-    pending: VecDeque<(Option<Seq>, Range)>,
+    /// Submitted operations the peer has not made durable, in order: their seq (none while
+    /// parked) and range (none for a flush). At most the rollback log's entries and the parked
+    /// one.
+    pending: VecDeque<(Option<Seq>, Option<Range>)>,
     /// Per marked chunk, how many of `pending` touch it.
     writers: HashMap<u64, u32>,
 }
@@ -39,27 +40,29 @@ impl WriteIntent {
         })
     }
 
-    /// A write to `range` was submitted (its seq follows with [`Self::accepted`], at once or
-    /// once a parked submission is taken).
-    pub fn submitted(&mut self, range: Range) {
-        self.live.mark(range);
-        if !self.stored.covers(range) {
-            self.store_due = true;
-        }
-        for chunk in self.live.chunks_of(range) {
-            *self.writers.entry(chunk).or_insert(0) += 1;
+    /// An operation on `range` (none: a flush) was submitted; its seq follows with
+    /// [`Self::accepted`], at once or once a parked submission is taken.
+    pub fn submitted(&mut self, range: Option<Range>) {
+        if let Some(range) = range {
+            self.live.mark(range);
+            if !self.stored.covers(range) {
+                self.store_due = true;
+            }
+            for chunk in self.live.chunks_of(range) {
+                *self.writers.entry(chunk).or_insert(0) += 1;
+            }
         }
         self.pending.push_back((None, range));
     }
 
-    /// The newest submitted write entered the log as `seq`.
+    /// The newest submitted operation entered the log as `seq`.
     pub fn accepted(&mut self, seq: Seq) {
         if let Some(entry) = self.pending.back_mut().filter(|e| e.0.is_none()) {
             entry.0 = Some(seq);
         }
     }
 
-    /// The newest submitted write was refused (it never reaches the local volume).
+    /// The newest submitted operation was refused (it never reaches the local volume).
     pub fn refused(&mut self) {
         if self.pending.back().is_some_and(|e| e.0.is_none()) {
             if let Some((_, range)) = self.pending.pop_back() {
@@ -79,7 +82,8 @@ impl WriteIntent {
         }
     }
 
-    fn forget(&mut self, range: Range) {
+    fn forget(&mut self, range: Option<Range>) {
+        let Some(range) = range else { return };
         for chunk in self.live.chunks_of(range) {
             if let Some(n) = self.writers.get_mut(&chunk) {
                 *n -= 1;
@@ -124,14 +128,14 @@ mod tests {
     #[test]
     fn a_store_is_due_only_for_chunks_the_stored_copy_lacks() {
         let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
-        w.submitted(Range::new(0, 4096));
+        w.submitted(Some(Range::new(0, 4096)));
         w.accepted(Seq(1));
         assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(1));
-        w.submitted(Range::new(8192, 4096));
+        w.submitted(Some(Range::new(8192, 4096)));
         w.accepted(Seq(2));
         assert!(w.take_store().is_none(), "the chunk is stored already");
         // Straddling chunks 1 and 2.
-        w.submitted(Range::new(2 * CHUNK - 4096, 8192));
+        w.submitted(Some(Range::new(2 * CHUNK - 4096, 8192)));
         w.accepted(Seq(3));
         assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(3));
         w.durable(Seq(1));
@@ -149,16 +153,16 @@ mod tests {
     #[test]
     fn a_parked_write_stays_marked_until_it_is_durable() {
         let mut w = WriteIntent::new(4 * CHUNK, CHUNK).unwrap();
-        w.submitted(Range::new(0, 4096));
+        w.submitted(Some(Range::new(0, 4096)));
         w.accepted(Seq(1));
-        w.submitted(Range::new(4096, 4096));
+        w.submitted(Some(Range::new(4096, 4096)));
         // Parked: no seq yet; seq 1 durable does not clear its chunk.
         w.durable(Seq(1));
         assert!(w.live().is_dirty(0));
         w.accepted(Seq(2));
         w.durable(Seq(2));
         assert!(!w.live().is_dirty(0));
-        w.submitted(Range::new(CHUNK, 4096));
+        w.submitted(Some(Range::new(CHUNK, 4096)));
         w.refused();
         assert!(
             !w.live().is_dirty(1),

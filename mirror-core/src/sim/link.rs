@@ -130,28 +130,33 @@ impl Sim<'_> {
         if !self.link_up || !self.source_life.alive() {
             return;
         }
-        let Some(at_ns) = self.link.poll_timeout() else {
-            return;
-        };
-        let at = at_ns.div_ceil(TICK_NS).max(self.now);
-        if self.session_timer.is_some_and(|t| t <= at) {
-            return;
-        }
-        self.session_timer = Some(at);
-        self.schedule(at, Event::SessionTimer);
+        let at = self
+            .link
+            .poll_timeout()
+            .map(|ns| ns.div_ceil(TICK_NS).max(self.now));
+        let mut slot = self.session_timer;
+        self.arm(&mut slot, at, Event::SessionTimer);
+        self.session_timer = slot;
     }
 
     /// Asks for a [`Event::TargetTimer`] at the target engine's next deadline.
     pub(super) fn arm_target_timer(&mut self) {
-        let Some(at_ns) = self.node.engines().poll_timeout() else {
-            return;
-        };
-        let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
-        if self.target_timer.is_some_and(|t| t <= at) {
+        let at =
+            (self.node.engines().poll_timeout()).map(|ns| ns.div_ceil(TICK_NS).max(self.now + 1));
+        let mut slot = self.target_timer;
+        self.arm(&mut slot, at, Event::TargetTimer);
+        self.target_timer = slot;
+    }
+
+    /// Schedules `event` at `at` unless `slot` (the earliest one already scheduled) comes first:
+    /// the queue holds one timer event per deadline, not one per pump.
+    fn arm(&mut self, slot: &mut Option<u64>, at: Option<u64>, event: Event) {
+        let Some(at) = at else { return };
+        if slot.is_some_and(|t| t <= at) {
             return;
         }
-        self.target_timer = Some(at);
-        self.schedule(at, Event::TargetTimer);
+        *slot = Some(at);
+        self.schedule(at, event);
     }
 
     /// The session's deadline: a PING goes out (as the daemon's, skipped while the link's queue

@@ -331,11 +331,11 @@ impl Sim<'_> {
                     self.drain = Drain::Done;
                     continue;
                 }
-                PeerEvent::Drained(Err(DrainError::Stopped(SourceError::TargetRegressed {
-                    ..
-                }))) if self.replaced && self.source_life == SourceLife::Up => {
-                    // The run's last drain met the replaced volume: replication stopped for good
-                    // (the Stopped event says so), and the drain with it.
+                PeerEvent::Drained(Err(DrainError::Stopped(_)))
+                    if self.stopped && self.source_life == SourceLife::Up =>
+                {
+                    // Replication stopped for good during the run's last drain, and the
+                    // Stopped event before this one was accepted: the drain ends with it.
                     self.drain = Drain::Done;
                     continue;
                 }
