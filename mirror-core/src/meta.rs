@@ -18,7 +18,7 @@
 //! |----------|----------------|----------------------------------------------------------|
 //! | 0..8     | magic          | `"UBMRMETA"`                                             |
 //! | 8..12    | version        | [`META_VERSION`]                                         |
-//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes) |
+//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes, once any resync in progress ends); bit 2: resyncing (a resync bracket was applied in part: not a prefix until its end is durable) |
 //! | 16..32   | volume id      | the mirrored volume                                      |
 //! | 32..40   | node id        | the node that wrote it                                   |
 //! | 40..44   | role           | 0: secondary (target), 1: primary                        |
@@ -68,6 +68,7 @@ const V3_RECORD_BYTES: usize = 100;
 const V4_RECORD_BYTES: usize = 108;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_CONSISTENT: u32 = 2;
+const FLAG_RESYNCING: u32 = 4;
 
 /// Bytes reserved for the dirty bitmap of a data area of `volume_bytes`: one bit per
 /// [`BITMAP_CHUNK_BYTES`], in whole 4 KiB pages.
@@ -134,6 +135,9 @@ pub struct MetaRecord {
     /// Whether the data is known to be a prefix of the mirror's writes. False for a volume of
     /// unknown content (initialised without a record); only a full resync makes it true.
     pub consistent: bool,
+    /// Whether part of a resync bracket ([`crate::wire::ResyncMark`]) was applied and its end
+    /// was not: the data is not a prefix of the mirror's writes until a resync's end is durable.
+    pub resyncing: bool,
     /// The dirty bitmap, if any.
     pub bitmap: BitmapLocation,
     /// Size of the metadata area behind the data area (0: the record is kept apart, in memory or
@@ -230,7 +234,9 @@ fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<u32,
         return Err(MetaCorrupt::Version(version));
     }
     let flags = le_u32(bytes, 12);
-    let known = if version_wanted >= 4 {
+    let known = if version_wanted >= 5 {
+        FLAG_CLEAN | FLAG_CONSISTENT | FLAG_RESYNCING
+    } else if version_wanted >= 4 {
         FLAG_CLEAN | FLAG_CONSISTENT
     } else {
         FLAG_CLEAN
@@ -343,6 +349,7 @@ impl MetaRecord {
             gen_ids: GenIds::default(),
             clean: true,
             consistent: true,
+            resyncing: false,
             bitmap: BitmapLocation::default(),
             meta_area_bytes: 0,
         }
@@ -387,6 +394,9 @@ impl MetaRecord {
         let mut flags = if self.clean { FLAG_CLEAN } else { 0 };
         if self.consistent {
             flags |= FLAG_CONSISTENT;
+        }
+        if self.resyncing {
+            flags |= FLAG_RESYNCING;
         }
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume_id.0);
@@ -454,6 +464,7 @@ impl MetaRecord {
             clean: flags & FLAG_CLEAN != 0,
             // Before version 4 nothing was initialised on a volume of unknown content.
             consistent: v3 || flags & FLAG_CONSISTENT != 0,
+            resyncing: flags & FLAG_RESYNCING != 0,
             bitmap: BitmapLocation {
                 offset_bytes: le_u64(bytes, 72),
                 len_bytes: le_u64(bytes, 80),
@@ -557,6 +568,7 @@ mod tests {
             },
             clean: false,
             consistent: false,
+            resyncing: false,
             bitmap: BitmapLocation {
                 offset_bytes: 8192,
                 len_bytes: 4096,
@@ -639,10 +651,10 @@ mod tests {
             Err(MetaCorrupt::Version(6))
         );
         let mut bytes = sample().encode(0);
-        bytes[12..16].copy_from_slice(&4u32.to_le_bytes());
+        bytes[12..16].copy_from_slice(&8u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Flags(4))
+            Err(MetaCorrupt::Flags(8))
         );
         let mut bytes = sample().encode(0);
         bytes[40..44].copy_from_slice(&2u32.to_le_bytes());
@@ -794,5 +806,15 @@ mod tests {
             MetaRecord::decode_file(&v1),
             Err(MetaCorrupt::V1(Box::new(MetaCorrupt::Checksum)))
         );
+    }
+
+    #[test]
+    fn the_resyncing_flag_round_trips() {
+        let record = MetaRecord {
+            resyncing: true,
+            ..sample()
+        };
+        assert_eq!(MetaRecord::decode(&record.encode(3)), Ok((record, 3)));
+        assert_eq!(MetaRecord::decode(&sample().encode(3)), Ok((sample(), 3)));
     }
 }

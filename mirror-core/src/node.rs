@@ -543,6 +543,9 @@ impl<L: RollbackLog> PeerLink<L> {
 pub trait RoleEngines: std::fmt::Debug {
     /// The role these engines serve.
     const ROLE: Role;
+
+    /// Brings what the record says of the data up to the engines' state.
+    fn update_record(&self, _meta: &mut MetaRecord) {}
 }
 
 /// A primary's links, one per peer.
@@ -554,6 +557,10 @@ impl RoleEngines for Peers {
 
 impl RoleEngines for Target {
     const ROLE: Role = Role::Secondary;
+
+    fn update_record(&self, meta: &mut MetaRecord) {
+        (meta.consistent, meta.resyncing) = self.data_state();
+    }
 }
 
 /// One volume on one node: its persistent metadata and the engines its role runs. The role is
@@ -601,6 +608,7 @@ impl<E: RoleEngines> Node<E> {
     pub fn record(&mut self, durable: Seq, clean: bool) -> MetaRecord {
         self.meta.durable = durable;
         self.meta.clean = clean;
+        self.engines.update_record(&mut self.meta);
         self.meta
     }
 }

@@ -404,6 +404,9 @@ pub struct Source<L: RollbackLog = MemLog> {
     completed: VecDeque<Seq>,
     out: VecDeque<Frame>,
     sabotage: SourceSabotage,
+    /// Continue the sequence after whatever the target took, at the next handshake
+    /// ([`Source::adopt_target_seq`]).
+    adopt: bool,
 }
 
 impl Source<MemLog> {
@@ -436,7 +439,16 @@ impl<L: RollbackLog> Source<L> {
             completed: VecDeque::new(),
             out: VecDeque::new(),
             sabotage: SourceSabotage::None,
+            adopt: false,
         }
+    }
+
+    /// A primary restarted after a crash knows the target holds everything through its
+    /// record's seq but not how much more: at the next handshake its sequence continues after
+    /// whatever the target took (those writes are on the local volume too, and the write intent
+    /// resyncs the chunks the target may lack). Submit nothing before that handshake.
+    pub fn adopt_target_seq(&mut self) {
+        self.adopt = true;
     }
 
     /// Breaks the engine on purpose (tests that prove the checkers bite).
@@ -657,6 +669,10 @@ impl<L: RollbackLog> Source<L> {
             return Err(SourceError::WrongVolume);
         }
         let target = hello.last_seq;
+        if self.adopt && self.log.is_empty() && target > self.last_local {
+            self.last_local = target;
+        }
+        self.adopt = false;
         if target < self.durable {
             return Err(SourceError::TargetRegressed {
                 target,

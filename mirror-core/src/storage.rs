@@ -60,8 +60,8 @@ pub trait Volume: std::fmt::Debug {
     }
 }
 
-/// Applies one mirrored operation to a volume (a flush needs nothing here: the driver syncs after
-/// the batch). Every implementation checks the extent, whatever the engine already checked.
+/// Applies one mirrored operation to a volume (a flush or a resync mark needs nothing here: the
+/// driver syncs after the batch). Every implementation checks the extent, whatever the engine already checked.
 pub fn apply(volume: &(impl Volume + ?Sized), op: &Op) -> Result<(), VolumeError> {
     let Some(range) = op.range() else {
         return Ok(());
@@ -71,7 +71,7 @@ pub fn apply(volume: &(impl Volume + ?Sized), op: &Op) -> Result<(), VolumeError
         Op::Discard { .. } | Op::WriteZeroes { .. } => {
             volume.write_zeroes(range.offset_bytes, range.len_bytes)
         }
-        Op::Flush => Ok(()),
+        Op::Flush | Op::Resync(_) => Ok(()),
     }
 }
 
@@ -100,7 +100,7 @@ pub fn apply_to_image(image: &mut [u8], op: &Op) {
     match op {
         Op::Write { data, .. } => image[r].copy_from_slice(data),
         Op::Discard { .. } | Op::WriteZeroes { .. } => image[r].fill(0),
-        Op::Flush => {}
+        Op::Flush | Op::Resync(_) => {}
     }
 }
 

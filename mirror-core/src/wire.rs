@@ -14,7 +14,7 @@ use crate::types::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 /// `"UBMR"` in little-endian byte order on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UBMR");
 /// The protocol version this code speaks.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 56;
 /// Largest payload a frame may carry (write data).
@@ -30,7 +30,7 @@ const MAC_LEN: u32 = 32;
 
 /// Flag on LOCK: the source waits for GRANTED before sending the data (`lock-then-write`).
 pub const FLAG_WANT_GRANT: u16 = 1;
-/// Flag on an operation (WRITE, DISCARD, WRITE_ZEROES, FLUSH): acknowledge it as soon as it is in
+/// Flag on an operation (WRITE, DISCARD, WRITE_ZEROES, FLUSH, RESYNC): acknowledge it as soon as it is in
 /// the commit log. Without it the target reports receipt with the next durability ACK, which
 /// saves an ACK frame per operation in the modes that wait for durability (or for nothing).
 pub const FLAG_ACK_ON_RECEIPT: u16 = 2;
@@ -55,6 +55,7 @@ pub enum Kind {
     Nak = 12,
     Ping = 13,
     Pong = 14,
+    Resync = 15,
 }
 
 impl Kind {
@@ -75,6 +76,7 @@ impl Kind {
             12 => Nak,
             13 => Ping,
             14 => Pong,
+            15 => Resync,
             _ => return None,
         })
     }
@@ -106,6 +108,43 @@ pub enum Op {
     },
     /// A barrier: everything before it is durable on the target once this is acknowledged durable.
     Flush,
+    /// A bracket around resync writes in the sequence stream: between them the target holds
+    /// chunks of the source's current data over an older state, so it is not a prefix of the
+    /// source's writes and says so.
+    Resync(ResyncMark),
+}
+
+/// Where a [`Op::Resync`] stands in its bracket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncMark {
+    /// Resync writes follow. `full`: they cover the whole volume, so once they end the data is
+    /// consistent even if it was unknown before (a replaced or never-synced target).
+    Begin {
+        /// Whether every chunk follows.
+        full: bool,
+    },
+    /// The bracket's writes are all before this: the target is consistent once it is durable.
+    End,
+}
+
+impl ResyncMark {
+    /// The header's `aux` code (`docs/protocol.md`).
+    fn code(self) -> u64 {
+        match self {
+            ResyncMark::Begin { full: false } => 1,
+            ResyncMark::Begin { full: true } => 2,
+            ResyncMark::End => 3,
+        }
+    }
+
+    fn from_code(code: u64) -> Option<ResyncMark> {
+        Some(match code {
+            1 => ResyncMark::Begin { full: false },
+            2 => ResyncMark::Begin { full: true },
+            3 => ResyncMark::End,
+            _ => return None,
+        })
+    }
 }
 
 impl Op {
@@ -120,7 +159,7 @@ impl Op {
             Op::Discard { lba, len_bytes } | Op::WriteZeroes { lba, len_bytes } => Some(
                 crate::Range::new(lba.0.saturating_mul(SECTOR_BYTES), u64::from(*len_bytes)),
             ),
-            Op::Flush => None,
+            Op::Flush | Op::Resync(_) => None,
         }
     }
 
@@ -458,17 +497,22 @@ struct RawHeader {
     epoch: u32,
 }
 
-fn op_parts(op: &Op) -> (Kind, u64, u32, Bytes) {
+/// An operation's frame kind, `lba`, `len`, `aux` and payload.
+fn op_parts(op: &Op) -> (Kind, u64, u32, u64, Bytes) {
     match op {
         Op::Write { lba, data } => (
             Kind::Write,
             lba.0,
             u32::try_from(data.len()).unwrap_or(u32::MAX),
+            0,
             data.clone(),
         ),
-        Op::Discard { lba, len_bytes } => (Kind::Discard, lba.0, *len_bytes, Bytes::new()),
-        Op::WriteZeroes { lba, len_bytes } => (Kind::WriteZeroes, lba.0, *len_bytes, Bytes::new()),
-        Op::Flush => (Kind::Flush, 0, 0, Bytes::new()),
+        Op::Discard { lba, len_bytes } => (Kind::Discard, lba.0, *len_bytes, 0, Bytes::new()),
+        Op::WriteZeroes { lba, len_bytes } => {
+            (Kind::WriteZeroes, lba.0, *len_bytes, 0, Bytes::new())
+        }
+        Op::Flush => (Kind::Flush, 0, 0, 0, Bytes::new()),
+        Op::Resync(mark) => (Kind::Resync, 0, 0, mark.code(), Bytes::new()),
     }
 }
 
@@ -527,7 +571,7 @@ impl Frame {
                 ack_on_receipt,
             } => {
                 known_payload_crc = Some(op.payload_crc());
-                let (kind, lba, len, payload) = op_parts(op.op());
+                let (kind, lba, len, aux, payload) = op_parts(op.op());
                 assert!(
                     payload.len() <= PAYLOAD_BYTES_MAX as usize,
                     "write of {} bytes exceeds the frame limit",
@@ -538,6 +582,7 @@ impl Frame {
                 raw.epoch = *epoch;
                 raw.lba = lba;
                 raw.len = len;
+                raw.aux = aux;
                 raw.flags = if *ack_on_receipt {
                     FLAG_ACK_ON_RECEIPT
                 } else {
@@ -697,6 +742,7 @@ fn uses(kind: Kind) -> Uses {
         Kind::Refuse | Kind::Ping | Kind::Pong => (false, false, true, false),
         Kind::Lock | Kind::Write | Kind::Discard | Kind::WriteZeroes => (true, true, false, true),
         Kind::Flush | Kind::Reject | Kind::Granted | Kind::Nak => (true, false, false, true),
+        Kind::Resync => (true, false, true, true),
         Kind::Ack => (true, false, true, false),
     };
     Uses {
@@ -723,7 +769,7 @@ fn check_fields(header: &Header) -> Result<(), WireError> {
     }
     let is_op = matches!(
         kind,
-        Kind::Write | Kind::Discard | Kind::WriteZeroes | Kind::Flush
+        Kind::Write | Kind::Discard | Kind::WriteZeroes | Kind::Flush | Kind::Resync
     );
     if header.flags & !FLAGS_KNOWN != 0
         || (header.flags & FLAG_WANT_GRANT != 0 && kind != Kind::Lock)
@@ -757,6 +803,9 @@ fn check_fields(header: &Header) -> Result<(), WireError> {
             check_extent(header.lba, header.len)?;
         }
         Kind::Lock | Kind::Discard | Kind::WriteZeroes => check_extent(header.lba, header.len)?,
+        Kind::Resync if ResyncMark::from_code(header.aux).is_none() => {
+            return Err(WireError::Malformed("unknown resync mark"));
+        }
         _ => {}
     }
     Ok(())
@@ -864,6 +913,18 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             epoch,
             op: SummedOp::verified(Op::Flush, payload_crc),
         },
+        Kind::Resync => Frame::Op {
+            ack_on_receipt: header.flags & FLAG_ACK_ON_RECEIPT != 0,
+            seq,
+            epoch,
+            op: SummedOp::verified(
+                Op::Resync(
+                    ResyncMark::from_code(header.aux)
+                        .ok_or(WireError::Malformed("unknown resync mark"))?,
+                ),
+                payload_crc,
+            ),
+        },
         Kind::Ack => Frame::Ack {
             received: seq,
             durable: Seq(header.aux),
@@ -962,6 +1023,9 @@ mod tests {
     fn op_frames_carry_their_checksum_and_encode_the_documented_one() {
         let ops = [
             Op::Flush,
+            Op::Resync(ResyncMark::Begin { full: false }),
+            Op::Resync(ResyncMark::Begin { full: true }),
+            Op::Resync(ResyncMark::End),
             Op::Discard {
                 lba: Lba(8),
                 len_bytes: 4096,

@@ -19,9 +19,9 @@ use std::fmt::Debug;
 use bytes::Bytes;
 use mirror_core::genid::GenIds;
 use mirror_core::wire::{
-    decode, decode_body, decode_header, Frame, Hello, Kind, Op, RefuseReason, WireError,
-    FLAG_WANT_GRANT, FRAME_BYTES_MAX, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES, MAGIC,
-    PAYLOAD_BYTES_MAX, VERSION,
+    decode, decode_body, decode_header, Frame, Hello, Kind, Op, RefuseReason, ResyncMark,
+    WireError, FLAG_WANT_GRANT, FRAME_BYTES_MAX, HEADER_BYTES, HELLO_PAYLOAD_BYTES, MAC_BYTES,
+    MAGIC, PAYLOAD_BYTES_MAX, VERSION,
 };
 use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 use proptest::collection::vec;
@@ -188,6 +188,9 @@ fn op() -> impl Strategy<Value = Op> {
         extent().prop_map(|(lba, len_bytes)| Op::Discard { lba, len_bytes }),
         extent().prop_map(|(lba, len_bytes)| Op::WriteZeroes { lba, len_bytes }),
         Just(Op::Flush),
+        Just(Op::Resync(ResyncMark::Begin { full: false })),
+        Just(Op::Resync(ResyncMark::Begin { full: true })),
+        Just(Op::Resync(ResyncMark::End)),
     ]
 }
 
@@ -279,6 +282,7 @@ fn kind_of(frame: &Frame) -> Kind {
             Op::Discard { .. } => Kind::Discard,
             Op::WriteZeroes { .. } => Kind::WriteZeroes,
             Op::Flush => Kind::Flush,
+            Op::Resync(_) => Kind::Resync,
         },
         Frame::Ack { .. } => Kind::Ack,
         Frame::Reject { .. } => Kind::Reject,

@@ -388,5 +388,6 @@ pub(super) fn op_name(op: &Op) -> &'static str {
         Op::Discard { .. } => "discard",
         Op::WriteZeroes { .. } => "write-zeroes",
         Op::Flush => "flush",
+        Op::Resync(_) => "resync mark",
     }
 }

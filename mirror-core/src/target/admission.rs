@@ -255,8 +255,12 @@ impl Target {
         let h = self.handshakes.swap_remove(index);
         self.out = h.out;
         if let Some(until) = self.inconsistent_until {
-            // The source's last sequence number bounds what must be re-applied.
-            self.inconsistent_until = Some(until.min(peer_last_seq));
+            // The source's last sequence number bounds what must be re-applied, unless the source
+            // is behind what we took: a restarted primary that resyncs from its write intent, whose
+            // resync end says when we are consistent.
+            if peer_last_seq >= told {
+                self.inconsistent_until = Some(until.min(peer_last_seq));
+            }
             self.check_consistent();
         }
         self.session = Some(Session {

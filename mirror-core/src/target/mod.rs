@@ -29,7 +29,7 @@ pub use crate::meta::VolumeFacts;
 use crate::meta::{BindingError, MetaRecord, Role};
 use crate::source::LOCKS_AHEAD_MAX;
 use crate::types::{ExtentError, NodeId, Range, Seq, VolumeId};
-use crate::wire::{Frame, Hello, Op, RefuseReason, WireError, MAC_BYTES};
+use crate::wire::{Frame, Hello, Op, RefuseReason, ResyncMark, WireError, MAC_BYTES};
 
 mod admission;
 mod error;
@@ -107,6 +107,8 @@ pub enum TargetSabotage {
     TrustHelloBeforeAuth,
     /// Count the session's idle timeout from its AUTH, not from its last frame.
     IdleFromAuth,
+    /// Take no notice of resync marks: claim consistency in the middle of a resync.
+    IgnoreResyncMarks,
 }
 
 /// Configuration of a target.
@@ -270,8 +272,10 @@ pub struct Target {
     /// of `received` is acknowledged at once instead of with the next durability ACK.
     receipt_wanted: bool,
     /// The data was never known to be consistent ([`Restored::consistent`] false): no resend
-    /// clears `inconsistent_until`, only a full resync will.
+    /// clears `inconsistent_until`, only the end of a full resync will.
     data_untrusted: bool,
+    /// Inside a resync bracket ([`ResyncMark`]), handed out in part: whether it is a full one.
+    resync: Option<bool>,
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
     /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
     inconsistent_until: Option<Seq>,
@@ -304,8 +308,10 @@ impl Target {
             out: VecDeque::new(),
             ack_dirty: false,
             receipt_wanted: false,
-            inconsistent_until: (!restored.clean || !restored.consistent).then_some(Seq(u64::MAX)),
+            inconsistent_until: (!restored.clean || !restored.consistent || restored.resyncing)
+                .then_some(Seq(u64::MAX)),
             data_untrusted: !restored.consistent,
+            resync: restored.resyncing.then_some(false),
             lock_only: 0,
             sabotage: TargetSabotage::None,
         }
@@ -360,7 +366,44 @@ impl Target {
         let op = entry.op?;
         self.log_bytes -= op.payload_bytes();
         self.applying.push_back(entry.seq);
+        if let Op::Resync(mark) = op {
+            self.resync_mark(entry.seq, mark);
+        }
         Some(Apply { seq: entry.seq, op })
+    }
+
+    /// A resync mark is handed out: from a begin on, the volume is not a prefix of the source's
+    /// writes; from an end on, it is once the end is durable (and, after a data loss, only if
+    /// the bracket covered every chunk).
+    fn resync_mark(&mut self, seq: Seq, mark: ResyncMark) {
+        if self.sabotage == TargetSabotage::IgnoreResyncMarks {
+            return;
+        }
+        match mark {
+            ResyncMark::Begin { full } => {
+                // Chunks of a full resync overwrite whatever was there: until its end only
+                // another full resync's end makes the data trusted again.
+                self.data_untrusted |= full;
+                self.resync = Some(full);
+                self.inconsistent_until = Some(Seq(u64::MAX));
+            }
+            ResyncMark::End => {
+                if self.resync.take() == Some(true) {
+                    self.data_untrusted = false;
+                }
+                if self.inconsistent_until.is_some() {
+                    self.inconsistent_until = Some(seq);
+                }
+                self.check_consistent();
+            }
+        }
+    }
+
+    /// What the metadata record says of the data: whether it is trusted (no full resync needed)
+    /// and whether a resync bracket is open.
+    #[must_use]
+    pub fn data_state(&self) -> (bool, bool) {
+        (!self.data_untrusted, self.resync.is_some())
     }
 
     fn entry_ready(e: &Entry) -> bool {
@@ -371,7 +414,8 @@ impl Target {
         match self.sabotage {
             TargetSabotage::None
             | TargetSabotage::TrustHelloBeforeAuth
-            | TargetSabotage::IdleFromAuth => {
+            | TargetSabotage::IdleFromAuth
+            | TargetSabotage::IgnoreResyncMarks => {
                 self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
             }
             TargetSabotage::ApplyOutOfOrder => {
@@ -436,6 +480,7 @@ impl Target {
 
     fn check_consistent(&mut self) {
         if !self.data_untrusted
+            && self.resync.is_none()
             && self
                 .inconsistent_until
                 .is_some_and(|until| self.durable >= until)

@@ -16,6 +16,9 @@ pub struct Restored {
     /// so), no resend makes it consistent: only a full resync will, and every record the target
     /// writes keeps saying so.
     pub consistent: bool,
+    /// Whether a resync bracket was applied in part ([`MetaRecord::resyncing`]): not consistent
+    /// until a resync's end is durable.
+    pub resyncing: bool,
 }
 
 impl Restored {
@@ -24,6 +27,7 @@ impl Restored {
         durable: Seq::NONE,
         clean: true,
         consistent: true,
+        resyncing: false,
     };
 }
 
@@ -95,6 +99,7 @@ pub fn recover_with(
             durable: Seq::NONE,
             clean: trusted,
             consistent: trusted,
+            resyncing: false,
         };
         return Ok((restored, RecoveryKind::Adopted));
     };
@@ -106,6 +111,7 @@ pub fn recover_with(
         durable: record.durable,
         clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
         consistent: record.consistent,
+        resyncing: record.resyncing,
     };
     let kind = if record.consistent {
         RecoveryKind::Resumed
@@ -127,6 +133,7 @@ pub fn running_record(
 ) -> MetaRecord {
     MetaRecord {
         consistent: restored.consistent,
+        resyncing: restored.resyncing,
         ..MetaRecord::running(loaded, facts, node_id, Role::Secondary, restored.durable)
     }
 }

@@ -114,6 +114,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
                 durable: Seq(9),
                 clean: false,
                 consistent: true,
+                resyncing: false,
             },
             RecoveryKind::Resumed
         ))
@@ -135,6 +136,7 @@ fn recovery_trusts_only_a_record_of_this_volume() {
                 durable: Seq(9),
                 clean: true,
                 consistent: false,
+                resyncing: false,
             },
             RecoveryKind::Unverified
         ))
@@ -239,6 +241,7 @@ fn an_unauthenticated_hello_changes_nothing() {
         durable: Seq(5),
         clean: false,
         consistent: true,
+        resyncing: false,
     });
     let before = target.status();
     assert!(!before.consistent);
@@ -528,4 +531,99 @@ fn receipt_is_acknowledged_at_once_only_in_received_mode() {
         }
         assert_eq!(source.status().log_entries, 0, "{mode:?}");
     }
+}
+
+/// Between a resync's begin and its durable end the target is not a prefix of the source's
+/// writes and says so, in its status and in the record it writes (so a restart in between
+/// stays inconsistent until an end); a partial resync does not make untrusted data consistent,
+/// a full one does.
+#[test]
+fn a_resync_bracket_is_inconsistent_until_its_end_is_durable() {
+    let facts = VolumeFacts {
+        volume_id: VOLUME_ID,
+        volume_bytes: VOLUME_BYTES,
+        created: false,
+    };
+    let resyncing = MetaRecord {
+        resyncing: true,
+        ..MetaRecord::new(VOLUME_ID, VOLUME_BYTES)
+    };
+    let trusted = MetaRecord::new(VOLUME_ID, VOLUME_BYTES);
+    // (record, full bracket, consistent before, consistent after)
+    for (record, full, before, after) in [
+        (Some(trusted), false, true, true),
+        (Some(trusted), true, true, true),
+        (None, false, false, false),
+        (None, true, false, true),
+        (Some(resyncing), false, false, true),
+    ] {
+        let what = format!("record {record:?}, full {full}");
+        let (restored, _) = recover(record.as_ref(), &facts).unwrap();
+        let mut target = Target::new(new_target(FRESH).cfg.clone(), restored);
+        assert_eq!(target.status().consistent, before, "{what}");
+        let mut source = new_source(Mode::Sync, 1);
+        source.on_connect([2; MAC_BYTES]);
+        target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+        exchange(&mut source, &mut target);
+        source
+            .submit(Op::Resync(ResyncMark::Begin { full }), 1)
+            .unwrap();
+        write(&mut source, 3);
+        let end = source.submit(Op::Resync(ResyncMark::End), 1).unwrap();
+        exchange(&mut source, &mut target);
+        let mut consistent = Vec::new();
+        while let Some(apply) = target.poll_apply() {
+            consistent.push(target.status().consistent);
+            let (trusted, open) = target.data_state();
+            assert!(
+                open || apply.seq == end,
+                "{what}: the record says resyncing from the begin until the end ({:?})",
+                apply.op
+            );
+            assert!(!full || !trusted || apply.seq == end, "{what}");
+            target.handle_applied(apply.seq);
+            target.handle_durable(apply.seq);
+            exchange(&mut source, &mut target);
+        }
+        assert_eq!(consistent, [false, false, false], "{what}");
+        assert_eq!(target.status().consistent, after, "{what}");
+        assert_eq!(target.data_state(), (after, false), "{what}");
+    }
+}
+
+/// A source whose HELLO is behind what the target took (a primary restarted after a crash,
+/// which resyncs from its write intent) does not bound the target's inconsistency: only its
+/// resync's end does.
+#[test]
+fn a_source_behind_the_target_does_not_end_its_inconsistency() {
+    let unclean = Restored {
+        durable: Seq(5),
+        clean: false,
+        consistent: true,
+        resyncing: false,
+    };
+    let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
+    let mut source = new_source(Mode::Sync, 1);
+    source.adopt_target_seq();
+    source.on_connect([2; MAC_BYTES]);
+    target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+    exchange(&mut source, &mut target);
+    assert!(target.is_ready());
+    assert!(!target.status().consistent, "the source said seq 0");
+    assert_eq!(
+        source.status().last_local,
+        Seq(5),
+        "the source took the target's seq"
+    );
+    source
+        .submit(Op::Resync(ResyncMark::Begin { full: false }), 1)
+        .unwrap();
+    let end = source.submit(Op::Resync(ResyncMark::End), 1).unwrap();
+    assert_eq!(end, Seq(7));
+    exchange(&mut source, &mut target);
+    while let Some(apply) = target.poll_apply() {
+        target.handle_applied(apply.seq);
+        target.handle_durable(apply.seq);
+    }
+    assert!(target.status().consistent);
 }
