@@ -385,15 +385,20 @@ impl Target {
                 // another full resync's end makes the data trusted again.
                 self.data_untrusted |= full;
                 self.resync = Some(full);
-                self.inconsistent_until = Some(Seq(u64::MAX));
+                // A bound an unclean restart already has (the source's resend) is kept.
+                self.inconsistent_until.get_or_insert(Seq(u64::MAX));
             }
             ResyncMark::End => {
                 if self.resync.take() == Some(true) {
                     self.data_untrusted = false;
                 }
-                if self.inconsistent_until.is_some() {
-                    self.inconsistent_until = Some(seq);
-                }
+                // Consistent once the end is durable, and not before a resend the source
+                // bounded: `u64::MAX` says no source bounded one.
+                let until = match self.inconsistent_until {
+                    Some(u) if u != Seq(u64::MAX) => u.max(seq),
+                    _ => seq,
+                };
+                self.inconsistent_until = Some(until);
                 self.check_consistent();
             }
         }

@@ -627,3 +627,36 @@ fn a_source_behind_the_target_does_not_end_its_inconsistency() {
     }
     assert!(target.status().consistent);
 }
+
+/// A resync's end inside the resend an unclean restart needs does not shorten it: the target
+/// stays inconsistent until the source's last seq is durable.
+#[test]
+fn a_resync_end_keeps_the_resend_bound_of_an_unclean_restart() {
+    let unclean = Restored {
+        durable: Seq::NONE,
+        clean: false,
+        consistent: true,
+        resyncing: false,
+    };
+    let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
+    let mut source = new_source(Mode::Sync, 1);
+    source
+        .submit(Op::Resync(ResyncMark::Begin { full: false }), 1)
+        .unwrap();
+    let end = source.submit(Op::Resync(ResyncMark::End), 1).unwrap();
+    let last = write(&mut source, 2);
+    source.on_connect([2; MAC_BYTES]);
+    target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+    exchange(&mut source, &mut target);
+    while let Some(apply) = target.poll_apply() {
+        target.handle_applied(apply.seq);
+        target.handle_durable(apply.seq);
+        assert_eq!(
+            target.status().consistent,
+            apply.seq >= last,
+            "at {:?}",
+            apply.seq
+        );
+    }
+    assert!(end < last);
+}
