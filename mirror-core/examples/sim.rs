@@ -143,8 +143,9 @@ impl std::fmt::Display for Totals {
              (partial {}) intruder {} clean-restart {} local-lock {} (timed out {}) mode-switch {} \
              inconsistent-steps {}; \
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
-             acked durable kept {}, acked writes lost in async/received {}, re-based on an inconsistent \
-             target {}); clean source stop {} (resumed from its record {}); write-intent stores {}",
+             acked durable kept {}, acked async/received writes the target lacked {}, resynced from \
+             the write intent {} ({} B copied, admission refused {})); clean source stop {} \
+             (resumed from its record {}); write-intent stores {}",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -171,8 +172,10 @@ impl std::fmt::Display for Totals {
             self.0.source_crashes,
             self.0.host_ops_failed,
             self.0.acked_durable_kept,
-            self.0.acked_writes_lost,
-            self.0.rebases_on_inconsistent,
+            self.0.acked_writes_resynced,
+            self.0.source_resyncs,
+            self.0.resync_copy_bytes,
+            self.0.resync_admission_refusals,
             self.0.clean_source_stops,
             self.0.source_resumes,
             self.0.intent_stores,

@@ -164,7 +164,26 @@ impl DirtyBitmap {
 
     /// The marked chunks, in order.
     pub fn dirty(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.chunks).filter(|c| self.is_dirty(*c))
+        std::iter::successors(self.next_dirty(0), |&c| self.next_dirty(c + 1))
+    }
+
+    /// The first marked chunk at or after `from` (a word at a time: a resync walks a large,
+    /// mostly clean map).
+    #[must_use]
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        if from >= self.chunks {
+            return None;
+        }
+        let (mut w, bit) = Self::bit(from);
+        let mut word = self.words.get(w)? & !(bit - 1);
+        loop {
+            if word != 0 {
+                let chunk = (w as u64) * 64 + u64::from(word.trailing_zeros());
+                return (chunk < self.chunks).then_some(chunk);
+            }
+            w += 1;
+            word = *self.words.get(w)?;
+        }
     }
 
     /// The bytes of `chunk`, clipped at the volume's end (`volume_bytes`).
@@ -327,6 +346,8 @@ mod tests {
             }
             prop_assert_eq!(total, map.dirty_chunks());
             prop_assert_eq!(u64::try_from(map.dirty().count()).unwrap(), total);
+            let naive: Vec<u64> = (0..map.chunks()).filter(|&c| map.is_dirty(c)).collect();
+            prop_assert_eq!(map.dirty().collect::<Vec<_>>(), naive);
             for &(offset, len) in &ranges {
                 let len = len.min(VOLUME_BYTES - offset);
                 prop_assert!(map.covers(Range::new(offset, len)));

@@ -24,7 +24,7 @@ use crate::meta::{MetaRecord, Role, BITMAP_CHUNK_BYTES};
 use crate::session::{SessionAction, SourceSession};
 use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
 use crate::target::Target;
-use crate::wire::{Frame, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use crate::wire::{Frame, Op, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 use crate::{Seq, VolumeId};
 
 /// Which peer of a volume (a primary mirrors to one today; the key leaves room for more).
@@ -55,6 +55,17 @@ pub enum SubmitError {
     /// A submission is already parked: the driver must wait for [`PeerEvent::Accepted`].
     #[error("a submission already waits for room in the rollback log")]
     AlreadyParked,
+    /// A resync must enter the log first ([`PeerLink::takes_host_ops`]).
+    #[error("a resync waits to enter the rollback log before host operations")]
+    Resyncing,
+    /// [`PeerLink::resync_submit`] got an operation of another step.
+    #[error("resync operation on {got}, the link asked for {asked:?}")]
+    NotResyncStep {
+        /// The range of what the driver handed over.
+        got: String,
+        /// What [`PeerLink::poll_resync`] asked for, if anything.
+        asked: Option<ResyncStep>,
+    },
 }
 
 /// Why a wait for "replicated through N" cannot be granted.
@@ -150,8 +161,7 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     source: Source<L>,
     sabotage: PeerSabotage,
     session: SourceSession,
-    /// The token, the operation and when it was submitted (its age counts from then).
-    parked: Option<(u64, SummedOp, u64)>,
+    parked: Option<Parked>,
     fatal: Option<SourceError>,
     /// Whether [`PeerEvent::Connected`] was reported for the current connection.
     announced: bool,
@@ -166,6 +176,22 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     drain: Option<Drain>,
     /// Which chunks hold writes the peer has not made durable ([`Self::take_intent_store`]).
     intent: WriteIntent,
+    /// A resync that must enter the log before host operations (a primary restarted after a
+    /// crash), until its last step is submitted.
+    resync: Option<ResyncPlan>,
+    /// The step [`Self::poll_resync`] handed out, until it is submitted.
+    resync_step: Option<ResyncStep>,
+    resync_piece_bytes_max: u64,
+}
+
+/// The one submission waiting for room in the rollback log.
+#[derive(Debug)]
+struct Parked {
+    /// The driver's token; none for the link's own (a resync step).
+    token: Option<u64>,
+    op: SummedOp,
+    /// When it was submitted (its age counts from then).
+    submitted_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -191,11 +217,41 @@ impl<L: RollbackLog> PeerLink<L> {
     /// A link over `source` whose connections `session` paces.
     #[must_use]
     pub fn new(source: Source<L>, session: SourceSession) -> PeerLink<L> {
-        let durable = source.status().durable;
         let intent = WriteIntent::new(source.config().volume_bytes, BITMAP_CHUNK_BYTES)
             .unwrap_or_else(|e| unreachable!("the default chunk size is valid: {e}"));
+        Self::with_intent(source, session, intent)
+    }
+
+    /// A link for a primary restarted as `restored` says, over `source` (whose operations
+    /// through `restored.confirmed` are durable on the peer), with `stored` its write intent as
+    /// last stored (after a clean stop a map of the volume's geometry: its bits only cost a
+    /// store). After a crash ([`PrimaryStart::Crashed`]) the sequence continues after the
+    /// peer's ([`Source::adopt_target_seq`]) and the chunks of `stored` are resynced before
+    /// host operations are taken ([`Self::poll_resync`]).
+    #[must_use]
+    pub fn restarted(
+        mut source: Source<L>,
+        session: SourceSession,
+        restored: PrimaryRestored,
+        stored: DirtyBitmap,
+    ) -> PeerLink<L> {
+        let volume_bytes = source.config().volume_bytes;
+        let resync = (restored.kind == PrimaryStart::Crashed).then(|| {
+            source.adopt_target_seq();
+            ResyncPlan::partial(stored.clone(), volume_bytes)
+        });
+        let mut link = Self::with_intent(source, session, WriteIntent::restored(stored));
+        link.resync = resync;
+        link
+    }
+
+    fn with_intent(source: Source<L>, session: SourceSession, intent: WriteIntent) -> PeerLink<L> {
+        let durable = source.status().durable;
         PeerLink {
             intent,
+            resync: None,
+            resync_step: None,
+            resync_piece_bytes_max: u64::from(PAYLOAD_BYTES_MAX),
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -259,6 +315,85 @@ impl<L: RollbackLog> PeerLink<L> {
         op: SummedOp,
         now_ns: u64,
     ) -> Result<Submitted, SubmitError> {
+        if !self.takes_host_ops() {
+            return Err(SubmitError::Resyncing);
+        }
+        self.offer(Some(token), op, now_ns)
+    }
+
+    /// Whether host operations may be offered: not while a resync waits to enter the log (its
+    /// copies read the local volume, which host writes must not change under them).
+    #[must_use]
+    pub fn takes_host_ops(&self) -> bool {
+        self.resync.is_none() && self.resync_step.is_none()
+    }
+
+    /// The next resync step the driver must carry out, if one is due: once the peer admitted
+    /// the session (the sequence continues after its), one at a time, while nothing waits for
+    /// room in the log. For a mark the driver submits `Op::Resync(mark)`, for a copy a write of
+    /// those bytes read from the local volume now, both through [`Self::resync_submit`].
+    pub fn poll_resync(&mut self) -> Option<ResyncStep> {
+        if self.fatal.is_some()
+            || self.parked.is_some()
+            || self.resync_step.is_some()
+            || self.source.awaits_admission()
+        {
+            return None;
+        }
+        let piece_bytes = self.resync_piece_bytes();
+        let plan = self.resync.as_mut()?;
+        let step = plan.next_step(piece_bytes);
+        if step.is_none() || plan.is_done() {
+            self.resync = None;
+        }
+        self.resync_step = step;
+        step
+    }
+
+    /// The operation of the step [`Self::poll_resync`] handed out: it enters the log as the
+    /// link's own (no completion is reported for it).
+    pub fn resync_submit(&mut self, op: SummedOp, now_ns: u64) -> Result<Submitted, SubmitError> {
+        let fits = match (self.resync_step, op.op()) {
+            (Some(ResyncStep::Mark(mark)), Op::Resync(m)) => mark == *m,
+            (Some(ResyncStep::Copy(range)), Op::Write { .. }) => op.op().range() == Some(range),
+            _ => false,
+        };
+        if !fits {
+            return Err(SubmitError::NotResyncStep {
+                got: format!("{:?}", op.op().range()),
+                asked: self.resync_step,
+            });
+        }
+        self.resync_step = None;
+        self.offer(None, op, now_ns)
+    }
+
+    /// Bounds a resync copy to `bytes` (the largest write the peer's commit log takes; by
+    /// default a frame's payload).
+    pub fn set_resync_piece_bytes_max(&mut self, bytes: u64) {
+        self.resync_piece_bytes_max = bytes;
+    }
+
+    /// The largest resync copy: a chunk, if one operation, the rollback log and the peer's
+    /// bound can hold it.
+    fn resync_piece_bytes(&self) -> u64 {
+        let cfg = self.source.config();
+        let block = u64::from(cfg.block_bytes).max(1);
+        let fits = self
+            .intent
+            .live()
+            .chunk_bytes()
+            .min(self.resync_piece_bytes_max)
+            .min(cfg.log_bytes_max as u64);
+        (fits / block * block).max(block)
+    }
+
+    fn offer(
+        &mut self,
+        token: Option<u64>,
+        op: SummedOp,
+        now_ns: u64,
+    ) -> Result<Submitted, SubmitError> {
         if let Some(e) = &self.fatal {
             return Err(SubmitError::Stopped(e.clone()));
         }
@@ -274,13 +409,21 @@ impl<L: RollbackLog> PeerLink<L> {
             }));
         }
         self.intent.submitted(op.op().range());
-        let result = match self.source.submit(op.clone(), now_ns) {
+        let submitted = match token {
+            Some(_) => self.source.submit(op.clone(), now_ns),
+            None => self.source.submit_own(op.clone(), now_ns),
+        };
+        let result = match submitted {
             Ok(seq) => {
                 self.intent.accepted(seq);
                 return Ok(Submitted::Accepted(seq));
             }
             Err(SourceError::LogFull) => {
-                self.parked = Some((token, op, now_ns));
+                self.parked = Some(Parked {
+                    token,
+                    op,
+                    submitted_ns: now_ns,
+                });
                 return Ok(Submitted::Parked);
             }
             Err(e @ SourceError::InvalidOp(_)) => Err(SubmitError::Invalid(e)),
@@ -301,6 +444,12 @@ impl<L: RollbackLog> PeerLink<L> {
             return None;
         }
         self.intent.take_store()
+    }
+
+    /// The driver's token of the submission waiting for room, if it is a host operation.
+    #[must_use]
+    pub fn parked_token(&self) -> Option<u64> {
+        self.parked.as_ref().and_then(|p| p.token)
     }
 
     /// Whether a submission waits for room; the driver offers no other meanwhile.
@@ -350,28 +499,12 @@ impl<L: RollbackLog> PeerLink<L> {
         if self.fatal.is_some() {
             return None;
         }
-        if let Some((token, op, submitted_ns)) = self.parked.take() {
-            if self.source.has_room(op.op().payload_bytes()) {
-                if self.sabotage == PeerSabotage::DropParked {
-                    return Some(PeerEvent::Accepted {
-                        token,
-                        seq: self.source.status().last_local.next(),
-                    });
-                }
-                // The source validated it when it parked; what can fail now is the log itself.
-                match self.source.submit(op, submitted_ns) {
-                    Ok(seq) => {
-                        self.intent.accepted(seq);
-                        return Some(PeerEvent::Accepted { token, seq });
-                    }
-                    Err(e) => {
-                        self.intent.refused();
-                        self.stop(e);
-                        return self.events.pop_front();
-                    }
-                }
+        if let Some(parked) = self.parked.take() {
+            if !self.source.has_room(parked.op.op().payload_bytes()) {
+                self.parked = Some(parked);
+            } else if let Some(ev) = self.take_parked(parked) {
+                return Some(ev);
             }
-            self.parked = Some((token, op, submitted_ns));
         }
         if let Some(seq) = self.source.poll_completion() {
             return Some(PeerEvent::Completed(seq));
@@ -385,14 +518,17 @@ impl<L: RollbackLog> PeerLink<L> {
             self.durable_reported = durable;
             return Some(PeerEvent::Durable(durable));
         }
-        if self.drain.is_some() && self.parked.is_none() {
+        if self.drain.is_some() && self.parked.is_none() && self.takes_host_ops() {
             let last = self.source.status().last_local;
             if self.source.is_replicated(last) {
                 self.drain = None;
                 return Some(PeerEvent::Drained(Ok(last)));
             }
         }
-        if !self.announced && self.source.status().conn == ConnState::Connected {
+        if !self.announced
+            && self.source.status().conn == ConnState::Connected
+            && !self.source.awaits_admission()
+        {
             self.announced = true;
             self.connects += 1;
             self.connect_deadline = None;
@@ -400,6 +536,37 @@ impl<L: RollbackLog> PeerLink<L> {
             return Some(PeerEvent::Connected);
         }
         None
+    }
+
+    /// The parked submission enters the log (there is room): the driver hears of its own.
+    fn take_parked(&mut self, parked: Parked) -> Option<PeerEvent> {
+        let Parked {
+            token,
+            op,
+            submitted_ns,
+        } = parked;
+        if let (Some(token), PeerSabotage::DropParked) = (token, self.sabotage) {
+            return Some(PeerEvent::Accepted {
+                token,
+                seq: self.source.status().last_local.next(),
+            });
+        }
+        // The source validated it when it parked; what can fail now is the log itself.
+        let submitted = match token {
+            Some(_) => self.source.submit(op, submitted_ns),
+            None => self.source.submit_own(op, submitted_ns),
+        };
+        match submitted {
+            Ok(seq) => {
+                self.intent.accepted(seq);
+                token.map(|token| PeerEvent::Accepted { token, seq })
+            }
+            Err(e) => {
+                self.intent.refused();
+                self.stop(e);
+                self.events.pop_front()
+            }
+        }
     }
 
     /// The next frame to send on the open connection (`now_ns`: when it is handed over).
@@ -513,6 +680,8 @@ impl<L: RollbackLog> PeerLink<L> {
         self.source.on_disconnect();
         self.session.on_fatal();
         self.parked = None;
+        self.resync = None;
+        self.resync_step = None;
         self.fatal = Some(error.clone());
         self.events.push_back(PeerEvent::Stopped(error.clone()));
         if self.drain.take().is_some() {
@@ -654,6 +823,7 @@ impl Node<Target> {
 
 mod intent;
 mod recover;
+mod resync;
 #[cfg(test)]
 mod tests;
 
@@ -662,3 +832,4 @@ pub use recover::{
     new_sequence, recover_primary, recover_primary_with, running_primary_record,
     PrimaryRecoverError, PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
 };
+pub use resync::{ResyncPlan, ResyncStep};

@@ -407,6 +407,8 @@ pub struct Source<L: RollbackLog = MemLog> {
     /// Continue the sequence after whatever the target took, at the next handshake
     /// ([`Source::adopt_target_seq`]).
     adopt: bool,
+    /// An ACK arrived on the current connection: the target admitted the session.
+    admitted: bool,
 }
 
 impl Source<MemLog> {
@@ -440,15 +442,26 @@ impl<L: RollbackLog> Source<L> {
             out: VecDeque::new(),
             sabotage: SourceSabotage::None,
             adopt: false,
+            admitted: false,
         }
     }
 
     /// A primary restarted after a crash knows the target holds everything through its
     /// record's seq but not how much more: at the next handshake its sequence continues after
-    /// whatever the target took (those writes are on the local volume too, and the write intent
-    /// resyncs the chunks the target may lack). Submit nothing before that handshake.
+    /// whatever the target holds (those writes are on the local volume too, and the write intent
+    /// resyncs the chunks the target may lack). Its HELLOs say so ([`Hello::resync_follows`]),
+    /// and the target admits such a session only once everything it took is durable. Submit
+    /// nothing before [`Self::awaits_admission`] turns false.
     pub fn adopt_target_seq(&mut self) {
         self.adopt = true;
+    }
+
+    /// Whether the sequence still waits to continue after the target's: a restarted primary
+    /// ([`Self::adopt_target_seq`]) whose session the target has not yet admitted (its first ACK
+    /// shows it did; a REFUSE after our AUTH is still possible before).
+    #[must_use]
+    pub fn awaits_admission(&self) -> bool {
+        self.adopt && !(self.conn == Conn::Ready && self.admitted)
     }
 
     /// Breaks the engine on purpose (tests that prove the checkers bite).
@@ -514,7 +527,16 @@ impl<L: RollbackLog> Source<L> {
     /// [`Source::poll_completion`] once the mode allows. An [`Op`] is checksummed here; pass a
     /// [`SummedOp`] to have that done where the data was captured (another thread).
     pub fn submit(&mut self, op: impl Into<SummedOp>, now_ns: u64) -> Result<Seq, SourceError> {
-        let op = op.into();
+        self.append(op.into(), now_ns, true)
+    }
+
+    /// Logs an operation of the primary's own (a resync write or mark): mirrored like a host
+    /// operation, with no completion to report.
+    pub fn submit_own(&mut self, op: impl Into<SummedOp>, now_ns: u64) -> Result<Seq, SourceError> {
+        self.append(op.into(), now_ns, false)
+    }
+
+    fn append(&mut self, op: SummedOp, now_ns: u64, completes: bool) -> Result<Seq, SourceError> {
         self.validate(op.op())?;
         if !self.has_room(op.op().payload_bytes()) {
             return Err(SourceError::LogFull);
@@ -527,8 +549,11 @@ impl<L: RollbackLog> Source<L> {
             submitted_ns: now_ns,
         })?;
         self.last_local = seq;
-        self.pending.push_back((seq, is_flush));
-        self.check_completions();
+        self.adopt = false;
+        if completes {
+            self.pending.push_back((seq, is_flush));
+            self.check_completions();
+        }
         Ok(seq)
     }
 
@@ -584,6 +609,7 @@ impl<L: RollbackLog> Source<L> {
         self.out.clear();
         self.halted = None;
         self.conn = Conn::AwaitHello { nonce };
+        self.admitted = false;
         self.out.push_back(Frame::Hello(Hello {
             volume_id: self.cfg.volume_id,
             node_id: self.cfg.node_id,
@@ -593,6 +619,7 @@ impl<L: RollbackLog> Source<L> {
             block_bytes: self.cfg.block_bytes,
             nonce,
             mac: [0; MAC_BYTES],
+            resync_follows: self.adopt,
         }));
     }
 
@@ -669,10 +696,10 @@ impl<L: RollbackLog> Source<L> {
             return Err(SourceError::WrongVolume);
         }
         let target = hello.last_seq;
+        // Until the first submission: a session refused after this HELLO adopts again.
         if self.adopt && self.log.is_empty() && target > self.last_local {
             self.last_local = target;
         }
-        self.adopt = false;
         if target < self.durable {
             return Err(SourceError::TargetRegressed {
                 target,
@@ -714,6 +741,7 @@ impl<L: RollbackLog> Source<L> {
                 sent: self.last_sent,
             }));
         }
+        self.admitted = true;
         if durable < self.durable {
             return Err(SourceError::Protocol(TargetViolation::DurableWentBack {
                 from: self.durable,

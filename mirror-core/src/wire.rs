@@ -34,7 +34,12 @@ pub const FLAG_WANT_GRANT: u16 = 1;
 /// the commit log. Without it the target reports receipt with the next durability ACK, which
 /// saves an ACK frame per operation in the modes that wait for durability (or for nothing).
 pub const FLAG_ACK_ON_RECEIPT: u16 = 2;
-const FLAGS_KNOWN: u16 = FLAG_WANT_GRANT | FLAG_ACK_ON_RECEIPT;
+/// Flag on a source's HELLO: its `last_seq` does not bound what the target took (a primary
+/// restarted after a crash, whose sequence continues after the target's and whose resync from
+/// its write intent follows), so the target neither ends an unclean restart's inconsistency at it
+/// nor starts the session while operations it handed out are not durable.
+pub const FLAG_RESYNC_FOLLOWS: u16 = 4;
+const FLAGS_KNOWN: u16 = FLAG_WANT_GRANT | FLAG_ACK_ON_RECEIPT | FLAG_RESYNC_FOLLOWS;
 
 /// Frame kind codes (byte 5 of the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +258,8 @@ pub struct Hello {
     pub nonce: [u8; MAC_BYTES],
     /// Answer to the peer's challenge (all zero in the first HELLO of a connection).
     pub mac: [u8; MAC_BYTES],
+    /// Source: [`FLAG_RESYNC_FOLLOWS`]. Always false from a target.
+    pub resync_follows: bool,
 }
 
 /// Why the target refuses a peer (REFUSE's reason code).
@@ -538,6 +545,11 @@ impl Frame {
             Frame::Hello(h) => {
                 raw.kind = Kind::Hello;
                 raw.seq = h.last_seq.0;
+                raw.flags = if h.resync_follows {
+                    FLAG_RESYNC_FOLLOWS
+                } else {
+                    0
+                };
                 Bytes::from(encode_hello(h).to_vec())
             }
             Frame::Auth { mac } => {
@@ -774,6 +786,7 @@ fn check_fields(header: &Header) -> Result<(), WireError> {
     if header.flags & !FLAGS_KNOWN != 0
         || (header.flags & FLAG_WANT_GRANT != 0 && kind != Kind::Lock)
         || (header.flags & FLAG_ACK_ON_RECEIPT != 0 && !is_op)
+        || (header.flags & FLAG_RESYNC_FOLLOWS != 0 && kind != Kind::Hello)
     {
         return Err(WireError::Malformed("unknown flags"));
     }
@@ -860,7 +873,9 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             if le_u32(&payload, 44) != 0 {
                 return Err(WireError::Malformed("reserved HELLO bytes are not zero"));
             }
-            Frame::Hello(decode_hello(&payload, seq))
+            let mut hello = decode_hello(&payload, seq);
+            hello.resync_follows = header.flags & FLAG_RESYNC_FOLLOWS != 0;
+            Frame::Hello(hello)
         }
         Kind::Auth => {
             let mut mac = [0u8; MAC_BYTES];
@@ -989,6 +1004,7 @@ fn decode_hello(p: &[u8], last_seq: Seq) -> Hello {
         block_bytes: le_u32(p, 40),
         nonce,
         mac,
+        resync_follows: false,
     }
 }
 

@@ -203,10 +203,19 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<u64>(),
         any::<u32>(),
         any::<[u8; MAC_BYTES]>(),
-        any::<[u8; MAC_BYTES]>(),
+        (any::<[u8; MAC_BYTES]>(), any::<bool>()),
     )
         .prop_map(
-            |(volume, node, ids, last_seq, volume_bytes, block_bytes, nonce, mac)| Hello {
+            |(
+                volume,
+                node,
+                ids,
+                last_seq,
+                volume_bytes,
+                block_bytes,
+                nonce,
+                (mac, resync_follows),
+            )| Hello {
                 volume_id: VolumeId(volume),
                 node_id: NodeId(node),
                 gen_ids: GenIds {
@@ -219,6 +228,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 block_bytes,
                 nonce,
                 mac,
+                resync_follows,
             },
         )
 }

@@ -105,12 +105,12 @@ fn many_seeds_hold_every_invariant() {
                 totals.acked_durable_kept,
             ),
             (
-                "acknowledged write lost to a source crash outside sync",
-                totals.acked_writes_lost,
+                "acknowledged write the target lacked, carried by a resync",
+                totals.acked_writes_resynced,
             ),
             (
-                "re-base on a target inconsistent after an unclean restart",
-                totals.rebases_on_inconsistent,
+                "restart after a crash that resynced from the write intent",
+                totals.source_resyncs,
             ),
             ("clean stop of the source", totals.clean_source_stops),
             (
@@ -375,7 +375,7 @@ fn ignoring_local_locks_is_caught_by_the_local_lock_check() {
 }
 
 /// A dying source process that completes its in-flight host writes as if they had succeeded: in
-/// `sync` they were never durable on the target, and the re-base after the restart loses them.
+/// `sync` they were never durable on the target when the restarted primary continues after it.
 #[test]
 fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_check() {
     let opts = SimOptions {
@@ -398,15 +398,26 @@ fn acking_in_flight_writes_at_a_source_crash_is_caught_by_the_crash_survival_che
     }
 }
 
-/// Why the restarted source is re-based: keeping its local volume leaves its writes past the
-/// target's durable seq on the source alone, and the volumes never converge.
+/// A chunk of the stored write intent lost before the restart reads it: its writes the target
+/// lacks are never resynced, and the volumes never converge.
 #[test]
-fn keeping_the_local_volume_after_a_source_crash_is_caught_by_the_quiescence_check() {
+fn forgetting_a_chunk_of_the_write_intent_is_caught_by_the_quiescence_check() {
     let opts = SimOptions {
-        source_crash_sabotage: SourceCrashSabotage::KeepLocalVolume,
+        source_crash_sabotage: SourceCrashSabotage::ForgetIntentChunk,
         ..SimOptions::default()
     };
-    assert_caught_by(&opts, 50, &[Check::Quiescence]);
+    assert_caught_by(&opts, 200, &[Check::Quiescence]);
+}
+
+/// A target that takes no notice of resync marks claims consistency while it holds chunks of
+/// the source's current data over an older state.
+#[test]
+fn ignoring_resync_marks_is_caught_by_the_resync_bracket_check() {
+    let opts = SimOptions {
+        target_sabotage: TargetSabotage::IgnoreResyncMarks,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 300, &[Check::ResyncBracket]);
 }
 
 #[test]

@@ -160,7 +160,8 @@ impl LocalVolume {
         let (restored, loaded) = if new_sequence {
             (mirror_core::node::new_sequence(), None)
         } else {
-            let restored = recover_primary(self.record.as_ref(), &facts).map_err(|why| {
+            // The daemon does not store its write intent yet: an unclean stop is refused.
+            let restored = recover_primary(self.record.as_ref(), None, &facts).map_err(|why| {
                 VolumeError::Recover {
                     path: path.into(),
                     why,

@@ -40,6 +40,23 @@ impl WriteIntent {
         })
     }
 
+    /// The intent of a restarted primary: nothing pending, and `stored` (as last stored, of this
+    /// geometry) as the stored copy: its chunks need no store before they are written again.
+    #[must_use]
+    pub fn restored(stored: DirtyBitmap) -> WriteIntent {
+        let mut live = stored.clone();
+        for chunk in stored.dirty() {
+            live.clear(chunk);
+        }
+        WriteIntent {
+            live,
+            stored,
+            store_due: false,
+            pending: VecDeque::new(),
+            writers: HashMap::new(),
+        }
+    }
+
     /// An operation on `range` (none: a flush) was submitted; its seq follows with
     /// [`Self::accepted`], at once or once a parked submission is taken.
     pub fn submitted(&mut self, range: Option<Range>) {

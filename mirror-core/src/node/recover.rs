@@ -2,11 +2,14 @@
 //!
 //! A primary records where its peer stands: at start, "not clean" with the seq its engine
 //! continues after; at a clean stop, once the drain ended with the peer holding everything, "clean"
-//! with the last seq. Only such a record lets a restart continue the sequence: the peer holds
-//! every write through it and nothing after it exists. After any other stop (a crash, a drain
-//! that timed out) local writes may be missing on the peer and nothing records where: the
-//! restart is refused until the dirty bitmap (issue 14) says what to resync.
+//! with the last seq. Such a record lets a restart continue the sequence: the peer holds every
+//! write through it and nothing after it exists. After any other stop (a crash, a drain that
+//! timed out) local writes may be missing on the peer; the write intent stored before each of
+//! them reached the local volume ([`super::WriteIntent`]) says which chunks hold them. The
+//! restart then continues the sequence after the peer's and resyncs those chunks first
+//! ([`super::PeerLink::restarted`]); without a stored intent it is refused.
 
+use crate::bitmap::DirtyBitmap;
 use crate::meta::{BindingError, MetaRecord, Role, VolumeFacts};
 use crate::{NodeId, Seq};
 
@@ -28,6 +31,9 @@ pub enum PrimaryStart {
     First,
     /// The record of a clean stop.
     Resumed,
+    /// The record of a run that did not stop cleanly, and its stored write intent: the
+    /// sequence continues after the peer's and the chunks the intent marks are resynced.
+    Crashed,
     /// The operator's `--new-sequence`: nothing of the record is trusted and the sequence starts
     /// at 1 against a new target ([`new_sequence`]).
     NewSequence,
@@ -40,9 +46,9 @@ pub enum PrimaryRecoverError {
     /// The last run did not stop cleanly.
     #[error(
         "the last run did not stop cleanly (a crash, or a stop before the target held every \
-         write): writes after seq {durable} may be missing on the target and nothing records \
-         which; this release cannot resync them: start again with --new-sequence against a new \
-         target volume (see docs/operations.md, \"after an unclean stop\")"
+         write): writes after seq {durable} may be missing on the target and no stored write \
+         intent records which: start again with --new-sequence against a new target volume \
+         (see docs/operations.md, \"after an unclean stop\")"
     )]
     Unclean {
         /// What the peer was known to hold.
@@ -51,6 +57,19 @@ pub enum PrimaryRecoverError {
     /// The record does not describe this volume.
     #[error(transparent)]
     Binding(#[from] BindingError),
+    /// The stored write intent does not map this volume.
+    #[error(
+        "the stored write intent maps {chunks} chunks of {chunk_bytes} bytes, not this volume of \
+         {volume_bytes} bytes"
+    )]
+    IntentGeometry {
+        /// Its chunks.
+        chunks: u64,
+        /// Its chunk size.
+        chunk_bytes: u64,
+        /// The volume's size.
+        volume_bytes: u64,
+    },
     /// The metadata is a secondary's: roles change with issue 16's verbs, not by a restart.
     #[error("it was written by a secondary (node {}): it holds a copy, not the primary's data", .0.0)]
     Secondary(NodeId),
@@ -67,18 +86,20 @@ pub enum PrimaryRecoverySabotage {
     TrustUnclean,
 }
 
-/// What a restarted primary trusts: nothing but the record of a clean stop of this volume (see
-/// the module docs).
+/// What a restarted primary trusts of this volume's record and its stored write intent
+/// (`intent`, if the driver keeps one): see the module docs.
 pub fn recover_primary(
     record: Option<&MetaRecord>,
+    intent: Option<&DirtyBitmap>,
     facts: &VolumeFacts,
 ) -> Result<PrimaryRestored, PrimaryRecoverError> {
-    recover_primary_with(record, facts, PrimaryRecoverySabotage::None)
+    recover_primary_with(record, intent, facts, PrimaryRecoverySabotage::None)
 }
 
 /// [`recover_primary`], broken on purpose when `sabotage` says so (tests only).
 pub fn recover_primary_with(
     record: Option<&MetaRecord>,
+    intent: Option<&DirtyBitmap>,
     facts: &VolumeFacts,
     sabotage: PrimaryRecoverySabotage,
 ) -> Result<PrimaryRestored, PrimaryRecoverError> {
@@ -93,8 +114,21 @@ pub fn recover_primary_with(
         return Err(PrimaryRecoverError::Secondary(record.node_id));
     }
     if !record.clean && sabotage != PrimaryRecoverySabotage::TrustUnclean {
-        return Err(PrimaryRecoverError::Unclean {
-            durable: record.durable,
+        let Some(intent) = intent else {
+            return Err(PrimaryRecoverError::Unclean {
+                durable: record.durable,
+            });
+        };
+        if intent.chunks() != facts.volume_bytes.div_ceil(intent.chunk_bytes()) {
+            return Err(PrimaryRecoverError::IntentGeometry {
+                chunks: intent.chunks(),
+                chunk_bytes: intent.chunk_bytes(),
+                volume_bytes: facts.volume_bytes,
+            });
+        }
+        return Ok(PrimaryRestored {
+            confirmed: record.durable,
+            kind: PrimaryStart::Crashed,
         });
     }
     Ok(PrimaryRestored {

@@ -7,7 +7,7 @@ use crate::session::SessionConfig;
 use crate::target::ConnId;
 use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
 use crate::wire::{decode, Op, RefuseReason};
-use crate::{Lba, NodeId};
+use crate::{Lba, NodeId, Range};
 
 const C: ConnId = ConnId(1);
 const MS: u64 = 1_000_000;
@@ -322,8 +322,9 @@ fn a_secondary_node_records_its_durable_seq() {
     assert!(primary.engines().contains_key(&PeerId(0)));
 }
 
-/// What a restarted primary trusts: only the record of a clean stop of this volume; a first
-/// start begins at seq 1; an unclean stop, another volume, another size or a secondary's record
+/// What a restarted primary trusts: the record of a clean stop of this volume, or of an unclean
+/// one with its stored write intent; a first start begins at seq 1; an unclean stop without an
+/// intent (or with one of another geometry), another volume, another size or a secondary's record
 /// is refused.
 #[test]
 fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
@@ -333,7 +334,7 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         volume_bytes: VOLUME_BYTES,
         created: false,
     };
-    let first = recover_primary(None, &facts).unwrap();
+    let first = recover_primary(None, None, &facts).unwrap();
     assert_eq!(
         first,
         PrimaryRestored {
@@ -347,7 +348,7 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         (Role::Primary, false, Seq::NONE)
     );
     assert_eq!(
-        recover_primary(Some(&running), &facts),
+        recover_primary(Some(&running), None, &facts),
         Err(PrimaryRecoverError::Unclean { durable: Seq::NONE }),
         "a crash right after the start"
     );
@@ -357,7 +358,7 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         ..running
     };
     assert_eq!(
-        recover_primary(Some(&clean), &facts),
+        recover_primary(Some(&clean), None, &facts),
         Ok(PrimaryRestored {
             confirmed: Seq(40),
             kind: PrimaryStart::Resumed
@@ -370,18 +371,34 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
     assert_eq!(
         recover_primary_with(
             Some(&unclean),
+            None,
             &facts,
             PrimaryRecoverySabotage::TrustUnclean
         )
         .map(|r| r.confirmed),
         Ok(Seq(40))
     );
+    // With its stored write intent, an unclean stop restarts as a crash: the sequence continues
+    // after the peer's and the intent's chunks are resynced.
+    let intent = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, 64 << 10).unwrap();
+    assert_eq!(
+        recover_primary(Some(&unclean), Some(&intent), &facts),
+        Ok(PrimaryRestored {
+            confirmed: Seq(40),
+            kind: PrimaryStart::Crashed
+        })
+    );
+    let other_geometry = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES * 2, 64 << 10).unwrap();
+    assert!(matches!(
+        recover_primary(Some(&unclean), Some(&other_geometry), &facts),
+        Err(PrimaryRecoverError::IntentGeometry { .. })
+    ));
     let secondary = MetaRecord {
         role: Role::Secondary,
         ..clean
     };
     assert!(matches!(
-        recover_primary(Some(&secondary), &facts),
+        recover_primary(Some(&secondary), None, &facts),
         Err(PrimaryRecoverError::Secondary(_))
     ));
     let other = MetaRecord {
@@ -389,7 +406,7 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         ..clean
     };
     assert!(matches!(
-        recover_primary(Some(&other), &facts),
+        recover_primary(Some(&other), None, &facts),
         Err(PrimaryRecoverError::Binding(
             BindingError::OtherVolume { .. }
         ))
@@ -399,9 +416,104 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         ..facts
     };
     assert_eq!(
-        recover_primary(Some(&clean), &created),
+        recover_primary(Some(&clean), None, &created),
         Err(PrimaryRecoverError::Binding(
             BindingError::MetaOfEarlierVolume
         ))
     );
+}
+
+/// A primary restarted after a crash: host operations wait until its resync is in the log; the
+/// resync starts once the target admitted the session (the sequence continues after the
+/// target's), copies the stored intent's chunks in pieces between two marks, and completes
+/// nothing to the host.
+#[test]
+fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
+    const CHUNK: u64 = 16 << 10;
+    let (mut old, mut t) = connected(Mode::Sync, 64);
+    for block in 0..3 {
+        old.submit(block, write(block), 1).unwrap();
+    }
+    exchange(&mut old, &mut t).unwrap();
+    let held = t.status().durable;
+    assert_eq!(held, Seq(3));
+    // The old process dies; its intent as stored marks chunks 0 and 2.
+    let mut stored = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, CHUNK).unwrap();
+    stored.mark(Range::new(0, 4096));
+    stored.mark(Range::new(2 * CHUNK + 512, 512));
+    let mut cfg = source_config(Mode::Sync, 1, 64);
+    cfg.log_bytes_max = 64 << 10;
+    let source = Source::with_log(cfg, MemLog::new(), Seq::NONE);
+    let session = SourceSession::new(
+        SessionConfig {
+            backoff_min_ns: 50 * MS,
+            backoff_max_ns: 1_000 * MS,
+            ping_interval_ns: 2_000 * MS,
+            idle_timeout_ns: 20_000 * MS,
+        },
+        4,
+        0,
+    );
+    let restored = PrimaryRestored {
+        confirmed: Seq::NONE,
+        kind: PrimaryStart::Crashed,
+    };
+    let mut l = PeerLink::restarted(source, session, restored, stored);
+    l.set_resync_piece_bytes_max(8192);
+    assert!(!l.takes_host_ops());
+    assert_eq!(l.submit(9, write(9), 1), Err(SubmitError::Resyncing));
+    assert_eq!(l.poll_resync(), None, "not before the target admitted it");
+    assert_eq!(l.handle_timeout(0), Some(SessionAction::Connect));
+    l.on_connecting();
+    t.on_disconnect(C);
+    t.on_connect(C, [5; MAC_BYTES], 0).unwrap();
+    l.on_connected([6; MAC_BYTES], 0);
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Durable(held), PeerEvent::Connected]
+    );
+    let mut steps = Vec::new();
+    while let Some(step) = l.poll_resync() {
+        let op = match step {
+            ResyncStep::Mark(mark) => Op::Resync(mark),
+            ResyncStep::Copy(range) => Op::Write {
+                lba: Lba::from_bytes(range.offset_bytes),
+                data: Bytes::from(vec![0x11; usize::try_from(range.len_bytes).unwrap()]),
+            },
+        };
+        assert!(matches!(
+            l.resync_submit(SummedOp::new(op), 1),
+            Ok(Submitted::Accepted(_))
+        ));
+        steps.push(step);
+    }
+    let copy = |at, len| ResyncStep::Copy(Range::new(at, len));
+    assert_eq!(
+        steps,
+        vec![
+            ResyncStep::Mark(crate::wire::ResyncMark::Begin { full: false }),
+            copy(0, 8192),
+            copy(8192, 8192),
+            copy(2 * CHUNK, 8192),
+            copy(2 * CHUNK + 8192, 8192),
+            ResyncStep::Mark(crate::wire::ResyncMark::End),
+        ]
+    );
+    assert_eq!(l.source().status().last_local, Seq(held.0 + 6));
+    assert!(l.takes_host_ops());
+    assert_eq!(
+        l.submit(10, write(10), 1),
+        Ok(Submitted::Accepted(Seq(held.0 + 7)))
+    );
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![
+            PeerEvent::Completed(Seq(held.0 + 7)),
+            PeerEvent::Durable(Seq(held.0 + 7))
+        ],
+        "the resync completes nothing to the host"
+    );
+    assert!(t.status().consistent);
 }

@@ -20,7 +20,7 @@ impl Sim<'_> {
         let applied = self.written;
         if applied < self.shadow_seq {
             self.shadow.copy_from_slice(&self.base_image);
-            self.shadow_seq = self.base;
+            self.shadow_seq = Seq::NONE;
             self.touched.push((0, self.shadow.len()));
         }
         if applied > self.shadow_seq {
@@ -46,7 +46,7 @@ impl Sim<'_> {
                 &mut self.shadow_seq,
                 applied,
                 &self.ops,
-                (self.base, &self.base_image),
+                (Seq::NONE, &self.base_image),
             );
         }
         let touched = std::mem::take(&mut self.touched);
@@ -80,6 +80,21 @@ impl Sim<'_> {
                     self.base_image.len() / CHECK_BLOCK_BYTES
                 ),
             ));
+        }
+        // (i) from a resync begin handed out until its end is durable, the target holds chunks of
+        // the source's current data over an older state: it must say it is inconsistent.
+        if let Some((begin, end)) = self.bracket {
+            let open = self.written >= begin && end.is_none_or(|end| self.persisted < end);
+            if open && status.consistent {
+                return Err(self.violation(
+                    Check::ResyncBracket,
+                    format!(
+                        "target reports consistent with seq {} written inside the resync \
+                         bracket from seq {begin} (end {end:?}, durable through {})",
+                        self.written, self.persisted
+                    ),
+                ));
+            }
         }
         // (f) local lock holders, over what changed.
         if touched.iter().any(|&(s, e)| {
@@ -249,28 +264,28 @@ impl Sim<'_> {
     }
 
     /// (h) a source crash loses no operation completed with the promise "durable on the target":
-    /// each is at or below `rebase`, the seq after which the restarted source starts on the
-    /// target's durable image (that this image is the replay through `rebase` is the prefix
-    /// check's job). The data operations completed with a weaker promise that the re-base drops
-    /// are counted, not failed: without persistent state on the source (issue 14) they are lost.
-    pub(super) fn check_survives_source_crash(&mut self, rebase: Seq) -> Step<()> {
+    /// each is at or below `through`, the seq the restarted primary continues after (that the
+    /// target's image is the replay through it is the prefix check's job). The data operations
+    /// completed with a weaker promise past it, which only the resync carries, are counted
+    /// (quiescence proves they arrived).
+    pub(super) fn check_survives_source_crash(&mut self, through: Seq) -> Step<()> {
         for &(seq, needs) in &self.acked {
             let is_data = self.op(seq).is_some_and(|op| *op != Op::Flush);
             match needs {
-                Needs::Durable if seq > rebase => {
+                Needs::Durable if seq > through => {
                     let what = self.op(seq).map_or("unknown", op_name);
                     return Err(self.violation(
                         Check::SurvivesSourceCrash,
                         format!(
                             "seq {seq} ({what}) completed as durable on the target before the \
-                             source crashed, but the target is durable only through {rebase}, \
-                             the seq the restarted source is re-based on"
+                             source crashed, but the target is durable only through {through}, \
+                             the seq the restarted primary continues after"
                         ),
                     ));
                 }
                 Needs::Durable => self.report.acked_durable_kept += 1,
-                Needs::Local | Needs::Received if seq > rebase && is_data => {
-                    self.report.acked_writes_lost += 1;
+                Needs::Local | Needs::Received if seq > through && is_data => {
+                    self.report.acked_writes_resynced += 1;
                 }
                 Needs::Local | Needs::Received => {}
             }

@@ -79,6 +79,8 @@ pub struct SimConfig {
     /// Mean gap between pauses of the host (0: none), each longer than the idle timeout: the
     /// link idles, and only PING keeps it alive.
     pub host_pause_gap_ticks: u64,
+    /// The chunk size of the primary's write intent (4 KiB to 64 KiB: 1 to 64 chunks).
+    pub intent_chunk_bytes: u64,
 }
 
 impl SimConfig {
@@ -151,6 +153,7 @@ impl SimConfig {
             idle_timeout_ticks: 0,
             silence_gap_ticks: some(silence_rng, 40, 500, 5000),
             host_pause_gap_ticks: some(silence_rng, 30, 1500, 6000),
+            intent_chunk_bytes: 0,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -160,6 +163,7 @@ impl SimConfig {
             cfg.ping_interval_ticks * 3 + 4 * cfg.latency_ticks + 2 * queue_ticks + 2_000;
         // Derived, not drawn, so that every other draw of a seed stays as it was.
         cfg.local_lock_timeout_ticks = cfg.lock_hold_ticks_max * 12;
+        cfg.intent_chunk_bytes = 4096 << (cfg.source_restart_ticks_max % 5);
         cfg
     }
 
@@ -168,7 +172,7 @@ impl SimConfig {
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
-             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{}",
+             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -199,6 +203,7 @@ impl SimConfig {
             self.idle_timeout_ticks,
             self.silence_gap_ticks,
             self.host_pause_gap_ticks,
+            self.intent_chunk_bytes,
         )
     }
 }

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use crate::genid::GenIds;
 use crate::session::SessionAction;
 use crate::source::SourceError;
-use crate::target::ConnId;
-use crate::wire::{self, Encoded, Frame, WireError, HEADER_BYTES, MAC_BYTES};
+use crate::target::{ConnId, TargetError};
+use crate::wire::{self, Encoded, Frame, RefuseReason, WireError, HEADER_BYTES, MAC_BYTES};
 use crate::{NodeId, Seq};
 
 use super::world::{Event, Sim, Step, Stream, TICK_NS};
@@ -241,6 +241,7 @@ impl Sim<'_> {
             block_bytes: self.target_cfg.block_bytes,
             nonce,
             mac: [0; MAC_BYTES],
+            resync_follows: false,
         });
         let now_ns = self.now * TICK_NS;
         let answered = self.node.engines_mut().handle_frame(conn, hello, now_ns);
@@ -355,11 +356,21 @@ impl Sim<'_> {
             progress = true;
             match self.decoded(&frame, "target")? {
                 Ok(decoded) => {
-                    if let Err(e) = self.node.engines_mut().handle_frame(
+                    let handled = self.node.engines_mut().handle_frame(
                         ConnId(self.conn),
                         decoded,
                         self.now * TICK_NS,
-                    ) {
+                    );
+                    if let Err(TargetError::Refused(RefuseReason::Busy)) = handled {
+                        if self.link.source().awaits_admission() {
+                            // A restarted primary waits until everything the target took is
+                            // durable: it tries again after its backoff.
+                            self.report.resync_admission_refusals += 1;
+                            self.disconnect();
+                            return Ok(true);
+                        }
+                    }
+                    if let Err(e) = handled {
                         return Err(self.violation(
                             Check::Protocol,
                             format!("target closed the connection: {e}"),

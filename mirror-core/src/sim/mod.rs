@@ -16,8 +16,10 @@
 //!
 //! After every step the checkers verify:
 //! - **prefix**: while the target says it is consistent, its volume (durable image plus volatile
-//!   overlay) equals the replay of the operations through `applied` onto the initial image (or,
-//!   after a source crash, onto the image the source was re-based on);
+//!   overlay) equals the replay of the operations through `applied` onto the initial image (after
+//!   a source crash, the history continues after the seq the restarted primary adopted);
+//! - **resync-bracket**: from a resync begin handed out until its end is durable, the target says
+//!   it is inconsistent (it holds chunks of the source's current data over an older state);
 //! - **acked-durable** / **acked-received**: an operation completed to the host in `sync` or
 //!   `lock-then-write` (or a replicated flush) is durable on the target; in `received`, a completed
 //!   write was received;
@@ -26,21 +28,25 @@
 //! - **protocol**: honest engines never return an error, except the resets that corrupted headers
 //!   (or corrupted handshake payloads) must cause, and corruption is always detected;
 //! - **local-lock**: a local lock holder never sees its region change;
+//! - **write-intent**: at a source crash, the write intent the primary stored covers every write
+//!   on its volume that is not durable on the target;
 //! - **survives-source-crash**: a source crash loses its engine, rollback log, session and pending
-//!   completions, not its volume or its metadata record. Restarted, it runs the daemon's recovery
-//!   rule on its record ([`crate::node::recover_primary`]): after a clean stop (the operator's
-//!   `stop`: the device stops, the link drains, the record says clean) it continues the sequence;
-//!   after a crash it is re-based on the target's durable image (an operator's full resync from
-//!   the target, the placeholder until issue 14's dirty bitmap). Every operation completed before the crash with the promise "durable on
-//!   the target" must be in that image; writes completed with a weaker promise that it lacks are
-//!   counted in [`SimReport::acked_writes_lost`];
+//!   completions, not its volume, its metadata record or its stored write intent. Restarted, it
+//!   runs the daemon's recovery rule on them ([`crate::node::recover_primary`]): after a clean stop
+//!   (the operator's `stop`: the device stops, the link drains, the record says clean) it
+//!   continues the sequence; after a crash its sequence continues after the target's and it
+//!   resyncs the intent's chunks before host operations ([`crate::node::PeerLink::restarted`]).
+//!   Every operation completed before the crash with the promise "durable on the target" must be
+//!   durable there when the sequence continues; writes completed with a weaker promise that the
+//!   target lacked then are counted in [`SimReport::acked_writes_resynced`], and quiescence proves
+//!   the resync brought them;
 //! - **quiescence** / **no-progress**: once the workload ends and faults stop, the run reaches a
 //!   state where every host operation completed, the rollback log is empty and both volumes are
 //!   byte-identical, within a step bound.
 //!
 //! The code is split by concern: `world` (event queue, run loop, pump), `link` (connections,
 //! frames in flight, corruption), `storage` (the target's volume, metadata, group commit and
-//! crashes), `source` (the source process: its crash, clean stop, restart and re-base), `workload` (host
+//! crashes), `source` (the source process: its crash, clean stop, restart and resync), `workload` (host
 //! operations and local lock holders), `check` (the checkers), `config` and `report`.
 //!
 //! [`run`] returns a [`SimReport`] with counters of what happened, or the first [`Violation`],
@@ -106,8 +112,8 @@ pub struct SimOptions {
     pub local_retry_sabotage: LocalRetrySabotage,
     /// One target crash in the run (each with even odds, while the source runs) puts a volume
     /// of unknown content without metadata under the target. The target must stay inconsistent;
-    /// if the source had writes durable on it, replication stops for good (until issue 14's full
-    /// resync) and the run ends there.
+    /// if the source had writes durable on it, replication stops for good (until the full resync
+    /// of a target that lost its data) and the run ends there.
     pub replace_target_volume: bool,
 }
 
@@ -121,10 +127,10 @@ pub enum SourceCrashSabotage {
     /// The dying process completes its in-flight host operations as if they had succeeded, as a
     /// daemon whose exit path ends its requests with success instead of an error would.
     AckInFlight,
-    /// The restarted source keeps its local volume instead of taking the target's image: its
-    /// writes past the target's durable seq stay on it and nowhere else (what a restart without
-    /// the dirty bitmap of issue 14 would do).
-    KeepLocalVolume,
+    /// The restarted process reads its stored write intent with its first marked chunk clear
+    /// (a bit lost between store and load): that chunk's writes the target lacks are never
+    /// resynced.
+    ForgetIntentChunk,
 }
 
 impl Default for SimOptions {
@@ -166,11 +172,14 @@ pub enum Check {
     /// A local lock holder saw its region change.
     LocalLock,
     /// An operation completed in `sync`/`lock-then-write` (or a replicated flush) before a source
-    /// crash is not in the image the restarted source was re-based on.
+    /// crash is not durable on the target when the restarted primary continues after it.
     SurvivesSourceCrash,
     /// At a source crash, the write intent the primary stored misses a chunk of a write that is
     /// on its local volume and not durable on the target.
     WriteIntent,
+    /// The target reported itself consistent inside a resync bracket (from its begin handed
+    /// out until its end is durable).
+    ResyncBracket,
     /// At quiescence the volumes differ or operations are missing.
     Quiescence,
     /// The run stopped making progress (deadlock) or exceeded its step bound (livelock).
@@ -191,6 +200,7 @@ impl fmt::Display for Check {
             Check::LocalLock => "local-lock",
             Check::SurvivesSourceCrash => "survives-source-crash",
             Check::WriteIntent => "write-intent",
+            Check::ResyncBracket => "resync-bracket",
             Check::Quiescence => "quiescence",
             Check::NoProgress => "no-progress",
             Check::Panic => "panic",

@@ -83,19 +83,22 @@ pub struct SimReport {
     pub commit_entries_peak: u64,
     /// Source process crashes (memory lost, local volume kept).
     pub source_crashes: u64,
-    /// Re-bases on a target still inconsistent after an unclean restart (its image may hold
-    /// blocks of writes past its durable seq, which the re-base adopts).
-    pub rebases_on_inconsistent: u64,
+    /// Restarts after a crash that resynced the chunks of the stored write intent.
+    pub source_resyncs: u64,
+    /// Bytes those resyncs copied.
+    pub resync_copy_bytes: u64,
+    /// Handshakes of a restarted primary the target refused until what it took was durable.
+    pub resync_admission_refusals: u64,
     /// Host operations in flight at a source crash, failed back to the host.
     pub host_ops_failed: u64,
     /// Operations completed with the promise "durable on the target" before a source crash,
-    /// found in the image the restarted source was re-based on.
+    /// found durable on the target when the restarted primary continued after it.
     pub acked_durable_kept: u64,
     /// Data operations completed before a source crash in a mode that promised only the local
-    /// volume (`async`) or the target's commit log (`received`), missing from the re-based image.
-    /// Not a violation until the source keeps persistent state (issue 14): today's re-base
-    /// discards the local writes the target lacks.
-    pub acked_writes_lost: u64,
+    /// volume (`async`) or the target's commit log (`received`) that the target lacked when the
+    /// restarted primary continued after it: only the resync carries them (quiescence proves
+    /// it did).
+    pub acked_writes_resynced: u64,
     /// Clean stops of the source (the operator's `stop`: drained, recorded clean).
     pub clean_source_stops: u64,
     /// Restarts that continued the sequence from the record of a clean stop.
@@ -164,10 +167,12 @@ impl SimReport {
         self.commit_full_waits += r.commit_full_waits;
         self.inconsistent_steps += r.inconsistent_steps;
         self.source_crashes += r.source_crashes;
-        self.rebases_on_inconsistent += r.rebases_on_inconsistent;
+        self.source_resyncs += r.source_resyncs;
+        self.resync_copy_bytes += r.resync_copy_bytes;
+        self.resync_admission_refusals += r.resync_admission_refusals;
         self.host_ops_failed += r.host_ops_failed;
         self.acked_durable_kept += r.acked_durable_kept;
-        self.acked_writes_lost += r.acked_writes_lost;
+        self.acked_writes_resynced += r.acked_writes_resynced;
         self.log_bytes_peak = self.log_bytes_peak.max(r.log_bytes_peak);
         self.commit_entries_peak = self.commit_entries_peak.max(r.commit_entries_peak);
     }
@@ -180,7 +185,8 @@ impl fmt::Display for SimReport {
             "seed {}: {} ops in {} steps / {} ticks; {} frames {} B; corrupt {}h/{}p; \
              nak {} reject {} granted {}; disconnect {} reset {} handshake {}; silence {} ping {} silent-drop {} target-idle-close {} host-pause {}; crash {} \
              (partial {}) clean-restart {}; local locks {} refused {} timed out {}; mode switches {}; \
-             source crash {} (failed {}, acked durable kept {}, acked writes lost {})",
+             source crash {} (failed {}, acked durable kept {}, acked writes resynced {}, \
+             resyncs {} of {} B)",
             self.seed,
             self.ops,
             self.steps,
@@ -210,7 +216,9 @@ impl fmt::Display for SimReport {
             self.source_crashes,
             self.host_ops_failed,
             self.acked_durable_kept,
-            self.acked_writes_lost,
+            self.acked_writes_resynced,
+            self.source_resyncs,
+            self.resync_copy_bytes,
         )
     }
 }

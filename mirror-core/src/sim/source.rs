@@ -1,20 +1,22 @@
 //! The source node's process: its engine and session, a crash that loses them (the local volume
-//! keeps every write it took: a process crash, not a power loss), its restart, and the operator's
-//! re-base that stands in for a restarted source's recovery until the source keeps persistent
-//! state (issue 14).
+//! and the stored write intent keep every write it took: a process crash, not a power loss), its
+//! restart from its record and intent, and the resync that follows a crash.
 
+use bytes::Bytes;
+
+use crate::bitmap::DirtyBitmap;
 use crate::meta::MetaRecord;
 use crate::node::{
-    recover_primary_with, running_primary_record, PeerLink, PrimaryRecoverError,
-    PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,
+    recover_primary_with, running_primary_record, PeerLink, PrimaryRecoverySabotage,
+    PrimaryRestored, PrimaryStart, ResyncStep, SubmitError, Submitted,
 };
 use crate::session::{SessionConfig, SourceSession};
 use crate::source::{Source, SourceConfig};
 use crate::target::{TargetConfig, VolumeFacts};
-use crate::wire::Op;
-use crate::{NodeId, Seq};
+use crate::wire::{Op, ResyncMark, SummedOp};
+use crate::{Lba, NodeId, Seq};
 
-use super::check::op_name;
+use super::check::{byte_range, op_name};
 use super::workload::Needs;
 use super::world::{Drain, Event, Sim, Step, Stream, TICK_NS};
 use super::{Check, SimConfig, SimOptions, SourceCrashSabotage};
@@ -29,8 +31,6 @@ pub(super) enum SourceLife {
     Stopping,
     /// Dead until its restart event.
     Down,
-    /// Restarted, waiting for the target to be idle so that the operator can re-base it.
-    AwaitingResync,
 }
 
 impl SourceLife {
@@ -56,12 +56,12 @@ impl Sim<'_> {
             self.cut_link();
         }
         let mut in_flight = std::mem::take(&mut self.in_flight);
-        if self.link.is_parked() {
+        if self.link.parked_token().is_some() {
             // Taken by the process, waiting for room in its log: in flight for the host too.
             in_flight.insert(Seq(u64::try_from(self.ops.len()).unwrap_or(u64::MAX)));
         }
         match self.opts.source_crash_sabotage {
-            SourceCrashSabotage::None | SourceCrashSabotage::KeepLocalVolume => {
+            SourceCrashSabotage::None | SourceCrashSabotage::ForgetIntentChunk => {
                 self.failed += in_flight.len();
                 self.report.host_ops_failed += u64::try_from(in_flight.len()).unwrap_or(u64::MAX);
             }
@@ -162,43 +162,47 @@ impl Sim<'_> {
         }
     }
 
-    /// The restarted process runs the daemon's recovery rule on its record: after a clean stop
-    /// it continues the sequence; otherwise it waits for the operator's re-base.
+    /// The restarted process runs the daemon's recovery rule on its record and its stored write
+    /// intent: after a clean stop it continues the sequence; after a crash it continues after
+    /// the target's and resyncs the chunks the intent marks.
     pub(super) fn source_restart(&mut self) {
         let facts = self.primary_facts();
-        match recover_primary_with(
+        let mut stored = self.primary_intent.clone();
+        if self.opts.source_crash_sabotage == SourceCrashSabotage::ForgetIntentChunk {
+            if let Some(chunk) = stored.next_dirty(0) {
+                stored.clear(chunk);
+            }
+        }
+        let restored = recover_primary_with(
             Some(&self.primary_meta),
+            Some(&stored),
             &facts,
             self.opts.primary_recovery_sabotage,
-        ) {
-            Ok(restored) => {
-                self.report.source_resumes += 1;
-                self.resume_source(restored.confirmed);
+        )
+        .unwrap_or_else(|e| panic!("the primary refused its own record: {e}"));
+        match restored.kind {
+            PrimaryStart::Resumed => self.report.source_resumes += 1,
+            PrimaryStart::Crashed => {
+                self.report.source_resyncs += 1;
+                self.adopting = true;
             }
-            Err(PrimaryRecoverError::Unclean { .. }) => {
-                self.source_life = SourceLife::AwaitingResync;
-            }
-            Err(e) => panic!("the primary refused its own record: {e}"),
+            PrimaryStart::First | PrimaryStart::NewSequence => {}
         }
+        self.start_source(restored, stored);
     }
 
-    /// A new engine whose operations through `confirmed` are on the target, with its running
-    /// record stored, connecting.
-    fn resume_source(&mut self, confirmed: Seq) {
+    /// A new engine as `restored` says, with its running record stored, connecting.
+    fn start_source(&mut self, restored: PrimaryRestored, stored: DirtyBitmap) {
         let facts = self.primary_facts();
-        let restored = PrimaryRestored {
-            confirmed,
-            kind: PrimaryStart::Resumed,
-        };
         let running = running_primary_record(Some(&self.primary_meta), &facts, NodeId(1), restored);
         self.store_primary(running);
         let cfg = self.link.source().config().clone();
         self.link = new_link(
             cfg,
-            confirmed,
+            restored,
+            stored,
             &self.cfg,
-            self.seed,
-            self.source_run,
+            (self.seed, self.source_run),
             self.now * TICK_NS,
             self.opts,
         );
@@ -206,39 +210,92 @@ impl Sim<'_> {
         self.connect();
     }
 
-    /// The restarted source's recovery, as an operator step: a PLACEHOLDER that issue 14 replaces
-    /// (metadata, a dirty bitmap and resync on the primary). Today the source keeps nothing on
-    /// disk but its volume, so it cannot know which of its local writes the target lacks. The only
-    /// honest recovery is a full resync from the target: once the target is idle (nothing received
-    /// waits to be applied, everything written is synced and recorded), the source volume is
-    /// re-based on the target's durable image and a new engine starts after the target's durable
-    /// seq. The local writes past it are discarded; the checkers' history is re-based with it.
-    pub(super) fn source_rebase(&mut self) -> Step<bool> {
-        if self.source_life != SourceLife::AwaitingResync || !self.target_idle() {
+    /// The resync steps the link hands out, carried out as the daemon does: a copy reads the
+    /// source volume now (host operations wait meanwhile). The history takes each in sequence.
+    pub(super) fn source_resync(&mut self) -> Step<bool> {
+        if !self.source_life.alive() {
             return Ok(false);
         }
-        let durable = self.persisted;
-        self.check_survives_source_crash(durable)?;
-        if !self.node.engines().status().consistent {
-            self.report.rebases_on_inconsistent += 1;
+        let mut progress = false;
+        while let Some(step) = self.link.poll_resync() {
+            progress = true;
+            if self.adopting {
+                self.adopted()?;
+            }
+            let op = match step {
+                ResyncStep::Mark(mark) => {
+                    let seq = Seq(u64::try_from(self.ops.len()).unwrap_or(u64::MAX) + 1);
+                    self.bracket = match mark {
+                        ResyncMark::Begin { .. } => Some((seq, None)),
+                        ResyncMark::End => self.bracket.map(|(begin, _)| (begin, Some(seq))),
+                    };
+                    Op::Resync(mark)
+                }
+                ResyncStep::Copy(range) => {
+                    self.report.resync_copy_bytes += range.len_bytes;
+                    Op::Write {
+                        lba: Lba::from_bytes(range.offset_bytes),
+                        data: Bytes::copy_from_slice(&self.src_vol[byte_range(range)]),
+                    }
+                }
+            };
+            self.ops.push(op.clone());
+            let submitted = self
+                .link
+                .resync_submit(SummedOp::new(op), self.now * TICK_NS);
+            self.store_intent();
+            match submitted {
+                Ok(Submitted::Accepted(seq)) => {
+                    let expected = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
+                    if seq.0 != expected {
+                        return Err(self.violation(
+                            Check::Protocol,
+                            format!(
+                                "resync step {step:?} entered the log as seq {seq}, not {expected}"
+                            ),
+                        ));
+                    }
+                }
+                Ok(Submitted::Parked) => self.report.log_full_waits += 1,
+                Err(SubmitError::Stopped(_)) if self.stopped => {}
+                Err(e) => {
+                    return Err(self.violation(Check::Protocol, format!("resync step refused: {e}")))
+                }
+            }
         }
-        let image = self.volume.with_durable(<[u8]>::to_vec);
+        Ok(progress)
+    }
+
+    /// The restarted primary's sequence now continues after the target's: what the target
+    /// holds of the crashed run is final. Operations completed with the promise "durable on the
+    /// target" must be in it; the history past it goes (the target never took it; the resync
+    /// carries those writes' data, which quiescence compares).
+    fn adopted(&mut self) -> Step<()> {
+        self.adopting = false;
+        let through = self.link.source().status().last_local;
+        if through != self.persisted {
+            return Err(self.violation(
+                Check::Protocol,
+                format!(
+                    "the restarted primary continues after seq {through}, the target is durable \
+                     through {}",
+                    self.persisted
+                ),
+            ));
+        }
+        self.check_survives_source_crash(through)?;
         self.ops
-            .truncate(usize::try_from(durable.0).unwrap_or(usize::MAX));
-        self.base = durable;
-        if self.opts.source_crash_sabotage != SourceCrashSabotage::KeepLocalVolume {
-            self.src_vol.copy_from_slice(&image);
-        }
-        self.shadow.copy_from_slice(&image);
-        self.shadow_seq = durable;
-        self.durable_shadow.copy_from_slice(&image);
-        self.durable_shadow_seq = durable;
-        self.touched.push((0, image.len()));
-        self.base_image = image;
-        self.received_high = durable;
+            .truncate(usize::try_from(through.0).unwrap_or(usize::MAX));
+        // A bracket of the crashed run past `through` was never taken: it stays open (its end
+        // is gone) if its begin was, until the next one.
+        self.bracket = match self.bracket {
+            Some((begin, _)) if begin > through => None,
+            Some((begin, end)) => Some((begin, end.filter(|&end| end <= through))),
+            None => None,
+        };
         self.acked.clear();
-        self.resume_source(durable);
-        Ok(true)
+        self.received_high = through;
+        Ok(())
     }
 
     /// Once every host operation is over, the daemon stops: its device is gone and the link
@@ -266,16 +323,6 @@ impl Sim<'_> {
         true
     }
 
-    /// Whether the target has nothing left of the dead source's connection to apply or sync.
-    fn target_idle(&self) -> bool {
-        let t = self.node.engines().status();
-        self.batch.is_none()
-            && self.applying.is_empty()
-            && t.commit_log_entries == 0
-            && !self.node.engines().needs_sync()
-            && self.written == self.persisted
-    }
-
     /// Operation `seq` of the current history.
     pub(super) fn op(&self, seq: Seq) -> Option<&Op> {
         let index = usize::try_from(seq.0).ok()?.checked_sub(1)?;
@@ -283,32 +330,35 @@ impl Sim<'_> {
     }
 }
 
-/// The primary's record at its first start, as the daemon keeps it while it runs.
-pub(super) fn first_primary_record(cfg: &TargetConfig) -> MetaRecord {
+/// The primary's first start, and its record as the daemon keeps it while it runs.
+pub(super) fn first_primary_start(cfg: &TargetConfig) -> (PrimaryRestored, MetaRecord) {
     let facts = VolumeFacts {
         volume_id: cfg.volume_id,
         volume_bytes: cfg.volume_bytes,
         created: true,
     };
-    let restored = recover_primary_with(None, &facts, PrimaryRecoverySabotage::None)
+    let restored = recover_primary_with(None, None, &facts, PrimaryRecoverySabotage::None)
         .unwrap_or_else(|e| panic!("a first start was refused: {e}"));
-    running_primary_record(None, &facts, NodeId(1), restored)
+    let record = running_primary_record(None, &facts, NodeId(1), restored);
+    (restored, record)
 }
 
-/// The source process's link to the target, the daemon's policy: an engine whose operations
-/// through `confirmed` are durable on the target, and its session with reconnect delays in the
-/// run's scale (1 tick up to the configured bound), PING and the idle timeout as the seed chose
-/// them. Each life of the source process draws its own jitter.
+/// The source process's link to the target, the daemon's policy: an engine restarted as
+/// `restored` says with `stored` its write intent as last stored, and its session with reconnect
+/// delays in the run's scale (1 tick up to the configured bound), PING and the idle timeout as the
+/// seed chose them. Each life of the source process (`run`: the seed and the life) draws its
+/// own jitter.
 pub(super) fn new_link(
     source_cfg: SourceConfig,
-    confirmed: Seq,
+    restored: PrimaryRestored,
+    stored: DirtyBitmap,
     cfg: &SimConfig,
-    seed: u64,
-    source_run: u64,
+    run: (u64, u64),
     now_ns: u64,
     opts: &SimOptions,
 ) -> PeerLink {
-    let mut source = Source::with_log(source_cfg, crate::log::MemLog::new(), confirmed);
+    let (seed, source_run) = run;
+    let mut source = Source::with_log(source_cfg, crate::log::MemLog::new(), restored.confirmed);
     source.set_sabotage(opts.source_sabotage);
     let session = SessionConfig {
         backoff_min_ns: TICK_NS,
@@ -319,7 +369,9 @@ pub(super) fn new_link(
     let jitter_seed = seed ^ 0x5e55_1011 ^ source_run.rotate_left(32);
     let mut session = SourceSession::new(session, jitter_seed, now_ns);
     session.set_sabotage(opts.session_sabotage);
-    let mut link = PeerLink::new(source, session);
+    let mut link = PeerLink::restarted(source, session, restored, stored);
     link.set_sabotage(opts.peer_sabotage);
+    // The target's commit log takes any host operation, not necessarily a whole chunk.
+    link.set_resync_piece_bytes_max(cfg.op_bytes_max);
     link
 }

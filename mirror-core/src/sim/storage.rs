@@ -138,7 +138,7 @@ impl Sim<'_> {
             &mut self.durable_shadow_seq,
             seq,
             &self.ops,
-            (self.base, &self.base_image),
+            (Seq::NONE, &self.base_image),
         );
     }
 

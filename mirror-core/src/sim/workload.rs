@@ -198,8 +198,12 @@ impl Sim<'_> {
         if self.parked.is_none() || self.source_life != SourceLife::Up {
             return Ok(false);
         }
-        // The link keeps one operation while its log is full; the daemon offers no other then.
-        if self.link.is_parked() || self.in_flight.len() >= self.cfg.host_depth {
+        // The link keeps one operation while its log is full, and a resync enters the log
+        // first; the daemon offers no other then.
+        if self.link.is_parked()
+            || !self.link.takes_host_ops()
+            || self.in_flight.len() >= self.cfg.host_depth
+        {
             return Ok(false);
         }
         let Some(op) = self.parked.take() else {
@@ -212,11 +216,7 @@ impl Sim<'_> {
             .link
             .submit(token, SummedOp::new(op.clone()), self.now * TICK_NS);
         // The daemon stores the write intent, synced, before the local write.
-        if let Some(map) = self.link.take_intent_store() {
-            self.primary_intent = DirtyBitmap::decode(&map.encode())
-                .unwrap_or_else(|e| panic!("the stored write intent does not read back: {e}"));
-            self.report.intent_stores += 1;
-        }
+        self.store_intent();
         match submitted {
             Ok(Submitted::Accepted(seq)) => self.accepted(token, seq)?,
             Ok(Submitted::Parked) => self.report.log_full_waits += 1,
@@ -236,6 +236,15 @@ impl Sim<'_> {
             self.faults_on = false;
         }
         Ok(true)
+    }
+
+    /// The write intent the link asks for goes to "disk" (through its bytes).
+    pub(super) fn store_intent(&mut self) {
+        if let Some(map) = self.link.take_intent_store() {
+            self.primary_intent = DirtyBitmap::decode(&map.encode())
+                .unwrap_or_else(|e| panic!("the stored write intent does not read back: {e}"));
+            self.report.intent_stores += 1;
+        }
     }
 
     pub(super) fn schedule_host_pause(&mut self) {

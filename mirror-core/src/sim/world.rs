@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use crate::bitmap::DirtyBitmap;
 use crate::commit::{Batch, GroupCommit};
 use crate::genid::GenIds;
-use crate::meta::{MetaRecord, BITMAP_CHUNK_BYTES};
+use crate::meta::MetaRecord;
 use crate::node::{Node, PeerLink};
 use crate::session::SessionAction;
 use crate::source::{Mode, SourceConfig};
@@ -17,7 +17,7 @@ use crate::wire::Op;
 use crate::{NodeId, Seq, VolumeId};
 
 use super::link::Link;
-use super::source::{first_primary_record, new_link, SourceLife};
+use super::source::{first_primary_start, new_link, SourceLife};
 use super::storage::{new_commit, new_node};
 use super::workload::{Holder, LockWaiter, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
@@ -152,12 +152,16 @@ pub(super) struct Sim<'a> {
 
     /// The source volume (every submitted operation applied).
     pub(super) src_vol: Vec<u8>,
-    /// The history the checkers replay: the volume was `base_image` after operation `base`
-    /// (0 and the initial image, until a source crash re-bases both), and operation `seq` is
-    /// `ops[seq - 1]` (those through `base` are kept only to be named in messages).
-    pub(super) base: Seq,
+    /// The history the checkers replay: the volume was `base_image` before operation 1, and
+    /// operation `seq` is `ops[seq - 1]`. When a crashed primary's sequence continues after the
+    /// target's, the operations past it go: the target never took them, and the resync carries
+    /// their data.
     pub(super) base_image: Vec<u8>,
     pub(super) ops: Vec<Op>,
+    /// A restarted primary has not yet continued its sequence after the target's.
+    pub(super) adopting: bool,
+    /// The last resync bracket of the history: its begin's seq and its end's, once submitted.
+    pub(super) bracket: Option<(Seq, Option<Seq>)>,
 
     /// The target volume: what reads return, and what survives a crash.
     pub(super) volume: FaultyVolume,
@@ -210,7 +214,7 @@ pub(super) struct Sim<'a> {
     /// Host operations in flight: given to this source life, not completed yet (at most the
     /// host's depth).
     pub(super) in_flight: BTreeSet<Seq>,
-    /// Operations completed since the last re-base, with what their completion promised (at
+    /// Operations completed since the history last continued after a crash, with what their completion promised (at
     /// most the workload's size).
     pub(super) acked: Vec<(Seq, Needs)>,
     pub(super) faults_on: bool,
@@ -302,7 +306,9 @@ impl<'a> Sim<'a> {
             config: config.clone(),
             ..SimReport::default()
         };
-        let primary_meta = first_primary_record(&target_cfg);
+        let (first_start, primary_meta) = first_primary_start(&target_cfg);
+        let primary_intent = DirtyBitmap::new(cfg.volume_bytes, cfg.intent_chunk_bytes)
+            .unwrap_or_else(|e| unreachable!("the drawn chunk size is valid: {e}"));
         Sim {
             seed,
             opts,
@@ -313,7 +319,15 @@ impl<'a> Sim<'a> {
             order: 0,
             queue: BinaryHeap::new(),
             max_steps,
-            link: new_link(source_cfg, Seq::NONE, &cfg, seed, 0, 0, opts),
+            link: new_link(
+                source_cfg,
+                first_start,
+                primary_intent.clone(),
+                &cfg,
+                (seed, 0),
+                0,
+                opts,
+            ),
             source_life: SourceLife::Up,
             source_run: 0,
             crash_rng,
@@ -327,8 +341,7 @@ impl<'a> Sim<'a> {
             lost_through: Seq::NONE,
             drain: Drain::NotBegun,
             primary_meta,
-            primary_intent: DirtyBitmap::new(cfg.volume_bytes, BITMAP_CHUNK_BYTES)
-                .unwrap_or_else(|e| unreachable!("the default chunk size is valid: {e}")),
+            primary_intent,
             primary_writes: 0,
             stop_draining: false,
             stopped: false,
@@ -340,7 +353,8 @@ impl<'a> Sim<'a> {
             shadow_seq: Seq::NONE,
             durable_shadow: initial.clone(),
             durable_shadow_seq: Seq::NONE,
-            base: Seq::NONE,
+            adopting: false,
+            bracket: None,
             base_image: initial,
             touched: Vec::new(),
             differs: BTreeSet::new(),
@@ -531,8 +545,7 @@ impl<'a> Sim<'a> {
             Event::LockRetry { key } => self.lock_retry(key)?,
             Event::SourceCrash => {
                 if self.faults_on {
-                    // The re-base that stands in for a restarted source's recovery takes the
-                    // target's image: meaningless once the target's volume was replaced.
+                    // Once the target's volume was replaced, replication stops for good.
                     if self.source_life == SourceLife::Up && !self.replaced {
                         // A third of the time the operator stops it cleanly instead.
                         if self.crash_rng.u32(0..3) == 0 {
@@ -600,7 +613,7 @@ impl<'a> Sim<'a> {
             progress |= self.source_receive()?;
             progress |= self.target_apply();
             progress |= self.completions()?;
-            progress |= self.source_rebase()?;
+            progress |= self.source_resync()?;
             progress |= self.begin_drain();
             if !progress {
                 self.arm_session_timer();

@@ -159,6 +159,11 @@ impl Target {
                 {
                     return Self::refuse_handshake(h, RefuseReason::Geometry);
                 }
+                // A restarted primary continues its sequence after what we tell it: that must
+                // be durable, or a crash of ours would lose seqs it never resends.
+                if hello.resync_follows && told != self.durable {
+                    return Self::refuse_handshake(h, RefuseReason::Busy);
+                }
                 let mac = auth::sign(
                     &self.cfg.secret,
                     Signer::Target,
@@ -175,11 +180,13 @@ impl Target {
                     block_bytes: self.cfg.block_bytes,
                     nonce: h.nonce,
                     mac,
+                    resync_follows: false,
                 }));
                 h.state = HandshakeState::AwaitAuth {
                     peer_nonce: hello.nonce,
                     peer_node: hello.node_id,
                     peer_last_seq: hello.last_seq,
+                    resync_follows: hello.resync_follows,
                     told,
                 };
                 Ok(())
@@ -189,6 +196,7 @@ impl Target {
                     peer_nonce,
                     peer_node,
                     peer_last_seq,
+                    resync_follows,
                     told,
                 },
                 Frame::Auth { mac },
@@ -204,7 +212,8 @@ impl Target {
                 if !ok {
                     return Self::refuse_handshake(h, RefuseReason::BadAuth);
                 }
-                self.admit(index, peer_node, peer_last_seq, told, now_ns)
+                let bound = (!resync_follows).then_some(peer_last_seq);
+                self.admit(index, peer_node, bound, told, now_ns)
             }
             (HandshakeState::Refused, _) => {
                 Err(TargetError::Protocol(SourceViolation::AfterRefusal {
@@ -237,7 +246,7 @@ impl Target {
         &mut self,
         index: usize,
         node: NodeId,
-        peer_last_seq: Seq,
+        peer_last_seq: Option<Seq>,
         told: Seq,
         now_ns: u64,
     ) -> Result<(), TargetError> {
@@ -256,11 +265,14 @@ impl Target {
         self.out = h.out;
         if let Some(until) = self.inconsistent_until {
             // The source's last sequence number bounds what must be re-applied, unless the source
-            // is behind what we took: a restarted primary that resyncs from its write intent, whose
-            // resync end says when we are consistent.
-            if peer_last_seq >= told {
-                self.inconsistent_until = Some(until.min(peer_last_seq));
-            }
+            // is behind what we took or says a resync follows: a restarted primary, whose
+            // sequence continues after ours (a bound an earlier run gave names seqs it reuses)
+            // and whose resync end says when we are consistent.
+            self.inconsistent_until = match peer_last_seq {
+                Some(last) if last >= told => Some(until.min(last)),
+                Some(_) => Some(until),
+                None => Some(Seq(u64::MAX)),
+            };
             self.check_consistent();
         }
         self.session = Some(Session {

@@ -196,6 +196,8 @@ enum HandshakeState {
         peer_nonce: [u8; MAC_BYTES],
         peer_node: NodeId,
         peer_last_seq: Seq,
+        /// The peer's HELLO said [`crate::wire::FLAG_RESYNC_FOLLOWS`].
+        resync_follows: bool,
         /// The position our HELLO told the peer; the session starts from it.
         told: Seq,
     },

@@ -90,6 +90,7 @@ fn forged_hello(last_seq: Seq) -> Frame {
         block_bytes: 4096,
         nonce: [9; MAC_BYTES],
         mac: [0; MAC_BYTES],
+        resync_follows: false,
     })
 }
 
@@ -659,4 +660,88 @@ fn a_resync_end_keeps_the_resend_bound_of_an_unclean_restart() {
         );
     }
     assert!(end < last);
+}
+
+/// A primary restarted after a crash continues its sequence after what the target tells it, so
+/// the target admits it only once everything it handed out is durable (a crash of the target
+/// would lose seqs the primary never resends): before, its HELLO is refused with Busy and the
+/// source adopts nothing; once admitted, the source continues after the durable seq.
+#[test]
+fn a_restarted_primary_is_admitted_once_what_the_target_took_is_durable() {
+    let (mut old, mut target) = pair(Mode::Async);
+    for block in 0..3 {
+        write(&mut old, block);
+    }
+    exchange(&mut old, &mut target);
+    let first = target.poll_apply().unwrap();
+    target.handle_applied(first.seq);
+    target.handle_durable(first.seq);
+    let second = target.poll_apply().unwrap();
+    // The old source crashed; its restart connects with the same node id.
+    let mut restarted = new_source(Mode::Async, 1);
+    restarted.adopt_target_seq();
+    restarted.on_connect([4; MAC_BYTES]);
+    target.on_connect(ConnId(2), [5; MAC_BYTES], 0).unwrap();
+    let refused = exchange_on(&mut restarted, &mut target, ConnId(2));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("already serves")),
+        "{refused:?}"
+    );
+    assert_eq!(restarted.status().last_local, Seq::NONE);
+    assert!(restarted.awaits_admission());
+    target.handle_applied(second.seq);
+    let third = target.poll_apply().unwrap();
+    target.handle_applied(third.seq);
+    target.handle_durable(third.seq);
+    restarted.on_disconnect();
+    restarted.on_connect([6; MAC_BYTES]);
+    target.on_connect(ConnId(3), [7; MAC_BYTES], 0).unwrap();
+    exchange_on(&mut restarted, &mut target, ConnId(3)).unwrap();
+    assert_eq!(restarted.status().last_local, third.seq);
+    assert!(
+        !restarted.awaits_admission(),
+        "the target's ACK admitted it"
+    );
+}
+
+/// A bound an earlier source gave an unclean restart names seqs a restarted primary reuses: its
+/// admission drops it, and its resync's end alone makes the target consistent.
+#[test]
+fn a_restarted_primary_drops_the_bound_of_the_run_it_replaces() {
+    let unclean = Restored {
+        durable: Seq::NONE,
+        clean: false,
+        consistent: true,
+        resyncing: false,
+    };
+    let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
+    let mut old = new_source(Mode::Sync, 1);
+    for block in 0..10 {
+        write(&mut old, block);
+    }
+    old.on_connect([2; MAC_BYTES]);
+    target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+    exchange(&mut old, &mut target);
+    // The old source dies before anything is handed out; its restart resyncs.
+    target.on_disconnect(C);
+    let mut restarted = new_source(Mode::Sync, 1);
+    restarted.adopt_target_seq();
+    restarted.on_connect([4; MAC_BYTES]);
+    target.on_connect(ConnId(2), [5; MAC_BYTES], 0).unwrap();
+    exchange_on(&mut restarted, &mut target, ConnId(2)).unwrap();
+    restarted
+        .submit_own(Op::Resync(ResyncMark::Begin { full: false }), 1)
+        .unwrap();
+    let end = restarted
+        .submit_own(Op::Resync(ResyncMark::End), 1)
+        .unwrap();
+    exchange_on(&mut restarted, &mut target, ConnId(2)).unwrap();
+    while let Some(apply) = target.poll_apply() {
+        target.handle_applied(apply.seq);
+        target.handle_durable(apply.seq);
+    }
+    assert_eq!(target.status().durable, end);
+    assert!(target.status().consistent, "seq 10 of the old run is gone");
 }

@@ -148,6 +148,9 @@ pub enum ReplError {
     /// Too many callers already wait for replication.
     #[error("too many callers waiting for replication (limit {REPLICATED_WAITERS_MAX})")]
     TooManyWaiters,
+    /// A resync waits to enter the log first (the daemon does not restart into one yet).
+    #[error("{0}")]
+    Resync(SubmitError),
 }
 
 impl From<SubmitError> for ReplError {
@@ -158,6 +161,9 @@ impl From<SubmitError> for ReplError {
             // The engine takes no submission while one is parked; if it ever did, the caller
             // sees the log as full rather than an operation silently dropped.
             SubmitError::AlreadyParked => ReplError::InvalidOp(SourceError::LogFull),
+            e @ (SubmitError::Resyncing | SubmitError::NotResyncStep { .. }) => {
+                ReplError::Resync(e)
+            }
         }
     }
 }
