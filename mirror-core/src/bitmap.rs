@@ -7,8 +7,15 @@
 //! write: writes into chunks already marked cost nothing (activity-log style amortisation).
 //!
 //! The primary's write intent ([`crate::node::WriteIntent`]) keeps two of these maps; the
-//! simulator runs it and stores its map through these bytes. Keeping it on the primary's volume
-//! (the daemon does not store it yet), overflow and resync are the rest of issue 14.
+//! simulator stores its map through these bytes, the daemon in one of two alternating slots of
+//! its volume's metadata area ([`DirtyBitmap::encode_slot`]).
+
+/// `"UBMRINTN"`: a slot of a stored write intent.
+const SLOT_MAGIC: [u8; 8] = *b"UBMRINTN";
+/// Magic, write count, map bytes, checksum of the count and the map.
+const SLOT_HEADER_BYTES: usize = 8 + 8 + 4 + 4;
+/// A slot is a whole number of these (pages never shared by the two slots).
+const SLOT_ALIGN_BYTES: u64 = 4096;
 
 use crate::Range;
 
@@ -145,6 +152,31 @@ impl DirtyBitmap {
         newly
     }
 
+    /// Marks `chunk` (past the end: nothing).
+    pub fn mark_chunk(&mut self, chunk: u64) {
+        if chunk < self.chunks {
+            let (w, b) = Self::bit(chunk);
+            if self.words[w] & b == 0 {
+                self.words[w] |= b;
+                self.dirty += 1;
+            }
+        }
+    }
+
+    /// Marks every chunk `other` marks (a map of the same geometry).
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        self.dirty = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+    }
+
+    /// The map's words: chunk `c` is bit `c % 64` of word `c / 64`.
+    #[must_use]
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Clears `chunk` (the peer holds every write to it durably, or a resync shipped it).
     pub fn clear(&mut self, chunk: u64) {
         let (w, b) = Self::bit(chunk);
@@ -209,6 +241,76 @@ impl DirtyBitmap {
         let crc = crc32c::crc32c(&out);
         out[HEADER_BYTES - 4..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
         out
+    }
+
+    /// Bytes of one slot ([`Self::encode_slot`]) of a map of this geometry, in whole pages.
+    #[must_use]
+    pub fn slot_bytes(&self) -> u64 {
+        let len = (SLOT_HEADER_BYTES + HEADER_BYTES + self.words.len() * 8) as u64;
+        len.div_ceil(SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
+    }
+
+    /// The map as one of two alternating slots, with the count of its store: the loader takes
+    /// the valid slot with the higher count, so a torn store leaves the one before it.
+    #[must_use]
+    pub fn encode_slot(&self, write_count: u64) -> Vec<u8> {
+        let map = self.encode();
+        let mut out = Vec::with_capacity(SLOT_HEADER_BYTES + map.len());
+        out.extend_from_slice(&SLOT_MAGIC);
+        out.extend_from_slice(&write_count.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(map.len()).unwrap_or(u32::MAX).to_le_bytes());
+        let mut crc = crc32c::crc32c(&out[8..20]);
+        crc = crc32c::crc32c_append(crc, &map);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&map);
+        out
+    }
+
+    /// One slot's bytes (padding after the map is ignored): `None` for a slot never written
+    /// (all zero), else its map and write count, or why it cannot be trusted.
+    pub fn decode_slot(bytes: &[u8]) -> Result<Option<(DirtyBitmap, u64)>, BitmapCorrupt> {
+        if bytes.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        if bytes.len() < SLOT_HEADER_BYTES {
+            return Err(BitmapCorrupt::Length {
+                len: bytes.len(),
+                expected: SLOT_HEADER_BYTES,
+            });
+        }
+        if bytes[..8] != SLOT_MAGIC {
+            return Err(BitmapCorrupt::BadMagic);
+        }
+        let u64_at = |at: usize| bytes[at..at + 8].try_into().map_or(0, u64::from_le_bytes);
+        let u32_at = |at: usize| bytes[at..at + 4].try_into().map_or(0, u32::from_le_bytes);
+        let write_count = u64_at(8);
+        let len = usize::try_from(u32_at(16)).unwrap_or(usize::MAX);
+        let Some(map) = bytes.get(SLOT_HEADER_BYTES..SLOT_HEADER_BYTES.saturating_add(len)) else {
+            return Err(BitmapCorrupt::Length {
+                len: bytes.len(),
+                expected: SLOT_HEADER_BYTES.saturating_add(len),
+            });
+        };
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[8..20]), map);
+        if crc != u32_at(20) {
+            return Err(BitmapCorrupt::Checksum);
+        }
+        Ok(Some((DirtyBitmap::decode(map)?, write_count)))
+    }
+
+    /// The newest valid map of two slots: `None` if neither was ever written; an error if none
+    /// is valid, or if a damaged one could be the newer (a slot never written next to a damaged
+    /// one is damage too).
+    pub fn decode_slots(a: &[u8], b: &[u8]) -> Result<Option<DirtyBitmap>, BitmapCorrupt> {
+        match (DirtyBitmap::decode_slot(a), DirtyBitmap::decode_slot(b)) {
+            (Ok(None), Ok(None)) => Ok(None),
+            (Ok(Some((x, n))), Ok(Some((y, m)))) => Ok(Some(if n >= m { x } else { y })),
+            // A store went to the slot that is damaged or empty: the other holds the one before.
+            (Ok(Some((x, _))), Err(_) | Ok(None)) | (Err(_) | Ok(None), Ok(Some((x, _)))) => {
+                Ok(Some(x))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 
     /// Reads the stored form back; every defect is an error, never a silently cleaner map.

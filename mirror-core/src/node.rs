@@ -368,6 +368,12 @@ impl<L: RollbackLog> PeerLink<L> {
         self.offer(None, op, now_ns)
     }
 
+    /// How many chunks the stored write intent may hold before a store drops the clean ones
+    /// ([`WriteIntent::set_keep_chunks`]).
+    pub fn set_intent_keep_chunks(&mut self, chunks: u64) {
+        self.intent.set_keep_chunks(chunks);
+    }
+
     /// Bounds a resync copy to `bytes` (the largest write the peer's commit log takes; by
     /// default a frame's payload).
     pub fn set_resync_piece_bytes_max(&mut self, bytes: u64) {

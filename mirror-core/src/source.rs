@@ -195,6 +195,11 @@ pub enum SourceError {
         /// The bound, in whole seconds.
         secs: u64,
     },
+    /// The primary's own storage failed (reported by the driver): its write intent could not be
+    /// stored (a write it does not cover must not reach the local volume) or a resync could not
+    /// read its volume; nothing more is taken.
+    #[error("local storage failed: {0}")]
+    Local(String),
 }
 
 /// Why a host operation is not valid for the volume.
@@ -268,7 +273,8 @@ impl SourceError {
             | SourceError::TargetRegressed { .. }
             | SourceError::TargetAhead { .. }
             | SourceError::NoRandomness
-            | SourceError::Unreachable { .. } => true,
+            | SourceError::Unreachable { .. }
+            | SourceError::Local(_) => true,
             SourceError::LogFull
             | SourceError::InvalidOp(_)
             | SourceError::NeverFits { .. }
@@ -956,6 +962,7 @@ mod tests {
         }
         let fatal = [
             SourceError::NoRandomness,
+            SourceError::Local("disk full".into()),
             SourceError::BadAuth,
             SourceError::Refused(RefuseReason::WrongVolume),
             SourceError::Refused(RefuseReason::Geometry),

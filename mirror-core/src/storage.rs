@@ -1,6 +1,6 @@
 //! The storage seams: the volume (what the target, and later the primary, does to its backing
-//! store) and the metadata store, each with an in-memory implementation and fault injection for
-//! the simulator and tests. The file and block-device implementations live in `mirror-storage`
+//! store), the metadata store and the primary's write-intent store, each with an in-memory
+//! implementation and fault injection for the simulator and tests. The file and block-device implementations live in `mirror-storage`
 //! (shared by both daemons), which implement the same traits; nothing here touches a file.
 //!
 //! One rule for every implementation: [`apply`] turns a mirrored operation into writes, a discard
@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crate::bitmap::{BitmapCorrupt, DirtyBitmap};
 use crate::meta::{MetaCorrupt, MetaRecord, RECORD_BYTES};
 
 use crate::wire::Op;
@@ -408,6 +409,78 @@ impl MetaStore for MemMetaStore {
     }
 }
 
+/// Why a write-intent store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntentStoreError {
+    /// Neither slot holds a valid map.
+    #[error("the stored write intent is corrupt ({0})")]
+    Corrupt(#[from] BitmapCorrupt),
+    /// The backing store failed (or a fault was injected).
+    #[error("write intent I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a primary keeps its write intent ([`crate::node::WriteIntent`]): two alternating
+/// slots ([`DirtyBitmap::encode_slot`]); [`IntentStore::store`] returns once the map is durable,
+/// and a torn store leaves the one before it. The real implementation (in the volume's metadata
+/// area) lives in `mirror-storage`.
+pub trait IntentStore: std::fmt::Debug + Send {
+    /// The newest valid map, `None` if none was ever stored.
+    fn load(&self) -> Result<Option<DirtyBitmap>, IntentStoreError>;
+    /// Stores `map` durably (overwriting the older slot).
+    fn store(&mut self, map: &DirtyBitmap) -> Result<(), IntentStoreError>;
+}
+
+/// A write-intent store in memory, through the same slot bytes as the metadata area.
+#[derive(Debug, Default)]
+pub struct MemIntentStore {
+    slots: [Vec<u8>; 2],
+    write_count: u64,
+    fail_stores: bool,
+}
+
+impl MemIntentStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> MemIntentStore {
+        MemIntentStore::default()
+    }
+
+    /// Makes every later store fail with an I/O error (or succeed again).
+    pub fn fail_stores(&mut self, on: bool) {
+        self.fail_stores = on;
+    }
+
+    /// Tears the next store: only the first `bytes` of its slot are written (a crash mid-write).
+    pub fn store_torn(&mut self, map: &DirtyBitmap, bytes: usize) {
+        let next = self.write_count + 1;
+        let slot = &mut self.slots[usize::from(next % 2 == 1)];
+        let new = map.encode_slot(next);
+        slot.resize(new.len().max(slot.len()), 0);
+        let n = bytes.min(new.len());
+        slot[..n].copy_from_slice(&new[..n]);
+    }
+}
+
+impl IntentStore for MemIntentStore {
+    fn load(&self) -> Result<Option<DirtyBitmap>, IntentStoreError> {
+        Ok(DirtyBitmap::decode_slots(&self.slots[0], &self.slots[1])?)
+    }
+
+    fn store(&mut self, map: &DirtyBitmap) -> Result<(), IntentStoreError> {
+        if self.fail_stores {
+            return Err(IntentStoreError::Io(std::io::Error::other(
+                "injected write intent error",
+            )));
+        }
+        let next = self.write_count + 1;
+        self.slots[usize::from(next % 2 == 1)] = map.encode_slot(next);
+        self.write_count = next;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,5 +568,51 @@ mod tests {
         v.fail_writes(false);
         v.fail_syncs(true);
         assert!(v.sync().is_err());
+    }
+
+    /// The newest complete store is what loads: a torn one leaves the one before it, and a
+    /// damaged count or map never passes for a newer map.
+    #[test]
+    fn a_torn_intent_store_leaves_the_one_before_it() {
+        let mut store = MemIntentStore::new();
+        assert!(store.load().unwrap().is_none());
+        let mut map = DirtyBitmap::new(1 << 20, 64 << 10).unwrap();
+        map.mark(crate::Range::new(0, 4096));
+        store.store(&map).unwrap();
+        let first = map.clone();
+        map.mark(crate::Range::new(5 << 16, 4096));
+        store.store(&map).unwrap();
+        assert_eq!(store.load().unwrap(), Some(map.clone()));
+        let mut third = map.clone();
+        third.mark(crate::Range::new(9 << 16, 4096));
+        for torn in [1, 9, 23, 30, 53] {
+            let mut s = MemIntentStore {
+                slots: store.slots.clone(),
+                write_count: store.write_count,
+                fail_stores: false,
+            };
+            s.store_torn(&third, torn);
+            assert_eq!(
+                s.load().unwrap(),
+                Some(map.clone()),
+                "torn after {torn} bytes"
+            );
+        }
+        // Every single-bit flip of the newest slot falls back to the older one or is refused.
+        let newest = usize::from(store.write_count % 2 == 1);
+        for at in 0..store.slots[newest].len() {
+            let mut s = MemIntentStore {
+                slots: store.slots.clone(),
+                write_count: store.write_count,
+                fail_stores: false,
+            };
+            s.slots[newest][at] ^= 0x04;
+            match s.load() {
+                Ok(Some(got)) => assert_eq!(got, first, "flip at {at}"),
+                other => panic!("flip at {at}: {other:?}"),
+            }
+        }
+        store.fail_stores(true);
+        assert!(matches!(store.store(&map), Err(IntentStoreError::Io(_))));
     }
 }

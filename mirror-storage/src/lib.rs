@@ -1,7 +1,8 @@
 //! The real storage behind mirror-core's seams, shared by both daemons: a regular file or block
 //! device ([`Backing`]) whose data area is a [`FileVolume`] ([`mirror_core::storage::Volume`]) and
 //! whose metadata area at the end holds the record ([`AreaMeta`],
-//! [`mirror_core::storage::MetaStore`]); the layout and its size rule are
+//! [`mirror_core::storage::MetaStore`]) and a primary's write intent ([`AreaIntent`],
+//! [`mirror_core::storage::IntentStore`]); the layout and its size rule are
 //! [`mirror_core::meta`]'s.
 //!
 //! [`open`] finds or makes that layout and reports how ([`Opening`]); what the record is trusted
@@ -14,9 +15,11 @@
 #![warn(missing_docs)]
 
 mod backing;
+mod intent;
 mod layout;
 mod volume;
 
 pub use backing::{Backing, StorageError};
+pub use intent::{AreaIntent, IntentAreaError};
 pub use layout::{legacy_meta_path, open, upgraded_path, Opened, Opening, VolumeSpec};
 pub use volume::{AreaMeta, FileVolume};

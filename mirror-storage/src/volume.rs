@@ -104,6 +104,16 @@ impl AreaMeta {
         }
     }
 
+    /// Where the record slots begin (the write intent's slots end there).
+    pub(crate) fn slots_offset_bytes(&self) -> u64 {
+        self.slots_offset_bytes
+    }
+
+    /// The backing and its path.
+    pub(crate) fn file(&self) -> (Arc<File>, PathBuf) {
+        (Arc::clone(&self.file), self.path.clone())
+    }
+
     fn io_error(&self, e: io::Error) -> MetaStoreError {
         MetaStoreError::Io(io::Error::new(
             e.kind(),

@@ -11,14 +11,17 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mirror_core::meta::MetaRecord;
+use mirror_core::bitmap::DirtyBitmap;
+use mirror_core::meta::{BitmapLocation, MetaRecord, BITMAP_CHUNK_BYTES};
 use mirror_core::node::{
     recover_primary, running_primary_record, PrimaryRecoverError, PrimaryRestored,
 };
-use mirror_core::storage::{MetaStore, MetaStoreError};
+use mirror_core::storage::{IntentStore, IntentStoreError, MetaStore, MetaStoreError};
 use mirror_core::target::VolumeFacts;
 use mirror_core::{NodeId, VolumeId};
-use mirror_storage::{AreaMeta, Backing, Opening, StorageError, VolumeSpec};
+use mirror_storage::{
+    AreaIntent, AreaMeta, Backing, IntentAreaError, Opening, StorageError, VolumeSpec,
+};
 
 /// Why the volume cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,26 @@ pub enum VolumeError {
         path: PathBuf,
         /// What failed.
         source: MetaStoreError,
+    },
+    /// The write intent does not fit the metadata area.
+    #[error("volume {}: {source}", .path.display())]
+    IntentArea {
+        /// The volume.
+        path: PathBuf,
+        /// Why.
+        source: IntentAreaError,
+    },
+    /// The stored write intent of an unclean stop cannot be read.
+    #[error(
+        "cannot start on volume {}: {source}: which writes the target lacks is unknown; start \
+         again with --new-sequence against a new target volume",
+        .path.display()
+    )]
+    IntentLoad {
+        /// The volume.
+        path: PathBuf,
+        /// Why.
+        source: IntentStoreError,
     },
     /// Not even one block.
     #[error("volume {} ({bytes} bytes) is smaller than one {block_bytes}-byte block", .path.display())]
@@ -138,6 +161,28 @@ pub fn open_passthrough(path: &Path, block_bytes: u32) -> Result<LocalVolume, Vo
     }
 }
 
+/// A primary's write intent on its volume: where it is stored, and the map to start from (a
+/// crash's as stored, else a clean one).
+#[derive(Debug)]
+pub struct PrimaryIntent {
+    /// Its slots in the metadata area.
+    pub store: AreaIntent,
+    /// The map the start begins from.
+    pub stored: DirtyBitmap,
+}
+
+/// What a primary starts from: what mirror-core restored, the record it keeps while it runs, and
+/// its write intent (none on a volume without a metadata area).
+#[derive(Debug)]
+pub struct PrimaryStartup {
+    /// What [`recover_primary`] restored.
+    pub restored: PrimaryRestored,
+    /// The running record (not clean; with the intent's location).
+    pub running: MetaRecord,
+    /// The write intent.
+    pub intent: Option<PrimaryIntent>,
+}
+
 impl LocalVolume {
     /// What a primary restarts from, as mirror-core decides ([`recover_primary`]), and the
     /// record it keeps while it runs. The caller stores that record ([`LocalVolume::store`])
@@ -151,25 +196,54 @@ impl LocalVolume {
         volume_id: VolumeId,
         node_id: NodeId,
         new_sequence: bool,
-    ) -> Result<(PrimaryRestored, MetaRecord), VolumeError> {
+    ) -> Result<PrimaryStartup, VolumeError> {
         let facts = VolumeFacts {
             volume_id,
             volume_bytes: self.bytes,
             created: self.created,
         };
-        let (restored, loaded) = if new_sequence {
-            (mirror_core::node::new_sequence(), None)
+        let area = match &self.meta {
+            Some(meta) => {
+                let chunk = AreaIntent::fitting_chunk_bytes(meta, self.bytes, BITMAP_CHUNK_BYTES);
+                let area = AreaIntent::new(meta, self.bytes, chunk).map_err(|source| {
+                    VolumeError::IntentArea {
+                        path: path.into(),
+                        source,
+                    }
+                })?;
+                Some(area)
+            }
+            None => None,
+        };
+        let (restored, loaded, crashed) = if new_sequence {
+            (mirror_core::node::new_sequence(), None, None)
         } else {
-            // The daemon does not store its write intent yet: an unclean stop is refused.
-            let restored = recover_primary(self.record.as_ref(), None, &facts).map_err(|why| {
-                VolumeError::Recover {
+            // Only a record that says it keeps an intent has one to read.
+            let crashed = match (&area, &self.record) {
+                (Some(area), Some(r)) if !r.clean && r.bitmap.len_bytes > 0 => {
+                    area.load().map_err(|source| VolumeError::IntentLoad {
+                        path: path.into(),
+                        source,
+                    })?
+                }
+                _ => None,
+            };
+            let restored = recover_primary(self.record.as_ref(), crashed.as_ref(), &facts)
+                .map_err(|why| VolumeError::Recover {
                     path: path.into(),
                     why,
-                }
-            })?;
-            (restored, self.record.as_ref())
+                })?;
+            (restored, self.record.as_ref(), crashed)
         };
-        let running = running_primary_record(loaded, &facts, node_id, restored);
+        let mut running = running_primary_record(loaded, &facts, node_id, restored);
+        let intent = area.map(|store| {
+            running.bitmap = BitmapLocation {
+                offset_bytes: self.bytes,
+                len_bytes: store.slots_bytes(),
+            };
+            let stored = crashed.unwrap_or_else(|| store.clean_map());
+            PrimaryIntent { store, stored }
+        });
         if self.record.is_none() {
             // A file just grown by the metadata area must hold a record before anything else can
             // happen: without one, the next open would take the grown file whole as its data.
@@ -182,7 +256,11 @@ impl LocalVolume {
                 },
             )?;
         }
-        Ok((restored, running))
+        Ok(PrimaryStartup {
+            restored,
+            running,
+            intent,
+        })
     }
 
     /// Stores `record` (the replicator's record of a clean stop).
@@ -273,17 +351,18 @@ mod tests {
         let path = dir.path().join("vol");
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         let v = open_volume(&path, 4096, None).unwrap();
-        let (restored, _) = v
+        let start = v
             .restore_primary(&path, VolumeId([1; 16]), NodeId(1), false)
             .unwrap();
-        assert_eq!(restored.confirmed, mirror_core::Seq::NONE);
-        drop(v);
+        assert_eq!(start.restored.confirmed, mirror_core::Seq::NONE);
+        // Its write intent shares the volume's open file (and lock).
+        drop((v, start));
         let v = open_volume(&path, 4096, None).unwrap();
         assert_eq!(v.bytes, 1 << 20);
-        let (again, _) = v
+        let again = v
             .restore_primary(&path, VolumeId([1; 16]), NodeId(1), false)
             .unwrap();
-        assert_eq!(again.confirmed, mirror_core::Seq::NONE);
+        assert_eq!(again.restored.confirmed, mirror_core::Seq::NONE);
     }
 
     #[test]

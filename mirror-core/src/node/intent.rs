@@ -5,8 +5,11 @@
 //! at any instant the stored map covers every write the peer had not confirmed durable. Writes
 //! into chunks the stored copy already holds cost nothing.
 //!
-//! A chunk is cleared in memory once the peer holds every write to it durably; the stored copy
-//! follows at its next store (a stored bit of a clean chunk only costs a needless resync).
+//! A chunk is cleared in memory once the peer holds every write to it durably. The stored copy
+//! keeps chunks that went clean while it holds at most [`WriteIntent::set_keep_chunks`] of them,
+//! so a working set costs no store once it is stored (activity-log style); a store that would
+//! exceed that keeps only the live chunks. A stored bit of a clean chunk only costs a needless
+//! resync.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -25,7 +28,11 @@ pub struct WriteIntent {
     pending: VecDeque<(Option<Seq>, Option<Range>)>,
     /// Per marked chunk, how many of `pending` touch it.
     writers: HashMap<u64, u32>,
+    keep_chunks: u64,
 }
+
+/// Default of [`WriteIntent::set_keep_chunks`]: 1 GiB of chunks.
+pub const KEEP_BYTES_DEFAULT: u64 = 1 << 30;
 
 impl WriteIntent {
     /// A clean intent over a volume of `volume_bytes` in chunks of `chunk_bytes`.
@@ -33,6 +40,7 @@ impl WriteIntent {
         let live = DirtyBitmap::new(volume_bytes, chunk_bytes)?;
         Ok(WriteIntent {
             stored: live.clone(),
+            keep_chunks: KEEP_BYTES_DEFAULT / chunk_bytes,
             live,
             store_due: false,
             pending: VecDeque::new(),
@@ -49,12 +57,18 @@ impl WriteIntent {
             live.clear(chunk);
         }
         WriteIntent {
+            keep_chunks: KEEP_BYTES_DEFAULT / stored.chunk_bytes(),
             live,
             stored,
             store_due: false,
             pending: VecDeque::new(),
             writers: HashMap::new(),
         }
+    }
+
+    /// How many chunks the stored copy may hold before a store drops the clean ones.
+    pub fn set_keep_chunks(&mut self, chunks: u64) {
+        self.keep_chunks = chunks;
     }
 
     /// An operation on `range` (none: a flush) was submitted; its seq follows with
@@ -119,7 +133,10 @@ impl WriteIntent {
             return None;
         }
         self.store_due = false;
-        self.stored.clone_from(&self.live);
+        self.stored.merge(&self.live);
+        if self.stored.dirty_chunks() > self.keep_chunks {
+            self.stored.clone_from(&self.live);
+        }
         Some(&self.stored)
     }
 
@@ -184,6 +201,35 @@ mod tests {
         assert!(
             !w.live().is_dirty(1),
             "a refused write never reaches the volume"
+        );
+    }
+
+    #[test]
+    fn the_stored_copy_keeps_clean_chunks_up_to_its_bound() {
+        let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
+        w.set_keep_chunks(2);
+        for (chunk, seq) in [(0, 1), (1, 2)] {
+            w.submitted(Some(Range::new(chunk * CHUNK, 4096)));
+            w.accepted(Seq(seq));
+            assert!(w.take_store().is_some());
+            w.durable(Seq(seq));
+        }
+        assert_eq!(w.live().dirty_chunks(), 0);
+        assert_eq!(
+            w.stored().dirty_chunks(),
+            2,
+            "both kept: clean, within the bound"
+        );
+        w.submitted(Some(Range::new(0, 4096)));
+        w.accepted(Seq(3));
+        assert!(w.take_store().is_none(), "a kept chunk costs no store");
+        w.submitted(Some(Range::new(5 * CHUNK, 4096)));
+        w.accepted(Seq(4));
+        let stored = w.take_store().map(|m| m.dirty().collect::<Vec<_>>());
+        assert_eq!(
+            stored,
+            Some(vec![0, 5]),
+            "over the bound: only the live chunks"
         );
     }
 }

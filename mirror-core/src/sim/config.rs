@@ -81,6 +81,8 @@ pub struct SimConfig {
     pub host_pause_gap_ticks: u64,
     /// The chunk size of the primary's write intent (4 KiB to 64 KiB: 1 to 64 chunks).
     pub intent_chunk_bytes: u64,
+    /// How many chunks its stored copy keeps before a store drops the clean ones (0 to 7).
+    pub intent_keep_chunks: u64,
 }
 
 impl SimConfig {
@@ -154,6 +156,7 @@ impl SimConfig {
             silence_gap_ticks: some(silence_rng, 40, 500, 5000),
             host_pause_gap_ticks: some(silence_rng, 30, 1500, 6000),
             intent_chunk_bytes: 0,
+            intent_keep_chunks: 0,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -164,6 +167,7 @@ impl SimConfig {
         // Derived, not drawn, so that every other draw of a seed stays as it was.
         cfg.local_lock_timeout_ticks = cfg.lock_hold_ticks_max * 12;
         cfg.intent_chunk_bytes = 4096 << (cfg.source_restart_ticks_max % 5);
+        cfg.intent_keep_chunks = cfg.lock_hold_ticks_max % 8;
         cfg
     }
 
@@ -172,7 +176,7 @@ impl SimConfig {
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
-             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {}",
+             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -204,6 +208,7 @@ impl SimConfig {
             self.silence_gap_ticks,
             self.host_pause_gap_ticks,
             self.intent_chunk_bytes,
+            self.intent_keep_chunks,
         )
     }
 }

@@ -373,5 +373,6 @@ pub(super) fn new_link(
     link.set_sabotage(opts.peer_sabotage);
     // The target's commit log takes any host operation, not necessarily a whole chunk.
     link.set_resync_piece_bytes_max(cfg.op_bytes_max);
+    link.set_intent_keep_chunks(cfg.intent_keep_chunks);
     link
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mirror_core::meta::MetaRecord;
-use mirror_core::node::{PrimaryRestored, PrimaryStart};
+use mirror_core::node::PrimaryStart;
 use mirror_core::source::{LockStyle, SourceConfig, SourceError};
 use mirror_core::NodeId;
 use mirror_core::Seq;
@@ -33,8 +33,8 @@ use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
 use super::control::{bind_socket, serve, DaemonState};
 use super::{client, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
-use crate::replicator::{self, Handle, ReplError, ReplicatorConfig};
-use crate::volume::{open_passthrough, open_volume, LocalVolume};
+use crate::replicator::{self, Handle, IntentSetup, ReplError, ReplicatorConfig};
+use crate::volume::{open_passthrough, open_volume, LocalVolume, PrimaryStartup};
 
 /// `ublk-mirror start`.
 pub fn start(args: &StartArgs) -> anyhow::Result<()> {
@@ -129,15 +129,26 @@ fn start_mirror(
     s: &Settings,
     m: &MirrorSettings,
     volume: &LocalVolume,
-    (restored, running): (PrimaryRestored, MetaRecord),
+    start: PrimaryStartup,
 ) -> anyhow::Result<(Handle, tokio::task::JoinHandle<()>)> {
+    let PrimaryStartup {
+        restored,
+        running,
+        intent,
+    } = start;
     let secret = read_secret(&m.secret_file)?;
     let volume_bytes = volume.bytes;
-    if restored.kind == PrimaryStart::Resumed && restored.confirmed > Seq::NONE {
-        eprintln!(
+    match restored.kind {
+        PrimaryStart::Resumed if restored.confirmed > Seq::NONE => eprintln!(
             "ublk-mirror: resuming after a clean stop: the target held everything through seq {}",
             restored.confirmed.0
-        );
+        ),
+        PrimaryStart::Crashed => eprintln!(
+            "ublk-mirror: the last run did not stop cleanly: resyncing the {} chunks its write \
+             intent recorded before taking host I/O",
+            intent.as_ref().map_or(0, |i| i.stored.dirty_chunks())
+        ),
+        _ => {}
     }
     let source = SourceConfig {
         volume_id: m.volume_id,
@@ -157,9 +168,21 @@ fn start_mirror(
         meta: running,
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };
+    let intent = match intent {
+        Some(i) => Some(IntentSetup {
+            store: Box::new(i.store),
+            stored: i.stored,
+            restored,
+            volume: volume
+                .file
+                .try_clone()
+                .context("cannot reopen the volume")?,
+        }),
+        None => None,
+    };
     let (repl, repl_task) = {
         let _guard = runtime.enter();
-        replicator::spawn(cfg)
+        replicator::spawn_primary(cfg, intent)
     };
     eprintln!(
         "ublk-mirror: connecting to {} (up to {} s)",

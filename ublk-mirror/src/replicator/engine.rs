@@ -6,19 +6,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
 use mirror_core::meta::MetaRecord;
 use mirror_core::node::{
-    CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, Submitted, WaitError,
+    CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, ResyncStep, Submitted,
+    WaitError,
 };
 use mirror_core::session::SessionAction;
 use mirror_core::source::SourceError;
-use mirror_core::wire::{Encoded, Frame, MAC_BYTES};
-use mirror_core::Seq;
+use mirror_core::storage::IntentStore;
+use mirror_core::wire::{Encoded, Frame, Op, SummedOp, MAC_BYTES};
+use mirror_core::{Lba, Seq};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::conn::{read_frames, reserve, write_frames, Conn, Event, WRITER_QUEUE_FRAMES};
+use super::intent::IntentView;
 use super::{
     ConnInfo, Ctl, ReplError, ReplicatorConfig, ReplicatorStatus, Reply, SubmitReq,
     REPLICATED_WAITERS_MAX,
@@ -33,8 +39,16 @@ const FAR_SECS: u64 = 10 * 365 * 86_400;
 /// The one peer a primary mirrors to today.
 pub(super) const PEER: PeerId = PeerId(0);
 
+/// The write intent the engine stores, and the local volume its resync reads.
+pub(super) struct KeptIntent {
+    pub(super) store: Box<dyn IntentStore>,
+    pub(super) volume: std::fs::File,
+    pub(super) view: Arc<IntentView>,
+}
+
 pub(super) struct Engine {
     cfg: ReplicatorConfig,
+    intent: Option<KeptIntent>,
     node: Node<Peers>,
     epoch: Instant,
     events_tx: mpsc::Sender<Event>,
@@ -71,10 +85,12 @@ impl Engine {
         node: Node<Peers>,
         fast_ack: Arc<AtomicBool>,
         conn_tx: watch::Sender<ConnInfo>,
+        intent: Option<KeptIntent>,
     ) -> Engine {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         Engine {
             cfg,
+            intent,
             node,
             epoch: Instant::now(),
             events_tx,
@@ -116,7 +132,8 @@ impl Engine {
                 (Some(c), Some(_)) => Some(c.writer_tx.clone()),
                 _ => None,
             };
-            let take_submit = !self.link().is_parked();
+            // A resync enters the log before any host operation.
+            let take_submit = !self.link().is_parked() && self.link().takes_host_ops();
             let wake = self.next_wake();
             if sleep.deadline() != wake {
                 sleep.as_mut().reset(wake);
@@ -164,8 +181,71 @@ impl Engine {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Carries out the resync steps the link hands out: a copy reads the local volume now.
+    fn pump_resync(&mut self) {
+        loop {
+            let Some(step) = self.link_mut().poll_resync() else {
+                return;
+            };
+            let op = match step {
+                ResyncStep::Mark(mark) => Op::Resync(mark),
+                ResyncStep::Copy(range) => {
+                    let Some(kept) = &self.intent else { return };
+                    let mut data = vec![0u8; usize::try_from(range.len_bytes).unwrap_or(0)];
+                    if let Err(e) = kept.volume.read_exact_at(&mut data, range.offset_bytes) {
+                        let e = SourceError::Local(format!(
+                            "resync read of {}+{}: {e}",
+                            range.offset_bytes, range.len_bytes
+                        ));
+                        self.link_mut().stop(e);
+                        return;
+                    }
+                    Op::Write {
+                        lba: Lba::from_bytes(range.offset_bytes),
+                        data: Bytes::from(data),
+                    }
+                }
+            };
+            let now = self.now_ns();
+            if let Err(e) = self.link_mut().resync_submit(SummedOp::new(op), now) {
+                tracing::error!(error = %e, "resync step refused");
+                return;
+            }
+            let _ = self.store_intent();
+        }
+    }
+
+    /// Stores the write intent if the link asks for it (before a write it now holds may reach
+    /// the local volume); a failure stops replication.
+    fn store_intent(&mut self) -> Result<(), ReplError> {
+        let Some(kept) = &mut self.intent else {
+            return Ok(());
+        };
+        let link = self
+            .node
+            .peer_mut(PEER)
+            .expect("a primary node keeps the peer it was built with");
+        let Some(map) = link.take_intent_store() else {
+            return Ok(());
+        };
+        let mut map = map.clone();
+        kept.view.before_store(&mut map);
+        match kept.store.store(&map) {
+            Ok(()) => {
+                kept.view.after_store(&map);
+                Ok(())
+            }
+            Err(e) => {
+                let e = SourceError::Local(e.to_string());
+                link.stop(e.clone());
+                Err(ReplError::Fatal(e))
+            }
+        }
+    }
+
     /// Forwards the link's events and stages the next frame.
     fn pump(&mut self) {
+        self.pump_resync();
         while let Some(ev) = self.link_mut().poll_event() {
             match ev {
                 PeerEvent::Accepted { seq, .. } => {
@@ -428,14 +508,30 @@ impl Engine {
         // Out of the channel: its bytes no longer count against the channel's bound.
         drop(req.permit.take());
         let now = self.now_ns();
-        match self.link_mut().submit(PARKED, req.op, now) {
+        let range = req.op.op().range();
+        let taken = match self.link_mut().submit(PARKED, req.op, now) {
             Ok(Submitted::Accepted(seq)) => {
                 self.waiting.insert(seq, req.reply);
+                Ok(())
             }
-            Ok(Submitted::Parked) => self.parked = Some(req.reply),
+            Ok(Submitted::Parked) => {
+                self.parked = Some(req.reply);
+                Ok(())
+            }
             Err(e) => {
-                let _ = req.reply.send(Err(e.into()));
+                let e = ReplError::from(e);
+                let _ = req.reply.send(Err(e.clone()));
+                Err(e)
             }
+        };
+        // The write is in the link's intent now: every later store holds its chunks. One the
+        // link refused must not reach the local volume either.
+        let stored = taken.and_then(|()| self.store_intent());
+        if let Some(kept) = &self.intent {
+            kept.view.leave(range);
+        }
+        if let Some(covered) = req.covered.take() {
+            let _ = covered.send(stored);
         }
     }
 

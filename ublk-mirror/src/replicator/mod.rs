@@ -20,6 +20,7 @@
 
 mod conn;
 mod engine;
+mod intent;
 
 use std::fmt;
 use std::future::Future;
@@ -29,11 +30,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use mirror_core::bitmap::DirtyBitmap;
 use mirror_core::log::MemLog;
 use mirror_core::meta::{MetaRecord, Role};
-use mirror_core::node::{DrainError, Node, PeerLink, SubmitError};
+use mirror_core::node::{DrainError, Node, PeerLink, PrimaryRestored, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
 use mirror_core::source::{Mode, Source, SourceConfig, SourceError, SourceStatus};
+use mirror_core::storage::IntentStore;
 use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
 use mirror_core::Seq;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -123,6 +126,20 @@ impl fmt::Debug for ReplicatorConfig {
     }
 }
 
+/// The write intent a primary with a metadata area keeps ([`spawn_primary`]).
+#[derive(Debug)]
+pub struct IntentSetup {
+    /// Where it is stored.
+    pub store: Box<dyn IntentStore>,
+    /// The map as last stored after a crash, else a clean map of the store's geometry.
+    pub stored: DirtyBitmap,
+    /// What the start restored ([`mirror_core::node::recover_primary`]): after a crash, the
+    /// chunks of `stored` are resynced before host operations.
+    pub restored: PrimaryRestored,
+    /// The local volume's data area, read by the resync.
+    pub volume: std::fs::File,
+}
+
 /// Why a replicator call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -203,6 +220,8 @@ struct SubmitReq {
     /// Checksummed by the caller's thread (see [`SummedOp`]), not the engine's.
     op: SummedOp,
     reply: Reply<Seq>,
+    /// Told once the stored write intent holds the op's chunks, if it did not when queued.
+    covered: Option<oneshot::Sender<Result<(), ReplError>>>,
     /// The op's share of `submit_queue_bytes`, given back when the engine takes it.
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -246,6 +265,7 @@ pub struct Handle {
     fast_ack: Arc<AtomicBool>,
     ctl_tx: mpsc::Sender<Ctl>,
     conn_rx: watch::Receiver<ConnInfo>,
+    intent: Arc<intent::IntentView>,
 }
 
 impl fmt::Debug for SubmitReq {
@@ -268,9 +288,12 @@ impl fmt::Debug for Ctl {
 
 impl Handle {
     /// Queues `op` (waiting while the rollback log is full). Once this returns, the operation's
-    /// place in the sequence is fixed: operations enqueued later get later sequence numbers.
-    /// Await the returned [`Pending`] for its completion.
+    /// place in the sequence is fixed (operations enqueued later get later sequence numbers) and
+    /// the stored write intent holds its chunks, so it may reach the local volume. Await the
+    /// returned [`Pending`] for its completion.
     pub async fn enqueue(&self, op: Op) -> Result<Pending, ReplError> {
+        let range = op.range();
+        let covered = self.intent.enter(range);
         let (reply, rx) = oneshot::channel();
         // Bigger than the bound: the engine refuses it anyway; take the whole bound meanwhile.
         let share = op.payload_bytes().min(self.queued_bytes_max);
@@ -292,10 +315,25 @@ impl Handle {
         // The checksum is taken here, on the caller's thread (a ublk queue thread), so the
         // engine's single network thread does not read every payload again.
         let op = SummedOp::new(op);
-        self.submit_tx
-            .send(SubmitReq { op, reply, permit })
-            .await
-            .map_err(|_| ReplError::Shutdown)?;
+        let (covered_tx, covered_rx) = if covered {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let req = SubmitReq {
+            op,
+            reply,
+            covered: covered_tx,
+            permit,
+        };
+        if self.submit_tx.send(req).await.is_err() {
+            self.intent.leave(range);
+            return Err(ReplError::Shutdown);
+        }
+        if let Some(rx) = covered_rx {
+            rx.await.map_err(|_| ReplError::Shutdown)??;
+        }
         Ok(Pending { rx })
     }
 
@@ -392,6 +430,19 @@ impl Handle {
 /// # Panics
 /// Outside a tokio runtime.
 pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
+    spawn_primary(cfg, None)
+}
+
+/// [`spawn`] for a primary that keeps a write intent (`intent`): every write's chunks are in the
+/// stored intent before it may reach the local volume ([`Handle::enqueue`]), and a restart after
+/// a crash resyncs the stored chunks first.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn spawn_primary(
+    cfg: ReplicatorConfig,
+    intent: Option<IntentSetup>,
+) -> (Handle, JoinHandle<()>) {
     let (submit_tx, submit_rx) = mpsc::channel(cfg.submit_queue.max(1));
     let queued_bytes_max = cfg
         .submit_queue_bytes
@@ -406,13 +457,29 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
     });
     let session = SourceSession::new(session_config(&cfg), random_u64(), 0);
     let source = Source::with_log(cfg.source.clone(), MemLog::new(), cfg.meta.durable);
-    let mut link = PeerLink::new(source, session);
+    let (mut link, view, kept) = match intent {
+        Some(setup) => {
+            let view = Arc::new(intent::IntentView::new(&setup.stored));
+            let link = PeerLink::restarted(source, session, setup.restored, setup.stored);
+            let kept = engine::KeptIntent {
+                store: setup.store,
+                volume: setup.volume,
+                view: Arc::clone(&view),
+            };
+            (link, view, Some(kept))
+        }
+        None => (
+            PeerLink::new(source, session),
+            Arc::new(intent::IntentView::disabled()),
+            None,
+        ),
+    };
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
     }
     let fast_ack = Arc::new(AtomicBool::new(link.acks_on_submit()));
     let node = Node::primary(cfg.meta, engine::PEER, link);
-    let engine = engine::Engine::new(cfg, node, Arc::clone(&fast_ack), conn_tx);
+    let engine = engine::Engine::new(cfg, node, Arc::clone(&fast_ack), conn_tx, kept);
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
     (
         Handle {
@@ -422,6 +489,7 @@ pub fn spawn(cfg: ReplicatorConfig) -> (Handle, JoinHandle<()>) {
             fast_ack,
             ctl_tx,
             conn_rx,
+            intent: view,
         },
         task,
     )

@@ -37,8 +37,8 @@ use tokio::time::Instant;
 use ublk_mirror::admin::config::read_secret;
 use ublk_mirror::device::gate::RangeGate;
 use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
-use ublk_mirror::replicator::{self, ReplError, ReplicatorConfig};
-use ublk_mirror::volume::{open_volume, LocalVolume};
+use ublk_mirror::replicator::{self, IntentSetup, ReplError, ReplicatorConfig};
+use ublk_mirror::volume::{open_volume, LocalVolume, PrimaryStartup};
 
 use plan::{Placer, Plan};
 use stats::{print_summary, Latencies, Summary};
@@ -138,7 +138,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     // The daemon's rules: what a restart trusts (decided at once: a file the open grew gets its
     // record before anything else can fail), and a clean stop recorded once the target holds
     // everything.
-    let (_, running) = volume.restore_primary(
+    let start = volume.restore_primary(
         &args.volume,
         args.volume_id,
         NodeId(args.node_id),
@@ -172,7 +172,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(drive(&args, &plan, source, (volume, running), ack_log))?;
+    let summary = runtime.block_on(drive(&args, &plan, source, (volume, start), ack_log))?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -185,15 +185,28 @@ async fn drive(
     args: &LoadgenArgs,
     plan: &Plan,
     source: SourceConfig,
-    (volume, running): (LocalVolume, MetaRecord),
+    (volume, start): (LocalVolume, PrimaryStartup),
     ack_log: Option<AckLog>,
 ) -> anyhow::Result<Summary> {
+    let running = start.running;
     let cfg = ReplicatorConfig {
         connect_deadline: Some(Duration::from_secs(args.connect_timeout_secs)),
         meta: running,
         ..ReplicatorConfig::new(args.peer.clone(), source)
     };
-    let (handle, task) = replicator::spawn(cfg);
+    let intent = match start.intent {
+        Some(i) => Some(IntentSetup {
+            store: Box::new(i.store),
+            stored: i.stored,
+            restored: start.restored,
+            volume: volume
+                .file
+                .try_clone()
+                .context("cannot reopen the volume")?,
+        }),
+        None => None,
+    };
+    let (handle, task) = replicator::spawn_primary(cfg, intent);
     let result = async {
         connect(args, &handle).await?;
         // From here on the volume is written: a crash is never taken for a clean stop.
