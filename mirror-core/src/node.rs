@@ -374,6 +374,12 @@ impl<L: RollbackLog> PeerLink<L> {
         self.intent.set_keep_chunks(chunks);
     }
 
+    /// How many chunks a store of the write intent adds around one it must add
+    /// ([`WriteIntent::set_extent_chunks`]).
+    pub fn set_intent_extent_chunks(&mut self, chunks: u64) {
+        self.intent.set_extent_chunks(chunks);
+    }
+
     /// Bounds a resync copy to `bytes` (the largest write the peer's commit log takes; by
     /// default a frame's payload).
     pub fn set_resync_piece_bytes_max(&mut self, bytes: u64) {

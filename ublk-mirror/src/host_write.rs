@@ -3,7 +3,8 @@
 //!
 //! Order ([`submit`], then [`Submitted::complete`]):
 //! 1. take the operation's byte range in the [`RangeGate`] (a flush takes none);
-//! 2. enqueue it to the mirror, which fixes its place in the sequence;
+//! 2. enqueue it to the mirror, which fixes its place in the sequence and returns once the stored
+//!    write intent holds its chunks (so a crash from then on cannot lose where it went);
 //! 3. do the local half (write, discard, sync: the caller's closure);
 //! 4. release the range: overlapping operations so reach both sides in the same order;
 //! 5. complete once the mode is satisfied: at once for a data operation when the mirror
@@ -43,7 +44,8 @@ impl CrossWake for Direct {
 pub trait Mirror {
     /// Resolves when the operation completes per the mode, with its sequence number.
     type Pending: Future<Output = Result<Seq, ReplError>>;
-    /// Queues `op`; once this resolves its place in the sequence is fixed.
+    /// Queues `op`; once this resolves its place in the sequence is fixed and the stored write
+    /// intent holds its chunks (it may reach the local volume).
     fn enqueue(&self, op: Op) -> impl Future<Output = Result<Self::Pending, ReplError>>;
     /// Whether a data operation is complete as soon as it is enqueued (`async`).
     fn acks_on_enqueue(&self) -> bool;

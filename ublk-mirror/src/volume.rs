@@ -275,13 +275,15 @@ impl LocalVolume {
     }
 
     /// Passthrough on a volume that was mirrored: its record says "not clean" from now on, since
-    /// the peer never sees these writes.
+    /// the peer never sees these writes, and keeps no write intent (they are in none: a later
+    /// mirrored start is refused rather than resyncing only what an older intent says).
     pub fn start_passthrough(&self, path: &Path) -> Result<(), VolumeError> {
         match self.record {
             Some(record) => self.store(
                 path,
                 &MetaRecord {
                     clean: false,
+                    bitmap: BitmapLocation::default(),
                     ..record
                 },
             ),
@@ -363,6 +365,47 @@ mod tests {
             .restore_primary(&path, VolumeId([1; 16]), NodeId(1), false)
             .unwrap();
         assert_eq!(again.restored.confirmed, mirror_core::Seq::NONE);
+    }
+
+    /// A passthrough run writes what no write intent records: the next mirrored start after it
+    /// is refused, while one after a crash of a mirrored run resyncs.
+    #[test]
+    fn a_passthrough_run_drops_the_write_intent_and_a_crash_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol");
+        let id = VolumeId([1; 16]);
+        let v = open_volume(&path, 4096, Some(1 << 20)).unwrap();
+        let start = v.restore_primary(&path, id, NodeId(1), false).unwrap();
+        assert!(
+            start.running.bitmap.len_bytes > 0,
+            "the record says where the intent is"
+        );
+        v.store(&path, &start.running).unwrap();
+        let mut intent = start.intent.unwrap();
+        let mut map = intent.stored.clone();
+        map.mark(mirror_core::Range::new(0, 4096));
+        intent.store.store(&map).unwrap();
+        drop((v, intent));
+        // A crash: the record stays "not clean", the intent says chunk 0.
+        let v = open_volume(&path, 4096, None).unwrap();
+        let after_crash = v.restore_primary(&path, id, NodeId(1), false).unwrap();
+        assert_eq!(
+            after_crash.restored.kind,
+            mirror_core::node::PrimaryStart::Crashed
+        );
+        assert_eq!(
+            after_crash.intent.as_ref().map(|i| i.stored.dirty_chunks()),
+            Some(1)
+        );
+        drop(after_crash);
+        v.start_passthrough(&path).unwrap();
+        drop(v);
+        let v = open_volume(&path, 4096, None).unwrap();
+        let refused = v.restore_primary(&path, id, NodeId(1), false).unwrap_err();
+        assert!(
+            refused.to_string().contains("did not stop cleanly"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! at any instant the stored map covers every write the peer had not confirmed durable. Writes
 //! into chunks the stored copy already holds cost nothing.
 //!
-//! A chunk is cleared in memory once the peer holds every write to it durably. The stored copy
-//! keeps chunks that went clean while it holds at most [`WriteIntent::set_keep_chunks`] of them,
-//! so a working set costs no store once it is stored (activity-log style); a store that would
-//! exceed that keeps only the live chunks. A stored bit of a clean chunk only costs a needless
-//! resync.
+//! A chunk is cleared in memory once the peer holds every write to it durably. A store that adds
+//! a chunk adds its whole extent ([`EXTENT_BYTES_DEFAULT`], DRBD's activity-log extent), so
+//! writes near it cost no store; the stored copy keeps chunks that went clean while it holds at
+//! most [`WriteIntent::set_keep_chunks`] of them, so a working set costs no store once it is
+//! stored; a store that would exceed that keeps only the live chunks. A stored bit of a clean
+//! chunk only costs a needless resync.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -29,10 +30,13 @@ pub struct WriteIntent {
     /// Per marked chunk, how many of `pending` touch it.
     writers: HashMap<u64, u32>,
     keep_chunks: u64,
+    extent_chunks: u64,
 }
 
 /// Default of [`WriteIntent::set_keep_chunks`]: 1 GiB of chunks.
 pub const KEEP_BYTES_DEFAULT: u64 = 1 << 30;
+/// Default of [`WriteIntent::set_extent_chunks`]: 4 MiB of chunks.
+pub const EXTENT_BYTES_DEFAULT: u64 = 4 << 20;
 
 impl WriteIntent {
     /// A clean intent over a volume of `volume_bytes` in chunks of `chunk_bytes`.
@@ -41,6 +45,7 @@ impl WriteIntent {
         Ok(WriteIntent {
             stored: live.clone(),
             keep_chunks: KEEP_BYTES_DEFAULT / chunk_bytes,
+            extent_chunks: (EXTENT_BYTES_DEFAULT / chunk_bytes).max(1),
             live,
             store_due: false,
             pending: VecDeque::new(),
@@ -58,6 +63,7 @@ impl WriteIntent {
         }
         WriteIntent {
             keep_chunks: KEEP_BYTES_DEFAULT / stored.chunk_bytes(),
+            extent_chunks: (EXTENT_BYTES_DEFAULT / stored.chunk_bytes()).max(1),
             live,
             stored,
             store_due: false,
@@ -69,6 +75,11 @@ impl WriteIntent {
     /// How many chunks the stored copy may hold before a store drops the clean ones.
     pub fn set_keep_chunks(&mut self, chunks: u64) {
         self.keep_chunks = chunks;
+    }
+
+    /// How many chunks (aligned) a store adds around a chunk it must add (at least 1).
+    pub fn set_extent_chunks(&mut self, chunks: u64) {
+        self.extent_chunks = chunks.max(1);
     }
 
     /// An operation on `range` (none: a flush) was submitted; its seq follows with
@@ -133,7 +144,27 @@ impl WriteIntent {
             return None;
         }
         self.store_due = false;
+        let mut added = Vec::new();
+        for (w, (live, stored)) in self
+            .live
+            .words()
+            .iter()
+            .zip(self.stored.words())
+            .enumerate()
+        {
+            let mut new = live & !stored;
+            while new != 0 {
+                added.push(w as u64 * 64 + u64::from(new.trailing_zeros()));
+                new &= new - 1;
+            }
+        }
         self.stored.merge(&self.live);
+        for chunk in added {
+            let first = chunk - chunk % self.extent_chunks;
+            for c in first..first + self.extent_chunks {
+                self.stored.mark_chunk(c);
+            }
+        }
         if self.stored.dirty_chunks() > self.keep_chunks {
             self.stored.clone_from(&self.live);
         }
@@ -162,6 +193,7 @@ mod tests {
     #[test]
     fn a_store_is_due_only_for_chunks_the_stored_copy_lacks() {
         let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
+        w.set_extent_chunks(1);
         w.submitted(Some(Range::new(0, 4096)));
         w.accepted(Seq(1));
         assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(1));
@@ -208,6 +240,7 @@ mod tests {
     fn the_stored_copy_keeps_clean_chunks_up_to_its_bound() {
         let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
         w.set_keep_chunks(2);
+        w.set_extent_chunks(1);
         for (chunk, seq) in [(0, 1), (1, 2)] {
             w.submitted(Some(Range::new(chunk * CHUNK, 4096)));
             w.accepted(Seq(seq));
@@ -230,6 +263,22 @@ mod tests {
             stored,
             Some(vec![0, 5]),
             "over the bound: only the live chunks"
+        );
+    }
+
+    #[test]
+    fn a_store_adds_the_whole_extent_of_a_new_chunk() {
+        let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
+        w.set_extent_chunks(4);
+        w.submitted(Some(Range::new(5 * CHUNK, 4096)));
+        w.accepted(Seq(1));
+        let stored = w.take_store().map(|m| m.dirty().collect::<Vec<_>>());
+        assert_eq!(stored, Some(vec![4, 5, 6, 7]));
+        w.submitted(Some(Range::new(7 * CHUNK, 4096)));
+        w.accepted(Seq(2));
+        assert!(
+            w.take_store().is_none(),
+            "a chunk of a stored extent costs no store"
         );
     }
 }

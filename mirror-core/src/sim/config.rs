@@ -83,6 +83,8 @@ pub struct SimConfig {
     pub intent_chunk_bytes: u64,
     /// How many chunks its stored copy keeps before a store drops the clean ones (0 to 7).
     pub intent_keep_chunks: u64,
+    /// How many chunks a store adds around a new one (1 to 4).
+    pub intent_extent_chunks: u64,
 }
 
 impl SimConfig {
@@ -157,6 +159,7 @@ impl SimConfig {
             host_pause_gap_ticks: some(silence_rng, 30, 1500, 6000),
             intent_chunk_bytes: 0,
             intent_keep_chunks: 0,
+            intent_extent_chunks: 1,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -168,6 +171,7 @@ impl SimConfig {
         cfg.local_lock_timeout_ticks = cfg.lock_hold_ticks_max * 12;
         cfg.intent_chunk_bytes = 4096 << (cfg.source_restart_ticks_max % 5);
         cfg.intent_keep_chunks = cfg.lock_hold_ticks_max % 8;
+        cfg.intent_extent_chunks = 1 + cfg.ping_interval_ticks % 4;
         cfg
     }
 
@@ -176,7 +180,7 @@ impl SimConfig {
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
-             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {}",
+             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {} extent {}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -209,6 +213,7 @@ impl SimConfig {
             self.host_pause_gap_ticks,
             self.intent_chunk_bytes,
             self.intent_keep_chunks,
+            self.intent_extent_chunks,
         )
     }
 }

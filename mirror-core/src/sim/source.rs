@@ -374,5 +374,6 @@ pub(super) fn new_link(
     // The target's commit log takes any host operation, not necessarily a whole chunk.
     link.set_resync_piece_bytes_max(cfg.op_bytes_max);
     link.set_intent_keep_chunks(cfg.intent_keep_chunks);
+    link.set_intent_extent_chunks(cfg.intent_extent_chunks);
     link
 }

@@ -36,6 +36,10 @@ const EVENT_QUEUE: usize = 256;
 const PARKED: u64 = 0;
 /// "Never" for the engine's timer: ten years after its start.
 const FAR_SECS: u64 = 10 * 365 * 86_400;
+/// Submissions taken from the channel before one store of the write intent.
+const SUBMIT_BATCH_MAX: usize = 64;
+/// A writer waiting until the stored write intent holds its chunks.
+type Covered = tokio::sync::oneshot::Sender<Result<(), ReplError>>;
 /// The one peer a primary mirrors to today.
 pub(super) const PEER: PeerId = PeerId(0);
 
@@ -156,7 +160,7 @@ impl Engine {
                     }
                 }
                 req = submit_rx.recv(), if take_submit => match req {
-                    Some(req) => self.on_submit(req),
+                    Some(req) => self.on_submits(req, &mut submit_rx),
                     None => break,
                 },
                 () = &mut sleep => self.on_timer(),
@@ -504,7 +508,31 @@ impl Engine {
         }
     }
 
-    fn on_submit(&mut self, mut req: SubmitReq) {
+    /// Takes `first` and whatever else is queued (up to [`SUBMIT_BATCH_MAX`], while the link
+    /// takes host operations), then stores the write intent once for all of them and tells the
+    /// writers waiting for it.
+    fn on_submits(&mut self, first: SubmitReq, rx: &mut mpsc::Receiver<SubmitReq>) {
+        let mut waiting_for_store = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(req) = next.take() {
+            waiting_for_store.extend(self.on_submit(req));
+            taken += 1;
+            if taken >= SUBMIT_BATCH_MAX || self.link().is_parked() || !self.link().takes_host_ops()
+            {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let stored = self.store_intent();
+        for (covered, taken) in waiting_for_store {
+            let _ = covered.send(taken.and_then(|()| stored.clone()));
+        }
+    }
+
+    /// Takes one submission; returns its writer's wait for the intent's store, if it waits, and
+    /// whether the link took it.
+    fn on_submit(&mut self, mut req: SubmitReq) -> Option<(Covered, Result<(), ReplError>)> {
         // Out of the channel: its bytes no longer count against the channel's bound.
         drop(req.permit.take());
         let now = self.now_ns();
@@ -526,13 +554,10 @@ impl Engine {
         };
         // The write is in the link's intent now: every later store holds its chunks. One the
         // link refused must not reach the local volume either.
-        let stored = taken.and_then(|()| self.store_intent());
         if let Some(kept) = &self.intent {
             kept.view.leave(range);
         }
-        if let Some(covered) = req.covered.take() {
-            let _ = covered.send(stored);
-        }
+        req.covered.take().map(|covered| (covered, taken))
     }
 
     fn on_ctl(&mut self, ctl: Ctl) {
