@@ -182,6 +182,8 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     /// The step [`Self::poll_resync`] handed out, until it is submitted.
     resync_step: Option<ResyncStep>,
     resync_piece_bytes_max: u64,
+    /// The resync's progress, from the restart until its end is durable.
+    resync_track: Option<ResyncTrack>,
 }
 
 /// The one submission waiting for room in the rollback log.
@@ -200,6 +202,28 @@ struct Drain {
     limit_ns: u64,
 }
 
+/// The write intent as a status report shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntentStatus {
+    /// Its chunk size.
+    pub chunk_bytes: u64,
+    /// Chunks holding writes the peer has not made durable.
+    pub dirty_chunks: u64,
+    /// Chunks the stored copy holds (what a crash now would resync).
+    pub stored_chunks: u64,
+}
+
+/// A resync under way: from the restart until its end is durable on the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncStatus {
+    /// Bytes it copies in all.
+    pub total_bytes: u64,
+    /// Bytes handed to the log so far.
+    pub submitted_bytes: u64,
+    /// Bytes the peer holds durably (the copies through its durable seq).
+    pub durable_bytes: u64,
+}
+
 /// Counters a status report shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerLinkStatus {
@@ -211,6 +235,22 @@ pub struct PeerLinkStatus {
     pub connects: u64,
     /// Connections dropped after they were opened.
     pub disconnects: u64,
+    /// The write intent.
+    pub intent: IntentStatus,
+    /// The resync under way, if any.
+    pub resync: Option<ResyncStatus>,
+}
+
+/// How far a resync got: its size, and the seq and running byte count of each copy handed out
+/// (bounded by the rollback log: entries leave once durable), through its end's seq.
+#[derive(Debug, Default)]
+struct ResyncTrack {
+    total_bytes: u64,
+    submitted_bytes: u64,
+    durable_bytes: u64,
+    /// (seq, bytes through it) of copies not yet durable.
+    in_log: VecDeque<(Seq, u64)>,
+    end: Option<Seq>,
 }
 
 impl<L: RollbackLog> PeerLink<L> {
@@ -241,6 +281,10 @@ impl<L: RollbackLog> PeerLink<L> {
             ResyncPlan::partial(stored.clone(), volume_bytes)
         });
         let mut link = Self::with_intent(source, session, WriteIntent::restored(stored));
+        link.resync_track = resync.as_ref().map(|plan| ResyncTrack {
+            total_bytes: plan.total_bytes(),
+            ..ResyncTrack::default()
+        });
         link.resync = resync;
         link
     }
@@ -252,6 +296,7 @@ impl<L: RollbackLog> PeerLink<L> {
             resync: None,
             resync_step: None,
             resync_piece_bytes_max: u64::from(PAYLOAD_BYTES_MAX),
+            resync_track: None,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -365,7 +410,25 @@ impl<L: RollbackLog> PeerLink<L> {
             });
         }
         self.resync_step = None;
-        self.offer(None, op, now_ns)
+        let bytes = op.op().payload_bytes() as u64;
+        let is_end = matches!(op.op(), Op::Resync(crate::wire::ResyncMark::End));
+        let submitted = self.offer(None, op, now_ns);
+        // A parked step enters the log next, as the seq after the last local one.
+        let seq = match submitted {
+            Ok(Submitted::Accepted(seq)) => Some(seq),
+            Ok(Submitted::Parked) => Some(self.source.status().last_local.next()),
+            Err(_) => None,
+        };
+        if let (Some(track), Some(seq)) = (&mut self.resync_track, seq) {
+            track.submitted_bytes += bytes;
+            if bytes > 0 {
+                track.in_log.push_back((seq, track.submitted_bytes));
+            }
+            if is_end {
+                track.end = Some(seq);
+            }
+        }
+        submitted
     }
 
     /// How many chunks the stored write intent may hold before a store drops the clean ones
@@ -504,7 +567,20 @@ impl<L: RollbackLog> PeerLink<L> {
 
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
-        self.intent.durable(self.source.durable());
+        let durable = self.source.durable();
+        self.intent.durable(durable);
+        if let Some(track) = &mut self.resync_track {
+            while let Some(&(seq, bytes)) = track.in_log.front() {
+                if seq > durable {
+                    break;
+                }
+                track.durable_bytes = bytes;
+                track.in_log.pop_front();
+            }
+            if track.end.is_some_and(|end| end <= durable) {
+                self.resync_track = None;
+            }
+        }
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
         }
@@ -711,11 +787,27 @@ impl<L: RollbackLog> PeerLink<L> {
     /// The state a status report shows.
     #[must_use]
     pub fn status(&self) -> PeerLinkStatus {
+        let durable = self.source.durable();
         PeerLinkStatus {
             source: self.source.status(),
             fatal: self.fatal.clone(),
             connects: self.connects,
             disconnects: self.disconnects,
+            intent: IntentStatus {
+                chunk_bytes: self.intent.live().chunk_bytes(),
+                dirty_chunks: self.intent.live().dirty_chunks(),
+                stored_chunks: self.intent.stored().dirty_chunks(),
+            },
+            resync: self.resync_track.as_ref().map(|t| ResyncStatus {
+                total_bytes: t.total_bytes,
+                submitted_bytes: t.submitted_bytes,
+                durable_bytes: t
+                    .in_log
+                    .iter()
+                    .take_while(|(seq, _)| *seq <= durable)
+                    .last()
+                    .map_or(t.durable_bytes, |&(_, bytes)| bytes),
+            }),
         }
     }
 }

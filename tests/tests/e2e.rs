@@ -96,6 +96,33 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_string()).collect()
 }
 
+/// The loadgen arguments every scenario passes (its volume, the peer, the pair's identity and
+/// the mode), then `rest`.
+fn loadgen_args(
+    rig: &Rig,
+    source: &Path,
+    volume_bytes: u64,
+    (peer, mode): (&str, &str),
+    rest: &[&str],
+) -> Vec<String> {
+    let mut list = args(&[
+        "--volume",
+        source.to_str().unwrap_or_default(),
+        "--volume-bytes",
+        &volume_bytes.to_string(),
+        "--peer",
+        peer,
+        "--volume-id",
+        VOLUME_ID,
+        "--secret-file",
+        rig.secret.to_str().unwrap_or_default(),
+        "--mode",
+        mode,
+    ]);
+    list.extend(args(rest));
+    list
+}
+
 fn summary(run: &Finished) -> anyhow::Result<serde_json::Value> {
     let line = run
         .stdout
@@ -175,19 +202,12 @@ async fn e2e_random_writes_under_faults_converge_in_every_mode() {
             let source = rig.path(&format!("{name}.source"));
             let started = Instant::now();
             let run = procs::run_loadgen(
-                &args(&[
-                    "--volume",
-                    source.to_str().unwrap_or_default(),
-                    "--volume-bytes",
-                    &volume_bytes.to_string(),
-                    "--peer",
-                    &proxy.addr().to_string(),
-                    "--volume-id",
-                    VOLUME_ID,
-                    "--secret-file",
-                    rig.secret.to_str().unwrap_or_default(),
-                    "--mode",
-                    mode,
+                &loadgen_args(
+&rig,
+&source,
+volume_bytes,
+(proxy.addr().to_string().as_str(), mode),
+&[
                     "--block-bytes",
                     "512",
                     "--max-blocks",
@@ -247,34 +267,28 @@ async fn kill_scenario(
     let source = rig.path("kill.source");
     let ack_log = rig.path("acks.txt");
     let child = procs::loadgen(
-        &args(&[
-            "--volume",
-            source.to_str().unwrap_or_default(),
-            "--volume-bytes",
-            &volume_bytes.to_string(),
-            "--peer",
-            &proxy.addr().to_string(),
-            "--volume-id",
-            VOLUME_ID,
-            "--secret-file",
-            rig.secret.to_str().unwrap_or_default(),
-            "--mode",
-            mode,
-            "--block-bytes",
-            "512",
-            "--max-blocks",
-            "8",
-            "--ops",
-            "3000",
-            "--qd",
-            "8",
-            "--distinct",
-            "--ack-log",
-            ack_log.to_str().unwrap_or_default(),
-            "--seed",
-            &seed.to_string(),
-            "--json",
-        ]),
+        &loadgen_args(
+            &rig,
+            &source,
+            volume_bytes,
+            (proxy.addr().to_string().as_str(), mode),
+            &[
+                "--block-bytes",
+                "512",
+                "--max-blocks",
+                "8",
+                "--ops",
+                "3000",
+                "--qd",
+                "8",
+                "--distinct",
+                "--ack-log",
+                ack_log.to_str().unwrap_or_default(),
+                "--seed",
+                &seed.to_string(),
+                "--json",
+            ],
+        ),
         Some(&rig.path("kill.loadgen.log")),
     )?
     .env("RUST_LOG", "info")
@@ -382,31 +396,25 @@ async fn e2e_async_kill9_of_the_primary_loses_no_acknowledged_write() {
         let source = rig.path("pkill.source");
         let ack_log = rig.path("pkill.acks.txt");
         let run = |ops: &str, extra: &[&str]| {
-            let mut list = args(&[
-                "--volume",
-                source.to_str().unwrap_or_default(),
-                "--volume-bytes",
-                &volume_bytes.to_string(),
-                "--peer",
-                &proxy.addr().to_string(),
-                "--volume-id",
-                VOLUME_ID,
-                "--secret-file",
-                rig.secret.to_str().unwrap_or_default(),
-                "--mode",
-                "async",
-                "--block-bytes",
-                "512",
-                "--max-blocks",
-                "8",
-                "--ops",
-                ops,
-                "--qd",
-                "16",
-                "--seed",
-                &seed.to_string(),
-                "--json",
-            ]);
+            let mut list = loadgen_args(
+                &rig,
+                &source,
+                volume_bytes,
+                (proxy.addr().to_string().as_str(), "async"),
+                &[
+                    "--block-bytes",
+                    "512",
+                    "--max-blocks",
+                    "8",
+                    "--ops",
+                    ops,
+                    "--qd",
+                    "16",
+                    "--seed",
+                    &seed.to_string(),
+                    "--json",
+                ],
+            );
             list.extend(args(extra));
             list
         };
@@ -497,25 +505,13 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_resyncs_after_an_unclean_o
         let source = rig.path("restart.source");
         let peer = server.addr.to_string();
         let run = |ops: &str, seed: u64, extra: &[&str]| {
-            let mut list = args(&[
-                "--volume",
-                source.to_str().unwrap_or_default(),
-                "--volume-bytes",
-                &volume_bytes.to_string(),
-                "--peer",
-                &peer,
-                "--volume-id",
-                VOLUME_ID,
-                "--secret-file",
-                rig.secret.to_str().unwrap_or_default(),
-                "--mode",
-                "async",
-                "--ops",
-                ops,
-                "--seed",
-                &seed.to_string(),
-                "--json",
-            ]);
+            let mut list = loadgen_args(
+                &rig,
+                &source,
+                volume_bytes,
+                (peer.as_str(), "async"),
+                &["--ops", ops, "--seed", &seed.to_string(), "--json"],
+            );
             list.extend(args(extra));
             list
         };

@@ -546,6 +546,9 @@ case_restart() {
     start_daemon m-rs "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail restart "restart after kill -9 refused: $why"; stop_target; return; }
     grep -q "did not stop cleanly: resyncing" "$OUT/daemon-m-rs.log" \
         || { fail restart "the restart after kill -9 did not resync"; cleanup_all; return; }
+    st=$("$UM" status --name m-rs --json)
+    jq -e '.intent.stored_chunks > 0' <<<"$st" >/dev/null \
+        || { fail restart "status shows no stored write intent: $st"; cleanup_all; return; }
     mount "$DEV" "$MNT" || { fail restart "mount after kill -9 and restart failed"; cleanup_all; return; }
     why=$(diff -r "$W/ref-restart" "$MNT" 2>&1 | head -n 3)
     [ -z "$why" ] || { fail restart "files changed across kill -9: $why"; cleanup_all; return; }

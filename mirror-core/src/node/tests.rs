@@ -4,6 +4,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::session::SessionConfig;
+use crate::source::SourceConfig;
 use crate::target::ConnId;
 use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
 use crate::wire::{decode, Op, RefuseReason};
@@ -13,19 +14,26 @@ const C: ConnId = ConnId(1);
 const MS: u64 = 1_000_000;
 
 fn link(mode: Mode, log_entries_max: usize) -> PeerLink {
+    PeerLink::new(Source::new(config(mode, log_entries_max)), session(3))
+}
+
+fn config(mode: Mode, log_entries_max: usize) -> SourceConfig {
     let mut cfg = source_config(mode, 1, log_entries_max);
     cfg.log_bytes_max = 64 << 10;
-    let session = SourceSession::new(
+    cfg
+}
+
+fn session(jitter_seed: u64) -> SourceSession {
+    SourceSession::new(
         SessionConfig {
             backoff_min_ns: 50 * MS,
             backoff_max_ns: 1_000 * MS,
             ping_interval_ns: 2_000 * MS,
             idle_timeout_ns: 20_000 * MS,
         },
-        3,
+        jitter_seed,
         0,
-    );
-    PeerLink::new(Source::new(cfg), session)
+    )
 }
 
 fn target() -> Target {
@@ -441,24 +449,12 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
     let mut stored = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, CHUNK).unwrap();
     stored.mark(Range::new(0, 4096));
     stored.mark(Range::new(2 * CHUNK + 512, 512));
-    let mut cfg = source_config(Mode::Sync, 1, 64);
-    cfg.log_bytes_max = 64 << 10;
-    let source = Source::with_log(cfg, MemLog::new(), Seq::NONE);
-    let session = SourceSession::new(
-        SessionConfig {
-            backoff_min_ns: 50 * MS,
-            backoff_max_ns: 1_000 * MS,
-            ping_interval_ns: 2_000 * MS,
-            idle_timeout_ns: 20_000 * MS,
-        },
-        4,
-        0,
-    );
+    let source = Source::with_log(config(Mode::Sync, 64), MemLog::new(), Seq::NONE);
     let restored = PrimaryRestored {
         confirmed: Seq::NONE,
         kind: PrimaryStart::Crashed,
     };
-    let mut l = PeerLink::restarted(source, session, restored, stored);
+    let mut l = PeerLink::restarted(source, session(4), restored, stored);
     l.set_resync_piece_bytes_max(8192);
     assert!(!l.takes_host_ops());
     assert_eq!(l.submit(9, write(9), 1), Err(SubmitError::Resyncing));
@@ -501,6 +497,16 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
         ]
     );
     assert_eq!(l.source().status().last_local, Seq(held.0 + 6));
+    let under_way = l.status().resync.expect("a resync under way");
+    assert_eq!(
+        (
+            under_way.total_bytes,
+            under_way.submitted_bytes,
+            under_way.durable_bytes
+        ),
+        (4 * 8192, 4 * 8192, 0)
+    );
+    assert_eq!(l.status().intent.stored_chunks, 2);
     assert!(l.takes_host_ops());
     assert_eq!(
         l.submit(10, write(10), 1),
@@ -516,4 +522,5 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
         "the resync completes nothing to the host"
     );
     assert!(t.status().consistent);
+    assert_eq!(l.status().resync, None, "over once its end is durable");
 }

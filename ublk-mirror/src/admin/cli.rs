@@ -281,6 +281,33 @@ pub fn format_status(st: &StatusReport) -> String {
             "shipped",
             format!("{} frames, {} bytes", st.shipped.frames, st.shipped.bytes),
         ),
+        (
+            "intent",
+            st.intent.as_ref().map_or_else(
+                || "-".to_string(),
+                |i| {
+                    format!(
+                        "{} chunks of {} KiB dirty, {} stored",
+                        i.dirty_chunks,
+                        i.chunk_bytes >> 10,
+                        i.stored_chunks
+                    )
+                },
+            ),
+        ),
+        (
+            "resync",
+            st.resync.as_ref().map_or_else(
+                || "none".to_string(),
+                |r| {
+                    format!(
+                        "{} of {} bytes durable on the target, {} sent (the target is not \
+                         consistent until it ends)",
+                        r.durable_bytes, r.total_bytes, r.submitted_bytes
+                    )
+                },
+            ),
+        ),
         ("last error", opt(st.last_error.as_ref()).to_string()),
         ("fatal", opt(st.fatal.as_ref()).to_string()),
     ];
@@ -483,6 +510,36 @@ mod tests {
             }
         });
         (path, server)
+    }
+
+    /// The table says what a crash now would resync, and how far a resync under way got.
+    #[test]
+    fn the_status_table_shows_the_intent_and_a_resync() {
+        let mut st = StatusReport {
+            connection: "connected".into(),
+            intent: Some(crate::admin::IntentReport {
+                chunk_bytes: 64 << 10,
+                dirty_chunks: 3,
+                stored_chunks: 64,
+            }),
+            ..StatusReport::default()
+        };
+        let table = format_status(&st);
+        assert!(
+            table.contains("intent      3 chunks of 64 KiB dirty, 64 stored"),
+            "{table}"
+        );
+        assert!(table.contains("resync      none"), "{table}");
+        st.resync = Some(crate::admin::ResyncReport {
+            total_bytes: 1 << 20,
+            submitted_bytes: 1 << 19,
+            durable_bytes: 1 << 18,
+        });
+        let table = format_status(&st);
+        assert!(
+            table.contains("resync      262144 of 1048576 bytes durable on the target"),
+            "{table}"
+        );
     }
 
     #[test]

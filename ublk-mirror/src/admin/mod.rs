@@ -182,6 +182,28 @@ pub struct ShippedReport {
     pub bytes: u64,
 }
 
+/// The primary's write intent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentReport {
+    /// Its chunk size.
+    pub chunk_bytes: u64,
+    /// Chunks holding writes the target has not made durable.
+    pub dirty_chunks: u64,
+    /// Chunks the stored copy holds: what a crash now would resync.
+    pub stored_chunks: u64,
+}
+
+/// A resync under way (the target is not consistent until it ends).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncReport {
+    /// Bytes it copies in all.
+    pub total_bytes: u64,
+    /// Bytes in the rollback log or sent.
+    pub submitted_bytes: u64,
+    /// Bytes the target holds durably.
+    pub durable_bytes: u64,
+}
+
 /// `status`: everything an operator wants to see.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -234,6 +256,12 @@ pub struct StatusReport {
     pub fatal: Option<String>,
     /// Sequence number whose rejected lock halts transmission.
     pub halted_at: Option<u64>,
+    /// The write intent (none: not kept, or no mirror).
+    #[serde(default)]
+    pub intent: Option<IntentReport>,
+    /// The resync under way after a restart, if any.
+    #[serde(default)]
+    pub resync: Option<ResyncReport>,
 }
 
 #[cfg(test)]

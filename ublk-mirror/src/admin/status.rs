@@ -3,7 +3,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::control::DaemonState;
-use super::{LagReport, LogReport, SeqReport, ShippedReport, StatusReport};
+use super::{
+    IntentReport, LagReport, LogReport, ResyncReport, SeqReport, ShippedReport, StatusReport,
+};
 
 use crate::replicator::ReplError;
 
@@ -87,6 +89,16 @@ impl DaemonState {
             last_error: st.last_error.clone(),
             fatal: st.fatal.clone(),
             halted_at: src.halted_at.map(|s| s.0),
+            intent: st.intent.map(|i| IntentReport {
+                chunk_bytes: i.chunk_bytes,
+                dirty_chunks: i.dirty_chunks,
+                stored_chunks: i.stored_chunks,
+            }),
+            resync: st.resync.map(|r| ResyncReport {
+                total_bytes: r.total_bytes,
+                submitted_bytes: r.submitted_bytes,
+                durable_bytes: r.durable_bytes,
+            }),
             ..self.base_status()
         })
     }

@@ -573,6 +573,8 @@ impl Engine {
                     disconnects: st.disconnects,
                     sent_frames: self.sent_frames,
                     sent_bytes: self.sent_bytes,
+                    intent: self.intent.as_ref().map(|_| st.intent),
+                    resync: st.resync,
                 });
             }
             Ctl::SetMode(mode, reply) => {

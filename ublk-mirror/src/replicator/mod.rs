@@ -204,6 +204,10 @@ pub struct ReplicatorStatus {
     pub sent_bytes: u64,
     /// Connections dropped after they were opened (including failed handshakes).
     pub disconnects: u64,
+    /// The write intent, if one is kept.
+    pub intent: Option<mirror_core::node::IntentStatus>,
+    /// The resync under way, if any.
+    pub resync: Option<mirror_core::node::ResyncStatus>,
 }
 
 /// Connection state, published on every change.
