@@ -18,7 +18,7 @@ use mirror_core::target::{
     HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
 use mirror_core::wire::{self, Frame, Op, SummedOp, MAC_BYTES};
-use mirror_core::{Lba, NodeId, Seq, VolumeId};
+use mirror_core::{Generation, Lba, NodeId, Seq, VolumeId};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -199,11 +199,17 @@ fn bench_log(c: &mut Criterion) {
     group.finish();
 }
 
+/// The history both ends hold.
+const PAIR_IDS: GenIds = GenIds {
+    current: Generation(0xbe),
+    ..GenIds::NONE
+};
+
 fn source_config(mode: Mode) -> SourceConfig {
     SourceConfig {
         volume_id: VolumeId([0x42; 16]),
         node_id: NodeId(1),
-        gen_ids: GenIds::default(),
+        gen_ids: PAIR_IDS,
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK_BYTES,
         secret: b"bench-secret".to_vec(),
@@ -222,7 +228,6 @@ fn target_config() -> TargetConfig {
     TargetConfig {
         volume_id: VolumeId([0x42; 16]),
         node_id: NodeId(2),
-        gen_ids: GenIds::default(),
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK_BYTES,
         secret: b"bench-secret".to_vec(),
@@ -239,7 +244,13 @@ fn target_config() -> TargetConfig {
 /// A source and a target that completed the handshake (HELLO, HELLO, AUTH, first ACK).
 fn connected_pair(mode: Mode) -> (Source, Target) {
     let mut source = Source::new(source_config(mode));
-    let mut target = Target::new(target_config(), Restored::FRESH);
+    let mut target = Target::new(
+        target_config(),
+        Restored {
+            gen_ids: PAIR_IDS,
+            ..Restored::FRESH
+        },
+    );
     target.on_connect(C, [1; MAC_BYTES], 0).unwrap();
     source.on_connect([2; MAC_BYTES]);
     // Bounded: the handshake takes four frames.

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p mirror-core --example sim -- [--seed N] [--start S --count C] [--ops N] [--verbose]
+//! [--replace-target-volume]
 //! ```
 //!
 //! Prints one line per failing seed (with its replay command), then totals and the elapsed time.
@@ -18,9 +19,11 @@ struct Args {
     count: u64,
     ops: usize,
     verbose: bool,
+    replace_target_volume: bool,
 }
 
-const USAGE: &str = "usage: sim [--seed N] [--start S --count C] [--ops N] [--verbose]";
+const USAGE: &str =
+    "usage: sim [--seed N] [--start S --count C] [--ops N] [--verbose] [--replace-target-volume]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -28,6 +31,7 @@ fn parse_args() -> Result<Args, String> {
         count: 1000,
         ops: SimOptions::default().ops,
         verbose: false,
+        replace_target_volume: false,
     };
     let mut seed = None;
     let mut it = std::env::args().skip(1);
@@ -45,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
                 args.ops = usize::try_from(ops).map_err(|_| format!("--ops {ops} is too large"))?;
             }
             "--verbose" | "-v" => args.verbose = true,
+            "--replace-target-volume" => args.replace_target_volume = true,
             "--help" | "-h" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown flag '{other}'\n{USAGE}")),
         }
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
     };
     let opts = SimOptions {
         ops: args.ops,
+        replace_target_volume: args.replace_target_volume,
         ..SimOptions::default()
     };
     let began = Instant::now();

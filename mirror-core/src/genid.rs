@@ -9,9 +9,11 @@
 //! `current`. A node whose volume holds nothing of its own (just created, or invalidated) has
 //! `current` [`Generation::NONE`].
 //!
-//! This release persists the ids in the metadata record and exchanges them in HELLO, but
-//! assigns none (every id is [`Generation::NONE`]) and does not call [`decide`] at the handshake:
-//! that, the bitmap and the resync are the rest of issue 14.
+//! A primary's first start on a volume gives it a fresh `current` (its data is what the pair
+//! counts on: `start` names the side whose data counts). A target volume that is new or replaced
+//! has none; the end of a full resync gives it the source's ([`GenIds::adopt`]). The source
+//! decides each handshake with [`decide`] (`Source::on_hello`); `diverge` (a primary writing
+//! without its peer) comes with the degraded start.
 
 use crate::Generation;
 
@@ -81,7 +83,24 @@ impl Verdict {
     }
 }
 
+impl std::fmt::Display for GenIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "current {} bitmap {} history {} {}",
+            self.current, self.bitmap, self.history[0], self.history[1]
+        )
+    }
+}
+
 impl GenIds {
+    /// No history at all.
+    pub const NONE: GenIds = GenIds {
+        current: Generation::NONE,
+        bitmap: Generation::NONE,
+        history: [Generation::NONE; 2],
+    };
+
     /// Writes start that the peer will not see: the bitmap starts counting from the history the
     /// peer holds (unless it already counts from an earlier point), and the volume's history gets
     /// the fresh id `fresh`.

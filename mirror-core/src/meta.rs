@@ -18,7 +18,7 @@
 //! |----------|----------------|----------------------------------------------------------|
 //! | 0..8     | magic          | `"UBMRMETA"`                                             |
 //! | 8..12    | version        | [`META_VERSION`]                                         |
-//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes, once any resync in progress ends); bit 2: resyncing (a resync bracket was applied in part: not a prefix until its end is durable) |
+//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes, once any resync in progress ends); bit 2: resyncing (a resync bracket was applied in part: not a prefix until its end is durable); bit 3: that bracket is a full resync (its end makes data of unknown content consistent) |
 //! | 16..32   | volume id      | the mirrored volume                                      |
 //! | 32..40   | node id        | the node that wrote it                                   |
 //! | 40..44   | role           | 0: secondary (target), 1: primary                        |
@@ -69,6 +69,7 @@ const V4_RECORD_BYTES: usize = 108;
 const FLAG_CLEAN: u32 = 1;
 const FLAG_CONSISTENT: u32 = 2;
 const FLAG_RESYNCING: u32 = 4;
+const FLAG_RESYNC_FULL: u32 = 8;
 
 /// Bytes reserved for the dirty bitmap of a data area of `volume_bytes`: one bit per
 /// [`BITMAP_CHUNK_BYTES`], in whole 4 KiB pages.
@@ -138,6 +139,9 @@ pub struct MetaRecord {
     /// Whether part of a resync bracket ([`crate::wire::ResyncMark`]) was applied and its end
     /// was not: the data is not a prefix of the mirror's writes until a resync's end is durable.
     pub resyncing: bool,
+    /// Whether that bracket is a full resync (every chunk): its end makes data of unknown
+    /// content consistent.
+    pub resync_full: bool,
     /// The dirty bitmap, if any.
     pub bitmap: BitmapLocation,
     /// Size of the metadata area behind the data area (0: the record is kept apart, in memory or
@@ -235,7 +239,7 @@ fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<u32,
     }
     let flags = le_u32(bytes, 12);
     let known = if version_wanted >= 5 {
-        FLAG_CLEAN | FLAG_CONSISTENT | FLAG_RESYNCING
+        FLAG_CLEAN | FLAG_CONSISTENT | FLAG_RESYNCING | FLAG_RESYNC_FULL
     } else if version_wanted >= 4 {
         FLAG_CLEAN | FLAG_CONSISTENT
     } else {
@@ -350,6 +354,7 @@ impl MetaRecord {
             clean: true,
             consistent: true,
             resyncing: false,
+            resync_full: false,
             bitmap: BitmapLocation::default(),
             meta_area_bytes: 0,
         }
@@ -394,6 +399,9 @@ impl MetaRecord {
         let mut flags = if self.clean { FLAG_CLEAN } else { 0 };
         if self.consistent {
             flags |= FLAG_CONSISTENT;
+        }
+        if self.resync_full {
+            flags |= FLAG_RESYNC_FULL;
         }
         if self.resyncing {
             flags |= FLAG_RESYNCING;
@@ -465,6 +473,7 @@ impl MetaRecord {
             // Before version 4 nothing was initialised on a volume of unknown content.
             consistent: v3 || flags & FLAG_CONSISTENT != 0,
             resyncing: flags & FLAG_RESYNCING != 0,
+            resync_full: flags & FLAG_RESYNC_FULL != 0,
             bitmap: BitmapLocation {
                 offset_bytes: le_u64(bytes, 72),
                 len_bytes: le_u64(bytes, 80),
@@ -569,6 +578,7 @@ mod tests {
             clean: false,
             consistent: false,
             resyncing: false,
+            resync_full: false,
             bitmap: BitmapLocation {
                 offset_bytes: 8192,
                 len_bytes: 4096,
@@ -651,10 +661,10 @@ mod tests {
             Err(MetaCorrupt::Version(6))
         );
         let mut bytes = sample().encode(0);
-        bytes[12..16].copy_from_slice(&8u32.to_le_bytes());
+        bytes[12..16].copy_from_slice(&16u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Flags(8))
+            Err(MetaCorrupt::Flags(16))
         );
         let mut bytes = sample().encode(0);
         bytes[40..44].copy_from_slice(&2u32.to_le_bytes());
@@ -815,6 +825,11 @@ mod tests {
             ..sample()
         };
         assert_eq!(MetaRecord::decode(&record.encode(3)), Ok((record, 3)));
+        let full = MetaRecord {
+            resync_full: true,
+            ..record
+        };
+        assert_eq!(MetaRecord::decode(&full.encode(3)), Ok((full, 3)));
         assert_eq!(MetaRecord::decode(&sample().encode(3)), Ok((sample(), 3)));
     }
 }

@@ -117,6 +117,11 @@ pub enum PeerEvent {
     Durable(Seq),
     /// A handshake completed: the peer is authenticated and shipping started.
     Connected,
+    /// The peer holds none of this volume's history: the sequence now continues after its seq
+    /// (lower than what the record says the peer held, or higher) and a full resync follows.
+    /// The driver stores its running record with this seq as the peer's before anything else,
+    /// so that a crash is checked against the peer's new position, not the lost one.
+    Rebased(Seq),
     /// Replication stopped for good with this error: every pending operation, the parked one and
     /// every waiter fail with it; later submissions are refused. The driver closes the connection.
     Stopped(SourceError),
@@ -216,6 +221,8 @@ pub struct IntentStatus {
 /// A resync under way: from the restart until its end is durable on the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncStatus {
+    /// Whether it copies every chunk (the peer held none of this volume's history).
+    pub full: bool,
     /// Bytes it copies in all.
     pub total_bytes: u64,
     /// Bytes handed to the log so far.
@@ -246,6 +253,7 @@ pub struct PeerLinkStatus {
 #[derive(Debug, Default)]
 struct ResyncTrack {
     total_bytes: u64,
+    full: bool,
     submitted_bytes: u64,
     durable_bytes: u64,
     /// (seq, bytes through it) of copies not yet durable.
@@ -400,7 +408,9 @@ impl<L: RollbackLog> PeerLink<L> {
     pub fn resync_submit(&mut self, op: SummedOp, now_ns: u64) -> Result<Submitted, SubmitError> {
         let fits = match (self.resync_step, op.op()) {
             (Some(ResyncStep::Mark(mark)), Op::Resync(m)) => mark == *m,
-            (Some(ResyncStep::Copy(range)), Op::Write { .. }) => op.op().range() == Some(range),
+            (Some(ResyncStep::Copy(range)), Op::Write { .. } | Op::WriteZeroes { .. }) => {
+                op.op().range() == Some(range)
+            }
             _ => false,
         };
         if !fits {
@@ -740,7 +750,12 @@ impl<L: RollbackLog> PeerLink<L> {
     pub fn handle_frame(&mut self, frame: Frame, now_ns: u64) -> Result<(), CloseConn> {
         self.session.on_rx(now_ns);
         match self.source.handle_frame(frame) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if self.source.take_full_resync() {
+                    self.begin_full_resync();
+                }
+                Ok(())
+            }
             Err(e) if e.is_fatal() && self.sabotage != PeerSabotage::RetryFatal => {
                 self.disconnects += 1;
                 self.stop(e.clone());
@@ -757,6 +772,26 @@ impl<L: RollbackLog> PeerLink<L> {
                 })
             }
         }
+    }
+
+    /// The target holds none of this volume's history and the sequence now continues after its
+    /// (nothing was taken yet): every chunk is copied before host operations, in place of the
+    /// stored intent's.
+    fn begin_full_resync(&mut self) {
+        let plan = ResyncPlan::full(
+            self.source.config().volume_bytes,
+            self.intent.live().chunk_bytes(),
+        );
+        self.resync_track = Some(ResyncTrack {
+            total_bytes: plan.total_bytes(),
+            full: true,
+            ..ResyncTrack::default()
+        });
+        self.resync = Some(plan);
+        self.resync_step = None;
+        self.durable_reported = self.source.durable();
+        self.events
+            .push_back(PeerEvent::Rebased(self.source.durable()));
     }
 
     /// Replication stops for good (also what a driver calls when it cannot go on, e.g. no
@@ -799,6 +834,7 @@ impl<L: RollbackLog> PeerLink<L> {
                 stored_chunks: self.intent.stored().dirty_chunks(),
             },
             resync: self.resync_track.as_ref().map(|t| ResyncStatus {
+                full: t.full,
                 total_bytes: t.total_bytes,
                 submitted_bytes: t.submitted_bytes,
                 durable_bytes: t
@@ -833,6 +869,8 @@ impl RoleEngines for Target {
 
     fn update_record(&self, meta: &mut MetaRecord) {
         (meta.consistent, meta.resyncing) = self.data_state();
+        meta.resync_full = self.resync_is_full();
+        meta.gen_ids = self.gen_ids();
     }
 }
 

@@ -16,7 +16,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::auth::{self, Signer};
-use crate::genid::GenIds;
+use crate::genid::{decide, GenIds, Side, Verdict};
 use crate::log::{LogEntry, LogError, MemLog, RollbackLog};
 use crate::types::{ExtentError, NodeId, Range, Seq, VolumeId};
 use crate::wire::{Frame, Hello, Op, RefuseReason, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
@@ -88,6 +88,8 @@ pub enum SourceSabotage {
     IgnoreReject,
     /// Drop log entries once received instead of once applied and durable.
     ReleaseOnReceived,
+    /// Take any target's history for ours (no generation-id check at the handshake).
+    IgnoreGenIds,
 }
 
 /// Configuration of a source.
@@ -200,6 +202,58 @@ pub enum SourceError {
     /// read its volume; nothing more is taken.
     #[error("local storage failed: {0}")]
     Local(String),
+    /// The target holds none of this volume's history (a new or replaced volume, or a full
+    /// resync that never ended): it must be copied in full, and this source announces that at
+    /// its next handshake (a reconnect at once, not a failure).
+    #[error(
+        "the target holds none of this volume's data ({target}): reconnecting to copy it in full"
+    )]
+    FullResyncFollows {
+        /// The target's generation ids.
+        target: GenIds,
+    },
+    /// The target lost this volume's history while the source ran (its volume was replaced):
+    /// only a restarted primary copies it in full, before it takes host operations.
+    #[error(
+        "the target's volume holds none of this volume's data any more ({target}; a replaced \
+         volume?): restart this primary to copy the volume to it in full"
+    )]
+    TargetLostData {
+        /// The target's generation ids.
+        target: GenIds,
+    },
+    /// The generation ids say the target's data is not a state of ours: the pair is refused.
+    #[error("{}", diverged_message(*.verdict, .local, .target))]
+    Diverged {
+        /// What [`crate::genid::decide`] said.
+        verdict: Verdict,
+        /// Ours.
+        local: GenIds,
+        /// The target's.
+        target: GenIds,
+    },
+}
+
+fn diverged_message(verdict: Verdict, local: &GenIds, target: &GenIds) -> String {
+    let what = match verdict {
+        Verdict::Resync {
+            from: Side::Peer, ..
+        } => "the target holds writes this volume lacks (it was written by another primary since): \
+              this node cannot mirror to it before the roles are settled (issue 16); to discard \
+              the target's data, give it a new volume",
+        Verdict::SplitBrain => {
+            "split brain: both this volume and the target's were written since they last agreed; \
+             choose the side whose changes are discarded (issue 16), or give the target a new volume"
+        }
+        Verdict::Unrelated => {
+            "the target holds another history of this volume id (no common generation): check \
+             --volume-id, or give the target a new volume to copy this one into it"
+        }
+        Verdict::InSync | Verdict::NeedsInitialSource | Verdict::Resync { .. } => {
+            "the generation ids do not allow this pair"
+        }
+    };
+    format!("{what} (ours: {local}; the target's: {target})")
 }
 
 /// Why a host operation is not valid for the volume.
@@ -274,8 +328,11 @@ impl SourceError {
             | SourceError::TargetAhead { .. }
             | SourceError::NoRandomness
             | SourceError::Unreachable { .. }
-            | SourceError::Local(_) => true,
+            | SourceError::Local(_)
+            | SourceError::TargetLostData { .. }
+            | SourceError::Diverged { .. } => true,
             SourceError::LogFull
+            | SourceError::FullResyncFollows { .. }
             | SourceError::InvalidOp(_)
             | SourceError::NeverFits { .. }
             | SourceError::Log(_)
@@ -415,6 +472,11 @@ pub struct Source<L: RollbackLog = MemLog> {
     adopt: bool,
     /// An ACK arrived on the current connection: the target admitted the session.
     admitted: bool,
+    /// An operation entered the log since this engine was made.
+    appended: bool,
+    /// The sequence was rebased for a full resync of the target ([`Self::take_full_resync`]):
+    /// whether the link still has to hear of it, once it has.
+    full_resync: Option<bool>,
 }
 
 impl Source<MemLog> {
@@ -449,6 +511,8 @@ impl<L: RollbackLog> Source<L> {
             sabotage: SourceSabotage::None,
             adopt: false,
             admitted: false,
+            appended: false,
+            full_resync: None,
         }
     }
 
@@ -460,6 +524,17 @@ impl<L: RollbackLog> Source<L> {
     /// nothing before [`Self::awaits_admission`] turns false.
     pub fn adopt_target_seq(&mut self) {
         self.adopt = true;
+    }
+
+    /// Whether the last handshake found a target holding none of this volume's history and
+    /// rebased the sequence on its: the link must copy the whole volume before host operations
+    /// (reported once).
+    pub fn take_full_resync(&mut self) -> bool {
+        if self.full_resync == Some(true) {
+            self.full_resync = Some(false);
+            return true;
+        }
+        false
     }
 
     /// Whether the sequence still waits to continue after the target's: a restarted primary
@@ -556,6 +631,7 @@ impl<L: RollbackLog> Source<L> {
         })?;
         self.last_local = seq;
         self.adopt = false;
+        self.appended = true;
         if completes {
             self.pending.push_back((seq, is_flush));
             self.check_completions();
@@ -702,6 +778,7 @@ impl<L: RollbackLog> Source<L> {
             return Err(SourceError::WrongVolume);
         }
         let target = hello.last_seq;
+        self.check_history(&hello.gen_ids, target)?;
         // Until the first submission: a session refused after this HELLO adopts again.
         if self.adopt && self.log.is_empty() && target > self.last_local {
             self.last_local = target;
@@ -737,6 +814,52 @@ impl<L: RollbackLog> Source<L> {
         self.next_lock = target.next();
         self.check_completions();
         Ok(())
+    }
+
+    /// What the target's generation ids say ([`decide`]): the same history (or ours a later
+    /// state of it) goes on; a target without our history is copied in full, announced at the
+    /// next handshake and only by an engine that took nothing yet (its sequence then continues
+    /// after the target's, whatever that is); anything else is refused.
+    fn check_history(&mut self, peer: &GenIds, target: Seq) -> Result<(), SourceError> {
+        let local = self.cfg.gen_ids;
+        if self.sabotage == SourceSabotage::IgnoreGenIds {
+            return Ok(());
+        }
+        match decide(&local, peer) {
+            // Neither side has a history: an engine driven without records (the target server's
+            // protocol tests); a primary always has one, from its first start.
+            Verdict::InSync
+            | Verdict::NeedsInitialSource
+            | Verdict::Resync {
+                from: Side::Local,
+                full: false,
+            } => Ok(()),
+            Verdict::Resync {
+                from: Side::Local,
+                full: true,
+            } => {
+                if self.full_resync.is_some() && target >= self.durable {
+                    // Our full resync is under way: the log is resent as after any drop.
+                    return Ok(());
+                }
+                if self.appended || !self.log.is_empty() {
+                    return Err(SourceError::TargetLostData { target: *peer });
+                }
+                if !self.adopt {
+                    self.adopt = true;
+                    return Err(SourceError::FullResyncFollows { target: *peer });
+                }
+                self.last_local = target;
+                self.durable = target;
+                self.full_resync = Some(true);
+                Ok(())
+            }
+            verdict => Err(SourceError::Diverged {
+                verdict,
+                local,
+                target: *peer,
+            }),
+        }
     }
 
     fn on_ack(&mut self, received: Seq, durable: Seq) -> Result<(), SourceError> {

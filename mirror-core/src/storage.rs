@@ -353,6 +353,16 @@ pub trait MetaStore: std::fmt::Debug {
     fn store(&self, record: &MetaRecord) -> Result<(), MetaStoreError>;
 }
 
+impl<T: MetaStore + ?Sized> MetaStore for std::sync::Arc<T> {
+    fn load(&self) -> Result<Option<MetaRecord>, MetaStoreError> {
+        (**self).load()
+    }
+
+    fn store(&self, record: &MetaRecord) -> Result<(), MetaStoreError> {
+        (**self).store(record)
+    }
+}
+
 #[derive(Debug, Default)]
 struct MemMetaState {
     /// The two-slot file image; empty until the first store.

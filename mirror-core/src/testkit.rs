@@ -6,17 +6,22 @@ use crate::target::{
     ConflictPolicy, Restored, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT,
     HANDSHAKE_TIMEOUT_NS_DEFAULT, IDLE_TIMEOUT_NS_DEFAULT,
 };
-use crate::{NodeId, VolumeId};
+use crate::{Generation, NodeId, VolumeId};
 
 pub(crate) const VOLUME_BYTES: u64 = 1 << 20;
 pub(crate) const VOLUME_ID: VolumeId = VolumeId([7; 16]);
+/// The history both ends of a test pair hold.
+pub(crate) const PAIR_IDS: GenIds = GenIds {
+    current: Generation(0x9a1),
+    ..GenIds::NONE
+};
 
 /// A source of node `node` in `mode`; its log holds `log_entries_max` entries of 1 MiB at most.
 pub(crate) fn source_config(mode: Mode, node: u64, log_entries_max: usize) -> SourceConfig {
     SourceConfig {
         volume_id: VOLUME_ID,
         node_id: NodeId(node),
-        gen_ids: GenIds::default(),
+        gen_ids: PAIR_IDS,
         volume_bytes: VOLUME_BYTES,
         block_bytes: 4096,
         secret: b"s".to_vec(),
@@ -34,7 +39,6 @@ pub(crate) fn target(restored: Restored) -> Target {
         TargetConfig {
             volume_id: VOLUME_ID,
             node_id: NodeId(2),
-            gen_ids: GenIds::default(),
             volume_bytes: VOLUME_BYTES,
             block_bytes: 4096,
             secret: b"s".to_vec(),
@@ -50,5 +54,8 @@ pub(crate) fn target(restored: Restored) -> Target {
     )
 }
 
-/// A new volume: nothing durable, stopped cleanly.
-pub(crate) const FRESH: Restored = Restored::FRESH;
+/// A new volume of the pair (its history): nothing durable, stopped cleanly.
+pub(crate) const FRESH: Restored = Restored {
+    gen_ids: PAIR_IDS,
+    ..Restored::FRESH
+};

@@ -60,13 +60,30 @@ impl Lba {
     }
 }
 
-/// Generation identifier of a volume's data history (changes on promotion; used for split brain).
+/// Generation identifier of a volume's data history ([`crate::genid`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Generation(pub u64);
 
 impl Generation {
-    /// No generation ids yet: what both sides send until resync brings them (issue 14).
+    /// No history: a volume whose data the pair does not count on (just created, replaced, or
+    /// not yet filled by a full resync).
     pub const NONE: Generation = Generation(0);
+
+    /// A new history's id from `random` (the driver's randomness), never [`Self::NONE`].
+    #[must_use]
+    pub fn fresh(random: u64) -> Generation {
+        Generation(random.max(1))
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Generation::NONE {
+            f.write_str("none")
+        } else {
+            write!(f, "{:016x}", self.0)
+        }
+    }
 }
 
 /// Identity of a mirrored volume: both sides of one mirror carry the same id.

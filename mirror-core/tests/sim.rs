@@ -128,11 +128,13 @@ fn many_seeds_hold_every_invariant() {
 }
 
 /// A target whose volume is replaced (unknown content, no metadata) under it, as the target server
-/// starts on it: recovery never trusts it, so the prefix check never sees it claim consistency,
-/// and a source that had writes durable there stops for good (the fatal-error rule) instead of
-/// resending into it.
+/// starts on it: recovery never trusts it, so the prefix check never sees it claim consistency; a
+/// source that had writes there stops for good (the fatal-error rule) instead of resending into
+/// it, and the operator's restart of the primary copies the whole volume to it (its generation
+/// ids show it holds none of the primary's history), after which every check applies again and
+/// quiescence proves the copy.
 #[test]
-fn a_replaced_target_volume_is_never_trusted() {
+fn a_replaced_target_volume_is_never_trusted_and_is_copied_in_full() {
     let opts = SimOptions {
         replace_target_volume: true,
         ..SimOptions::default()
@@ -147,7 +149,35 @@ fn a_replaced_target_volume_is_never_trusted() {
     println!("{totals:?}");
     assert!(totals.replaced_volumes >= 40, "{totals:?}");
     assert!(totals.fatal_stops >= 20, "{totals:?}");
-    assert!(totals.fatal_stops < totals.replaced_volumes, "{totals:?}");
+    assert!(totals.full_resyncs >= 20, "{totals:?}");
+    assert!(
+        totals.restarts_for_full_resync >= totals.fatal_stops,
+        "{totals:?}"
+    );
+}
+
+/// A source that takes a target's history for its own (no generation-id check) resends into a
+/// replaced volume, or resyncs only its write intent into it after a restart.
+#[test]
+fn ignoring_the_generation_ids_is_caught() {
+    let opts = SimOptions {
+        replace_target_volume: true,
+        source_sabotage: SourceSabotage::IgnoreGenIds,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::Protocol, Check::Quiescence]);
+}
+
+/// A target that takes the source's history when a full resync begins: a primary restarted
+/// before the end resyncs only its write intent, and the copy stays partial.
+#[test]
+fn adopting_the_history_before_a_full_resync_ends_is_caught() {
+    let opts = SimOptions {
+        replace_target_volume: true,
+        target_sabotage: TargetSabotage::AdoptIdsAtBegin,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 2000, &[Check::Quiescence, Check::Protocol]);
 }
 
 /// Recovery trusting a volume without a record (the rule the target server runs).

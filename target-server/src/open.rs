@@ -2,7 +2,6 @@
 //! ([`mirror_storage::open`]), and let mirror-core decide what this start trusts
 //! ([`target::recover`]).
 
-use mirror_core::genid::GenIds;
 use mirror_core::meta::MetaRecord;
 use mirror_core::target::{
     self, RecoveryKind, Restored, TargetConfig, VolumeFacts, HANDSHAKES_MAX_DEFAULT,
@@ -86,16 +85,11 @@ pub(crate) fn restore(
     Ok((restored, running))
 }
 
-/// The engine's configuration: the server's, and the generation ids of the volume's record.
-pub(crate) fn target_config(
-    cfg: &ServerConfig,
-    volume_bytes: u64,
-    gen_ids: GenIds,
-) -> TargetConfig {
+/// The engine's configuration: the server's, for a volume of `volume_bytes`.
+pub(crate) fn target_config(cfg: &ServerConfig, volume_bytes: u64) -> TargetConfig {
     TargetConfig {
         volume_id: cfg.volume_id,
         node_id: cfg.node_id,
-        gen_ids,
         volume_bytes,
         block_bytes: cfg.block_bytes,
         secret: cfg.secret.clone(),

@@ -173,9 +173,10 @@ async fn serve(
         durable = %restored.durable,
         clean = restored.clean,
         consistent = restored.consistent,
+        generation = %restored.gen_ids.current,
         "volume opened"
     );
-    let config = target_config(&cfg, volume.volume_bytes(), record.gen_ids);
+    let config = target_config(&cfg, volume.volume_bytes());
     let target = Target::new(config, restored);
     let listener = TcpListener::bind(cfg.listen)
         .await

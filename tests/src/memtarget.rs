@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mirror_core::storage::{MemMetaStore, MemVolume};
+use mirror_core::genid::GenIds;
+use mirror_core::meta::{MetaRecord, Role};
+use mirror_core::storage::{MemMetaStore, MemVolume, MetaStore};
 use mirror_core::target::TargetStatus;
-use mirror_core::{NodeId, VolumeId};
+use mirror_core::{Generation, NodeId, VolumeId};
 use target_server::{Backing, BadConfig, ServerConfig, ServerError, ServerHandle};
 
 /// A target server whose volume is memory.
@@ -34,16 +36,33 @@ pub fn target_config(
     cfg
 }
 
+/// The history of the pairs these tests build: a source with these ids and a [`MemTarget`]
+/// are in sync from the start.
+pub const PAIR_IDS: GenIds = GenIds {
+    current: Generation(0x7e57),
+    ..GenIds::NONE
+};
+
 impl MemTarget {
-    /// Starts the server on a zeroed volume of `cfg.create_bytes` bytes.
+    /// Starts the server on a zeroed volume of `cfg.create_bytes` bytes, recorded as holding
+    /// the pair's history ([`PAIR_IDS`]): a source of that history mirrors to it at once.
     pub async fn start(cfg: ServerConfig) -> Result<MemTarget, ServerError> {
         let bytes = cfg.create_bytes.unwrap_or(0);
         let len = usize::try_from(bytes).map_err(|_| BadConfig::TooLargeForMemory { bytes })?;
         let volume = Arc::new(MemVolume::new(vec![0; len]));
+        let meta = MemMetaStore::new();
+        let record = MetaRecord {
+            node_id: cfg.node_id,
+            role: Role::Secondary,
+            gen_ids: PAIR_IDS,
+            clean: true,
+            ..MetaRecord::new(cfg.volume_id, bytes)
+        };
+        meta.store(&record)?;
         let backing = Backing {
             volume: Arc::clone(&volume) as _,
-            meta: Arc::new(MemMetaStore::new()),
-            created: true,
+            meta: Arc::new(meta),
+            created: false,
         };
         let server = target_server::start_with(cfg, backing).await?;
         Ok(MemTarget { server, volume })

@@ -518,10 +518,12 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_resyncs_after_an_unclean_o
         let t = Duration::from_secs(60);
         let first = procs::run_loadgen(&run("300", seed, &[]), t).await?;
         let s = check_success(&first, &rig, "first")?;
-        anyhow::ensure!(s["last_seq"] == 300, "{s}");
+        // The new target holds none of the new volume's history: a full resync (a mark, 32
+        // chunks, a mark) comes before the host's writes.
+        anyhow::ensure!(s["last_seq"] == 300 + 34, "{s}");
         let second = procs::run_loadgen(&run("200", seed + 1, &[]), t).await?;
         let s = check_success(&second, &rig, "second")?;
-        anyhow::ensure!(s["last_seq"] == 500, "the sequence continues: {s}");
+        anyhow::ensure!(s["last_seq"] == 534, "the sequence continues: {s}");
         // Every write of both runs is on the target, none twice in another order.
         identical(&source, &rig.path("restart.target"), volume_bytes)?;
 
@@ -532,13 +534,14 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_resyncs_after_an_unclean_o
         let resynced = procs::run_loadgen(&run("10", seed + 3, &[]), t).await?;
         let s = check_success(&resynced, &rig, "after an unclean stop")?;
         anyhow::ensure!(
-            s["last_seq"].as_u64().is_some_and(|n| n > 560),
+            s["last_seq"].as_u64().is_some_and(|n| n > 594),
             "the resync's writes come before the run's own: {s}"
         );
         identical(&source, &rig.path("restart.target"), volume_bytes)?;
-        // A new sequence against a target with history is refused: only a new target takes it.
+        // A new sequence is a new history: a target holding the old one is refused, only a new
+        // target takes it (copied in full).
         let ahead = procs::run_loadgen(&run("10", seed + 4, &["--new-sequence"]), t).await?;
-        one_error_line(&ahead, "target is ahead")?;
+        one_error_line(&ahead, "another history of this volume id")?;
         let status = server.terminate(Duration::from_secs(20)).await?;
         anyhow::ensure!(status.success(), "target-server exited with {status}");
         let mut fresh =
@@ -550,10 +553,85 @@ async fn e2e_a_primary_resumes_after_a_clean_stop_and_resyncs_after_an_unclean_o
         );
         let again = procs::run_loadgen(&list, t).await?;
         let s = check_success(&again, &rig, "new-sequence")?;
-        anyhow::ensure!(s["last_seq"] == 100, "{s}");
+        anyhow::ensure!(s["last_seq"] == 100 + 34, "{s}");
         let status = fresh.terminate(Duration::from_secs(20)).await?;
         anyhow::ensure!(status.success(), "target-server exited with {status}");
+        identical(&source, &rig.path("restart2.target"), volume_bytes)?;
         Ok(())
+    })
+    .await;
+}
+
+/// (f) Issue 14, failure 3: a primary volume full of data paired with a new target. Before, the
+/// pair reported "in sync" while most bytes differed; now the first handshake finds the target
+/// without the volume's history and the whole volume is copied before the host's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_new_target_gets_the_whole_volume_before_the_pair_counts_as_in_sync() {
+    scenario("initial sync", |rig, seed| async move {
+        let volume_bytes: u64 = 8 << 20;
+        let source = rig.path("initial.source");
+        let mut data = vec![0u8; usize::try_from(volume_bytes)?];
+        let mut rng = fastrand::Rng::with_seed(seed);
+        rng.fill(&mut data);
+        std::fs::write(&source, &data)?;
+        let mut server =
+            TargetServer::start(&rig.server_opts("initial.target", volume_bytes, 4096)).await?;
+        let list = loadgen_args(
+            &rig,
+            &source,
+            volume_bytes,
+            (&server.addr.to_string(), "sync"),
+            &["--ops", "20", "--seed", &seed.to_string(), "--json"],
+        );
+        let run = procs::run_loadgen(&list, Duration::from_secs(60)).await?;
+        let s = check_success(&run, &rig, "initial")?;
+        anyhow::ensure!(s["last_seq"] == 20 + 2 + 128, "a full resync first: {s}");
+        let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        identical(&source, &rig.path("initial.target"), volume_bytes)
+    })
+    .await;
+}
+
+/// (g) Issue 14, failure 5: the target's volume is lost (a new, empty one in its place). Before,
+/// the restarted primary stopped with a fatal error or the pair went on at seq 0 with different
+/// data; now the primary sees the target holds none of its history and copies it in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_target_that_lost_its_data_is_copied_in_full_at_the_next_start() {
+    scenario("target data loss", |rig, seed| async move {
+        let volume_bytes: u64 = 2 << 20;
+        let source = rig.path("loss.source");
+        let target = rig.path("loss.target");
+        let opts = rig.server_opts("loss.target", volume_bytes, 4096);
+        let t = Duration::from_secs(60);
+        let mut server = TargetServer::start(&opts).await?;
+        let peer = server.addr.to_string();
+        let run = |seed: u64, peer: &str| {
+            loadgen_args(
+                &rig,
+                &source,
+                volume_bytes,
+                (peer, "async"),
+                &["--ops", "300", "--seed", &seed.to_string(), "--json"],
+            )
+        };
+        check_success(
+            &procs::run_loadgen(&run(seed, &peer), t).await?,
+            &rig,
+            "first",
+        )?;
+        let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        std::fs::remove_file(&target)?;
+        let mut server = TargetServer::start(&opts).await?;
+        let peer = server.addr.to_string();
+        let second = procs::run_loadgen(&run(seed + 1, &peer), t).await?;
+        let s = check_success(&second, &rig, "after the loss")?;
+        // Rebased on the new volume's seq 0: a mark, 32 chunks, a mark, then the host's writes.
+        anyhow::ensure!(s["last_seq"] == 300 + 34, "{s}");
+        let status = server.terminate(Duration::from_secs(20)).await?;
+        anyhow::ensure!(status.success(), "target-server exited with {status}");
+        identical(&source, &target, volume_bytes)
     })
     .await;
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mirror_core::genid::GenIds;
+
 use mirror_core::node::DrainError;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::Op;
@@ -24,7 +24,7 @@ fn source_config(mode: Mode, volume_id: VolumeId, secret: &[u8]) -> SourceConfig
     SourceConfig {
         volume_id,
         node_id: NodeId(1),
-        gen_ids: GenIds::default(),
+        gen_ids: mirror_tests::memtarget::PAIR_IDS,
         volume_bytes: VOLUME_BYTES,
         block_bytes: BLOCK,
         secret: secret.to_vec(),

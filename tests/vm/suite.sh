@@ -453,8 +453,9 @@ case_blockdev512() {
 
 # case_target_blockdev: the target's volume is a block device (a loop device with room for the
 # metadata area). Without a record it is initialised as NOT consistent (nothing vouches for what a
-# device already holds); the mirror fills its data area; a restart resumes from the record at the
-# end of the device (its durable seq), still not consistent.
+# device already holds); the primary finds it without its history and copies the whole volume
+# (issue 14, failure 3: the initial sync), then fio writes; a restart resumes from the record at
+# the end of the device (its durable seq), consistent since the copy ended.
 case_target_blockdev() {
     local tag=tbd why loopdev log=$OUT/target-tbd.log
     new_volumes "$tag"
@@ -494,15 +495,18 @@ case_target_blockdev() {
     : >"$log"
     tbd_target
     for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
-    if ! grep -q "NOT consistent until a full resync" "$log" ||
-        ! grep -qE "volume opened.*durable=[1-9][0-9]*.*consistent=false" "$log"; then
-        fail target-blockdev "the restart did not resume from the device's record as not consistent: $(grep -m2 -E 'volume opened|NOT' "$log")"
+    if ! grep -q "copying all $SIZE bytes" "$OUT/start-m-tbd.out"; then
+        fail target-blockdev "the start did not copy the volume: $(cat "$OUT/start-m-tbd.out")"
+        cleanup_all; losetup -d "$loopdev"; return
+    fi
+    if ! grep -qE "volume opened.*durable=[1-9][0-9]*.*consistent=true" "$log"; then
+        fail target-blockdev "the restart did not resume from the device's record as consistent: $(grep -m2 -E 'volume opened|NOT' "$log")"
         cleanup_all; losetup -d "$loopdev"; return
     fi
     stop_target
     losetup -d "$loopdev"
     pass target-blockdev
-    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-tbd.txt" | sed 's/^ *//'); data area identical"
+    echo "    $(grep -m1 -E 'write: IOPS' "$OUT/fio-tbd.txt" | sed 's/^ *//'); initial sync of $SIZE bytes; data area identical"
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 

@@ -18,7 +18,7 @@ use mirror_core::node::{
 };
 use mirror_core::storage::{IntentStore, IntentStoreError, MetaStore, MetaStoreError};
 use mirror_core::target::VolumeFacts;
-use mirror_core::{NodeId, VolumeId};
+use mirror_core::{Generation, NodeId, VolumeId};
 use mirror_storage::{
     AreaIntent, AreaMeta, Backing, IntentAreaError, Opening, StorageError, VolumeSpec,
 };
@@ -27,6 +27,9 @@ use mirror_storage::{
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VolumeError {
+    /// No randomness for a new generation id.
+    #[error("no randomness for the volume's generation id: {0}")]
+    NoRandomness(String),
     /// Opening, creating, locking, extending or reading its metadata failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -235,7 +238,9 @@ impl LocalVolume {
                 })?;
             (restored, self.record.as_ref(), crashed)
         };
-        let mut running = running_primary_record(loaded, &facts, node_id, restored);
+        let fresh = getrandom::u64().map_err(|e| VolumeError::NoRandomness(e.to_string()))?;
+        let mut running =
+            running_primary_record(loaded, &facts, node_id, restored, Generation::fresh(fresh));
         let intent = area.map(|store| {
             running.bitmap = BitmapLocation {
                 offset_bytes: self.bytes,
@@ -261,6 +266,26 @@ impl LocalVolume {
             running,
             intent,
         })
+    }
+
+    /// What the replicator needs to keep this primary's write intent and record
+    /// ([`crate::replicator::IntentSetup`]), if the volume has a metadata area.
+    pub fn intent_setup(
+        &self,
+        path: &Path,
+        intent: Option<PrimaryIntent>,
+        restored: PrimaryRestored,
+    ) -> Result<Option<crate::replicator::IntentSetup>, VolumeError> {
+        let (Some(intent), Some(meta)) = (intent, &self.meta) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::replicator::IntentSetup {
+            store: Box::new(intent.store),
+            stored: intent.stored,
+            restored,
+            volume: self.file.try_clone().map_err(StorageError::io(path))?,
+            record: Box::new(Arc::clone(meta)),
+        }))
     }
 
     /// Stores `record` (the replicator's record of a clean stop).

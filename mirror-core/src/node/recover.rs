@@ -10,8 +10,9 @@
 //! ([`super::PeerLink::restarted`]); without a stored intent it is refused.
 
 use crate::bitmap::DirtyBitmap;
+use crate::genid::GenIds;
 use crate::meta::{BindingError, MetaRecord, Role, VolumeFacts};
-use crate::{NodeId, Seq};
+use crate::{Generation, NodeId, Seq};
 
 /// What a restarted primary continues from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +28,7 @@ pub struct PrimaryRestored {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryStart {
     /// A volume just created, or one without a record: the sequence starts at 1. Its data is
-    /// not known to be on the peer (the initial sync is issue 14's).
+    /// not known to be on the peer: a peer without its history is copied in full.
     First,
     /// The record of a clean stop.
     Resumed,
@@ -137,9 +138,9 @@ pub fn recover_primary_with(
     })
 }
 
-/// The operator's way out after an unclean stop, until resync exists: trust nothing of the
-/// record and start the sequence at 1. Only a new target accepts it (one with history reports
-/// itself ahead, a fatal error), so nothing is resent into a copy that has other writes.
+/// The operator's way out after an unclean stop without a stored write intent: trust nothing of
+/// the record; the volume takes a new history ([`running_primary_record`]), so a target holding
+/// the old one is refused as unrelated and only a new target accepts it (copied in full).
 #[must_use]
 pub fn new_sequence() -> PrimaryRestored {
     PrimaryRestored {
@@ -148,14 +149,26 @@ pub fn new_sequence() -> PrimaryRestored {
     }
 }
 
-/// The record a primary keeps while it runs: the loaded one (its generation and bitmap location
-/// kept) or a new one, this node's, not clean until a clean stop says otherwise.
+/// The record a primary keeps while it runs: the loaded one (its generation ids and bitmap
+/// location kept) or a new one, this node's, not clean until a clean stop says otherwise. A
+/// volume without a history of its own (a first start, `--new-sequence`, a record from before
+/// generation ids) takes `fresh` as its current id: the primary's data is what the pair counts
+/// on, and a peer that holds none of it is copied in full.
 #[must_use]
 pub fn running_primary_record(
     loaded: Option<&MetaRecord>,
     facts: &VolumeFacts,
     node_id: NodeId,
     restored: PrimaryRestored,
+    fresh: Generation,
 ) -> MetaRecord {
-    MetaRecord::running(loaded, facts, node_id, Role::Primary, restored.confirmed)
+    let loaded = loaded.filter(|_| restored.kind != PrimaryStart::NewSequence);
+    let mut record = MetaRecord::running(loaded, facts, node_id, Role::Primary, restored.confirmed);
+    if record.gen_ids.current == Generation::NONE {
+        record.gen_ids = GenIds {
+            current: fresh,
+            ..GenIds::default()
+        };
+    }
+    record
 }

@@ -3,9 +3,11 @@
 //! local volume's current data; the marks tell the target that in between it is not a prefix of
 //! the primary's writes.
 
+use bytes::Bytes;
+
 use crate::bitmap::DirtyBitmap;
-use crate::wire::ResyncMark;
-use crate::Range;
+use crate::wire::{Op, ResyncMark};
+use crate::{Lba, Range};
 
 /// One step of a [`ResyncPlan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,20 @@ enum Stage {
     Begin,
     Copy,
     Done,
+}
+
+impl ResyncStep {
+    /// The operation of a copy of `range` whose bytes on the local volume are `data`: a write,
+    /// or a write of zeroes when they are all zero (a new or sparse volume's full resync then
+    /// ships headers, not its size).
+    #[must_use]
+    pub fn copy_op(range: Range, data: Bytes) -> Op {
+        let lba = Lba::from_bytes(range.offset_bytes);
+        match u32::try_from(data.len()) {
+            Ok(len_bytes) if data.iter().all(|b| *b == 0) => Op::WriteZeroes { lba, len_bytes },
+            _ => Op::Write { lba, data },
+        }
+    }
 }
 
 /// Which chunks a resync copies and how far it got.

@@ -3,12 +3,13 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::genid::{GenIds, Side, Verdict};
 use crate::session::SessionConfig;
 use crate::source::SourceConfig;
 use crate::target::ConnId;
-use crate::testkit::{self, source_config, FRESH, VOLUME_BYTES, VOLUME_ID};
-use crate::wire::{decode, Op, RefuseReason};
-use crate::{Lba, NodeId, Range};
+use crate::testkit::{self, source_config, FRESH, PAIR_IDS, VOLUME_BYTES, VOLUME_ID};
+use crate::wire::{decode, Op, RefuseReason, ResyncMark};
+use crate::{Generation, Lba, NodeId, Range};
 
 const C: ConnId = ConnId(1);
 const MS: u64 = 1_000_000;
@@ -350,7 +351,7 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
             kind: PrimaryStart::First
         }
     );
-    let running = running_primary_record(None, &facts, NodeId(1), first);
+    let running = running_primary_record(None, &facts, NodeId(1), first, PAIR_IDS.current);
     assert_eq!(
         (running.role, running.clean, running.durable),
         (Role::Primary, false, Seq::NONE)
@@ -523,4 +524,174 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
     );
     assert!(t.status().consistent);
     assert_eq!(l.status().resync, None, "over once its end is durable");
+}
+
+/// Opens a connection of `link` to `target` on [`C`] (at the link's next connect time) and
+/// runs the handshake and everything after it.
+fn reconnect(link: &mut PeerLink, target: &mut Target, nonce: u8) -> Result<(), CloseConn> {
+    let at = link.poll_timeout().unwrap_or(0);
+    assert_eq!(link.handle_timeout(at), Some(SessionAction::Connect));
+    link.on_connecting();
+    target.on_disconnect(C);
+    target.on_connect(C, [nonce; MAC_BYTES], 0).unwrap();
+    link.on_connected([nonce + 1; MAC_BYTES], 0);
+    exchange(link, target)
+}
+
+/// Carries out every resync step the link hands out with `byte` as the local volume's data,
+/// moving frames to `target` whenever the log is full; returns the steps.
+fn run_resync(link: &mut PeerLink, target: &mut Target, byte: u8) -> Vec<ResyncStep> {
+    let mut steps = Vec::new();
+    for _ in 0..10_000 {
+        let before = steps.len();
+        while let Some(step) = link.poll_resync() {
+            let op = match step {
+                ResyncStep::Mark(mark) => Op::Resync(mark),
+                ResyncStep::Copy(range) => ResyncStep::copy_op(
+                    range,
+                    Bytes::from(vec![byte; usize::try_from(range.len_bytes).unwrap()]),
+                ),
+            };
+            assert!(link.resync_submit(SummedOp::new(op), 1).is_ok());
+            steps.push(step);
+        }
+        exchange(link, target).unwrap();
+        while link.poll_event().is_some() {}
+        if steps.len() == before && !link.is_parked() {
+            return steps;
+        }
+    }
+    panic!("the resync did not end");
+}
+
+/// Issue 14, items 3 and 5: a primary whose target holds none of its history (a new or
+/// replaced volume: no generation ids) announces a full resync at a second handshake, continues
+/// its sequence after the target's (here below what its clean stop recorded), tells the driver
+/// to record that, copies every chunk before host operations, and the target then holds its
+/// history and is consistent.
+#[test]
+fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
+    let source = Source::with_log(config(Mode::Sync, 64), MemLog::new(), Seq(40));
+    let restored = PrimaryRestored {
+        confirmed: Seq(40),
+        kind: PrimaryStart::Resumed,
+    };
+    let clean = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, 256 << 10).unwrap();
+    let mut l = PeerLink::restarted(source, session(5), restored, clean);
+    let mut t = testkit::target(crate::target::Restored::FRESH);
+    assert_eq!(t.gen_ids(), GenIds::NONE);
+    let first = reconnect(&mut l, &mut t, 1).unwrap_err();
+    assert!(
+        matches!(first.error, SourceError::FullResyncFollows { .. }) && !first.fatal,
+        "{first:?}"
+    );
+    assert!(
+        l.takes_host_ops(),
+        "nothing is decided before the second handshake"
+    );
+    reconnect(&mut l, &mut t, 3).unwrap();
+    assert_eq!(
+        events(&mut l),
+        vec![PeerEvent::Rebased(Seq::NONE), PeerEvent::Connected]
+    );
+    assert!(!l.takes_host_ops());
+    assert_eq!(l.submit(1, write(1), 1), Err(SubmitError::Resyncing));
+    let status = l.status().resync.expect("a resync under way");
+    assert!(status.full);
+    assert_eq!(status.total_bytes, VOLUME_BYTES);
+    let steps = run_resync(&mut l, &mut t, 0x42);
+    assert_eq!(
+        steps.first(),
+        Some(&ResyncStep::Mark(ResyncMark::Begin { full: true }))
+    );
+    assert_eq!(steps.last(), Some(&ResyncStep::Mark(ResyncMark::End)));
+    let copied: u64 = steps
+        .iter()
+        .map(|s| match s {
+            ResyncStep::Copy(r) => r.len_bytes,
+            ResyncStep::Mark(_) => 0,
+        })
+        .sum();
+    assert_eq!(copied, VOLUME_BYTES);
+    assert!(t.status().consistent);
+    assert_eq!(
+        t.gen_ids(),
+        PAIR_IDS,
+        "the end gives the target our history"
+    );
+    assert_eq!(t.status().durable, Seq(u64::try_from(steps.len()).unwrap()));
+    assert_eq!(t.data_state(), (true, false));
+    assert!(l.takes_host_ops());
+    assert_eq!(l.status().resync, None);
+    // The next handshake finds the same history: no resync.
+    l.on_lost(1);
+    reconnect(&mut l, &mut t, 5).unwrap();
+    assert_eq!(l.poll_resync(), None);
+}
+
+/// A target that lost its data while the primary ran (after it took host writes) stops
+/// replication with a message saying what to do; a full copy needs a restart.
+#[test]
+fn a_target_that_lost_its_data_mid_run_stops_replication() {
+    let (mut l, mut t) = connected(Mode::Async, 64);
+    l.submit(1, write(1), 1).unwrap();
+    exchange(&mut l, &mut t).unwrap();
+    let mut replaced = testkit::target(crate::target::Restored::FRESH);
+    l.on_lost(1);
+    let e = reconnect(&mut l, &mut replaced, 7).unwrap_err();
+    assert!(e.fatal, "{e:?}");
+    assert!(
+        matches!(e.error, SourceError::TargetLostData { .. }),
+        "{e:?}"
+    );
+    assert!(e.error.to_string().contains("restart this primary"), "{e}");
+}
+
+/// Generation ids that are not a state of ours are refused: another history of the volume id,
+/// a target written by another primary since, and a split brain.
+#[test]
+fn a_target_of_another_history_is_refused() {
+    const A: Generation = Generation(0xa);
+    const B: Generation = Generation(0xb);
+    let ids = |current, bitmap| GenIds {
+        current,
+        bitmap,
+        ..GenIds::NONE
+    };
+    let cases = [
+        (PAIR_IDS, ids(B, Generation::NONE), Verdict::Unrelated),
+        (
+            PAIR_IDS,
+            ids(B, PAIR_IDS.current),
+            Verdict::Resync {
+                from: Side::Peer,
+                full: false,
+            },
+        ),
+        (
+            ids(A, PAIR_IDS.current),
+            ids(B, PAIR_IDS.current),
+            Verdict::SplitBrain,
+        ),
+    ];
+    for (ours, theirs, verdict) in cases {
+        let mut cfg = config(Mode::Sync, 64);
+        cfg.gen_ids = ours;
+        let mut l = PeerLink::new(Source::new(cfg), session(6));
+        let mut t = testkit::target(crate::target::Restored {
+            gen_ids: theirs,
+            ..crate::target::Restored::FRESH
+        });
+        let e = reconnect(&mut l, &mut t, 9).unwrap_err();
+        assert!(e.fatal, "{verdict:?}: {e:?}");
+        assert_eq!(
+            e.error,
+            SourceError::Diverged {
+                verdict,
+                local: ours,
+                target: theirs
+            }
+        );
+        assert!(!t.status().consistent || t.status().durable == Seq::NONE);
+    }
 }

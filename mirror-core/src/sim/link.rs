@@ -428,9 +428,15 @@ impl Sim<'_> {
                         _ => {}
                     }
                     if let Err(e) = self.link.handle_frame(decoded, self.now * TICK_NS) {
-                        if self.replaced && matches!(e.error, SourceError::TargetRegressed { .. }) {
-                            // Replication stops for good (the link's event says so); only a
-                            // broken policy retries.
+                        let lost = matches!(
+                            e.error,
+                            SourceError::TargetLostData { .. }
+                                | SourceError::FullResyncFollows { .. }
+                        );
+                        if self.replaced && lost {
+                            // Mid-run replication stops for good (the link's event says so;
+                            // only a broken policy retries); a restarted primary reconnects to
+                            // announce its full resync.
                             self.cut_link();
                             if !e.fatal {
                                 self.schedule_reconnect();

@@ -225,13 +225,23 @@ pub struct Violation {
     pub message: String,
     /// The configuration the seed chose.
     pub config: String,
+    /// Whether the run replaced the target's volume ([`SimOptions::replace_target_volume`]).
+    pub replace_target_volume: bool,
 }
 
 impl Violation {
     /// The command that replays this run.
     #[must_use]
     pub fn replay_command(&self) -> String {
-        format!("scripts/sim --seed {} --ops {}", self.seed, self.ops)
+        let replace = if self.replace_target_volume {
+            " --replace-target-volume"
+        } else {
+            ""
+        };
+        format!(
+            "scripts/sim --seed {} --ops {}{replace}",
+            self.seed, self.ops
+        )
     }
 }
 
@@ -283,6 +293,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, Violation> {
                 check: Check::Panic,
                 message: format!("engine panicked: {message}"),
                 config,
+                replace_target_volume: opts.replace_target_volume,
             })
         }
     }

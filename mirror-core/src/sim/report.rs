@@ -107,6 +107,11 @@ pub struct SimReport {
     pub replaced_volumes: u64,
     /// Replication stopped for good, as it must for a target that lost what it had made durable.
     pub fatal_stops: u64,
+    /// Restarts of the primary by the operator after such a stop.
+    pub restarts_for_full_resync: u64,
+    /// Full resyncs of a target that held none of the primary's history (after a replaced
+    /// volume).
+    pub full_resyncs: u64,
     /// Times the link fell silent (frames held both ways, neither end told).
     pub silences: u64,
     /// PINGs the source's session sent on an idle connection.
@@ -159,6 +164,8 @@ impl SimReport {
         self.clean_source_stops += r.clean_source_stops;
         self.source_resumes += r.source_resumes;
         self.fatal_stops += r.fatal_stops;
+        self.restarts_for_full_resync += r.restarts_for_full_resync;
+        self.full_resyncs += r.full_resyncs;
         self.silences += r.silences;
         self.pings += r.pings;
         self.silent_drops += r.silent_drops;
@@ -186,7 +193,7 @@ impl fmt::Display for SimReport {
              nak {} reject {} granted {}; disconnect {} reset {} handshake {}; silence {} ping {} silent-drop {} target-idle-close {} host-pause {}; crash {} \
              (partial {}) clean-restart {}; local locks {} refused {} timed out {}; mode switches {}; \
              source crash {} (failed {}, acked durable kept {}, acked writes resynced {}, \
-             resyncs {} of {} B)",
+             resyncs {} of {} B; full resyncs {})",
             self.seed,
             self.ops,
             self.steps,
@@ -219,6 +226,7 @@ impl fmt::Display for SimReport {
             self.acked_writes_resynced,
             self.source_resyncs,
             self.resync_copy_bytes,
+            self.full_resyncs,
         )
     }
 }

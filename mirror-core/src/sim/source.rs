@@ -14,7 +14,7 @@ use crate::session::{SessionConfig, SourceSession};
 use crate::source::{Source, SourceConfig};
 use crate::target::{TargetConfig, VolumeFacts};
 use crate::wire::{Op, ResyncMark, SummedOp};
-use crate::{Lba, NodeId, Seq};
+use crate::{Generation, NodeId, Seq};
 
 use super::check::{byte_range, op_name};
 use super::workload::Needs;
@@ -84,7 +84,8 @@ impl Sim<'_> {
     /// not durable on the target (what a restart must resync), the one waiting for room in the
     /// log included; a replication stopped for good is left alone (its host writes failed).
     fn check_intent_covers_unconfirmed(&self) -> Step<()> {
-        if self.stopped || self.replaced {
+        // A target without the primary's history gets every chunk at the restart.
+        if self.stopped || !self.target_has_our_history() {
             return Ok(());
         }
         let first = usize::try_from(self.persisted.0).unwrap_or(usize::MAX);
@@ -105,6 +106,25 @@ impl Sim<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the target's volume holds the primary's history (it lacks it once replaced, until
+    /// a full resync's end).
+    pub(super) fn target_has_our_history(&self) -> bool {
+        self.node.engines().gen_ids().current == self.primary_meta.gen_ids.current
+    }
+
+    /// Replication stopped because the target lost its data (its volume was replaced): the
+    /// operator restarts the primary, whose first handshake finds the target without its history
+    /// and copies the whole volume before taking host operations. Host operations in flight
+    /// failed with the stop.
+    pub(super) fn restart_for_full_resync(&mut self) -> Step<()> {
+        self.report.fatal_stops += 1;
+        self.report.restarts_for_full_resync += 1;
+        // The stop failed every host operation the process held, the parked one included.
+        self.failed = self.submitted - self.completed;
+        self.in_flight.clear();
+        self.source_crash()
     }
 
     /// The process is gone; it restarts after a while.
@@ -194,9 +214,15 @@ impl Sim<'_> {
     /// A new engine as `restored` says, with its running record stored, connecting.
     fn start_source(&mut self, restored: PrimaryRestored, stored: DirtyBitmap) {
         let facts = self.primary_facts();
-        let running = running_primary_record(Some(&self.primary_meta), &facts, NodeId(1), restored);
+        // The record always has its history (from the first start); `fresh` is never taken.
+        let fresh = Generation::fresh(self.seed ^ self.source_run);
+        let running =
+            running_primary_record(Some(&self.primary_meta), &facts, NodeId(1), restored, fresh);
         self.store_primary(running);
-        let cfg = self.link.source().config().clone();
+        let cfg = SourceConfig {
+            gen_ids: running.gen_ids,
+            ..self.link.source().config().clone()
+        };
         self.link = new_link(
             cfg,
             restored,
@@ -207,6 +233,10 @@ impl Sim<'_> {
             self.opts,
         );
         self.source_life = SourceLife::Up;
+        // The run's last drain died with the old process: the new one drains anew.
+        if self.drain == Drain::Waiting {
+            self.drain = Drain::NotBegun;
+        }
         self.connect();
     }
 
@@ -219,7 +249,8 @@ impl Sim<'_> {
         let mut progress = false;
         while let Some(step) = self.link.poll_resync() {
             progress = true;
-            if self.adopting {
+            // A full resync rebases the sequence on the target's whatever the restart was.
+            if self.adopting || step == ResyncStep::Mark(ResyncMark::Begin { full: true }) {
                 self.adopted()?;
             }
             let op = match step {
@@ -233,10 +264,8 @@ impl Sim<'_> {
                 }
                 ResyncStep::Copy(range) => {
                     self.report.resync_copy_bytes += range.len_bytes;
-                    Op::Write {
-                        lba: Lba::from_bytes(range.offset_bytes),
-                        data: Bytes::copy_from_slice(&self.src_vol[byte_range(range)]),
-                    }
+                    let data = Bytes::copy_from_slice(&self.src_vol[byte_range(range)]);
+                    ResyncStep::copy_op(range, data)
                 }
             };
             self.ops.push(op.clone());
@@ -273,6 +302,17 @@ impl Sim<'_> {
     fn adopted(&mut self) -> Step<()> {
         self.adopting = false;
         let through = self.link.source().status().last_local;
+        let full = self.link.status().resync.is_some_and(|r| r.full);
+        if full == self.target_has_our_history() {
+            return Err(self.violation(
+                Check::Protocol,
+                format!(
+                    "the restarted primary resyncs {} though the target {} its history",
+                    if full { "in full" } else { "only its intent" },
+                    if full { "holds" } else { "lacks" },
+                ),
+            ));
+        }
         if through != self.persisted {
             return Err(self.violation(
                 Check::Protocol,
@@ -283,7 +323,15 @@ impl Sim<'_> {
                 ),
             ));
         }
-        self.check_survives_source_crash(through)?;
+        if self.replaced {
+            // The target's disk lost what it held; the full copy restores every write. From
+            // here on every check applies again.
+            self.report.full_resyncs += 1;
+            self.replaced = false;
+            self.lost_through = Seq::NONE;
+        } else {
+            self.check_survives_source_crash(through)?;
+        }
         self.ops
             .truncate(usize::try_from(through.0).unwrap_or(usize::MAX));
         // A bracket of the crashed run past `through` was never taken: it stays open (its end
@@ -331,7 +379,10 @@ impl Sim<'_> {
 }
 
 /// The primary's first start, and its record as the daemon keeps it while it runs.
-pub(super) fn first_primary_start(cfg: &TargetConfig) -> (PrimaryRestored, MetaRecord) {
+pub(super) fn first_primary_start(
+    cfg: &TargetConfig,
+    current: Generation,
+) -> (PrimaryRestored, MetaRecord) {
     let facts = VolumeFacts {
         volume_id: cfg.volume_id,
         volume_bytes: cfg.volume_bytes,
@@ -339,7 +390,7 @@ pub(super) fn first_primary_start(cfg: &TargetConfig) -> (PrimaryRestored, MetaR
     };
     let restored = recover_primary_with(None, None, &facts, PrimaryRecoverySabotage::None)
         .unwrap_or_else(|e| panic!("a first start was refused: {e}"));
-    let record = running_primary_record(None, &facts, NodeId(1), restored);
+    let record = running_primary_record(None, &facts, NodeId(1), restored, current);
     (restored, record)
 }
 

@@ -3,10 +3,11 @@
 //! replacement of its volume.
 
 use crate::commit::{CommitConfig, GroupCommit};
+use crate::genid::GenIds;
 use crate::meta::MetaRecord;
 use crate::node::Node;
 use crate::storage::{self, Volume};
-use crate::target::{recover_with, running_record, Target, TargetConfig, VolumeFacts};
+use crate::target::{recover_with, running_record, Restored, Target, TargetConfig, VolumeFacts};
 use crate::Seq;
 
 use super::check::{advance, byte_range};
@@ -170,6 +171,24 @@ impl Sim<'_> {
 
 /// The target node as the target server starts it: recovery decides what `loaded` (the record on
 /// disk, if any) is trusted for, the node keeps the running record.
+/// The target of a pair that starts in sync: a volume holding the source's data, of the pair's
+/// history `ids`.
+pub(super) fn first_node(cfg: &TargetConfig, ids: GenIds, opts: &SimOptions) -> Node<Target> {
+    let facts = VolumeFacts {
+        volume_id: cfg.volume_id,
+        volume_bytes: cfg.volume_bytes,
+        created: true,
+    };
+    let restored = Restored {
+        gen_ids: ids,
+        ..Restored::FRESH
+    };
+    let record = running_record(None, &facts, cfg.node_id, restored);
+    let mut target = Target::new(cfg.clone(), restored);
+    target.set_sabotage(opts.target_sabotage);
+    Node::secondary(record, target)
+}
+
 pub(super) fn new_node(
     cfg: &TargetConfig,
     loaded: Option<&MetaRecord>,

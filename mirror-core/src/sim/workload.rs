@@ -260,16 +260,6 @@ impl Sim<'_> {
         self.report.host_pauses += 1;
     }
 
-    /// Replication stopped for good: every host operation in flight fails, as does every later
-    /// one.
-    fn fatal_stop(&mut self) {
-        self.report.fatal_stops += 1;
-        self.stopped = true;
-        // Those in the log and the one parked waiting for room alike.
-        self.failed = self.submitted - self.completed;
-        self.in_flight.clear();
-    }
-
     /// Operation `token` (its index in `ops`, from 1) entered the log as `seq`.
     fn accepted(&mut self, token: u64, seq: Seq) -> Step<()> {
         if seq.0 != token || token != u64::try_from(self.ops.len()).unwrap_or(u64::MAX) {
@@ -316,9 +306,17 @@ impl Sim<'_> {
                     self.report.handshakes += 1;
                     continue;
                 }
-                PeerEvent::Stopped(SourceError::TargetRegressed { .. }) if self.replaced => {
-                    self.fatal_stop();
+                PeerEvent::Rebased(seq) => {
+                    let running = crate::meta::MetaRecord {
+                        durable: seq,
+                        ..self.primary_meta
+                    };
+                    self.store_primary(running);
                     continue;
+                }
+                PeerEvent::Stopped(SourceError::TargetLostData { .. }) if self.replaced => {
+                    self.restart_for_full_resync()?;
+                    return Ok(true);
                 }
                 PeerEvent::Drained(Ok(through)) => {
                     let last = self.link.source().status().last_local;

@@ -14,11 +14,11 @@ use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
 use crate::target::{Apply, CloseReason, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
-use crate::{NodeId, Seq, VolumeId};
+use crate::{Generation, NodeId, Seq, VolumeId};
 
 use super::link::Link;
 use super::source::{first_primary_start, new_link, SourceLife};
-use super::storage::{new_commit, new_node};
+use super::storage::{first_node, new_commit};
 use super::workload::{Holder, LockWaiter, Needs};
 use super::{Check, SimConfig, SimOptions, SimReport, Violation};
 
@@ -264,10 +264,16 @@ impl<'a> Sim<'a> {
         let volume_len = usize::try_from(cfg.volume_bytes).unwrap_or(0);
         let mut initial = vec![0u8; volume_len];
         rng.fill(&mut initial);
+        // The pair starts in sync (both volumes hold `initial`): one history, drawn from the
+        // seed without touching its stream of draws.
+        let pair_ids = GenIds {
+            current: Generation::fresh(seed ^ 0x06e6_e1d5),
+            ..GenIds::NONE
+        };
         let source_cfg = SourceConfig {
             volume_id: VolumeId(volume_id),
             node_id: NodeId(1),
-            gen_ids: GenIds::default(),
+            gen_ids: pair_ids,
             volume_bytes: cfg.volume_bytes,
             block_bytes: cfg.block_bytes,
             secret: secret.clone(),
@@ -280,7 +286,6 @@ impl<'a> Sim<'a> {
         let target_cfg = TargetConfig {
             volume_id: VolumeId(volume_id),
             node_id: NodeId(2),
-            gen_ids: GenIds::default(),
             volume_bytes: cfg.volume_bytes,
             block_bytes: cfg.block_bytes,
             secret,
@@ -306,7 +311,7 @@ impl<'a> Sim<'a> {
             config: config.clone(),
             ..SimReport::default()
         };
-        let (first_start, primary_meta) = first_primary_start(&target_cfg);
+        let (first_start, primary_meta) = first_primary_start(&target_cfg, pair_ids.current);
         let primary_intent = DirtyBitmap::new(cfg.volume_bytes, cfg.intent_chunk_bytes)
             .unwrap_or_else(|e| unreachable!("the drawn chunk size is valid: {e}"));
         Sim {
@@ -335,7 +340,7 @@ impl<'a> Sim<'a> {
             session_timer: None,
             target_timer: None,
             host_paused_until: 0,
-            node: new_node(&target_cfg, None, true, opts),
+            node: first_node(&target_cfg, pair_ids, opts),
             target_cfg,
             replaced: false,
             lost_through: Seq::NONE,
@@ -397,6 +402,7 @@ impl<'a> Sim<'a> {
             check,
             message,
             config: self.config.clone(),
+            replace_target_volume: self.opts.replace_target_volume,
         }
     }
 
@@ -545,7 +551,8 @@ impl<'a> Sim<'a> {
             Event::LockRetry { key } => self.lock_retry(key)?,
             Event::SourceCrash => {
                 if self.faults_on {
-                    // Once the target's volume was replaced, replication stops for good.
+                    // Once the target's volume was replaced, the source stops until the
+                    // operator restarts it (`Sim::restart_for_full_resync`).
                     if self.source_life == SourceLife::Up && !self.replaced {
                         // A third of the time the operator stops it cleanly instead.
                         if self.crash_rng.u32(0..3) == 0 {

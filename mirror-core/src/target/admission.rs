@@ -174,7 +174,7 @@ impl Target {
                 h.out.push_back(Frame::Hello(Hello {
                     volume_id: self.cfg.volume_id,
                     node_id: self.cfg.node_id,
-                    gen_ids: self.cfg.gen_ids,
+                    gen_ids: self.gen_ids,
                     last_seq: told,
                     volume_bytes: self.cfg.volume_bytes,
                     block_bytes: self.cfg.block_bytes,
@@ -185,6 +185,7 @@ impl Target {
                 h.state = HandshakeState::AwaitAuth {
                     peer_nonce: hello.nonce,
                     peer_node: hello.node_id,
+                    peer_gen_ids: hello.gen_ids,
                     peer_last_seq: hello.last_seq,
                     resync_follows: hello.resync_follows,
                     told,
@@ -195,6 +196,7 @@ impl Target {
                 HandshakeState::AwaitAuth {
                     peer_nonce,
                     peer_node,
+                    peer_gen_ids,
                     peer_last_seq,
                     resync_follows,
                     told,
@@ -213,7 +215,7 @@ impl Target {
                     return Self::refuse_handshake(h, RefuseReason::BadAuth);
                 }
                 let bound = (!resync_follows).then_some(peer_last_seq);
-                self.admit(index, peer_node, bound, told, now_ns)
+                self.admit(index, (peer_node, peer_gen_ids), bound, told, now_ns)
             }
             (HandshakeState::Refused, _) => {
                 Err(TargetError::Protocol(SourceViolation::AfterRefusal {
@@ -245,7 +247,7 @@ impl Target {
     pub(super) fn admit(
         &mut self,
         index: usize,
-        node: NodeId,
+        (node, gen_ids): (NodeId, GenIds),
         peer_last_seq: Option<Seq>,
         told: Seq,
         now_ns: u64,
@@ -278,6 +280,7 @@ impl Target {
         self.session = Some(Session {
             conn: h.conn,
             node,
+            gen_ids,
             idle_deadline_ns: now_ns.saturating_add(self.cfg.idle_timeout_ns),
         });
         self.ack_dirty = true;

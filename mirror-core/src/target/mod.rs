@@ -109,6 +109,9 @@ pub enum TargetSabotage {
     IdleFromAuth,
     /// Take no notice of resync marks: claim consistency in the middle of a resync.
     IgnoreResyncMarks,
+    /// Take the source's generation ids when a full resync begins, not when it ends (a primary
+    /// restarted in the middle then resyncs only its write intent into a partial copy).
+    AdoptIdsAtBegin,
 }
 
 /// Configuration of a target.
@@ -118,8 +121,6 @@ pub struct TargetConfig {
     pub volume_id: VolumeId,
     /// This node.
     pub node_id: NodeId,
-    /// This node's generation ids (from its metadata record), sent in its HELLO.
-    pub gen_ids: GenIds,
     /// Size of the target volume.
     pub volume_bytes: u64,
     /// Logical block size: every operation must be aligned to it.
@@ -148,7 +149,6 @@ impl std::fmt::Debug for TargetConfig {
         f.debug_struct("TargetConfig")
             .field("volume_id", &self.volume_id)
             .field("node_id", &self.node_id)
-            .field("gen_ids", &self.gen_ids)
             .field("volume_bytes", &self.volume_bytes)
             .field("block_bytes", &self.block_bytes)
             .field("secret", &"<redacted>")
@@ -195,6 +195,7 @@ enum HandshakeState {
     AwaitAuth {
         peer_nonce: [u8; MAC_BYTES],
         peer_node: NodeId,
+        peer_gen_ids: GenIds,
         peer_last_seq: Seq,
         /// The peer's HELLO said [`crate::wire::FLAG_RESYNC_FOLLOWS`].
         resync_follows: bool,
@@ -221,6 +222,8 @@ struct Handshake {
 struct Session {
     conn: ConnId,
     node: NodeId,
+    /// The source's generation ids, from its HELLO.
+    gen_ids: GenIds,
     idle_deadline_ns: u64,
 }
 
@@ -278,6 +281,10 @@ pub struct Target {
     data_untrusted: bool,
     /// Inside a resync bracket ([`ResyncMark`]), handed out in part: whether it is a full one.
     resync: Option<bool>,
+    /// The histories the volume holds ([`crate::genid`]), sent in our HELLO and recorded.
+    gen_ids: GenIds,
+    /// The ids of the source whose full resync is handed out in part: its end makes them ours.
+    full_resync_from: Option<GenIds>,
     /// After an unclean restart: consistent again once durable reaches this (set by the source's
     /// HELLO); `Some(Seq(u64::MAX))` until a source has said where it stands.
     inconsistent_until: Option<Seq>,
@@ -313,7 +320,9 @@ impl Target {
             inconsistent_until: (!restored.clean || !restored.consistent || restored.resyncing)
                 .then_some(Seq(u64::MAX)),
             data_untrusted: !restored.consistent,
-            resync: restored.resyncing.then_some(false),
+            resync: restored.resyncing.then_some(restored.resync_full),
+            gen_ids: restored.gen_ids,
+            full_resync_from: None,
             lock_only: 0,
             sabotage: TargetSabotage::None,
         }
@@ -387,12 +396,31 @@ impl Target {
                 // another full resync's end makes the data trusted again.
                 self.data_untrusted |= full;
                 self.resync = Some(full);
+                if full {
+                    self.full_resync_from = self.session.map(|s| s.gen_ids);
+                    if let (TargetSabotage::AdoptIdsAtBegin, Some(from)) =
+                        (self.sabotage, self.full_resync_from)
+                    {
+                        self.gen_ids.adopt(&from);
+                    }
+                }
                 // A bound an unclean restart already has (the source's resend) is kept.
                 self.inconsistent_until.get_or_insert(Seq(u64::MAX));
             }
             ResyncMark::End => {
                 if self.resync.take() == Some(true) {
                     self.data_untrusted = false;
+                    // The volume now holds the source's history (recorded with the durable
+                    // seq that covers this end, as `consistent` is).
+                    // From the session that began it, or (after our restart) the one that ends
+                    // it: the same source, the only one the target serves.
+                    let from = self
+                        .full_resync_from
+                        .take()
+                        .or(self.session.map(|s| s.gen_ids));
+                    if let Some(from) = from {
+                        self.gen_ids.adopt(&from);
+                    }
                 }
                 // Consistent once the end is durable, and not before a resend the source
                 // bounded: `u64::MAX` says no source bounded one.
@@ -413,6 +441,18 @@ impl Target {
         (!self.data_untrusted, self.resync.is_some())
     }
 
+    /// Whether the open resync bracket (if any) is a full resync.
+    #[must_use]
+    pub fn resync_is_full(&self) -> bool {
+        self.resync == Some(true)
+    }
+
+    /// The histories the volume holds (sent in HELLO, kept in the record).
+    #[must_use]
+    pub fn gen_ids(&self) -> GenIds {
+        self.gen_ids
+    }
+
     fn entry_ready(e: &Entry) -> bool {
         e.op.is_some() && e.lock != LockState::Waiting
     }
@@ -422,7 +462,8 @@ impl Target {
             TargetSabotage::None
             | TargetSabotage::TrustHelloBeforeAuth
             | TargetSabotage::IdleFromAuth
-            | TargetSabotage::IgnoreResyncMarks => {
+            | TargetSabotage::IgnoreResyncMarks
+            | TargetSabotage::AdoptIdsAtBegin => {
                 self.log.front().filter(|e| Self::entry_ready(e)).map(|_| 0)
             }
             TargetSabotage::ApplyOutOfOrder => {

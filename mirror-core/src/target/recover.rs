@@ -19,15 +19,23 @@ pub struct Restored {
     /// Whether a resync bracket was applied in part ([`MetaRecord::resyncing`]): not consistent
     /// until a resync's end is durable.
     pub resyncing: bool,
+    /// Whether that bracket is a full resync ([`MetaRecord::resync_full`]).
+    pub resync_full: bool,
+    /// The histories its data holds (none for a volume without a record: a primary copies
+    /// into it in full).
+    pub gen_ids: GenIds,
 }
 
 impl Restored {
-    /// A volume just created full of zeroes: nothing durable, stopped cleanly, consistent.
+    /// A volume just created full of zeroes: nothing durable, stopped cleanly, consistent (a
+    /// prefix of any mirror's writes: the empty one), and of no history yet.
     pub const FRESH: Restored = Restored {
         durable: Seq::NONE,
         clean: true,
         consistent: true,
         resyncing: false,
+        resync_full: false,
+        gen_ids: GenIds::NONE,
     };
 }
 
@@ -100,6 +108,8 @@ pub fn recover_with(
             clean: trusted,
             consistent: trusted,
             resyncing: false,
+            resync_full: false,
+            gen_ids: GenIds::NONE,
         };
         return Ok((restored, RecoveryKind::Adopted));
     };
@@ -112,6 +122,8 @@ pub fn recover_with(
         clean: record.clean || sabotage == RecoverySabotage::TrustUnclean,
         consistent: record.consistent,
         resyncing: record.resyncing,
+        resync_full: record.resyncing && record.resync_full,
+        gen_ids: record.gen_ids,
     };
     let kind = if record.consistent {
         RecoveryKind::Resumed
@@ -134,6 +146,8 @@ pub fn running_record(
     MetaRecord {
         consistent: restored.consistent,
         resyncing: restored.resyncing,
+        resync_full: restored.resync_full,
+        gen_ids: restored.gen_ids,
         ..MetaRecord::running(loaded, facts, node_id, Role::Secondary, restored.durable)
     }
 }

@@ -116,6 +116,8 @@ fn recovery_trusts_only_a_record_of_this_volume() {
                 clean: false,
                 consistent: true,
                 resyncing: false,
+                resync_full: false,
+                gen_ids: GenIds::NONE,
             },
             RecoveryKind::Resumed
         ))
@@ -138,6 +140,8 @@ fn recovery_trusts_only_a_record_of_this_volume() {
                 clean: true,
                 consistent: false,
                 resyncing: false,
+                resync_full: false,
+                gen_ids: GenIds::NONE,
             },
             RecoveryKind::Unverified
         ))
@@ -221,6 +225,11 @@ fn an_untrusted_volume_stays_inconsistent_after_the_resend() {
         (Some(unclean), true),
     ] {
         let (restored, kind) = recover(record.as_ref(), &facts).unwrap();
+        // Trust is the question here, not history: the source may send to it.
+        let restored = Restored {
+            gen_ids: testkit::PAIR_IDS,
+            ..restored
+        };
         let mut target = Target::new(new_target(FRESH).cfg.clone(), restored);
         let mut source = new_source(Mode::Sync, 1);
         write(&mut source, 0);
@@ -243,6 +252,8 @@ fn an_unauthenticated_hello_changes_nothing() {
         clean: false,
         consistent: true,
         resyncing: false,
+        resync_full: false,
+        gen_ids: testkit::PAIR_IDS,
     });
     let before = target.status();
     assert!(!before.consistent);
@@ -560,6 +571,11 @@ fn a_resync_bracket_is_inconsistent_until_its_end_is_durable() {
     ] {
         let what = format!("record {record:?}, full {full}");
         let (restored, _) = recover(record.as_ref(), &facts).unwrap();
+        // The source sends its brackets whatever the ids (this is the target's rule).
+        let restored = Restored {
+            gen_ids: testkit::PAIR_IDS,
+            ..restored
+        };
         let mut target = Target::new(new_target(FRESH).cfg.clone(), restored);
         assert_eq!(target.status().consistent, before, "{what}");
         let mut source = new_source(Mode::Sync, 1);
@@ -602,6 +618,8 @@ fn a_source_behind_the_target_does_not_end_its_inconsistency() {
         clean: false,
         consistent: true,
         resyncing: false,
+        resync_full: false,
+        gen_ids: testkit::PAIR_IDS,
     };
     let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
     let mut source = new_source(Mode::Sync, 1);
@@ -638,6 +656,8 @@ fn a_resync_end_keeps_the_resend_bound_of_an_unclean_restart() {
         clean: false,
         consistent: true,
         resyncing: false,
+        resync_full: false,
+        gen_ids: testkit::PAIR_IDS,
     };
     let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
     let mut source = new_source(Mode::Sync, 1);
@@ -715,6 +735,8 @@ fn a_restarted_primary_drops_the_bound_of_the_run_it_replaces() {
         clean: false,
         consistent: true,
         resyncing: false,
+        resync_full: false,
+        gen_ids: testkit::PAIR_IDS,
     };
     let mut target = Target::new(new_target(FRESH).cfg.clone(), unclean);
     let mut old = new_source(Mode::Sync, 1);
@@ -744,4 +766,68 @@ fn a_restarted_primary_drops_the_bound_of_the_run_it_replaces() {
     }
     assert_eq!(target.status().durable, end);
     assert!(target.status().consistent, "seq 10 of the old run is gone");
+}
+
+/// Hands out, applies and syncs everything the commit log holds.
+fn apply_all(target: &mut Target) {
+    while let Some(apply) = target.poll_apply() {
+        target.handle_applied(apply.seq);
+        target.handle_durable(apply.seq);
+    }
+}
+
+/// A full resync into a volume of no history: inconsistent from its begin; a restart in the
+/// middle keeps "full" in the record, so the end (after the restart) makes the data consistent
+/// and gives the volume the source's history, which the record then keeps.
+#[test]
+fn a_full_resync_survives_a_target_restart_and_its_end_gives_the_history() {
+    let mut target = new_target(Restored::FRESH);
+    let mut source = new_source(Mode::Sync, 1);
+    source.adopt_target_seq();
+    source.on_connect([2; MAC_BYTES]);
+    target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+    exchange(&mut source, &mut target);
+    assert!(
+        source.take_full_resync(),
+        "the source rebased for a full resync"
+    );
+    source
+        .submit(Op::Resync(ResyncMark::Begin { full: true }), 1)
+        .unwrap();
+    write(&mut source, 3);
+    exchange(&mut source, &mut target);
+    apply_all(&mut target);
+    assert!(!target.status().consistent);
+    assert_eq!(target.gen_ids(), GenIds::NONE);
+    let mut node = crate::node::Node::secondary(MetaRecord::new(VOLUME_ID, VOLUME_BYTES), target);
+    let record = node.record(Seq(2), false);
+    assert!(record.resyncing && record.resync_full && !record.consistent);
+    let (record, _) = MetaRecord::decode(&record.encode(1)).unwrap();
+    let facts = VolumeFacts {
+        volume_id: VOLUME_ID,
+        volume_bytes: VOLUME_BYTES,
+        created: false,
+    };
+    let (restored, _) = recover(Some(&record), &facts).unwrap();
+    let mut target = Target::new(new_target(FRESH).cfg.clone(), restored);
+    source.on_disconnect();
+    source.on_connect([4; MAC_BYTES]);
+    target.on_connect(C, [5; MAC_BYTES], 0).unwrap();
+    exchange(&mut source, &mut target);
+    source.submit(Op::Resync(ResyncMark::End), 1).unwrap();
+    exchange(&mut source, &mut target);
+    apply_all(&mut target);
+    assert!(target.status().consistent);
+    assert_eq!(target.gen_ids(), testkit::PAIR_IDS);
+    let mut node = crate::node::Node::secondary(record, target);
+    let after = node.record(Seq(3), true);
+    assert_eq!(
+        (
+            after.gen_ids,
+            after.consistent,
+            after.resyncing,
+            after.resync_full
+        ),
+        (testkit::PAIR_IDS, true, false, false)
+    );
 }

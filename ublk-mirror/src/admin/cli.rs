@@ -282,6 +282,20 @@ pub fn format_status(st: &StatusReport) -> String {
             format!("{} frames, {} bytes", st.shipped.frames, st.shipped.bytes),
         ),
         (
+            "generation",
+            st.generation.as_ref().map_or_else(
+                || "-".to_string(),
+                |g| {
+                    format!(
+                        "{} (bitmap {}, history {})",
+                        g.current,
+                        g.bitmap,
+                        g.history.join(" ")
+                    )
+                },
+            ),
+        ),
+        (
             "intent",
             st.intent.as_ref().map_or_else(
                 || "-".to_string(),
@@ -301,9 +315,12 @@ pub fn format_status(st: &StatusReport) -> String {
                 || "none".to_string(),
                 |r| {
                     format!(
-                        "{} of {} bytes durable on the target, {} sent (the target is not \
+                        "{}{} of {} bytes durable on the target, {} sent (the target is not \
                          consistent until it ends)",
-                        r.durable_bytes, r.total_bytes, r.submitted_bytes
+                        if r.full { "full: " } else { "" },
+                        r.durable_bytes,
+                        r.total_bytes,
+                        r.submitted_bytes
                     )
                 },
             ),
@@ -530,7 +547,21 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("resync      none"), "{table}");
+        st.generation = Some(
+            mirror_core::genid::GenIds {
+                current: mirror_core::Generation(0xab),
+                ..mirror_core::genid::GenIds::NONE
+            }
+            .into(),
+        );
+        assert!(
+            format_status(&st)
+                .contains("generation  00000000000000ab (bitmap none, history none none)"),
+            "{}",
+            format_status(&st)
+        );
         st.resync = Some(crate::admin::ResyncReport {
+            full: false,
             total_bytes: 1 << 20,
             submitted_bytes: 1 << 19,
             durable_bytes: 1 << 18,
@@ -538,6 +569,13 @@ mod tests {
         let table = format_status(&st);
         assert!(
             table.contains("resync      262144 of 1048576 bytes durable on the target"),
+            "{table}"
+        );
+        st.resync = st
+            .resync
+            .map(|r| crate::admin::ResyncReport { full: true, ..r });
+        assert!(
+            format_status(&st).contains("resync      full: 262144 of 1048576 bytes"),
             "{table}"
         );
     }

@@ -33,7 +33,7 @@ use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
 use super::control::{bind_socket, serve, DaemonState};
 use super::{client, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
-use crate::replicator::{self, Handle, IntentSetup, ReplError, ReplicatorConfig};
+use crate::replicator::{self, Handle, ReplError, ReplicatorConfig};
 use crate::volume::{open_passthrough, open_volume, LocalVolume, PrimaryStartup};
 
 /// `ublk-mirror start`.
@@ -168,18 +168,7 @@ fn start_mirror(
         meta: running,
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };
-    let intent = match intent {
-        Some(i) => Some(IntentSetup {
-            store: Box::new(i.store),
-            stored: i.stored,
-            restored,
-            volume: volume
-                .file
-                .try_clone()
-                .context("cannot reopen the volume")?,
-        }),
-        None => None,
-    };
+    let intent = volume.intent_setup(&s.volume, intent, restored)?;
     let (repl, repl_task) = {
         let _guard = runtime.enter();
         replicator::spawn_primary(cfg, intent)
@@ -199,9 +188,18 @@ fn start_mirror(
         ),
         Err(e) => bail!("cannot mirror to {}: {e}", m.peer),
     }
+    // The engine stored the running record (not clean) at the handshake: from here on the host
+    // may write, and a crash is never taken for a clean stop.
     eprintln!("ublk-mirror: connected to {}", m.peer);
-    // From here on the host may write: a crash is never taken for a clean stop.
-    volume.store(&s.volume, &running)?;
+    if let Ok(Some(resync)) = runtime.block_on(repl.status()).map(|s| s.resync) {
+        if resync.full {
+            eprintln!(
+                "ublk-mirror: the target holds none of this volume's data (a new or replaced \
+                 volume): copying all {} bytes to it; host I/O waits until the copy is in the log",
+                resync.total_bytes
+            );
+        }
+    }
     Ok((repl, repl_task))
 }
 

@@ -196,12 +196,36 @@ pub struct IntentReport {
 /// A resync under way (the target is not consistent until it ends).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncReport {
+    /// Whether it copies the whole volume (the target held none of its history).
+    #[serde(default)]
+    pub full: bool,
     /// Bytes it copies in all.
     pub total_bytes: u64,
     /// Bytes in the rollback log or sent.
     pub submitted_bytes: u64,
     /// Bytes the target holds durably.
     pub durable_bytes: u64,
+}
+
+/// Generation ids ([`mirror_core::genid`]) as 16 hex digits, or "none".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationReport {
+    /// The history the volume holds.
+    pub current: String,
+    /// The history its dirty bitmap counts from.
+    pub bitmap: String,
+    /// Earlier histories, newest first.
+    pub history: Vec<String>,
+}
+
+impl From<mirror_core::genid::GenIds> for GenerationReport {
+    fn from(ids: mirror_core::genid::GenIds) -> GenerationReport {
+        GenerationReport {
+            current: ids.current.to_string(),
+            bitmap: ids.bitmap.to_string(),
+            history: ids.history.iter().map(ToString::to_string).collect(),
+        }
+    }
 }
 
 /// `status`: everything an operator wants to see.
@@ -259,6 +283,9 @@ pub struct StatusReport {
     /// The write intent (none: not kept, or no mirror).
     #[serde(default)]
     pub intent: Option<IntentReport>,
+    /// The volume's generation ids (none: no mirror).
+    #[serde(default)]
+    pub generation: Option<GenerationReport>,
     /// The resync under way after a restart, if any.
     #[serde(default)]
     pub resync: Option<ResyncReport>,

@@ -94,7 +94,9 @@ impl DaemonState {
                 dirty_chunks: i.dirty_chunks,
                 stored_chunks: i.stored_chunks,
             }),
+            generation: Some(st.gen_ids.into()),
             resync: st.resync.map(|r| ResyncReport {
+                full: r.full,
                 total_bytes: r.total_bytes,
                 submitted_bytes: r.submitted_bytes,
                 durable_bytes: r.durable_bytes,

@@ -16,9 +16,9 @@ use mirror_core::node::{
 };
 use mirror_core::session::SessionAction;
 use mirror_core::source::SourceError;
-use mirror_core::storage::IntentStore;
+use mirror_core::storage::{IntentStore, MetaStore};
 use mirror_core::wire::{Encoded, Frame, Op, SummedOp, MAC_BYTES};
-use mirror_core::{Lba, Seq};
+use mirror_core::Seq;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -47,6 +47,7 @@ pub(super) const PEER: PeerId = PeerId(0);
 pub(super) struct KeptIntent {
     pub(super) store: Box<dyn IntentStore>,
     pub(super) volume: std::fs::File,
+    pub(super) record: Box<dyn MetaStore + Send>,
     pub(super) view: Arc<IntentView>,
 }
 
@@ -81,6 +82,8 @@ pub(super) struct Engine {
     last_error: Option<String>,
     sent_frames: u64,
     sent_bytes: u64,
+    /// The running record was stored after the first handshake.
+    record_stored: bool,
 }
 
 impl Engine {
@@ -115,6 +118,7 @@ impl Engine {
             last_error: None,
             sent_frames: 0,
             sent_bytes: 0,
+            record_stored: false,
         }
     }
 
@@ -204,10 +208,7 @@ impl Engine {
                         self.link_mut().stop(e);
                         return;
                     }
-                    Op::Write {
-                        lba: Lba::from_bytes(range.offset_bytes),
-                        data: Bytes::from(data),
-                    }
+                    ResyncStep::copy_op(range, Bytes::from(data))
                 }
             };
             let now = self.now_ns();
@@ -216,6 +217,17 @@ impl Engine {
                 return;
             }
             let _ = self.store_intent();
+        }
+    }
+
+    /// Stores the primary's running record (not clean) with the peer holding everything through
+    /// `durable`; a failure stops replication (a crash would be checked against a stale seq).
+    fn store_record(&mut self, durable: Seq) {
+        let record = self.node.record(durable, false);
+        let Some(kept) = &self.intent else { return };
+        if let Err(e) = kept.record.store(&record) {
+            let e = SourceError::Local(format!("storing the primary's record: {e}"));
+            self.link_mut().stop(e);
         }
     }
 
@@ -265,7 +277,20 @@ impl Engine {
                 PeerEvent::Durable(seq) => self.wake_replicated(seq),
                 PeerEvent::Connected => {
                     tracing::info!(peer = %self.cfg.peer, "connected to target");
+                    if !self.record_stored {
+                        self.record_stored = true;
+                        let durable = self.link().source().durable();
+                        self.store_record(durable);
+                    }
                     self.publish();
+                }
+                PeerEvent::Rebased(seq) => {
+                    tracing::warn!(
+                        peer = %self.cfg.peer,
+                        "the target holds none of this volume's data: copying all of it, the \
+                         sequence continues after the target's seq {seq}"
+                    );
+                    self.store_record(seq);
                 }
                 PeerEvent::Stopped(e) => {
                     tracing::warn!(reason = %e.describe(), "replication stopped");
@@ -575,6 +600,7 @@ impl Engine {
                     sent_bytes: self.sent_bytes,
                     intent: self.intent.as_ref().map(|_| st.intent),
                     resync: st.resync,
+                    gen_ids: self.node.meta().gen_ids,
                 });
             }
             Ctl::SetMode(mode, reply) => {

@@ -36,7 +36,7 @@ use mirror_core::meta::{MetaRecord, Role};
 use mirror_core::node::{DrainError, Node, PeerLink, PrimaryRestored, SubmitError};
 use mirror_core::session::{SessionConfig, SourceSession};
 use mirror_core::source::{Mode, Source, SourceConfig, SourceError, SourceStatus};
-use mirror_core::storage::IntentStore;
+use mirror_core::storage::{IntentStore, MetaStore};
 use mirror_core::wire::{Op, SummedOp, PAYLOAD_BYTES_MAX};
 use mirror_core::Seq;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -138,6 +138,10 @@ pub struct IntentSetup {
     pub restored: PrimaryRestored,
     /// The local volume's data area, read by the resync.
     pub volume: std::fs::File,
+    /// Where the primary's record is kept: the engine stores it (not clean) once the first
+    /// handshake settled where the peer stands, before the host writes, and again when a full
+    /// resync rebases the sequence ([`mirror_core::node::PeerEvent::Rebased`]).
+    pub record: Box<dyn MetaStore + Send>,
 }
 
 /// Why a replicator call failed.
@@ -165,7 +169,8 @@ pub enum ReplError {
     /// Too many callers already wait for replication.
     #[error("too many callers waiting for replication (limit {REPLICATED_WAITERS_MAX})")]
     TooManyWaiters,
-    /// A resync waits to enter the log first (the daemon does not restart into one yet).
+    /// A resync must enter the log first (the engine holds submissions until it has; a caller
+    /// that submits to the link directly meets this).
     #[error("{0}")]
     Resync(SubmitError),
 }
@@ -208,6 +213,8 @@ pub struct ReplicatorStatus {
     pub intent: Option<mirror_core::node::IntentStatus>,
     /// The resync under way, if any.
     pub resync: Option<mirror_core::node::ResyncStatus>,
+    /// The volume's generation ids, as its record keeps them.
+    pub gen_ids: mirror_core::genid::GenIds,
 }
 
 /// Connection state, published on every change.
@@ -468,6 +475,7 @@ pub fn spawn_primary(
             let kept = engine::KeptIntent {
                 store: setup.store,
                 volume: setup.volume,
+                record: setup.record,
                 view: Arc::clone(&view),
             };
             (link, view, Some(kept))

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use mirror_core::genid::GenIds;
 use mirror_core::meta::MetaRecord;
 use mirror_core::source::{LockStyle, Mode, SourceConfig, SourceError};
 use mirror_core::wire::{Op, PAYLOAD_BYTES_MAX};
@@ -37,7 +36,7 @@ use tokio::time::Instant;
 use ublk_mirror::admin::config::read_secret;
 use ublk_mirror::device::gate::RangeGate;
 use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
-use ublk_mirror::replicator::{self, IntentSetup, ReplError, ReplicatorConfig};
+use ublk_mirror::replicator::{self, ReplError, ReplicatorConfig};
 use ublk_mirror::volume::{open_volume, LocalVolume, PrimaryStartup};
 
 use plan::{Placer, Plan};
@@ -157,7 +156,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let source = SourceConfig {
         volume_id: args.volume_id,
         node_id: NodeId(args.node_id),
-        gen_ids: GenIds::default(),
+        gen_ids: start.running.gen_ids,
         volume_bytes: args.volume_bytes,
         block_bytes: args.block_bytes,
         secret,
@@ -194,23 +193,11 @@ async fn drive(
         meta: running,
         ..ReplicatorConfig::new(args.peer.clone(), source)
     };
-    let intent = match start.intent {
-        Some(i) => Some(IntentSetup {
-            store: Box::new(i.store),
-            stored: i.stored,
-            restored: start.restored,
-            volume: volume
-                .file
-                .try_clone()
-                .context("cannot reopen the volume")?,
-        }),
-        None => None,
-    };
+    let intent = volume.intent_setup(&args.volume, start.intent, start.restored)?;
     let (handle, task) = replicator::spawn_primary(cfg, intent);
     let result = async {
+        // The engine stored the running record (not clean) at the handshake.
         connect(args, &handle).await?;
-        // From here on the volume is written: a crash is never taken for a clean stop.
-        volume.store(&args.volume, &running)?;
         workload(args, plan, &handle, &volume.file, ack_log).await
     }
     .await;
@@ -463,7 +450,7 @@ mod tests {
         let source = SourceConfig {
             volume_id: VolumeId([7; 16]),
             node_id: NodeId(1),
-            gen_ids: GenIds::default(),
+            gen_ids: mirror_core::genid::GenIds::default(),
             volume_bytes: 1 << 20,
             block_bytes: 4096,
             secret: b"s".to_vec(),
