@@ -17,6 +17,7 @@
 //! ([`PeerEvent`]: a completion per the mode, "durable through N", connected, stopped).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 
 use crate::bitmap::DirtyBitmap;
 use crate::log::{MemLog, RollbackLog};
@@ -117,6 +118,15 @@ pub enum PeerEvent {
     Durable(Seq),
     /// A handshake completed: the peer is authenticated and shipping started.
     Connected,
+    /// The start's connect deadline passed without a handshake, and this start may serve the
+    /// host without its peer (a primary resumed from the record of a clean stop): host
+    /// operations enter the rollback log and the link keeps reconnecting; `sync` writes wait for
+    /// the peer. The driver goes on (a start that may not degrade stops with
+    /// [`SourceError::Unreachable`] instead).
+    Degraded {
+        /// The deadline's bound, in whole seconds.
+        secs: u64,
+    },
     /// The peer holds none of this volume's history: the sequence now continues after its seq
     /// (lower than what the record says the peer held, or higher) and a full resync follows.
     /// The driver stores its running record with this seq as the peer's before anything else,
@@ -158,6 +168,49 @@ pub enum PeerSabotage {
     DurableEarly,
     /// Never ask the driver to store the write intent before a write reaches the local volume.
     SkipIntentStore,
+    /// Report the peer up to date once it received everything, not once it made it durable.
+    UpToDateEarly,
+}
+
+/// What a primary can say of its peer's copy ([`PeerLink::peer_data`]): a status that says
+/// "up to date" only when it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerData {
+    /// Connected, no resync open, and every operation this primary took is durable there.
+    UpToDate,
+    /// Connected, and this many operations are not durable there yet.
+    Behind {
+        /// Operations taken and not durable on the peer.
+        ops: u64,
+    },
+    /// A resync is under way: the peer is not consistent until its end is durable.
+    Resyncing {
+        /// Whether it copies the whole volume.
+        full: bool,
+    },
+    /// Not connected (or not yet admitted): what the peer holds is not known now; this many
+    /// operations were not durable there when it was last heard of.
+    Unknown {
+        /// Operations taken and not known durable on the peer.
+        ops: u64,
+    },
+}
+
+impl fmt::Display for PeerData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerData::UpToDate => f.write_str("up to date"),
+            PeerData::Behind { ops } => write!(f, "behind by {ops} operations"),
+            PeerData::Resyncing { full: true } => f.write_str("resyncing in full (inconsistent)"),
+            PeerData::Resyncing { full: false } => f.write_str("resyncing (inconsistent)"),
+            PeerData::Unknown { ops } => {
+                write!(
+                    f,
+                    "unknown (not connected; {ops} operations not known durable there)"
+                )
+            }
+        }
+    }
 }
 
 /// A primary's replication to one peer: the engine, its session and its waiting rules.
@@ -189,6 +242,23 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     resync_piece_bytes_max: u64,
     /// The resync's progress, from the restart until its end is durable.
     resync_track: Option<ResyncTrack>,
+    /// What this start may do before its first handshake.
+    start: StartRule,
+}
+
+/// What a link may do before its first handshake settled where the peer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartRule {
+    /// An engine driven without a record (tests, tools): host operations at any time; a connect
+    /// deadline stops it.
+    Unrecorded,
+    /// A primary resumed from the record of a clean stop: the peer held its history then, so
+    /// host operations go to the log at once, and a connect deadline degrades the start.
+    Resumed,
+    /// A first start or a restart after a crash: the handshake decides what the peer lacks
+    /// (a full copy, the write intent's chunks) before any host operation; a connect deadline
+    /// stops it.
+    NeedsPeer,
 }
 
 /// The one submission waiting for room in the rollback log.
@@ -242,6 +312,8 @@ pub struct PeerLinkStatus {
     pub connects: u64,
     /// Connections dropped after they were opened.
     pub disconnects: u64,
+    /// What the peer's copy is.
+    pub peer_data: PeerData,
     /// The write intent.
     pub intent: IntentStatus,
     /// The resync under way, if any.
@@ -289,6 +361,11 @@ impl<L: RollbackLog> PeerLink<L> {
             ResyncPlan::partial(stored.clone(), volume_bytes)
         });
         let mut link = Self::with_intent(source, session, WriteIntent::restored(stored));
+        link.start = if restored.kind == PrimaryStart::Resumed {
+            StartRule::Resumed
+        } else {
+            StartRule::NeedsPeer
+        };
         link.resync_track = resync.as_ref().map(|plan| ResyncTrack {
             total_bytes: plan.total_bytes(),
             ..ResyncTrack::default()
@@ -305,6 +382,7 @@ impl<L: RollbackLog> PeerLink<L> {
             resync_step: None,
             resync_piece_bytes_max: u64::from(PAYLOAD_BYTES_MAX),
             resync_track: None,
+            start: StartRule::Unrecorded,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -320,9 +398,9 @@ impl<L: RollbackLog> PeerLink<L> {
         }
     }
 
-    /// Replication stops for good ([`SourceError::Unreachable`]) unless a handshake completes
-    /// within `limit_ns` of `now_ns`: a start that must find its peer (until issue 14's degraded
-    /// start).
+    /// Unless a handshake completes within `limit_ns` of `now_ns`, a start that may serve the host
+    /// without its peer reports [`PeerEvent::Degraded`] and goes on, any other stops for good
+    /// ([`SourceError::Unreachable`]).
     pub fn set_connect_deadline(&mut self, now_ns: u64, limit_ns: u64) {
         if self.connects == 0 {
             self.connect_deadline = Some((now_ns.saturating_add(limit_ns), limit_ns));
@@ -375,10 +453,20 @@ impl<L: RollbackLog> PeerLink<L> {
     }
 
     /// Whether host operations may be offered: not while a resync waits to enter the log (its
-    /// copies read the local volume, which host writes must not change under them).
+    /// copies read the local volume, which host writes must not change under them), nor before
+    /// the first handshake of a start that needs its peer's verdict first.
     #[must_use]
     pub fn takes_host_ops(&self) -> bool {
-        self.resync.is_none() && self.resync_step.is_none()
+        self.resync.is_none()
+            && self.resync_step.is_none()
+            && (self.connects > 0 || self.start != StartRule::NeedsPeer)
+    }
+
+    /// Whether this start may serve the host before its peer answered (a primary resumed from
+    /// the record of a clean stop, or an engine without a record).
+    #[must_use]
+    pub fn may_start_degraded(&self) -> bool {
+        self.start == StartRule::Resumed
     }
 
     /// The next resync step the driver must carry out, if one is due: once the peer admitted
@@ -704,12 +792,14 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         if let Some((_, limit_ns)) = self.connect_deadline.filter(|&(d, _)| now_ns >= d) {
             self.connect_deadline = None;
+            let secs = limit_ns / 1_000_000_000;
             // A handshake that completed but was not polled yet still counts.
             if self.source.status().conn != ConnState::Connected {
-                self.stop(SourceError::Unreachable {
-                    secs: limit_ns / 1_000_000_000,
-                });
-                return None;
+                if !self.may_start_degraded() {
+                    self.stop(SourceError::Unreachable { secs });
+                    return None;
+                }
+                self.events.push_back(PeerEvent::Degraded { secs });
             }
         }
         let action = self.session.handle_timeout(now_ns)?;
@@ -819,6 +909,31 @@ impl<L: RollbackLog> PeerLink<L> {
         self.fatal.as_ref()
     }
 
+    /// What the peer's copy is, as far as this primary knows.
+    #[must_use]
+    pub fn peer_data(&self) -> PeerData {
+        let st = self.source.status();
+        let durable = if self.sabotage == PeerSabotage::UpToDateEarly {
+            st.received
+        } else {
+            st.durable
+        };
+        let ops = st.last_local.0.saturating_sub(durable.0);
+        if let Some(track) = &self.resync_track {
+            return PeerData::Resyncing { full: track.full };
+        }
+        // Only an admitted session has a target that took our position (after its restart,
+        // what it must re-apply to be consistent again).
+        if !self.source.is_admitted() {
+            return PeerData::Unknown { ops };
+        }
+        if ops > 0 {
+            PeerData::Behind { ops }
+        } else {
+            PeerData::UpToDate
+        }
+    }
+
     /// The state a status report shows.
     #[must_use]
     pub fn status(&self) -> PeerLinkStatus {
@@ -828,6 +943,7 @@ impl<L: RollbackLog> PeerLink<L> {
             fatal: self.fatal.clone(),
             connects: self.connects,
             disconnects: self.disconnects,
+            peer_data: self.peer_data(),
             intent: IntentStatus {
                 chunk_bytes: self.intent.live().chunk_bytes(),
                 dirty_chunks: self.intent.live().dirty_chunks(),

@@ -537,6 +537,13 @@ impl<L: RollbackLog> Source<L> {
         false
     }
 
+    /// Whether the target admitted the current connection's session: an ACK arrived on it (the
+    /// target acknowledges only an authenticated session, after taking our HELLO's position).
+    #[must_use]
+    pub fn is_admitted(&self) -> bool {
+        self.conn == Conn::Ready && self.admitted
+    }
+
     /// Whether the sequence still waits to continue after the target's: a restarted primary
     /// ([`Self::adopt_target_seq`]) whose session the target has not yet admitted (its first ACK
     /// shows it did; a REFUSE after our AUTH is still possible before).

@@ -177,7 +177,24 @@ fn adopting_the_history_before_a_full_resync_ends_is_caught() {
         target_sabotage: TargetSabotage::AdoptIdsAtBegin,
         ..SimOptions::default()
     };
-    assert_caught_by(&opts, 2000, &[Check::Quiescence, Check::Protocol]);
+    // The partial copy stays inconsistent: the peer-status check sees the primary call it up to
+    // date, or quiescence finds it inconsistent.
+    assert_caught_by(
+        &opts,
+        2000,
+        &[Check::PeerStatus, Check::Quiescence, Check::Protocol],
+    );
+}
+
+/// A primary whose status calls its peer up to date once the peer received everything, not
+/// once it made it durable (issue 14: status never reports up to date when it is not).
+#[test]
+fn reporting_the_peer_up_to_date_early_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::UpToDateEarly,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::PeerStatus]);
 }
 
 /// Recovery trusting a volume without a record (the rule the target server runs).

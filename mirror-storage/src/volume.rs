@@ -3,12 +3,15 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mirror_core::meta::{MetaRecord, META_FILE_BYTES};
 use mirror_core::storage::{MetaStore, MetaStoreError, Volume, VolumeError};
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
 
 /// Zeroes are written in chunks of this size (discard and write-zeroes).
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
@@ -52,6 +55,22 @@ impl Volume for FileVolume {
 
     fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeError> {
         self.check_extent(offset_bytes, len_bytes)?;
+        // The kernel zeroes the range without our buffers where the file system or device can:
+        // a hole (reads as zeroes, takes no space: a full resync ships a new volume's zeroes
+        // this way), else zeroed extents; else they are written.
+        if let (Ok(offset), Ok(len)) = (i64::try_from(offset_bytes), i64::try_from(len_bytes)) {
+            for mode in [
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE,
+                FallocateFlags::FALLOC_FL_ZERO_RANGE,
+            ] {
+                let mode = mode | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                match fallocate(self.file.as_raw_fd(), mode, offset, len) {
+                    Ok(()) => return Ok(()),
+                    Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENODEV | Errno::ENOSYS) => {}
+                    Err(e) => return Err(io::Error::from(e).into()),
+                }
+            }
+        }
         let zeroes =
             vec![0u8; ZERO_CHUNK_BYTES.min(usize::try_from(len_bytes).unwrap_or(usize::MAX))];
         let mut done = 0u64;

@@ -3,8 +3,8 @@
 # as root, with the binaries already built on the host.
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
-#                                                overlap blockdev512 target-blockdev passthrough kill9
-#                                                sigterm delete perf)
+#                                                overlap blockdev512 target-blockdev passthrough
+#                                                restart degraded kill9 sigterm delete perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -495,7 +495,7 @@ case_target_blockdev() {
     : >"$log"
     tbd_target
     for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
-    if ! grep -q "copying all $SIZE bytes" "$OUT/start-m-tbd.out"; then
+    if ! grep -q "copying all $SIZE bytes" "$OUT/start-m-tbd.out" "$OUT/daemon-m-tbd.log"; then
         fail target-blockdev "the start did not copy the volume: $(cat "$OUT/start-m-tbd.out")"
         cleanup_all; losetup -d "$loopdev"; return
     fi
@@ -566,6 +566,45 @@ case_restart() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-restart"
 }
 
+# case_degraded (issue 14, failure 2): a primary stopped cleanly restarts while its target is
+# down: after --connect-timeout-secs it starts degraded and serves ext4; once the target is back
+# the logged writes reach it, the files are intact and the volumes converge.
+case_degraded() {
+    local tag=degraded why st
+    new_volumes "$tag"
+    start_target "$tag" || { fail degraded "target did not start"; return; }
+    start_daemon m-dg "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail degraded "$why"; stop_target; return; }
+    mkfs.ext4 -q -F "$DEV" >"$OUT/mkfs-degraded.out" 2>&1 || { fail degraded "mkfs failed"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-dg --timeout-secs 120 2>&1) || { fail degraded "$why"; cleanup_all; return; }
+    stop_daemon m-dg || { fail degraded "stop failed"; cleanup_all; return; }
+    stop_target
+    start_daemon m-dg "$tag" async --connect-timeout-secs 2 >"$W/why" 2>&1 \
+        || { why=$(cat "$W/why"); fail degraded "the start without the target failed: $why"; cleanup_all; return; }
+    grep -q "starting DEGRADED" "$OUT/start-m-dg.out" "$OUT/daemon-m-dg.log" \
+        || { fail degraded "the start does not say it is degraded"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail degraded "mount failed"; cleanup_all; return; }
+    write_files "$MNT" 20 || { fail degraded "writing files failed"; cleanup_all; return; }
+    rm -rf "$W/ref-degraded" && cp -a "$MNT" "$W/ref-degraded"
+    umount "$MNT"
+    st=$("$UM" status --name m-dg --json)
+    jq -e '.connection != "connected" and .lag.entries > 0 and (.peer_data | startswith("unknown"))' <<<"$st" >/dev/null \
+        || { fail degraded "status does not show the missing target and the lag: $st"; cleanup_all; return; }
+    TARGET_STARTS=2 restart_target "$tag" || { fail degraded "target did not restart"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-dg --timeout-secs 120 2>&1) || { fail degraded "$why"; cleanup_all; return; }
+    jq -e '.peer_data == "up to date"' <<<"$("$UM" status --name m-dg --json)" >/dev/null \
+        || { fail degraded "status does not call the caught-up target up to date: $("$UM" status --name m-dg --json | jq -c .peer_data)"; cleanup_all; return; }
+    why=$(same_volumes "$tag") || { fail degraded "after the target returned: $why"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail degraded "mount after the catch-up failed"; cleanup_all; return; }
+    why=$(diff -r "$W/ref-degraded" "$MNT" 2>&1 | head -n 3)
+    [ -z "$why" ] || { fail degraded "files changed: $why"; cleanup_all; return; }
+    umount "$MNT"
+    stop_daemon m-dg || { fail degraded "stop after the catch-up failed"; cleanup_all; return; }
+    stop_target
+    pass degraded
+    echo "    started without the target, $(jq -r .lag.entries <<<"$st") writes logged, shipped once it returned: volumes identical"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-degraded"
+}
+
 # case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
 # status says so, mirror requests are refused with one clear line.
 case_passthrough() {
@@ -598,7 +637,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -615,10 +654,13 @@ for c in "${cases[@]}"; do
         target-blockdev) case_target_blockdev ;;
         passthrough) case_passthrough ;;
         restart) case_restart ;;
+        degraded) case_degraded ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac
     cleanup_all
+    # A failed case leaves its volumes; the VM's /tmp is memory.
+    rm -f "$W"/*.img
 done
 echo "vm-suite: $(($(date +%s) - T0)) s inside the VM"
 finish

@@ -531,6 +531,11 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
 fn reconnect(link: &mut PeerLink, target: &mut Target, nonce: u8) -> Result<(), CloseConn> {
     let at = link.poll_timeout().unwrap_or(0);
     assert_eq!(link.handle_timeout(at), Some(SessionAction::Connect));
+    open(link, target, nonce)
+}
+
+/// The connection the link asked for ([`SessionAction::Connect`]) opens to `target`.
+fn open(link: &mut PeerLink, target: &mut Target, nonce: u8) -> Result<(), CloseConn> {
     link.on_connecting();
     target.on_disconnect(C);
     target.on_connect(C, [nonce; MAC_BYTES], 0).unwrap();
@@ -693,5 +698,61 @@ fn a_target_of_another_history_is_refused() {
             }
         );
         assert!(!t.status().consistent || t.status().durable == Seq::NONE);
+    }
+}
+
+/// Issue 14, failure 2: a primary resumed from the record of a clean stop (the target held its
+/// history then) serves host operations before its peer answers and, at its connect deadline,
+/// goes on degraded and ships them once the peer is back; a first start or a restart after a
+/// crash takes none before the handshake's verdict and stops at the deadline.
+#[test]
+fn only_a_resumed_start_serves_the_host_without_its_peer() {
+    for (kind, degrades) in [
+        (PrimaryStart::Resumed, true),
+        (PrimaryStart::First, false),
+        (PrimaryStart::Crashed, false),
+    ] {
+        let source = Source::with_log(config(Mode::Async, 64), MemLog::new(), Seq(5));
+        let restored = PrimaryRestored {
+            confirmed: Seq(5),
+            kind,
+        };
+        let map = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, 64 << 10).unwrap();
+        let mut l = PeerLink::restarted(source, session(7), restored, map);
+        l.set_connect_deadline(0, 1_000 * MS);
+        assert_eq!(l.takes_host_ops(), degrades, "{kind:?}");
+        let written = l.submit(1, write(1), 1);
+        let action = l.handle_timeout(1_000 * MS);
+        let seen = events(&mut l);
+        if !degrades {
+            assert_eq!(written, Err(SubmitError::Resyncing), "{kind:?}");
+            assert_eq!(
+                l.fatal(),
+                Some(&SourceError::Unreachable { secs: 1 }),
+                "{kind:?}"
+            );
+            continue;
+        }
+        assert_eq!(written, Ok(Submitted::Accepted(Seq(6))));
+        assert_eq!(
+            seen,
+            vec![
+                PeerEvent::Degraded { secs: 1 },
+                PeerEvent::Completed(Seq(6))
+            ]
+        );
+        assert_eq!(l.fatal(), None);
+        let mut t = testkit::target(crate::target::Restored {
+            durable: Seq(5),
+            ..FRESH
+        });
+        assert_eq!(action, Some(SessionAction::Connect));
+        open(&mut l, &mut t, 11).unwrap();
+        assert_eq!(
+            t.status().durable,
+            Seq(6),
+            "the degraded write reached the peer"
+        );
+        assert!(events(&mut l).contains(&PeerEvent::Connected));
     }
 }

@@ -1,6 +1,7 @@
 //! The invariant checkers that run after every step, and the replay images they compare with.
 
 use crate::log::RollbackLog;
+use crate::node::PeerData;
 use crate::source::LOCKS_AHEAD_MAX;
 use crate::storage;
 use crate::wire::{Op, HEADER_BYTES, HELLO_PAYLOAD_BYTES};
@@ -107,7 +108,29 @@ impl Sim<'_> {
         }
         self.received_high = self.received_high.max(status.received);
         self.check_log()?;
+        self.check_peer_status()?;
         self.check_memory()
+    }
+
+    /// (i) the primary never calls its peer up to date unless the target made every operation
+    /// it took durable and is consistent.
+    fn check_peer_status(&self) -> Step<()> {
+        if !self.source_life.alive() || self.link.peer_data() != PeerData::UpToDate {
+            return Ok(());
+        }
+        let last = self.link.source().status().last_local;
+        let t = self.node.engines().status();
+        if self.persisted < last || !t.consistent {
+            return Err(self.violation(
+                Check::PeerStatus,
+                format!(
+                    "the primary reports its peer up to date through seq {last}; the target is \
+                     durable through {} (consistent: {})",
+                    self.persisted, t.consistent
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn check_holders(&self) -> Step<()> {

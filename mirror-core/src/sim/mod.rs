@@ -180,6 +180,9 @@ pub enum Check {
     /// The target reported itself consistent inside a resync bracket (from its begin handed
     /// out until its end is durable).
     ResyncBracket,
+    /// The primary's status called the peer up to date while the target had not made every
+    /// operation durable, or was not consistent.
+    PeerStatus,
     /// At quiescence the volumes differ or operations are missing.
     Quiescence,
     /// The run stopped making progress (deadlock) or exceeded its step bound (livelock).
@@ -201,6 +204,7 @@ impl fmt::Display for Check {
             Check::SurvivesSourceCrash => "survives-source-crash",
             Check::WriteIntent => "write-intent",
             Check::ResyncBracket => "resync-bracket",
+            Check::PeerStatus => "peer-status",
             Check::Quiescence => "quiescence",
             Check::NoProgress => "no-progress",
             Check::Panic => "panic",

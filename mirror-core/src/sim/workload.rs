@@ -306,6 +306,8 @@ impl Sim<'_> {
                     self.report.handshakes += 1;
                     continue;
                 }
+                // The simulated start sets no connect deadline.
+                PeerEvent::Degraded { .. } => continue,
                 PeerEvent::Rebased(seq) => {
                     let running = crate::meta::MetaRecord {
                         durable: seq,

@@ -249,6 +249,10 @@ pub fn format_status(st: &StatusReport) -> String {
             ),
         ),
         (
+            "peer data",
+            opt(Some(&st.peer_data).filter(|s| !s.is_empty())).to_string(),
+        ),
+        (
             "mode",
             format!(
                 "{} (flushes replicate: {})",
@@ -547,6 +551,13 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("resync      none"), "{table}");
+        assert!(table.contains("peer data   -"), "{table}");
+        st.peer_data = mirror_core::node::PeerData::Behind { ops: 3 }.to_string();
+        assert!(
+            format_status(&st).contains("peer data   behind by 3 operations"),
+            "{}",
+            format_status(&st)
+        );
         st.generation = Some(
             mirror_core::genid::GenIds {
                 current: mirror_core::Generation(0xab),

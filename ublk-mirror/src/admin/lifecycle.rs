@@ -33,7 +33,7 @@ use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
 use super::control::{bind_socket, serve, DaemonState};
 use super::{client, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
-use crate::replicator::{self, Handle, ReplError, ReplicatorConfig};
+use crate::replicator::{self, Handle, ReplError, ReplicatorConfig, Started};
 use crate::volume::{open_passthrough, open_volume, LocalVolume, PrimaryStartup};
 
 /// `ublk-mirror start`.
@@ -179,7 +179,19 @@ fn start_mirror(
         s.connect_timeout.as_secs()
     );
     match runtime.block_on(repl.wait_connected()) {
-        Ok(()) => {}
+        Ok(Started::Connected) => eprintln!("ublk-mirror: connected to {}", m.peer),
+        Ok(Started::Degraded { secs }) => eprintln!(
+            "ublk-mirror: no handshake with {} within {secs} s: starting DEGRADED (the last run \
+             stopped cleanly, so the target held this volume's data then); writes are logged \
+             and shipped once it answers ({} mode: {})",
+            m.peer,
+            m.mode,
+            if m.mode == mirror_core::source::Mode::Async {
+                "they complete locally; a full rollback log makes them wait"
+            } else {
+                "they wait for the target"
+            }
+        ),
         Err(ReplError::Fatal(SourceError::Unreachable { secs })) => bail!(
             "cannot reach peer {} within {secs} s: {}",
             m.peer,
@@ -188,9 +200,8 @@ fn start_mirror(
         ),
         Err(e) => bail!("cannot mirror to {}: {e}", m.peer),
     }
-    // The engine stored the running record (not clean) at the handshake: from here on the host
-    // may write, and a crash is never taken for a clean stop.
-    eprintln!("ublk-mirror: connected to {}", m.peer);
+    // The engine stored the running record (not clean) at the handshake or the degraded start:
+    // from here on the host may write, and a crash is never taken for a clean stop.
     if let Ok(Some(resync)) = runtime.block_on(repl.status()).map(|s| s.resync) {
         if resync.full {
             eprintln!(

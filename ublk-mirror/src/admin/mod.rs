@@ -257,6 +257,9 @@ pub struct StatusReport {
     pub peer: String,
     /// `disconnected`, `handshaking`, `connected` or `failed`.
     pub connection: String,
+    /// What the peer's copy is, as far as this primary knows (`up to date` only when it is).
+    #[serde(default)]
+    pub peer_data: String,
     /// Acknowledgement mode.
     pub mode: String,
     /// Whether host flushes wait for the target.

@@ -95,6 +95,7 @@ impl DaemonState {
                 stored_chunks: i.stored_chunks,
             }),
             generation: Some(st.gen_ids.into()),
+            peer_data: st.peer_data.to_string(),
             resync: st.resync.map(|r| ResyncReport {
                 full: r.full,
                 total_bytes: r.total_bytes,

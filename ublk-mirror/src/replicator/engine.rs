@@ -82,8 +82,10 @@ pub(super) struct Engine {
     last_error: Option<String>,
     sent_frames: u64,
     sent_bytes: u64,
-    /// The running record was stored after the first handshake.
+    /// The running record was stored after the first handshake (or a degraded start).
     record_stored: bool,
+    /// The start went on without its peer after this many seconds.
+    degraded: Option<u64>,
 }
 
 impl Engine {
@@ -119,6 +121,7 @@ impl Engine {
             sent_frames: 0,
             sent_bytes: 0,
             record_stored: false,
+            degraded: None,
         }
     }
 
@@ -284,6 +287,21 @@ impl Engine {
                     }
                     self.publish();
                 }
+                PeerEvent::Degraded { secs } => {
+                    tracing::warn!(
+                        peer = %self.cfg.peer,
+                        "no handshake within {secs} s: serving the host without the peer (writes \
+                         are logged and shipped once it answers)"
+                    );
+                    // The host writes from now on: a crash is never taken for a clean stop.
+                    if !self.record_stored {
+                        self.record_stored = true;
+                        let durable = self.link().source().durable();
+                        self.store_record(durable);
+                    }
+                    self.degraded = Some(secs);
+                    self.publish();
+                }
                 PeerEvent::Rebased(seq) => {
                     tracing::warn!(
                         peer = %self.cfg.peer,
@@ -408,6 +426,7 @@ impl Engine {
         let st = self.link().status();
         let info = ConnInfo {
             connects: st.connects,
+            degraded: self.degraded,
             fatal: st.fatal,
             last_error: self.last_error.clone(),
         };
@@ -601,6 +620,7 @@ impl Engine {
                     intent: self.intent.as_ref().map(|_| st.intent),
                     resync: st.resync,
                     gen_ids: self.node.meta().gen_ids,
+                    peer_data: st.peer_data,
                 });
             }
             Ctl::SetMode(mode, reply) => {

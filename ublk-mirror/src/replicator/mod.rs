@@ -215,14 +215,31 @@ pub struct ReplicatorStatus {
     pub resync: Option<mirror_core::node::ResyncStatus>,
     /// The volume's generation ids, as its record keeps them.
     pub gen_ids: mirror_core::genid::GenIds,
+    /// What the peer's copy is.
+    pub peer_data: mirror_core::node::PeerData,
 }
 
 /// Connection state, published on every change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ConnInfo {
     connects: u64,
+    /// The start's connect deadline (this many seconds) passed and it went on without the peer.
+    degraded: Option<u64>,
     fatal: Option<SourceError>,
     last_error: Option<String>,
+}
+
+/// How a start found its peer ([`Handle::wait_connected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// A handshake completed.
+    Connected,
+    /// The connect deadline passed; the start serves the host without its peer
+    /// ([`mirror_core::node::PeerEvent::Degraded`]) and keeps reconnecting.
+    Degraded {
+        /// The deadline's bound, in whole seconds.
+        secs: u64,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ReplError>>;
@@ -397,8 +414,9 @@ impl Handle {
 
     /// Resolves once a handshake with the target has completed (now or earlier), or fails when
     /// replication stopped for good: with [`ReplicatorConfig::connect_deadline`], also once it
-    /// passed without a handshake (else an unreachable target is retried forever).
-    pub async fn wait_connected(&self) -> Result<(), ReplError> {
+    /// passed without a handshake (else an unreachable target is retried forever), unless the
+    /// start may serve the host without its peer: then it resolves as [`Started::Degraded`].
+    pub async fn wait_connected(&self) -> Result<Started, ReplError> {
         let mut rx = self.conn_rx.clone();
         loop {
             {
@@ -407,7 +425,10 @@ impl Handle {
                     return Err(ReplError::Fatal(fatal.clone()));
                 }
                 if info.connects > 0 {
-                    return Ok(());
+                    return Ok(Started::Connected);
+                }
+                if let Some(secs) = info.degraded {
+                    return Ok(Started::Degraded { secs });
                 }
             }
             rx.changed().await.map_err(|_| ReplError::Shutdown)?;
@@ -463,6 +484,7 @@ pub fn spawn_primary(
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (conn_tx, conn_rx) = watch::channel(ConnInfo {
         connects: 0,
+        degraded: None,
         fatal: None,
         last_error: None,
     });

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use ublk_mirror::admin::config::read_secret;
 use ublk_mirror::device::gate::RangeGate;
 use ublk_mirror::host_write::{self, Completed, Direct, Mirror, Submitted};
-use ublk_mirror::replicator::{self, ReplError, ReplicatorConfig};
+use ublk_mirror::replicator::{self, ReplError, ReplicatorConfig, Started};
 use ublk_mirror::volume::{open_volume, LocalVolume, PrimaryStartup};
 
 use plan::{Placer, Plan};
@@ -213,7 +213,15 @@ async fn drive(
 /// Waits for the first handshake (the replicator's connect deadline bounds it).
 async fn connect(args: &LoadgenArgs, handle: &replicator::Handle) -> anyhow::Result<()> {
     match handle.wait_connected().await {
-        Ok(()) => Ok(()),
+        Ok(Started::Connected) => Ok(()),
+        Ok(Started::Degraded { secs }) => {
+            eprintln!(
+                "ublk-mirror: no handshake with {} within {secs} s: running without the target \
+                 (writes are logged and shipped once it answers)",
+                args.peer
+            );
+            Ok(())
+        }
         Err(ReplError::Fatal(SourceError::Unreachable { secs })) => {
             let why = handle
                 .last_error()
