@@ -151,7 +151,8 @@ impl std::fmt::Display for Totals {
              completed async/received/sync/ltw {}/{}/{}/{}; source-crash {} (host ops failed {}, \
              acked durable kept {}, acked async/received writes the target lacked {}, resynced from \
              the write intent {} ({} B copied, admission refused {})); clean source stop {} \
-             (resumed from its record {}); write-intent stores {}",
+             (resumed from its record {}); write-intent stores {}; replaced target volume {} \
+             (fatal stop {}, operator restart {}, full resync {})",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -185,6 +186,10 @@ impl std::fmt::Display for Totals {
             self.0.clean_source_stops,
             self.0.source_resumes,
             self.0.intent_stores,
+            self.0.replaced_volumes,
+            self.0.fatal_stops,
+            self.0.restarts_for_full_resync,
+            self.0.full_resyncs,
         )
     }
 }
