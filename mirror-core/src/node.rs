@@ -127,11 +127,19 @@ pub enum PeerEvent {
         /// The deadline's bound, in whole seconds.
         secs: u64,
     },
-    /// The peer holds none of this volume's history: the sequence now continues after its seq
-    /// (lower than what the record says the peer held, or higher) and a full resync follows.
-    /// The driver stores its running record with this seq as the peer's before anything else,
-    /// so that a crash is checked against the peer's new position, not the lost one.
-    Rebased(Seq),
+    /// The driver stores its running record (not clean) with the peer durable through
+    /// `durable`, before it hands over anything more: once, before the host's first write can
+    /// reach the local volume (ahead of the first [`PeerEvent::Connected`] or of
+    /// [`PeerEvent::Degraded`]), so that a crash is never taken for a clean stop; and whenever
+    /// the peer held none of this volume's history (`rebased`: the sequence now continues after
+    /// the peer's seq, lower or higher than the record's, and a full resync follows), so that a
+    /// crash is checked against the peer's new position, not the lost one.
+    RecordRunning {
+        /// What the peer holds durably.
+        durable: Seq,
+        /// The sequence was rebased on the peer's for a full resync.
+        rebased: bool,
+    },
     /// Replication stopped for good with this error: every pending operation, the parked one and
     /// every waiter fail with it; later submissions are refused. The driver closes the connection.
     Stopped(SourceError),
@@ -244,6 +252,8 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     resync_track: Option<ResyncTrack>,
     /// What this start may do before its first handshake.
     start: StartRule,
+    /// The driver was told to store its running record ([`PeerEvent::RecordRunning`]).
+    record_told: bool,
 }
 
 /// What a link may do before its first handshake settled where the peer stands.
@@ -383,6 +393,7 @@ impl<L: RollbackLog> PeerLink<L> {
             resync_piece_bytes_max: u64::from(PAYLOAD_BYTES_MAX),
             resync_track: None,
             start: StartRule::Unrecorded,
+            record_told: false,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -719,6 +730,10 @@ impl<L: RollbackLog> PeerLink<L> {
             self.connects += 1;
             self.connect_deadline = None;
             self.session.on_authenticated();
+            if let Some(record) = self.tell_record() {
+                self.events.push_back(PeerEvent::Connected);
+                return Some(record);
+            }
             return Some(PeerEvent::Connected);
         }
         None
@@ -799,6 +814,9 @@ impl<L: RollbackLog> PeerLink<L> {
                     self.stop(SourceError::Unreachable { secs });
                     return None;
                 }
+                if let Some(record) = self.tell_record() {
+                    self.events.push_back(record);
+                }
                 self.events.push_back(PeerEvent::Degraded { secs });
             }
         }
@@ -864,6 +882,18 @@ impl<L: RollbackLog> PeerLink<L> {
         }
     }
 
+    /// The first [`PeerEvent::RecordRunning`], if not told yet.
+    fn tell_record(&mut self) -> Option<PeerEvent> {
+        if self.record_told {
+            return None;
+        }
+        self.record_told = true;
+        Some(PeerEvent::RecordRunning {
+            durable: self.source.durable(),
+            rebased: false,
+        })
+    }
+
     /// The target holds none of this volume's history and the sequence now continues after its
     /// (nothing was taken yet): every chunk is copied before host operations, in place of the
     /// stored intent's.
@@ -880,8 +910,11 @@ impl<L: RollbackLog> PeerLink<L> {
         self.resync = Some(plan);
         self.resync_step = None;
         self.durable_reported = self.source.durable();
-        self.events
-            .push_back(PeerEvent::Rebased(self.source.durable()));
+        self.record_told = true;
+        self.events.push_back(PeerEvent::RecordRunning {
+            durable: self.source.durable(),
+            rebased: true,
+        });
     }
 
     /// Replication stops for good (also what a driver calls when it cannot go on, e.g. no

@@ -74,6 +74,14 @@ fn exchange(link: &mut PeerLink, target: &mut Target) -> Result<(), CloseConn> {
     Ok(())
 }
 
+/// The link's one request to store the running record, at its first handshake.
+fn record(durable: Seq) -> PeerEvent {
+    PeerEvent::RecordRunning {
+        durable,
+        rebased: false,
+    }
+}
+
 fn events(link: &mut PeerLink) -> Vec<PeerEvent> {
     std::iter::from_fn(|| link.poll_event()).collect()
 }
@@ -86,7 +94,10 @@ fn connected(mode: Mode, log_entries_max: usize) -> (PeerLink, Target) {
     t.on_connect(C, [1; MAC_BYTES], 0).unwrap();
     l.on_connected([2; MAC_BYTES], 0);
     exchange(&mut l, &mut t).unwrap();
-    assert_eq!(events(&mut l), vec![PeerEvent::Connected]);
+    assert_eq!(
+        events(&mut l),
+        vec![record(Seq::NONE), PeerEvent::Connected]
+    );
     (l, t)
 }
 
@@ -123,6 +134,7 @@ fn a_full_log_parks_one_submission_until_the_target_makes_room() {
             PeerEvent::Completed(Seq(1)),
             PeerEvent::Completed(Seq(2)),
             PeerEvent::Durable(Seq(2)),
+            record(Seq(2)),
             PeerEvent::Connected,
         ]
     );
@@ -238,7 +250,10 @@ fn a_start_without_a_handshake_by_its_deadline_stops() {
     t.on_connect(C, [1; MAC_BYTES], 0).unwrap();
     l.on_connected([2; MAC_BYTES], 0);
     exchange(&mut l, &mut t).unwrap();
-    assert_eq!(events(&mut l), vec![PeerEvent::Connected]);
+    assert_eq!(
+        events(&mut l),
+        vec![record(Seq::NONE), PeerEvent::Connected]
+    );
     l.handle_timeout(3_000 * MS);
     assert_eq!(events(&mut l), vec![]);
     assert_eq!(l.fatal(), None);
@@ -468,7 +483,7 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
     exchange(&mut l, &mut t).unwrap();
     assert_eq!(
         events(&mut l),
-        vec![PeerEvent::Durable(held), PeerEvent::Connected]
+        vec![PeerEvent::Durable(held), record(held), PeerEvent::Connected]
     );
     let mut steps = Vec::new();
     while let Some(step) = l.poll_resync() {
@@ -597,7 +612,13 @@ fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
     reconnect(&mut l, &mut t, 3).unwrap();
     assert_eq!(
         events(&mut l),
-        vec![PeerEvent::Rebased(Seq::NONE), PeerEvent::Connected]
+        vec![
+            PeerEvent::RecordRunning {
+                durable: Seq::NONE,
+                rebased: true
+            },
+            PeerEvent::Connected
+        ]
     );
     assert!(!l.takes_host_ops());
     assert_eq!(l.submit(1, write(1), 1), Err(SubmitError::Resyncing));
@@ -737,6 +758,7 @@ fn only_a_resumed_start_serves_the_host_without_its_peer() {
         assert_eq!(
             seen,
             vec![
+                record(Seq(5)),
                 PeerEvent::Degraded { secs: 1 },
                 PeerEvent::Completed(Seq(6))
             ]

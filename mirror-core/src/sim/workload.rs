@@ -308,9 +308,10 @@ impl Sim<'_> {
                 }
                 // The simulated start sets no connect deadline.
                 PeerEvent::Degraded { .. } => continue,
-                PeerEvent::Rebased(seq) => {
+                PeerEvent::RecordRunning { durable, .. } => {
                     let running = crate::meta::MetaRecord {
-                        durable: seq,
+                        durable,
+                        clean: false,
                         ..self.primary_meta
                     };
                     self.store_primary(running);

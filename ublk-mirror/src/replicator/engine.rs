@@ -82,8 +82,6 @@ pub(super) struct Engine {
     last_error: Option<String>,
     sent_frames: u64,
     sent_bytes: u64,
-    /// The running record was stored after the first handshake (or a degraded start).
-    record_stored: bool,
     /// The start went on without its peer after this many seconds.
     degraded: Option<u64>,
 }
@@ -120,7 +118,6 @@ impl Engine {
             last_error: None,
             sent_frames: 0,
             sent_bytes: 0,
-            record_stored: false,
             degraded: None,
         }
     }
@@ -280,11 +277,6 @@ impl Engine {
                 PeerEvent::Durable(seq) => self.wake_replicated(seq),
                 PeerEvent::Connected => {
                     tracing::info!(peer = %self.cfg.peer, "connected to target");
-                    if !self.record_stored {
-                        self.record_stored = true;
-                        let durable = self.link().source().durable();
-                        self.store_record(durable);
-                    }
                     self.publish();
                 }
                 PeerEvent::Degraded { secs } => {
@@ -293,22 +285,18 @@ impl Engine {
                         "no handshake within {secs} s: serving the host without the peer (writes \
                          are logged and shipped once it answers)"
                     );
-                    // The host writes from now on: a crash is never taken for a clean stop.
-                    if !self.record_stored {
-                        self.record_stored = true;
-                        let durable = self.link().source().durable();
-                        self.store_record(durable);
-                    }
                     self.degraded = Some(secs);
                     self.publish();
                 }
-                PeerEvent::Rebased(seq) => {
-                    tracing::warn!(
-                        peer = %self.cfg.peer,
-                        "the target holds none of this volume's data: copying all of it, the \
-                         sequence continues after the target's seq {seq}"
-                    );
-                    self.store_record(seq);
+                PeerEvent::RecordRunning { durable, rebased } => {
+                    if rebased {
+                        tracing::warn!(
+                            peer = %self.cfg.peer,
+                            "the target holds none of this volume's data: copying all of it, \
+                             the sequence continues after the target's seq {durable}"
+                        );
+                    }
+                    self.store_record(durable);
                 }
                 PeerEvent::Stopped(e) => {
                     tracing::warn!(reason = %e.describe(), "replication stopped");

@@ -138,9 +138,8 @@ pub struct IntentSetup {
     pub restored: PrimaryRestored,
     /// The local volume's data area, read by the resync.
     pub volume: std::fs::File,
-    /// Where the primary's record is kept: the engine stores it (not clean) once the first
-    /// handshake settled where the peer stands, before the host writes, and again when a full
-    /// resync rebases the sequence ([`mirror_core::node::PeerEvent::Rebased`]).
+    /// Where the primary's record is kept: the engine stores it (not clean) when the link says
+    /// ([`mirror_core::node::PeerEvent::RecordRunning`]).
     pub record: Box<dyn MetaStore + Send>,
 }
 
