@@ -152,7 +152,8 @@ impl std::fmt::Display for Totals {
              acked durable kept {}, acked async/received writes the target lacked {}, resynced from \
              the write intent {} ({} B copied, admission refused {})); clean source stop {} \
              (resumed from its record {}); write-intent stores {}; replaced target volume {} \
-             (fatal stop {}, operator restart {}, full resync {})",
+             (fatal stop {}, operator restart {}, full resync {}); log full waits {}; out-of-sync \
+             writes {} (overflow resyncs {}, {} B copied, steps withdrawn {})",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -190,6 +191,11 @@ impl std::fmt::Display for Totals {
             self.0.fatal_stops,
             self.0.restarts_for_full_resync,
             self.0.full_resyncs,
+            self.0.log_full_waits,
+            self.0.out_of_sync_writes,
+            self.0.overflow_resyncs,
+            self.0.overflow_copy_bytes,
+            self.0.overflow_steps_withdrawn,
         )
     }
 }

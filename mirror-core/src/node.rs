@@ -25,7 +25,8 @@ use crate::meta::{MetaRecord, Role, BITMAP_CHUNK_BYTES};
 use crate::session::{SessionAction, SourceSession};
 use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
 use crate::target::Target;
-use crate::wire::{Frame, Op, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use crate::wire::{Frame, Op, ResyncMark, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
+use crate::Range;
 use crate::{Seq, VolumeId};
 
 /// Which peer of a volume (a primary mirrors to one today; the key leaves room for more).
@@ -42,6 +43,11 @@ pub enum Submitted {
     /// ([`PeerEvent::Accepted`] with the caller's token). Offer nothing else meanwhile
     /// ([`PeerLink::is_parked`]).
     Parked,
+    /// The primary overflows ([`PeerLink::overflow`]): the operation is not queued for the peer;
+    /// its chunks are marked out of sync in the write intent (store it first, as for an accepted
+    /// write) and a resync carries them once the peer takes data again. It is complete once it
+    /// is done locally.
+    OutOfSync,
 }
 
 /// Why a submission was not taken.
@@ -59,6 +65,10 @@ pub enum SubmitError {
     /// A resync must enter the log first ([`PeerLink::takes_host_ops`]).
     #[error("a resync waits to enter the rollback log before host operations")]
     Resyncing,
+    /// An overflow's resync step met a host operation waiting for room in the log: the link
+    /// takes it back and hands it out again later (nothing to do for the driver).
+    #[error("the resync step was withdrawn: a host operation waits for room in the log")]
+    Withdrawn,
     /// [`PeerLink::resync_submit`] got an operation of another step.
     #[error("resync operation on {got}, the link asked for {asked:?}")]
     NotResyncStep {
@@ -178,6 +188,13 @@ pub enum PeerSabotage {
     SkipIntentStore,
     /// Report the peer up to date once it received everything, not once it made it durable.
     UpToDateEarly,
+    /// Complete a write while overflowing without marking its chunks out of sync.
+    OverflowUnmarked,
+    /// Tell the peer's data from the log alone, blind to an overflow and its resync.
+    UpToDateOverflowing,
+    /// Take a chunk off the out-of-sync map once its copy is in the log, even if a write marked
+    /// it again while the copy was under way.
+    CopyIgnoresRewrites,
 }
 
 /// What a primary can say of its peer's copy ([`PeerLink::peer_data`]): a status that says
@@ -190,6 +207,12 @@ pub enum PeerData {
     Behind {
         /// Operations taken and not durable on the peer.
         ops: u64,
+    },
+    /// Writes since the primary overflowed are not on the peer: this many chunks wait for a
+    /// resync (it starts once the peer takes data again).
+    OutOfSync {
+        /// Chunks marked out of sync.
+        chunks: u64,
     },
     /// A resync is under way: the peer is not consistent until its end is durable.
     Resyncing {
@@ -209,6 +232,12 @@ impl fmt::Display for PeerData {
         match self {
             PeerData::UpToDate => f.write_str("up to date"),
             PeerData::Behind { ops } => write!(f, "behind by {ops} operations"),
+            PeerData::OutOfSync { chunks } => {
+                write!(
+                    f,
+                    "outdated ({chunks} chunks out of sync, resynced once it takes data)"
+                )
+            }
             PeerData::Resyncing { full: true } => f.write_str("resyncing in full (inconsistent)"),
             PeerData::Resyncing { full: false } => f.write_str("resyncing (inconsistent)"),
             PeerData::Unknown { ops } => {
@@ -254,6 +283,127 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     start: StartRule,
     /// The driver was told to store its running record ([`PeerEvent::RecordRunning`]).
     record_told: bool,
+    /// When host writes stop being queued for the peer.
+    overflow_rule: OverflowRule,
+    /// Since when no handshake holds (none while connected).
+    down_since_ns: Option<u64>,
+    /// The overflow under way: writes are recorded as out of sync, and resynced.
+    overflow: Option<Overflow>,
+    /// The step handed out belongs to the overflow's resync (host operations go on meanwhile).
+    step_interleaved: bool,
+    /// Writes completed out of sync since the start.
+    out_of_sync_writes: u64,
+}
+
+/// When a primary stops queueing host writes for its peer and records their chunks as out of
+/// sync instead (SPEC §3: the host never stalls because of the peer). In `sync` and
+/// `lock-then-write` the peer's pace is the mode's promise: a full log waits, and an unreachable
+/// peer is handled as `sync_peer_gone` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverflowRule {
+    /// Whether writes ever overflow (`false`: a full log waits, as before overflow existed).
+    pub enabled: bool,
+    /// A peer unreachable for this long makes every write overflow (until then writes queue
+    /// while the log has room).
+    pub after_down_ns: u64,
+    /// What `sync` does once the peer has been unreachable that long.
+    pub sync_peer_gone: SyncPeerGone,
+}
+
+impl OverflowRule {
+    /// Never overflow.
+    pub const OFF: OverflowRule = OverflowRule {
+        enabled: false,
+        after_down_ns: u64::MAX,
+        sync_peer_gone: SyncPeerGone::Suspend,
+    };
+}
+
+/// What a `sync` primary does while its peer is unreachable (DRBD's fencing choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncPeerGone {
+    /// Writes wait until the peer returns (or the operator stops or switches the mode): an
+    /// acknowledged write is always on the peer.
+    #[default]
+    Suspend,
+    /// Writes complete locally and their chunks are marked out of sync; the peer is outdated
+    /// until the resync that follows its return.
+    Degrade,
+}
+
+impl fmt::Display for SyncPeerGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SyncPeerGone::Suspend => "suspend",
+            SyncPeerGone::Degrade => "degrade",
+        })
+    }
+}
+
+impl std::str::FromStr for SyncPeerGone {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SyncPeerGone, String> {
+        match s {
+            "suspend" => Ok(SyncPeerGone::Suspend),
+            "degrade" => Ok(SyncPeerGone::Degrade),
+            other => Err(format!("unknown policy {other:?} (suspend or degrade)")),
+        }
+    }
+}
+
+/// Why a primary overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowCause {
+    /// A write found the rollback log full.
+    LogFull,
+    /// The peer was unreachable longer than the rule's bound.
+    PeerGone,
+}
+
+impl fmt::Display for OverflowCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OverflowCause::LogFull => "the rollback log was full",
+            OverflowCause::PeerGone => "the peer was unreachable too long",
+        })
+    }
+}
+
+/// An overflow: from the first write recorded out of sync until the resync that carries them all
+/// has handed out its end.
+#[derive(Debug, Clone, Copy)]
+struct Overflow {
+    cause: OverflowCause,
+    /// The resync's begin mark was handed out.
+    begun: bool,
+    /// Its end mark was handed out (and not yet submitted).
+    ending: bool,
+    /// The chunk whose copy is under way.
+    copying: Option<Copying>,
+    /// Where the search for the next chunk to copy starts.
+    cursor: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Copying {
+    chunk: u64,
+    /// The next byte to copy, and the chunk's end.
+    at: u64,
+    end: u64,
+    /// A write marked the chunk again after its copy began: it is copied again.
+    dirtied: bool,
+}
+
+/// An overflow as a status report shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverflowStatus {
+    /// Why it began.
+    pub cause: OverflowCause,
+    /// Chunks written since then and not yet copied to the peer's log.
+    pub out_of_sync_chunks: u64,
+    /// Whether its resync is under way.
+    pub resyncing: bool,
 }
 
 /// What a link may do before its first handshake settled where the peer stands.
@@ -328,6 +478,12 @@ pub struct PeerLinkStatus {
     pub intent: IntentStatus,
     /// The resync under way, if any.
     pub resync: Option<ResyncStatus>,
+    /// The overflow under way, if any.
+    pub overflow: Option<OverflowStatus>,
+    /// When writes overflow.
+    pub overflow_rule: OverflowRule,
+    /// Writes completed out of sync since the start.
+    pub out_of_sync_writes: u64,
 }
 
 /// How far a resync got: its size, and the seq and running byte count of each copy handed out
@@ -336,6 +492,8 @@ pub struct PeerLinkStatus {
 struct ResyncTrack {
     total_bytes: u64,
     full: bool,
+    /// An overflow's resync: its total grows with the chunks written meanwhile.
+    interleaved: bool,
     submitted_bytes: u64,
     durable_bytes: u64,
     /// (seq, bytes through it) of copies not yet durable.
@@ -394,6 +552,11 @@ impl<L: RollbackLog> PeerLink<L> {
             resync_track: None,
             start: StartRule::Unrecorded,
             record_told: false,
+            overflow_rule: OverflowRule::OFF,
+            down_since_ns: Some(0),
+            overflow: None,
+            step_interleaved: false,
+            out_of_sync_writes: 0,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -439,6 +602,11 @@ impl<L: RollbackLog> PeerLink<L> {
         }
     }
 
+    /// When host writes overflow (by default never).
+    pub fn set_overflow_rule(&mut self, rule: OverflowRule) {
+        self.overflow_rule = rule;
+    }
+
     /// Breaks the policy on purpose (tests that prove the checkers bite).
     pub fn set_sabotage(&mut self, sabotage: PeerSabotage) {
         self.sabotage = sabotage;
@@ -460,7 +628,84 @@ impl<L: RollbackLog> PeerLink<L> {
         if !self.takes_host_ops() {
             return Err(SubmitError::Resyncing);
         }
+        if let Some(cause) = self.overflows(op.op(), now_ns) {
+            return self.out_of_sync(op.op(), cause);
+        }
         self.offer(Some(token), op, now_ns)
+    }
+
+    /// Whether a host operation overflows now, and why: the rule allows it and the log cannot
+    /// take it, or the peer has been gone too long, or it touches a chunk already out of sync
+    /// (a write queued behind an older one there would land before the resync's copy).
+    fn overflows(&self, op: &Op, now_ns: u64) -> Option<OverflowCause> {
+        let rule = self.overflow_rule;
+        if !rule.enabled || self.fatal.is_some() || self.parked.is_some() {
+            return None;
+        }
+        let peer_paced = matches!(self.source.config().mode, Mode::Sync | Mode::LockThenWrite);
+        let gone = self
+            .down_since_ns
+            .is_some_and(|since| now_ns.saturating_sub(since) >= rule.after_down_ns);
+        if peer_paced {
+            return (gone && rule.sync_peer_gone == SyncPeerGone::Degrade)
+                .then_some(OverflowCause::PeerGone);
+        }
+        if gone {
+            return Some(OverflowCause::PeerGone);
+        }
+        // An overflow copy handed out and not yet submitted keeps its room.
+        let reserved = match self.resync_step {
+            Some(ResyncStep::Copy(r)) if self.step_interleaved => {
+                (1, usize::try_from(r.len_bytes).unwrap_or(usize::MAX))
+            }
+            _ => (0, 0),
+        };
+        if !self.source.has_room_for(
+            1 + reserved.0,
+            op.payload_bytes().saturating_add(reserved.1),
+        ) {
+            return Some(OverflowCause::LogFull);
+        }
+        let ov = self.overflow.as_ref()?;
+        let range = op.range()?;
+        let chunks = self.intent.live().chunks_of(range);
+        let busy = chunks.clone().any(|c| self.intent.pinned().is_dirty(c))
+            || ov.copying.is_some_and(|cp| chunks.contains(&cp.chunk));
+        busy.then_some(ov.cause)
+    }
+
+    /// Records `op` as out of sync instead of queueing it.
+    fn out_of_sync(&mut self, op: &Op, cause: OverflowCause) -> Result<Submitted, SubmitError> {
+        self.source.check_op(op).map_err(SubmitError::Invalid)?;
+        let ov = self.overflow.get_or_insert(Overflow {
+            cause,
+            begun: false,
+            ending: false,
+            copying: None,
+            cursor: 0,
+        });
+        if let Some(range) = op.range() {
+            if let Some(cp) = &mut ov.copying {
+                if self.intent.live().chunks_of(range).contains(&cp.chunk) {
+                    cp.dirtied = true;
+                }
+            }
+            if self.sabotage != PeerSabotage::OverflowUnmarked {
+                self.intent.pin(range);
+            }
+        }
+        self.out_of_sync_writes += 1;
+        Ok(Submitted::OutOfSync)
+    }
+
+    /// The overflow under way, if any.
+    #[must_use]
+    pub fn overflow(&self) -> Option<OverflowStatus> {
+        self.overflow.map(|ov| OverflowStatus {
+            cause: ov.cause,
+            out_of_sync_chunks: self.intent.pinned().dirty_chunks(),
+            resyncing: ov.begun,
+        })
     }
 
     /// Whether host operations may be offered: not while a resync waits to enter the log (its
@@ -469,8 +714,17 @@ impl<L: RollbackLog> PeerLink<L> {
     #[must_use]
     pub fn takes_host_ops(&self) -> bool {
         self.resync.is_none()
-            && self.resync_step.is_none()
+            && (self.resync_step.is_none() || self.step_interleaved)
             && (self.connects > 0 || self.start != StartRule::NeedsPeer)
+    }
+
+    /// Whether the step [`Self::poll_resync`] handed out is taken while host operations go on
+    /// (an overflow's resync): the driver must read a copy's bytes under the same range order
+    /// as host writes (no host write to them in flight between the read and
+    /// [`Self::resync_submit`]).
+    #[must_use]
+    pub fn step_interleaved(&self) -> bool {
+        self.resync_step.is_some() && self.step_interleaved
     }
 
     /// Whether this start may serve the host before its peer answered (a primary resumed from
@@ -493,13 +747,80 @@ impl<L: RollbackLog> PeerLink<L> {
             return None;
         }
         let piece_bytes = self.resync_piece_bytes();
-        let plan = self.resync.as_mut()?;
+        let Some(plan) = self.resync.as_mut() else {
+            let step = self.next_overflow_step(piece_bytes);
+            self.resync_step = step;
+            self.step_interleaved = step.is_some();
+            return step;
+        };
         let step = plan.next_step(piece_bytes);
         if step.is_none() || plan.is_done() {
             self.resync = None;
         }
         self.resync_step = step;
+        self.step_interleaved = false;
         step
+    }
+
+    /// The overflow's next resync step: while the peer takes data (connected, admitted, the
+    /// last resync's end durable) and the log has room for it. A begin mark, the out-of-sync
+    /// chunks one after another (a chunk written again meanwhile is copied again), and the end
+    /// once none is left, which ends the overflow.
+    fn next_overflow_step(&mut self, piece_bytes: u64) -> Option<ResyncStep> {
+        let connected = self.announced && self.source.status().conn == ConnState::Connected;
+        let ov = self.overflow.as_mut()?;
+        if !connected || ov.ending {
+            return None;
+        }
+        if !ov.begun {
+            if self.resync_track.is_some() || !self.source.has_room(0) {
+                return None;
+            }
+            ov.begun = true;
+            self.resync_track = Some(ResyncTrack {
+                interleaved: true,
+                ..ResyncTrack::default()
+            });
+            return Some(ResyncStep::Mark(ResyncMark::Begin { full: false }));
+        }
+        let chunk_bytes = self.intent.live().chunk_bytes();
+        let volume_bytes = self.source.config().volume_bytes;
+        if ov.copying.is_none() {
+            let pinned = self.intent.pinned();
+            let next = pinned
+                .next_dirty(ov.cursor)
+                .or_else(|| pinned.next_dirty(0));
+            match next {
+                Some(chunk) => {
+                    let r = pinned.chunk_range(chunk, volume_bytes);
+                    ov.cursor = chunk + 1;
+                    ov.copying = Some(Copying {
+                        chunk,
+                        at: r.offset_bytes,
+                        end: r.end_bytes(),
+                        dirtied: false,
+                    });
+                }
+                None => {
+                    if !self.source.has_room(0) {
+                        return None;
+                    }
+                    ov.ending = true;
+                    return Some(ResyncStep::Mark(ResyncMark::End));
+                }
+            }
+        }
+        let cp = ov.copying.as_mut()?;
+        let len = piece_bytes.min(cp.end - cp.at).min(chunk_bytes);
+        if !self
+            .source
+            .has_room(usize::try_from(len).unwrap_or(usize::MAX))
+        {
+            return None;
+        }
+        let range = Range::new(cp.at, len);
+        cp.at += len;
+        Some(ResyncStep::Copy(range))
     }
 
     /// The operation of the step [`Self::poll_resync`] handed out: it enters the log as the
@@ -518,15 +839,23 @@ impl<L: RollbackLog> PeerLink<L> {
                 asked: self.resync_step,
             });
         }
-        self.resync_step = None;
+        let step = self.resync_step.take();
+        let interleaved = std::mem::take(&mut self.step_interleaved);
+        if interleaved && self.parked.is_some() {
+            self.withdraw(step);
+            return Err(SubmitError::Withdrawn);
+        }
         let bytes = op.op().payload_bytes() as u64;
-        let is_end = matches!(op.op(), Op::Resync(crate::wire::ResyncMark::End));
+        let is_end = matches!(op.op(), Op::Resync(ResyncMark::End));
         let submitted = self.offer(None, op, now_ns);
+        if interleaved && submitted.is_ok() {
+            self.overflow_step_taken(step);
+        }
         // A parked step enters the log next, as the seq after the last local one.
         let seq = match submitted {
             Ok(Submitted::Accepted(seq)) => Some(seq),
             Ok(Submitted::Parked) => Some(self.source.status().last_local.next()),
-            Err(_) => None,
+            Ok(Submitted::OutOfSync) | Err(_) => None,
         };
         if let (Some(track), Some(seq)) = (&mut self.resync_track, seq) {
             track.submitted_bytes += bytes;
@@ -538,6 +867,56 @@ impl<L: RollbackLog> PeerLink<L> {
             }
         }
         submitted
+    }
+
+    /// An overflow's step is in the log. Once a chunk's last piece is, the chunk is no longer
+    /// out of sync, unless a write marked it again since its copy began. Once the end is, the
+    /// overflow is over, unless writes went out of sync meanwhile: a new resync then follows.
+    fn overflow_step_taken(&mut self, step: Option<ResyncStep>) {
+        let Some(ov) = self.overflow.as_mut() else {
+            return;
+        };
+        match step {
+            Some(ResyncStep::Copy(_)) => {
+                let Some(cp) = ov.copying.filter(|cp| cp.at >= cp.end) else {
+                    return;
+                };
+                ov.copying = None;
+                if !cp.dirtied || self.sabotage == PeerSabotage::CopyIgnoresRewrites {
+                    self.intent.unpin(cp.chunk);
+                }
+            }
+            Some(ResyncStep::Mark(ResyncMark::End)) => {
+                if self.intent.pinned().dirty_chunks() == 0 {
+                    self.overflow = None;
+                } else {
+                    ov.begun = false;
+                    ov.ending = false;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes back an overflow's step that could not enter the log now.
+    fn withdraw(&mut self, step: Option<ResyncStep>) {
+        let Some(ov) = self.overflow.as_mut() else {
+            return;
+        };
+        match step {
+            Some(ResyncStep::Copy(_)) => {
+                // The chunk stays out of sync; its copy starts again from its first byte.
+                if let Some(cp) = ov.copying.take() {
+                    ov.cursor = cp.chunk;
+                }
+            }
+            Some(ResyncStep::Mark(ResyncMark::Begin { .. })) => {
+                ov.begun = false;
+                self.resync_track = None;
+            }
+            Some(ResyncStep::Mark(ResyncMark::End)) => ov.ending = false,
+            None => {}
+        }
     }
 
     /// How many chunks the stored write intent may hold before a store drops the clean ones
@@ -715,7 +1094,12 @@ impl<L: RollbackLog> PeerLink<L> {
             self.durable_reported = durable;
             return Some(PeerEvent::Durable(durable));
         }
-        if self.drain.is_some() && self.parked.is_none() && self.takes_host_ops() {
+        if self.drain.is_some()
+            && self.parked.is_none()
+            && self.takes_host_ops()
+            && self.overflow.is_none()
+            && self.resync_step.is_none()
+        {
             let last = self.source.status().last_local;
             if self.source.is_replicated(last) {
                 self.drain = None;
@@ -729,6 +1113,7 @@ impl<L: RollbackLog> PeerLink<L> {
             self.announced = true;
             self.connects += 1;
             self.connect_deadline = None;
+            self.down_since_ns = None;
             self.session.on_authenticated();
             if let Some(record) = self.tell_record() {
                 self.events.push_back(PeerEvent::Connected);
@@ -848,6 +1233,7 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         self.source.on_disconnect();
         self.announced = false;
+        self.down_since_ns.get_or_insert(now_ns);
         if self.fatal.is_none() {
             self.session.on_lost(now_ns);
         }
@@ -928,6 +1314,8 @@ impl<L: RollbackLog> PeerLink<L> {
         self.parked = None;
         self.resync = None;
         self.resync_step = None;
+        self.step_interleaved = false;
+        self.overflow = None;
         self.fatal = Some(error.clone());
         self.events.push_back(PeerEvent::Stopped(error.clone()));
         if self.drain.take().is_some() {
@@ -952,8 +1340,18 @@ impl<L: RollbackLog> PeerLink<L> {
             st.durable
         };
         let ops = st.last_local.0.saturating_sub(durable.0);
-        if let Some(track) = &self.resync_track {
+        let overflow_blind = self.sabotage == PeerSabotage::UpToDateOverflowing;
+        if let Some(track) = self
+            .resync_track
+            .as_ref()
+            .filter(|t| !t.interleaved || !overflow_blind)
+        {
             return PeerData::Resyncing { full: track.full };
+        }
+        if self.overflow.is_some() && !overflow_blind {
+            return PeerData::OutOfSync {
+                chunks: self.intent.pinned().dirty_chunks(),
+            };
         }
         // Only an admitted session has a target that took our position (after its restart,
         // what it must re-apply to be consistent again).
@@ -965,6 +1363,22 @@ impl<L: RollbackLog> PeerLink<L> {
         } else {
             PeerData::UpToDate
         }
+    }
+
+    /// Bytes an overflow's resync has yet to copy (its out-of-sync chunks, the rest of the one
+    /// under way).
+    fn out_of_sync_bytes(&self) -> u64 {
+        let pinned = self.intent.pinned();
+        let volume_bytes = self.source.config().volume_bytes;
+        let copying = self
+            .overflow
+            .and_then(|ov| ov.copying)
+            .map_or(0, |cp| cp.end - cp.at);
+        pinned
+            .dirty()
+            .map(|c| pinned.chunk_range(c, volume_bytes).len_bytes)
+            .sum::<u64>()
+            + copying
     }
 
     /// The state a status report shows.
@@ -982,9 +1396,16 @@ impl<L: RollbackLog> PeerLink<L> {
                 dirty_chunks: self.intent.live().dirty_chunks(),
                 stored_chunks: self.intent.stored().dirty_chunks(),
             },
+            overflow: self.overflow(),
+            overflow_rule: self.overflow_rule,
+            out_of_sync_writes: self.out_of_sync_writes,
             resync: self.resync_track.as_ref().map(|t| ResyncStatus {
                 full: t.full,
-                total_bytes: t.total_bytes,
+                total_bytes: if t.interleaved {
+                    t.submitted_bytes + self.out_of_sync_bytes()
+                } else {
+                    t.total_bytes
+                },
                 submitted_bytes: t.submitted_bytes,
                 durable_bytes: t
                     .in_log

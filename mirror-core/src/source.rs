@@ -591,6 +591,18 @@ impl<L: RollbackLog> Source<L> {
             && self.log.bytes() + payload_bytes <= self.cfg.log_bytes_max
     }
 
+    /// Whether the log has room for `entries` more operations carrying `payload_bytes` in all.
+    #[must_use]
+    pub fn has_room_for(&self, entries: usize, payload_bytes: usize) -> bool {
+        self.log.len().saturating_add(entries) <= self.cfg.log_entries_max
+            && self.log.bytes().saturating_add(payload_bytes) <= self.cfg.log_bytes_max
+    }
+
+    /// Whether `op` is valid for this volume (what [`Self::submit`] checks first).
+    pub fn check_op(&self, op: &Op) -> Result<(), SourceError> {
+        self.validate(op)
+    }
+
     fn validate(&self, op: &Op) -> Result<(), SourceError> {
         if let Op::Write { data, .. } = op {
             if data.len() > PAYLOAD_BYTES_MAX as usize {

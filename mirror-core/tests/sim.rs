@@ -197,6 +197,39 @@ fn reporting_the_peer_up_to_date_early_is_caught() {
     assert_caught_by(&opts, 200, &[Check::PeerStatus]);
 }
 
+/// A primary that completes writes while it overflows without marking their chunks out of
+/// sync: nothing carries them to the target (issue 14: a sabotage that drops a bitmap bit).
+#[test]
+fn overflowing_without_marking_the_chunks_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::OverflowUnmarked,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::WriteIntent, Check::Quiescence]);
+}
+
+/// An overflow's resync that forgets a write into the chunk it is copying (the piece already
+/// read lacks it).
+#[test]
+fn a_copy_that_forgets_a_rewrite_of_its_chunk_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::CopyIgnoresRewrites,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 500, &[Check::WriteIntent, Check::Quiescence]);
+}
+
+/// A primary whose status calls its peer up to date while chunks written during an overflow
+/// have not reached it.
+#[test]
+fn reporting_the_peer_up_to_date_while_overflowing_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::UpToDateOverflowing,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::PeerStatus]);
+}
+
 /// Recovery trusting a volume without a record (the rule the target server runs).
 #[test]
 fn trusting_a_replaced_volume_is_caught_by_the_prefix_check() {

@@ -797,3 +797,55 @@ async fn e2e_a_resumed_primary_starts_degraded_and_catches_up_when_the_target_re
     })
     .await;
 }
+
+/// (i) Issue 14, failure 6: a full rollback log held the host back until the target caught up
+/// (`LogFull` back-pressure: a slow link set the host's pace). Now, in `async`, a write that finds
+/// the log full completes once local with its chunk marked out of sync in the stored write
+/// intent; once the target has taken the log, a resync copies those chunks while writes go on,
+/// and the volumes end identical. Here the link is throttled to 64 KiB/s for the first 6 s: the
+/// 2,000 writes (at least 8 MiB) would need more than two minutes of it; they finish in a few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_full_log_overflows_to_the_write_intent_and_never_holds_the_host_back() {
+    scenario("overflow", |rig, seed| async move {
+        let volume_bytes: u64 = 4 << 20;
+        let source = rig.path("overflow.source");
+        let opts = rig.server_opts("overflow.target", volume_bytes, 4096);
+        let mut server = TargetServer::start(&opts).await?;
+        let slow = Faults::none().with_bandwidth(64 << 10);
+        let proxy = FaultProxy::start("127.0.0.1:0", server.addr, slow, seed).await?;
+        let list = loadgen_args(
+            &rig,
+            &source,
+            volume_bytes,
+            (proxy.addr().to_string().as_str(), "async"),
+            &[
+                "--ops",
+                "2000",
+                "--qd",
+                "8",
+                "--log-bytes-max",
+                "256K",
+                "--seed",
+                &seed.to_string(),
+                "--json",
+            ],
+        );
+        let t = Duration::from_secs(120);
+        let run = tokio::spawn(async move { procs::run_loadgen(&list, t).await });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        proxy.set_faults(Faults::none());
+        let run = run.await??;
+        let s = check_success(&run, &rig, "overflow")?;
+        println!("loadgen: {s}");
+        let out_of_sync = s["out_of_sync_writes"].as_u64().unwrap_or(0);
+        anyhow::ensure!(out_of_sync > 0, "no write overflowed: {s}");
+        let elapsed = s["elapsed_s"].as_f64().unwrap_or(f64::MAX);
+        anyhow::ensure!(
+            elapsed < 5.0,
+            "the writes took {elapsed:.1} s: the host waited for the throttled link ({s})"
+        );
+        stop(&mut server).await?;
+        identical(&source, &opts.volume, volume_bytes)
+    })
+    .await;
+}

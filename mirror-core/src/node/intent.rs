@@ -29,6 +29,8 @@ pub struct WriteIntent {
     pending: VecDeque<(Option<Seq>, Option<Range>)>,
     /// Per marked chunk, how many of `pending` touch it.
     writers: HashMap<u64, u32>,
+    /// Chunks written while the primary overflowed, not yet copied into the log.
+    pinned: DirtyBitmap,
     keep_chunks: u64,
     extent_chunks: u64,
 }
@@ -44,6 +46,7 @@ impl WriteIntent {
         let live = DirtyBitmap::new(volume_bytes, chunk_bytes)?;
         Ok(WriteIntent {
             stored: live.clone(),
+            pinned: live.clone(),
             keep_chunks: KEEP_BYTES_DEFAULT / chunk_bytes,
             extent_chunks: (EXTENT_BYTES_DEFAULT / chunk_bytes).max(1),
             live,
@@ -62,6 +65,7 @@ impl WriteIntent {
             live.clear(chunk);
         }
         WriteIntent {
+            pinned: live.clone(),
             keep_chunks: KEEP_BYTES_DEFAULT / stored.chunk_bytes(),
             extent_chunks: (EXTENT_BYTES_DEFAULT / stored.chunk_bytes()).max(1),
             live,
@@ -95,6 +99,31 @@ impl WriteIntent {
             }
         }
         self.pending.push_back((None, range));
+    }
+
+    /// A write to `range` was not queued (the primary overflows): its chunks stay marked until
+    /// [`Self::unpin`].
+    pub fn pin(&mut self, range: Range) {
+        self.live.mark(range);
+        self.pinned.mark(range);
+        if !self.stored.covers(range) {
+            self.store_due = true;
+        }
+    }
+
+    /// A copy of `chunk` is in the log (submitted after every write that pinned it): the copy
+    /// keeps it marked from now on.
+    pub fn unpin(&mut self, chunk: u64) {
+        self.pinned.clear(chunk);
+        if !self.writers.contains_key(&chunk) {
+            self.live.clear(chunk);
+        }
+    }
+
+    /// Chunks written while the primary overflowed and not yet copied into the log.
+    #[must_use]
+    pub fn pinned(&self) -> &DirtyBitmap {
+        &self.pinned
     }
 
     /// The newest submitted operation entered the log as `seq`.
@@ -131,7 +160,9 @@ impl WriteIntent {
                 *n -= 1;
                 if *n == 0 {
                     self.writers.remove(&chunk);
-                    self.live.clear(chunk);
+                    if !self.pinned.is_dirty(chunk) {
+                        self.live.clear(chunk);
+                    }
                 }
             }
         }
@@ -280,5 +311,31 @@ mod tests {
             w.take_store().is_none(),
             "a chunk of a stored extent costs no store"
         );
+    }
+
+    #[test]
+    fn a_pinned_chunk_stays_marked_until_its_copy_is_durable() {
+        let mut w = WriteIntent::new(16 * CHUNK, CHUNK).unwrap();
+        w.set_extent_chunks(1);
+        w.submitted(Some(Range::new(2 * CHUNK, 4096)));
+        w.accepted(Seq(1));
+        w.pin(Range::new(2 * CHUNK + 8192, 4096));
+        assert_eq!(w.take_store().map(DirtyBitmap::dirty_chunks), Some(1));
+        w.durable(Seq(1));
+        assert!(
+            w.live().is_dirty(2),
+            "pinned: the logged write's end clears nothing"
+        );
+        // The resync's copy enters the log as seq 2, then the pin goes.
+        w.submitted(Some(Range::new(2 * CHUNK, CHUNK)));
+        w.accepted(Seq(2));
+        w.unpin(2);
+        assert!(w.live().is_dirty(2), "the copy keeps it until durable");
+        w.durable(Seq(2));
+        assert_eq!(w.live().dirty_chunks(), 0);
+        w.pin(Range::new(5 * CHUNK, 512));
+        w.unpin(5);
+        assert_eq!(w.pinned().dirty_chunks(), 0);
+        assert_eq!(w.live().dirty_chunks(), 0);
     }
 }

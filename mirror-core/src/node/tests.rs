@@ -87,7 +87,11 @@ fn events(link: &mut PeerLink) -> Vec<PeerEvent> {
 }
 
 fn connected(mode: Mode, log_entries_max: usize) -> (PeerLink, Target) {
-    let mut l = link(mode, log_entries_max);
+    connect(link(mode, log_entries_max))
+}
+
+/// `l` after its first handshake with a fresh target.
+fn connect(mut l: PeerLink) -> (PeerLink, Target) {
     let mut t = target();
     assert_eq!(l.handle_timeout(0), Some(SessionAction::Connect));
     l.on_connecting();
@@ -776,5 +780,169 @@ fn only_a_resumed_start_serves_the_host_without_its_peer() {
             "the degraded write reached the peer"
         );
         assert!(events(&mut l).contains(&PeerEvent::Connected));
+    }
+}
+
+fn overflowing(
+    mode: Mode,
+    log_entries_max: usize,
+    after_down_ns: u64,
+    sync: SyncPeerGone,
+) -> PeerLink {
+    let mut l = link(mode, log_entries_max);
+    l.set_overflow_rule(OverflowRule {
+        enabled: true,
+        after_down_ns,
+        sync_peer_gone: sync,
+    });
+    l
+}
+
+/// Carries out one resync step with `byte` as the local data.
+fn take_step(l: &mut PeerLink, step: ResyncStep, byte: u8) -> Result<Submitted, SubmitError> {
+    let op = match step {
+        ResyncStep::Mark(mark) => Op::Resync(mark),
+        ResyncStep::Copy(range) => ResyncStep::copy_op(
+            range,
+            Bytes::from(vec![byte; usize::try_from(range.len_bytes).unwrap()]),
+        ),
+    };
+    l.resync_submit(SummedOp::new(op), 1)
+}
+
+/// Issue 14, failure 6: in `async` a write that finds the log full is not held back: its chunk
+/// is marked out of sync (and stored) and it completes once local. When the peer has taken the
+/// log, a resync copies the marked chunks while host writes go on: a write into the chunk
+/// being copied marks it again (copied again), a write elsewhere is queued as usual; the end
+/// of the resync ends the overflow and the peer is up to date.
+#[test]
+fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catches_up() {
+    let mut cfg = config(Mode::Async, 3);
+    cfg.log_bytes_max = 1 << 20;
+    let (mut l, mut t) = connect(PeerLink::new(Source::new(cfg), session(3)));
+    l.set_overflow_rule(OverflowRule {
+        enabled: true,
+        after_down_ns: u64::MAX,
+        sync_peer_gone: SyncPeerGone::Suspend,
+    });
+    let chunk = BITMAP_CHUNK_BYTES / 4096;
+    for (i, c) in [0, 1, 2].into_iter().enumerate() {
+        let seq = Seq(i as u64 + 1);
+        assert_eq!(
+            l.submit(1, write(c * chunk), 0),
+            Ok(Submitted::Accepted(seq))
+        );
+    }
+    assert_eq!(l.submit(2, write(3 * chunk), 0), Ok(Submitted::OutOfSync));
+    assert_eq!(
+        l.overflow().map(|o| (o.cause, o.out_of_sync_chunks)),
+        Some((OverflowCause::LogFull, 1))
+    );
+    let stored = l
+        .take_intent_store()
+        .expect("an out-of-sync chunk is stored first");
+    assert!(stored.is_dirty(3));
+    assert_eq!(l.peer_data(), PeerData::OutOfSync { chunks: 1 });
+    assert_eq!(
+        l.poll_resync(),
+        None,
+        "no resync step while the log is full"
+    );
+
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    let begin = l.poll_resync().unwrap();
+    assert_eq!(begin, ResyncStep::Mark(ResyncMark::Begin { full: false }));
+    assert_eq!(take_step(&mut l, begin, 0), Ok(Submitted::Accepted(Seq(4))));
+    let copy = l.poll_resync().unwrap();
+    assert_eq!(
+        copy,
+        ResyncStep::Copy(Range::new(3 * BITMAP_CHUNK_BYTES, BITMAP_CHUNK_BYTES))
+    );
+    assert!(
+        l.step_interleaved() && l.takes_host_ops(),
+        "host writes go on meanwhile"
+    );
+    // Into the chunk under copy: out of sync again. Elsewhere: queued, room kept for the copy.
+    assert_eq!(
+        l.submit(3, write(3 * chunk + 1), 0),
+        Ok(Submitted::OutOfSync)
+    );
+    assert_eq!(l.submit(4, write(0), 0), Ok(Submitted::Accepted(Seq(5))));
+    assert_eq!(
+        l.submit(5, write(4 * chunk), 0),
+        Ok(Submitted::OutOfSync),
+        "log full"
+    );
+    assert_eq!(take_step(&mut l, copy, 1), Ok(Submitted::Accepted(Seq(6))));
+    assert_eq!(
+        l.overflow().map(|o| o.out_of_sync_chunks),
+        Some(2),
+        "3 again, and 4"
+    );
+    assert_eq!(l.peer_data(), PeerData::Resyncing { full: false });
+    exchange(&mut l, &mut t).unwrap();
+    assert!(!t.status().consistent, "inside the bracket");
+
+    let mut copied = Vec::new();
+    for _ in 0..10 {
+        exchange(&mut l, &mut t).unwrap();
+        events(&mut l);
+        while let Some(step) = l.poll_resync() {
+            copied.push(step);
+            assert!(take_step(&mut l, step, 2).is_ok());
+        }
+        if l.overflow().is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        copied,
+        vec![
+            // On from the chunk after the last copy, then around.
+            ResyncStep::Copy(Range::new(4 * BITMAP_CHUNK_BYTES, BITMAP_CHUNK_BYTES)),
+            ResyncStep::Copy(Range::new(3 * BITMAP_CHUNK_BYTES, BITMAP_CHUNK_BYTES)),
+            ResyncStep::Mark(ResyncMark::End),
+        ]
+    );
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    assert_eq!(l.peer_data(), PeerData::UpToDate);
+    assert!(t.status().consistent);
+    assert_eq!(l.status().out_of_sync_writes, 3);
+    assert_eq!(
+        l.submit(6, write(3 * chunk), 0),
+        Ok(Submitted::Accepted(Seq(10)))
+    );
+}
+
+/// A peer unreachable past the rule's bound: `async` records writes out of sync even with room
+/// in the log; `sync` waits (suspend) or degrades, as its policy says.
+#[test]
+fn a_peer_gone_too_long_overflows_async_and_sync_as_its_policy_says() {
+    for (mode, policy, late) in [
+        (Mode::Async, SyncPeerGone::Suspend, Submitted::OutOfSync),
+        (
+            Mode::Sync,
+            SyncPeerGone::Suspend,
+            Submitted::Accepted(Seq(2)),
+        ),
+        (Mode::Sync, SyncPeerGone::Degrade, Submitted::OutOfSync),
+    ] {
+        let mut l = overflowing(mode, 8, 1_000 * MS, policy);
+        assert_eq!(
+            l.submit(1, write(0), 999 * MS),
+            Ok(Submitted::Accepted(Seq(1)))
+        );
+        assert_eq!(
+            l.submit(2, write(1), 1_000 * MS),
+            Ok(late),
+            "{mode} {policy}"
+        );
+        let expected = match late {
+            Submitted::OutOfSync => Some(OverflowCause::PeerGone),
+            _ => None,
+        };
+        assert_eq!(l.overflow().map(|o| o.cause), expected);
     }
 }

@@ -114,9 +114,24 @@ impl Sim<'_> {
 
     /// (i) the primary never calls its peer up to date unless the target made every operation
     /// it took durable and is consistent.
-    fn check_peer_status(&self) -> Step<()> {
+    fn check_peer_status(&mut self) -> Step<()> {
+        if let (Some(since), Some(end)) = (self.out_of_sync_since, self.overflow_end) {
+            if usize::try_from(end.0).unwrap_or(usize::MAX) > since && self.persisted >= end {
+                self.out_of_sync_since = None;
+            }
+        }
         if !self.source_life.alive() || self.link.peer_data() != PeerData::UpToDate {
             return Ok(());
+        }
+        if let Some(since) = self.out_of_sync_since {
+            return Err(self.violation(
+                Check::PeerStatus,
+                format!(
+                    "the primary reports its peer up to date, but a write completed out of sync \
+                     after op {since} and no resync end after it is durable (durable through {})",
+                    self.persisted
+                ),
+            ));
         }
         let last = self.link.source().status().last_local;
         let t = self.node.engines().status();

@@ -85,6 +85,11 @@ pub struct SimConfig {
     pub intent_keep_chunks: u64,
     /// How many chunks a store adds around a new one (1 to 4).
     pub intent_extent_chunks: u64,
+    /// Host writes overflow (recorded out of sync instead of queued) when the log is full or the
+    /// link has been down this long (0: never).
+    pub overflow_after_ticks: u64,
+    /// What `sync` does once the link has been down that long.
+    pub sync_peer_gone: crate::node::SyncPeerGone,
 }
 
 impl SimConfig {
@@ -160,6 +165,8 @@ impl SimConfig {
             intent_chunk_bytes: 0,
             intent_keep_chunks: 0,
             intent_extent_chunks: 1,
+            overflow_after_ticks: 0,
+            sync_peer_gone: crate::node::SyncPeerGone::Suspend,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -172,6 +179,12 @@ impl SimConfig {
         cfg.intent_chunk_bytes = 4096 << (cfg.source_restart_ticks_max % 5);
         cfg.intent_keep_chunks = cfg.lock_hold_ticks_max % 8;
         cfg.intent_extent_chunks = 1 + cfg.ping_interval_ticks % 4;
+        if !(cfg.reconnect_ticks_max + cfg.op_gap_ticks_max).is_multiple_of(3) {
+            cfg.overflow_after_ticks = 20 + (cfg.lock_hold_ticks_max * 7) % 600;
+        }
+        if cfg.latency_ticks.is_multiple_of(2) {
+            cfg.sync_peer_gone = crate::node::SyncPeerGone::Degrade;
+        }
         cfg
     }
 
@@ -180,7 +193,8 @@ impl SimConfig {
             "volume {} KiB block {} op<= {} hot {}+{} mode {} lock {:?} policy {:?} \
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
-             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {} extent {}",
+             source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {} extent {} \
+             overflow-after {} sync-peer-gone {}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -214,6 +228,8 @@ impl SimConfig {
             self.intent_chunk_bytes,
             self.intent_keep_chunks,
             self.intent_extent_chunks,
+            self.overflow_after_ticks,
+            self.sync_peer_gone,
         )
     }
 }

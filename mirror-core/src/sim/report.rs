@@ -73,6 +73,14 @@ pub struct SimReport {
     pub completed_lock_then_write: u64,
     /// Host operations that waited because the rollback log was full.
     pub log_full_waits: u64,
+    /// Host operations completed out of sync while the primary overflowed.
+    pub out_of_sync_writes: u64,
+    /// Resyncs of an overflow (interleaved with host operations).
+    pub overflow_resyncs: u64,
+    /// Bytes those copied.
+    pub overflow_copy_bytes: u64,
+    /// Overflow resync steps taken back because a host operation waited for room.
+    pub overflow_steps_withdrawn: u64,
     /// Times the target stopped reading because its commit log was full.
     pub commit_full_waits: u64,
     /// Steps during which the target reported itself inconsistent.
@@ -160,6 +168,10 @@ impl SimReport {
         self.completed_sync += r.completed_sync;
         self.completed_lock_then_write += r.completed_lock_then_write;
         self.log_full_waits += r.log_full_waits;
+        self.out_of_sync_writes += r.out_of_sync_writes;
+        self.overflow_resyncs += r.overflow_resyncs;
+        self.overflow_copy_bytes += r.overflow_copy_bytes;
+        self.overflow_steps_withdrawn += r.overflow_steps_withdrawn;
         self.replaced_volumes += r.replaced_volumes;
         self.clean_source_stops += r.clean_source_stops;
         self.source_resumes += r.source_resumes;

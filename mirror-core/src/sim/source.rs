@@ -7,7 +7,7 @@ use bytes::Bytes;
 use crate::bitmap::DirtyBitmap;
 use crate::meta::MetaRecord;
 use crate::node::{
-    recover_primary_with, running_primary_record, PeerLink, PrimaryRecoverySabotage,
+    recover_primary_with, running_primary_record, OverflowRule, PeerLink, PrimaryRecoverySabotage,
     PrimaryRestored, PrimaryStart, ResyncStep, SubmitError, Submitted,
 };
 use crate::session::{SessionConfig, SourceSession};
@@ -51,6 +51,13 @@ impl Sim<'_> {
     /// keeps what it took.
     pub(super) fn source_crash(&mut self) -> Step<()> {
         self.check_intent_covers_unconfirmed()?;
+        self.check_intent_covers_differences()?;
+        // The restart's resync carries every chunk written out of sync (they are in the stored
+        // intent); the history it continues may be shorter.
+        if self.out_of_sync_since.is_some() {
+            self.out_of_sync_since = Some(0);
+        }
+
         self.report.source_crashes += 1;
         if self.link_up {
             self.cut_link();
@@ -108,6 +115,35 @@ impl Sim<'_> {
         Ok(())
     }
 
+    /// The write intent stored on the primary covers every chunk where the local volume differs
+    /// from what the target holds durably: what a restart must resync, whether the write was
+    /// queued or recorded out of sync while the primary overflowed.
+    fn check_intent_covers_differences(&self) -> Step<()> {
+        if self.stopped || !self.target_has_our_history() {
+            return Ok(());
+        }
+        let intent = &self.primary_intent;
+        let volume_bytes = self.cfg.volume_bytes;
+        let src = &self.src_vol;
+        let uncovered = self.volume.with_durable(|image| {
+            (0..intent.chunks()).find(|&c| {
+                let r = byte_range(intent.chunk_range(c, volume_bytes));
+                !intent.is_dirty(c) && src[r.clone()] != image[r]
+            })
+        });
+        if let Some(chunk) = uncovered {
+            return Err(self.violation(
+                Check::WriteIntent,
+                format!(
+                    "chunk {chunk} of the local volume differs from the target's durable copy \
+                     (durable through {}), but the stored write intent lacks it",
+                    self.persisted
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the target's volume holds the primary's history (it lacks it once replaced, until
     /// a full resync's end).
     pub(super) fn target_has_our_history(&self) -> bool {
@@ -130,6 +166,7 @@ impl Sim<'_> {
     /// The process is gone; it restarts after a while.
     fn process_exits(&mut self) {
         self.source_life = SourceLife::Down;
+        self.copy_wait = None;
         self.source_run += 1;
         let delay = self
             .crash_rng
@@ -247,8 +284,40 @@ impl Sim<'_> {
             return Ok(false);
         }
         let mut progress = false;
-        while let Some(step) = self.link.poll_resync() {
+        while self.copy_wait.is_none() {
+            let Some(step) = self.link.poll_resync() else {
+                break;
+            };
             progress = true;
+            if let (ResyncStep::Copy(range), true) = (step, self.link.step_interleaved()) {
+                // The daemon reads an overflow copy once no host write to its range is in
+                // flight: some ticks later, while host operations go on.
+                self.copy_wait = Some(range);
+                let at = self.now + self.rng.u64(0..=self.cfg.op_gap_ticks_max + 2);
+                let source_run = self.source_run;
+                self.schedule(at, Event::OverflowCopy { source_run });
+                break;
+            }
+            self.submit_resync_step(step)?;
+        }
+        Ok(progress)
+    }
+
+    /// The overflow copy handed out earlier reads the source volume now and enters the log.
+    pub(super) fn overflow_copy(&mut self, source_run: u64) -> Step<()> {
+        if source_run != self.source_run || !self.source_life.alive() {
+            return Ok(());
+        }
+        let Some(range) = self.copy_wait.take() else {
+            return Ok(());
+        };
+        self.submit_resync_step(ResyncStep::Copy(range))
+    }
+
+    /// Carries out `step`, which the link handed out: the operation enters the history and
+    /// the log.
+    fn submit_resync_step(&mut self, step: ResyncStep) -> Step<()> {
+        {
             // A full resync rebases the sequence on the target's whatever the restart was.
             if self.adopting || step == ResyncStep::Mark(ResyncMark::Begin { full: true }) {
                 self.adopted()?;
@@ -256,6 +325,14 @@ impl Sim<'_> {
             let op = match step {
                 ResyncStep::Mark(mark) => {
                     let seq = Seq(u64::try_from(self.ops.len()).unwrap_or(u64::MAX) + 1);
+                    match mark {
+                        ResyncMark::Begin { .. } if self.link.step_interleaved() => {
+                            self.report.overflow_resyncs += 1;
+                        }
+                        ResyncMark::Begin { .. } => {}
+                        // Any resync's end carries the chunks written out of sync before it.
+                        ResyncMark::End => self.overflow_end = Some(seq),
+                    }
                     self.bracket = match mark {
                         ResyncMark::Begin { .. } => Some((seq, None)),
                         ResyncMark::End => self.bracket.map(|(begin, _)| (begin, Some(seq))),
@@ -263,7 +340,11 @@ impl Sim<'_> {
                     Op::Resync(mark)
                 }
                 ResyncStep::Copy(range) => {
-                    self.report.resync_copy_bytes += range.len_bytes;
+                    if self.link.step_interleaved() {
+                        self.report.overflow_copy_bytes += range.len_bytes;
+                    } else {
+                        self.report.resync_copy_bytes += range.len_bytes;
+                    }
                     let data = Bytes::copy_from_slice(&self.src_vol[byte_range(range)]);
                     ResyncStep::copy_op(range, data)
                 }
@@ -286,13 +367,23 @@ impl Sim<'_> {
                     }
                 }
                 Ok(Submitted::Parked) => self.report.log_full_waits += 1,
+                Ok(Submitted::OutOfSync) => {
+                    return Err(self.violation(
+                        Check::Protocol,
+                        format!("resync step {step:?} was recorded out of sync"),
+                    ))
+                }
                 Err(SubmitError::Stopped(_)) if self.stopped => {}
+                Err(SubmitError::Withdrawn) => {
+                    self.ops.pop();
+                    self.report.overflow_steps_withdrawn += 1;
+                }
                 Err(e) => {
                     return Err(self.violation(Check::Protocol, format!("resync step refused: {e}")))
                 }
             }
         }
-        Ok(progress)
+        Ok(())
     }
 
     /// The restarted primary's sequence now continues after the target's: what the target
@@ -426,5 +517,12 @@ pub(super) fn new_link(
     link.set_resync_piece_bytes_max(cfg.op_bytes_max);
     link.set_intent_keep_chunks(cfg.intent_keep_chunks);
     link.set_intent_extent_chunks(cfg.intent_extent_chunks);
+    if cfg.overflow_after_ticks > 0 {
+        link.set_overflow_rule(OverflowRule {
+            enabled: true,
+            after_down_ns: cfg.overflow_after_ticks * TICK_NS,
+            sync_peer_gone: cfg.sync_peer_gone,
+        });
+    }
     link
 }

@@ -220,6 +220,13 @@ impl Sim<'_> {
         match submitted {
             Ok(Submitted::Accepted(seq)) => self.accepted(token, seq)?,
             Ok(Submitted::Parked) => self.report.log_full_waits += 1,
+            Ok(Submitted::OutOfSync) => {
+                // Not in the sequence: complete once local; a resync carries it.
+                self.ops.pop();
+                self.completed += 1;
+                self.report.out_of_sync_writes += 1;
+                self.out_of_sync_since = Some(self.ops.len());
+            }
             // The daemon fails the host's request (EIO).
             Err(SubmitError::Stopped(_)) if self.stopped => self.failed += 1,
             Err(e) => {

@@ -14,7 +14,7 @@ use crate::source::{Mode, SourceConfig};
 use crate::storage::FaultyVolume;
 use crate::target::{Apply, CloseReason, ConnId, Target, TargetConfig, HANDSHAKES_MAX_DEFAULT};
 use crate::wire::Op;
-use crate::{Generation, NodeId, Seq, VolumeId};
+use crate::{Generation, NodeId, Range, Seq, VolumeId};
 
 use super::link::Link;
 use super::source::{first_primary_start, new_link, SourceLife};
@@ -76,6 +76,10 @@ pub(super) enum Event {
     TargetTimer,
     /// The host stops producing operations for a while (from the silence stream).
     HostPause,
+    /// The overflow copy the source process of life `source_run` handed out is read.
+    OverflowCopy {
+        source_run: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -162,6 +166,14 @@ pub(super) struct Sim<'a> {
     pub(super) adopting: bool,
     /// The last resync bracket of the history: its begin's seq and its end's, once submitted.
     pub(super) bracket: Option<(Seq, Option<Seq>)>,
+    /// A host write completed out of sync after operation `ops[..n]`, and no resync's end after
+    /// it is durable yet: the peer is not up to date.
+    pub(super) out_of_sync_since: Option<usize>,
+    /// The seq of the last resync end handed out.
+    pub(super) overflow_end: Option<Seq>,
+    /// An overflow copy handed out and not yet read (the daemon waits for host writes to its
+    /// range to finish first).
+    pub(super) copy_wait: Option<Range>,
 
     /// The target volume: what reads return, and what survives a crash.
     pub(super) volume: FaultyVolume,
@@ -360,6 +372,9 @@ impl<'a> Sim<'a> {
             durable_shadow_seq: Seq::NONE,
             adopting: false,
             bracket: None,
+            out_of_sync_since: None,
+            overflow_end: None,
+            copy_wait: None,
             base_image: initial,
             touched: Vec::new(),
             differs: BTreeSet::new(),
@@ -588,6 +603,7 @@ impl<'a> Sim<'a> {
                     self.schedule_host_pause();
                 }
             }
+            Event::OverflowCopy { source_run } => self.overflow_copy(source_run)?,
         }
         Ok(())
     }

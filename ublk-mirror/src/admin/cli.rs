@@ -210,6 +210,28 @@ fn watch_status(
     }
 }
 
+/// The overflow rule, then what is out of sync now.
+fn overflow_row(o: &crate::admin::OverflowReport) -> String {
+    let rule = if o.enabled {
+        format!(
+            "on (a full log, or {} s without the peer; sync: {})",
+            o.after_secs, o.sync_peer_gone
+        )
+    } else {
+        "off (a full log holds writes back)".to_string()
+    };
+    match &o.cause {
+        Some(cause) => format!(
+            "{rule}; OVERFLOWING ({cause}): {} chunks out of sync, {} writes since the start",
+            o.out_of_sync_chunks, o.out_of_sync_writes
+        ),
+        None => format!(
+            "{rule}; {} writes out of sync since the start",
+            o.out_of_sync_writes
+        ),
+    }
+}
+
 fn opt(s: Option<&String>) -> &str {
     s.map_or("-", String::as_str)
 }
@@ -328,6 +350,12 @@ pub fn format_status(st: &StatusReport) -> String {
                     )
                 },
             ),
+        ),
+        (
+            "overflow",
+            st.overflow
+                .as_ref()
+                .map_or_else(|| "-".to_string(), overflow_row),
         ),
         ("last error", opt(st.last_error.as_ref()).to_string()),
         ("fatal", opt(st.fatal.as_ref()).to_string()),

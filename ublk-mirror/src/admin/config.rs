@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use mirror_core::node::{OverflowRule, SyncPeerGone};
 use mirror_core::source::Mode;
 use mirror_core::{parse_size, Size, VolumeId};
 use serde::Deserialize;
@@ -77,6 +78,15 @@ pub struct StartArgs {
     /// On stop, wait at most this long for the target to catch up [default: 60].
     #[arg(long, value_name = "SECS")]
     pub stop_drain_secs: Option<u64>,
+    /// In async and received, record writes out of sync (resynced later) instead of queueing
+    /// them once the peer has been unreachable this long; a full rollback log overflows at
+    /// once. 0: never overflow (a full log holds writes back) [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub overflow_after_secs: Option<u64>,
+    /// What sync does once the peer has been unreachable that long: suspend (writes wait) or
+    /// degrade (writes complete locally, the peer is outdated until resynced) [default: suspend].
+    #[arg(long, value_name = "POLICY")]
+    pub sync_peer_gone: Option<String>,
     /// Log file of a background daemon [default: /run/ublk-mirror/NAME.log].
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -113,6 +123,8 @@ struct FileConfig {
     dev_id: Option<u32>,
     connect_timeout_secs: Option<u64>,
     stop_drain_secs: Option<u64>,
+    overflow_after_secs: Option<u64>,
+    sync_peer_gone: Option<String>,
     log_file: Option<PathBuf>,
     node_id: Option<u64>,
     no_mirror: Option<bool>,
@@ -148,6 +160,8 @@ pub struct Settings {
     pub(super) dev_id: Option<u32>,
     pub(super) connect_timeout: Duration,
     pub(super) stop_drain: Duration,
+    /// When writes overflow to the write intent.
+    pub(super) overflow: OverflowRule,
     pub(super) log_file: PathBuf,
     pub(super) node_id: u64,
 }
@@ -265,6 +279,31 @@ impl Settings {
                 .unwrap_or(60)
                 .min(86_400),
         );
+        let overflow_after_secs = args
+            .overflow_after_secs
+            .or(file.overflow_after_secs)
+            .unwrap_or(30);
+        if overflow_after_secs > 86_400 {
+            bail!("--overflow-after-secs must be at most 86400");
+        }
+        let sync_peer_gone = match args
+            .sync_peer_gone
+            .as_ref()
+            .or(file.sync_peer_gone.as_ref())
+        {
+            Some(text) => text
+                .parse::<SyncPeerGone>()
+                .map_err(|e| anyhow!("--sync-peer-gone: {e}"))?,
+            None => SyncPeerGone::Suspend,
+        };
+        if overflow_after_secs == 0 && sync_peer_gone == SyncPeerGone::Degrade {
+            bail!("--sync-peer-gone degrade needs --overflow-after-secs above 0 (when to degrade)");
+        }
+        let overflow = OverflowRule {
+            enabled: overflow_after_secs > 0,
+            after_down_ns: overflow_after_secs.saturating_mul(1_000_000_000),
+            sync_peer_gone,
+        };
         let log_file =
             path_of(&args.log_file, file.log_file).unwrap_or_else(|| super::log_path(&name));
         let create_bytes = match (&args.create_size, file.create_size) {
@@ -294,6 +333,7 @@ impl Settings {
             control_socket,
             connect_timeout,
             stop_drain,
+            overflow,
             log_file,
         })
     }

@@ -166,6 +166,8 @@ fn start_mirror(
     let cfg = ReplicatorConfig {
         connect_deadline: Some(s.connect_timeout),
         meta: running,
+        overflow: s.overflow,
+        host_ops_max: usize::from(s.queues) * usize::from(s.depth),
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };
     let intent = volume.intent_setup(&s.volume, intent, restored)?;

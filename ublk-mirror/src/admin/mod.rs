@@ -292,6 +292,26 @@ pub struct StatusReport {
     /// The resync under way after a restart, if any.
     #[serde(default)]
     pub resync: Option<ResyncReport>,
+    /// The overflow rule in force and the overflow under way (none: no mirror).
+    #[serde(default)]
+    pub overflow: Option<OverflowReport>,
+}
+
+/// When writes overflow to the write intent, and what is out of sync now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverflowReport {
+    /// Whether writes ever overflow (`--overflow-after-secs` above 0).
+    pub enabled: bool,
+    /// A peer unreachable this long makes writes overflow.
+    pub after_secs: u64,
+    /// What `sync` does then: `suspend` or `degrade`.
+    pub sync_peer_gone: String,
+    /// Why the overflow under way began (none: no overflow now).
+    pub cause: Option<String>,
+    /// Chunks written out of sync and not yet copied to the target's log.
+    pub out_of_sync_chunks: u64,
+    /// Writes completed out of sync since the start.
+    pub out_of_sync_writes: u64,
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::control::DaemonState;
 use super::{
-    IntentReport, LagReport, LogReport, ResyncReport, SeqReport, ShippedReport, StatusReport,
+    IntentReport, LagReport, LogReport, OverflowReport, ResyncReport, SeqReport, ShippedReport,
+    StatusReport,
 };
 
 use crate::replicator::ReplError;
@@ -96,6 +97,14 @@ impl DaemonState {
             }),
             generation: Some(st.gen_ids.into()),
             peer_data: st.peer_data.to_string(),
+            overflow: Some(OverflowReport {
+                enabled: st.overflow_rule.enabled,
+                after_secs: st.overflow_rule.after_down_ns / 1_000_000_000,
+                sync_peer_gone: st.overflow_rule.sync_peer_gone.to_string(),
+                cause: st.overflow.map(|o| o.cause.to_string()),
+                out_of_sync_chunks: st.overflow.map_or(0, |o| o.out_of_sync_chunks),
+                out_of_sync_writes: st.out_of_sync_writes,
+            }),
             resync: st.resync.map(|r| ResyncReport {
                 full: r.full,
                 total_bytes: r.total_bytes,

@@ -328,10 +328,14 @@ impl Device {
         let volume_bytes = self.cfg.volume_bytes;
         // Each tag holds at most one range at a time.
         let gate_entries = usize::from(self.cfg.queues) * usize::from(self.cfg.depth);
+        // With a mirror, the replicator's gate: an overflow's resync reads under it.
+        let gate = repl
+            .as_ref()
+            .map_or_else(|| gate::RangeGate::new(gate_entries), Handle::gate);
         let shared = queue::QueueShared {
             repl,
             flush_replicates: self.cfg.flush_replicates,
-            gate: gate::RangeGate::new(gate_entries),
+            gate,
             limits: request::Limits {
                 volume_bytes,
                 block_bytes: 1 << shift,

@@ -23,6 +23,13 @@ pub(super) enum Event {
     Connected(u64, Result<TcpStream, String>),
     Frame(u64, Frame),
     Failed(u64, String),
+    /// An overflow copy's bytes, read while its range was held against host writes (the guard
+    /// is released once the copy's place in the sequence is fixed).
+    Copied {
+        range: mirror_core::Range,
+        data: std::io::Result<Vec<u8>>,
+        guard: crate::device::gate::Guard,
+    },
 }
 
 /// An open connection: where the engine's frames go, and its two tasks.

@@ -11,8 +11,8 @@ use std::os::unix::fs::FileExt;
 use bytes::Bytes;
 use mirror_core::meta::MetaRecord;
 use mirror_core::node::{
-    CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, ResyncStep, Submitted,
-    WaitError,
+    CloseConn, DrainError, Node, PeerEvent, PeerId, PeerLink, Peers, ResyncStep, SubmitError,
+    Submitted, WaitError,
 };
 use mirror_core::session::SessionAction;
 use mirror_core::source::SourceError;
@@ -22,6 +22,8 @@ use mirror_core::Seq;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+use crate::device::gate::RangeGate;
 
 use super::conn::{read_frames, reserve, write_frames, Conn, Event, WRITER_QUEUE_FRAMES};
 use super::intent::IntentView;
@@ -46,13 +48,15 @@ pub(super) const PEER: PeerId = PeerId(0);
 /// The write intent the engine stores, and the local volume its resync reads.
 pub(super) struct KeptIntent {
     pub(super) store: Box<dyn IntentStore>,
-    pub(super) volume: std::fs::File,
+    pub(super) volume: Arc<std::fs::File>,
     pub(super) record: Box<dyn MetaStore + Send>,
     pub(super) view: Arc<IntentView>,
 }
 
 pub(super) struct Engine {
     cfg: ReplicatorConfig,
+    /// The host writes' range order, which an overflow copy's read joins.
+    gate: Arc<RangeGate>,
     intent: Option<KeptIntent>,
     node: Node<Peers>,
     epoch: Instant,
@@ -89,6 +93,7 @@ pub(super) struct Engine {
 impl Engine {
     pub(super) fn new(
         cfg: ReplicatorConfig,
+        gate: Arc<RangeGate>,
         node: Node<Peers>,
         fast_ack: Arc<AtomicBool>,
         conn_tx: watch::Sender<ConnInfo>,
@@ -97,6 +102,7 @@ impl Engine {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         Engine {
             cfg,
+            gate,
             intent,
             node,
             epoch: Instant::now(),
@@ -189,12 +195,18 @@ impl Engine {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Carries out the resync steps the link hands out: a copy reads the local volume now.
+    /// Carries out the resync steps the link hands out: a copy reads the local volume now,
+    /// unless host writes go on meanwhile (an overflow's resync): then a task reads it once no
+    /// host write to its range is in flight, and [`Event::Copied`] brings it back.
     fn pump_resync(&mut self) {
         loop {
             let Some(step) = self.link_mut().poll_resync() else {
                 return;
             };
+            if let (ResyncStep::Copy(range), true) = (step, self.link().step_interleaved()) {
+                self.read_copy(range);
+                return;
+            }
             let op = match step {
                 ResyncStep::Mark(mark) => Op::Resync(mark),
                 ResyncStep::Copy(range) => {
@@ -217,6 +229,50 @@ impl Engine {
                 return;
             }
             let _ = self.store_intent();
+        }
+    }
+
+    /// Reads an overflow copy of `range` under the range gate, off the engine's task.
+    fn read_copy(&self, range: mirror_core::Range) {
+        let Some(kept) = &self.intent else { return };
+        let volume = Arc::clone(&kept.volume);
+        let gate = Arc::clone(&self.gate);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let end = range.offset_bytes.saturating_add(range.len_bytes);
+            let guard = gate.acquire(range.offset_bytes..end).await;
+            let mut data = vec![0u8; usize::try_from(range.len_bytes).unwrap_or(0)];
+            let data = volume
+                .read_exact_at(&mut data, range.offset_bytes)
+                .map(|()| data);
+            let _ = events.send(Event::Copied { range, data, guard }).await;
+        });
+    }
+
+    /// An overflow copy's bytes are back: it enters the log, then host writes to its range go on.
+    fn on_copied(&mut self, range: mirror_core::Range, data: std::io::Result<Vec<u8>>) {
+        if self.link().fatal().is_some() {
+            return;
+        }
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
+                let e = SourceError::Local(format!(
+                    "resync read of {}+{}: {e}",
+                    range.offset_bytes, range.len_bytes
+                ));
+                self.link_mut().stop(e);
+                return;
+            }
+        };
+        let op = ResyncStep::copy_op(range, Bytes::from(data));
+        let now = self.now_ns();
+        match self.link_mut().resync_submit(SummedOp::new(op), now) {
+            Ok(_) => {
+                let _ = self.store_intent();
+            }
+            Err(SubmitError::Withdrawn) => tracing::debug!("overflow copy withdrawn"),
+            Err(e) => tracing::error!(error = %e, "resync step refused"),
         }
     }
 
@@ -477,6 +533,10 @@ impl Engine {
                     self.lose_conn(reason);
                 }
             }
+            Event::Copied { range, data, guard } => {
+                self.on_copied(range, data);
+                drop(guard);
+            }
         }
     }
 
@@ -578,6 +638,11 @@ impl Engine {
                 self.parked = Some(req.reply);
                 Ok(())
             }
+            Ok(Submitted::OutOfSync) => {
+                // Complete once local: no seq stands for it (a resync carries it).
+                let _ = req.reply.send(Ok(Seq::NONE));
+                Ok(())
+            }
             Err(e) => {
                 let e = ReplError::from(e);
                 let _ = req.reply.send(Err(e.clone()));
@@ -609,6 +674,9 @@ impl Engine {
                     resync: st.resync,
                     gen_ids: self.node.meta().gen_ids,
                     peer_data: st.peer_data,
+                    overflow: st.overflow,
+                    overflow_rule: st.overflow_rule,
+                    out_of_sync_writes: st.out_of_sync_writes,
                 });
             }
             Ctl::SetMode(mode, reply) => {

@@ -16,7 +16,12 @@
 //! waiting on them.
 //!
 //! Back-pressure: while a submission waits for room in the log, the engine takes no other; the
-//! bounded submission channel fills and [`Handle::enqueue`] waits.
+//! bounded submission channel fills and [`Handle::enqueue`] waits. With overflow on
+//! ([`ReplicatorConfig::overflow`], the default) a write in `async` or `received` never waits
+//! for room: the link records it out of sync and resyncs it later; the copies of that resync
+//! read the local volume under the host writes' [`RangeGate`] ([`Handle::gate`]).
+
+use crate::device::gate::RangeGate;
 
 mod conn;
 mod engine;
@@ -33,7 +38,9 @@ use std::time::Duration;
 use mirror_core::bitmap::DirtyBitmap;
 use mirror_core::log::MemLog;
 use mirror_core::meta::{MetaRecord, Role};
-use mirror_core::node::{DrainError, Node, PeerLink, PrimaryRestored, SubmitError};
+use mirror_core::node::{
+    DrainError, Node, OverflowRule, PeerLink, PrimaryRestored, SubmitError, SyncPeerGone,
+};
 use mirror_core::session::{SessionConfig, SourceSession};
 use mirror_core::source::{Mode, Source, SourceConfig, SourceError, SourceStatus};
 use mirror_core::storage::{IntentStore, MetaStore};
@@ -77,7 +84,20 @@ pub struct ReplicatorConfig {
     pub submit_queue: usize,
     /// Bound on the payload bytes of those submissions (at least [`PAYLOAD_BYTES_MAX`]).
     pub submit_queue_bytes: usize,
+    /// When host writes stop being queued for the peer and are recorded out of sync instead.
+    pub overflow: OverflowRule,
+    /// Host operations in flight at once, at most (the range gate's size, less the resync's
+    /// entry).
+    pub host_ops_max: usize,
 }
+
+/// The default of [`ReplicatorConfig::overflow`]: on, after 30 s without the peer, and `sync`
+/// suspends.
+pub const OVERFLOW_DEFAULT: OverflowRule = OverflowRule {
+    enabled: true,
+    after_down_ns: 30_000_000_000,
+    sync_peer_gone: SyncPeerGone::Suspend,
+};
 
 impl ReplicatorConfig {
     /// A configuration with default timeouts and bounds.
@@ -100,6 +120,8 @@ impl ReplicatorConfig {
             idle_timeout: Duration::from_secs(20),
             submit_queue: 256,
             submit_queue_bytes: 16 << 20,
+            overflow: OVERFLOW_DEFAULT,
+            host_ops_max: 4096,
         }
     }
 }
@@ -122,6 +144,8 @@ impl fmt::Debug for ReplicatorConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("submit_queue", &self.submit_queue)
             .field("submit_queue_bytes", &self.submit_queue_bytes)
+            .field("overflow", &self.overflow)
+            .field("host_ops_max", &self.host_ops_max)
             .finish_non_exhaustive()
     }
 }
@@ -182,9 +206,9 @@ impl From<SubmitError> for ReplError {
             // The engine takes no submission while one is parked; if it ever did, the caller
             // sees the log as full rather than an operation silently dropped.
             SubmitError::AlreadyParked => ReplError::InvalidOp(SourceError::LogFull),
-            e @ (SubmitError::Resyncing | SubmitError::NotResyncStep { .. }) => {
-                ReplError::Resync(e)
-            }
+            e @ (SubmitError::Resyncing
+            | SubmitError::NotResyncStep { .. }
+            | SubmitError::Withdrawn) => ReplError::Resync(e),
         }
     }
 }
@@ -216,6 +240,12 @@ pub struct ReplicatorStatus {
     pub gen_ids: mirror_core::genid::GenIds,
     /// What the peer's copy is.
     pub peer_data: mirror_core::node::PeerData,
+    /// The overflow under way, if any.
+    pub overflow: Option<mirror_core::node::OverflowStatus>,
+    /// When writes overflow.
+    pub overflow_rule: OverflowRule,
+    /// Writes completed out of sync since the start.
+    pub out_of_sync_writes: u64,
 }
 
 /// Connection state, published on every change.
@@ -293,6 +323,7 @@ pub struct Handle {
     ctl_tx: mpsc::Sender<Ctl>,
     conn_rx: watch::Receiver<ConnInfo>,
     intent: Arc<intent::IntentView>,
+    gate: Arc<RangeGate>,
 }
 
 impl fmt::Debug for SubmitReq {
@@ -362,6 +393,13 @@ impl Handle {
             rx.await.map_err(|_| ReplError::Shutdown)??;
         }
         Ok(Pending { rx })
+    }
+
+    /// The range gate every host write to this volume must hold across its enqueue and its
+    /// local half (the resync's copies join it).
+    #[must_use]
+    pub fn gate(&self) -> Arc<RangeGate> {
+        Arc::clone(&self.gate)
     }
 
     /// Whether an operation that [`Handle::enqueue`] accepted is already complete per the mode:
@@ -495,7 +533,7 @@ pub fn spawn_primary(
             let link = PeerLink::restarted(source, session, setup.restored, setup.stored);
             let kept = engine::KeptIntent {
                 store: setup.store,
-                volume: setup.volume,
+                volume: Arc::new(setup.volume),
                 record: setup.record,
                 view: Arc::clone(&view),
             };
@@ -507,12 +545,24 @@ pub fn spawn_primary(
             None,
         ),
     };
+    // Overflow needs a stored intent to record writes in and a volume to resync them from.
+    if kept.is_some() {
+        link.set_overflow_rule(cfg.overflow);
+    }
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
     }
     let fast_ack = Arc::new(AtomicBool::new(link.acks_on_submit()));
     let node = Node::primary(cfg.meta, engine::PEER, link);
-    let engine = engine::Engine::new(cfg, node, Arc::clone(&fast_ack), conn_tx, kept);
+    let gate = RangeGate::new(cfg.host_ops_max.saturating_add(1));
+    let engine = engine::Engine::new(
+        cfg,
+        Arc::clone(&gate),
+        node,
+        Arc::clone(&fast_ack),
+        conn_tx,
+        kept,
+    );
     let task = tokio::spawn(engine.run(submit_rx, ctl_rx));
     (
         Handle {
@@ -523,6 +573,7 @@ pub fn spawn_primary(
             ctl_tx,
             conn_rx,
             intent: view,
+            gate,
         },
         task,
     )

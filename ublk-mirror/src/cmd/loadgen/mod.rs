@@ -118,6 +118,10 @@ pub struct LoadgenArgs {
     /// Node id announced in HELLO.
     #[arg(long, default_value_t = 1)]
     node_id: u64,
+    /// Record writes out of sync instead of queueing them once the target has been unreachable
+    /// this long (a full log overflows at once); 0: never (as `start`).
+    #[arg(long, default_value_t = 30)]
+    overflow_after_secs: u64,
 }
 
 use mirror_core::parse_size;
@@ -191,6 +195,12 @@ async fn drive(
     let cfg = ReplicatorConfig {
         connect_deadline: Some(Duration::from_secs(args.connect_timeout_secs)),
         meta: running,
+        host_ops_max: args.qd.max(1),
+        overflow: mirror_core::node::OverflowRule {
+            enabled: args.overflow_after_secs > 0,
+            after_down_ns: args.overflow_after_secs.saturating_mul(1_000_000_000),
+            ..replicator::OVERFLOW_DEFAULT
+        },
         ..ReplicatorConfig::new(args.peer.clone(), source)
     };
     let intent = volume.intent_setup(&args.volume, start.intent, start.restored)?;
@@ -246,8 +256,9 @@ async fn workload(
     let mut placer = Placer::new(plan, args.distinct, &mut rng);
     let latencies = Arc::new(Mutex::new(Latencies::new()));
     let mut inflight: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    // Each operation holds at most one range, and only while it is submitted.
-    let gate = RangeGate::new(plan.qd);
+    // Each operation holds at most one range, and only while it is submitted; an overflow's
+    // resync reads under the same gate.
+    let gate = handle.gate();
     let start = Instant::now();
     let deadline = plan.seconds.map(|s| start + Duration::from_secs_f64(s));
     let (mut writes, mut flushes, mut bytes) = (0u64, 0u64, 0u64);
@@ -362,6 +373,7 @@ async fn workload(
         drain_s: drain.as_secs_f64(),
         connects: status.connects,
         disconnects: status.disconnects,
+        out_of_sync_writes: status.out_of_sync_writes,
     };
     Ok((summary, clean))
 }

@@ -104,6 +104,8 @@ pub(super) struct Summary {
     pub(super) drain_s: f64,
     pub(super) connects: u64,
     pub(super) disconnects: u64,
+    /// Writes completed out of sync while the primary overflowed.
+    pub(super) out_of_sync_writes: u64,
 }
 
 pub(super) fn print_summary(s: &Summary) {
@@ -134,6 +136,13 @@ pub(super) fn print_summary(s: &Summary) {
         println!(
             "  last seq {} (not waited for); connects {}, disconnects {}",
             s.last_seq, s.connects, s.disconnects
+        );
+    }
+    if s.out_of_sync_writes > 0 {
+        println!(
+            "  {} writes completed out of sync (the log was full or the target gone too long): \
+             a resync carries them",
+            s.out_of_sync_writes
         );
     }
 }
