@@ -123,7 +123,8 @@ pub enum PeerEvent {
     },
     /// Operation `seq` is complete per the acknowledgement mode.
     Completed(Seq),
-    /// Everything through this seq is applied and durable on the peer (waiters of
+    /// Everything through this seq is applied and durable on the peer, and no write recorded
+    /// out of sync since is missing there ([`PeerLink::replicated`]; waiters of
     /// [`PeerLink::check_replicated`] wake); reported once per advance.
     Durable(Seq),
     /// A handshake completed: the peer is authenticated and shipping started.
@@ -293,6 +294,9 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     step_interleaved: bool,
     /// Writes completed out of sync since the start.
     out_of_sync_writes: u64,
+    /// The last seq before the first write recorded out of sync that no durable resync end
+    /// covers yet: the peer holds the volume as of no later seq.
+    out_of_sync_after: Option<Seq>,
 }
 
 /// When a primary stops queueing host writes for its peer and records their chunks as out of
@@ -557,6 +561,7 @@ impl<L: RollbackLog> PeerLink<L> {
             overflow: None,
             step_interleaved: false,
             out_of_sync_writes: 0,
+            out_of_sync_after: None,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -695,6 +700,8 @@ impl<L: RollbackLog> PeerLink<L> {
             }
         }
         self.out_of_sync_writes += 1;
+        let last = self.source.status().last_local;
+        self.out_of_sync_after.get_or_insert(last);
         Ok(Submitted::OutOfSync)
     }
 
@@ -1041,16 +1048,38 @@ impl<L: RollbackLog> PeerLink<L> {
     /// Whether `seq` is already applied and durable on the peer (`Ok(false)`: wait for
     /// [`PeerEvent::Durable`]).
     pub fn check_replicated(&self, seq: Seq) -> Result<bool, WaitError> {
-        if self.source.is_replicated(seq) {
+        if seq <= self.replicated() {
             return Ok(true);
         }
         if let Some(e) = &self.fatal {
             return Err(WaitError::Stopped(e.clone()));
         }
-        if seq > self.source.status().last_local {
+        if seq > self.everything_so_far() {
             return Err(WaitError::NeverSubmitted(seq));
         }
         Ok(false)
+    }
+
+    /// The seq whose replication ([`Self::check_replicated`]) means that every write so far is
+    /// on the peer: the last local one, or while writes recorded out of sync wait for their
+    /// resync, the next (that resync's end comes at or after it).
+    #[must_use]
+    pub fn everything_so_far(&self) -> Seq {
+        let last = self.source.status().last_local;
+        if self.out_of_sync_after.is_some() {
+            last.next()
+        } else {
+            last
+        }
+    }
+
+    /// Through which seq the peer holds the volume: what it made durable, but while writes
+    /// recorded out of sync have not reached it, no later than the last seq before them.
+    #[must_use]
+    pub fn replicated(&self) -> Seq {
+        let durable = self.source.durable();
+        self.out_of_sync_after
+            .map_or(durable, |after| durable.min(after))
     }
 
     /// The next event for the driver.
@@ -1068,6 +1097,9 @@ impl<L: RollbackLog> PeerLink<L> {
             if track.end.is_some_and(|end| end <= durable) {
                 self.resync_track = None;
             }
+        }
+        if self.overflow.is_none() && self.resync_track.is_none() {
+            self.out_of_sync_after = None;
         }
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
@@ -1088,7 +1120,7 @@ impl<L: RollbackLog> PeerLink<L> {
         let durable = if self.sabotage == PeerSabotage::DurableEarly {
             self.source.status().received
         } else {
-            self.source.status().durable
+            self.replicated()
         };
         if durable > self.durable_reported {
             self.durable_reported = durable;
@@ -1295,6 +1327,11 @@ impl<L: RollbackLog> PeerLink<L> {
         });
         self.resync = Some(plan);
         self.resync_step = None;
+        // The full copy carries whatever was written out of sync.
+        self.overflow = None;
+        self.step_interleaved = false;
+        self.intent.unpin_all();
+        self.out_of_sync_after = None;
         self.durable_reported = self.source.durable();
         self.record_told = true;
         self.events.push_back(PeerEvent::RecordRunning {

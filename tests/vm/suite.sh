@@ -4,7 +4,8 @@
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
 #                                                overlap blockdev512 target-blockdev passthrough
-#                                                restart degraded kill9 sigterm delete perf)
+#                                                restart degraded overflow kill9 sigterm delete
+#                                                perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -605,6 +606,41 @@ case_degraded() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-degraded"
 }
 
+# case_overflow (issue 14, failure 6): the target goes away for longer than
+# --overflow-after-secs under a mounted ext4: writes go on at local speed, recorded out of sync
+# in the write intent (status says OVERFLOWING and calls the peer outdated); once the target is
+# back, a resync copies those chunks while more files are written, status calls the peer up to
+# date, and the volumes are identical.
+case_overflow() {
+    local tag=overflow why st
+    new_volumes "$tag"
+    start_target "$tag" || { fail overflow "target did not start"; return; }
+    start_daemon m-ov "$tag" async --overflow-after-secs 2 >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail overflow "$why"; stop_target; return; }
+    mkfs.ext4 -q -F "$DEV" >"$OUT/mkfs-overflow.out" 2>&1 || { fail overflow "mkfs failed"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail overflow "mount failed"; cleanup_all; return; }
+    write_files "$MNT/before" 12 || { fail overflow "writing files failed"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-ov --timeout-secs 120 2>&1) || { fail overflow "$why"; cleanup_all; return; }
+    stop_target
+    sleep 3
+    write_files "$MNT/cut" 30 || { fail overflow "writing files while the target was gone failed"; cleanup_all; return; }
+    st=$("$UM" status --name m-ov --json)
+    jq -e '.overflow.cause != null and .overflow.out_of_sync_chunks > 0 and (.peer_data | startswith("outdated"))' <<<"$st" >/dev/null \
+        || { fail overflow "status does not show the overflow: $(jq -c '{peer_data, overflow}' <<<"$st")"; cleanup_all; return; }
+    "$UM" status --name m-ov | grep -q '^overflow .*OVERFLOWING' || { fail overflow "the status table lacks the overflow"; cleanup_all; return; }
+    TARGET_STARTS=2 restart_target "$tag" || { fail overflow "target did not restart"; cleanup_all; return; }
+    write_files "$MNT/resync" 12 || { fail overflow "writing files during the resync failed"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-ov --timeout-secs 120 2>&1) || { fail overflow "$why"; cleanup_all; return; }
+    st=$("$UM" status --name m-ov --json)
+    jq -e '.peer_data == "up to date" and .overflow.cause == null and .overflow.out_of_sync_writes > 0' <<<"$st" >/dev/null \
+        || { fail overflow "status after the resync: $(jq -c '{peer_data, overflow}' <<<"$st")"; cleanup_all; return; }
+    umount "$MNT"
+    why=$(same_volumes "$tag") || { fail overflow "after the resync: $why"; cleanup_all; return; }
+    stop_daemon m-ov || { fail overflow "stop failed"; cleanup_all; return; }
+    stop_target
+    pass overflow
+    echo "    $(jq -r .overflow.out_of_sync_writes <<<"$st") writes out of sync while the target was gone, resynced: volumes identical"
+}
+
 # case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
 # status says so, mirror requests are refused with one clear line.
 case_passthrough() {
@@ -637,7 +673,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -655,6 +691,7 @@ for c in "${cases[@]}"; do
         passthrough) case_passthrough ;;
         restart) case_restart ;;
         degraded) case_degraded ;;
+        overflow) case_overflow ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac

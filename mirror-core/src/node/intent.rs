@@ -120,6 +120,14 @@ impl WriteIntent {
         }
     }
 
+    /// Every chunk is being copied in full: none stays pinned (until the copy of a chunk is in
+    /// the log a crash finds the peer without this volume's history and copies it in full again).
+    pub fn unpin_all(&mut self) {
+        for chunk in self.pinned.dirty().collect::<Vec<_>>() {
+            self.unpin(chunk);
+        }
+    }
+
     /// Chunks written while the primary overflowed and not yet copied into the log.
     #[must_use]
     pub fn pinned(&self) -> &DirtyBitmap {

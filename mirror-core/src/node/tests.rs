@@ -851,6 +851,10 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
 
     exchange(&mut l, &mut t).unwrap();
     events(&mut l);
+    // Seq 3 is on the peer; the volume as of now (seq 3 and the write after it) is not.
+    assert_eq!(l.check_replicated(Seq(3)), Ok(true));
+    assert_eq!(l.everything_so_far(), Seq(4));
+    assert_eq!(l.check_replicated(Seq(4)), Ok(false));
     let begin = l.poll_resync().unwrap();
     assert_eq!(begin, ResyncStep::Mark(ResyncMark::Begin { full: false }));
     assert_eq!(take_step(&mut l, begin, 0), Ok(Submitted::Accepted(Seq(4))));
@@ -908,6 +912,8 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
     exchange(&mut l, &mut t).unwrap();
     events(&mut l);
     assert_eq!(l.peer_data(), PeerData::UpToDate);
+    assert_eq!(l.everything_so_far(), Seq(9));
+    assert_eq!(l.check_replicated(Seq(9)), Ok(true));
     assert!(t.status().consistent);
     assert_eq!(l.status().out_of_sync_writes, 3);
     assert_eq!(

@@ -392,6 +392,10 @@ impl Sim<'_> {
     /// carries those writes' data, which quiescence compares).
     fn adopted(&mut self) -> Step<()> {
         self.adopting = false;
+        // The history is cut back: the resync that follows carries writes out of sync too.
+        if self.out_of_sync_since.is_some() {
+            self.out_of_sync_since = Some(0);
+        }
         let through = self.link.source().status().last_local;
         let full = self.link.status().resync.is_some_and(|r| r.full);
         if full == self.target_has_our_history() {

@@ -617,6 +617,22 @@ mod tests {
             format_status(&st).contains("resync      full: 262144 of 1048576 bytes"),
             "{table}"
         );
+        st.overflow = Some(crate::admin::OverflowReport {
+            enabled: true,
+            after_secs: 30,
+            sync_peer_gone: "suspend".into(),
+            cause: Some("the rollback log was full".into()),
+            out_of_sync_chunks: 7,
+            out_of_sync_writes: 12,
+        });
+        let table = format_status(&st);
+        assert!(
+            table.contains(
+                "overflow    on (a full log, or 30 s without the peer; sync: suspend); \
+                 OVERFLOWING (the rollback log was full): 7 chunks out of sync, 12 writes"
+            ),
+            "{table}"
+        );
     }
 
     #[test]

@@ -417,6 +417,28 @@ mod tests {
         assert_eq!(s.log_bytes, 64 << 20);
         assert_eq!(s.connect_timeout, Duration::from_secs(10));
         assert!(s.control_socket.ends_with("mirror.sock"));
+        assert!(s.overflow.enabled);
+        assert_eq!(s.overflow.after_down_ns, 30_000_000_000);
+        assert_eq!(s.overflow.sync_peer_gone, SyncPeerGone::Suspend);
+    }
+
+    #[test]
+    fn the_overflow_rule_is_resolved_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = base(dir.path());
+        a.overflow_after_secs = Some(0);
+        assert!(!Settings::resolve(&a).unwrap().overflow.enabled);
+        a.sync_peer_gone = Some("degrade".into());
+        assert!(err(&a).contains("--sync-peer-gone degrade needs --overflow-after-secs"));
+        a.overflow_after_secs = Some(5);
+        let s = Settings::resolve(&a).unwrap();
+        assert_eq!(s.overflow.sync_peer_gone, SyncPeerGone::Degrade);
+        assert_eq!(s.overflow.after_down_ns, 5_000_000_000);
+        a.sync_peer_gone = Some("panic".into());
+        assert!(err(&a).contains("--sync-peer-gone: unknown policy \"panic\""));
+        a.sync_peer_gone = None;
+        a.overflow_after_secs = Some(100_000);
+        assert!(err(&a).contains("--overflow-after-secs"));
     }
 
     #[test]

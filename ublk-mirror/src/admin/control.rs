@@ -114,7 +114,7 @@ impl DaemonState {
                 let seq = match seq {
                     Some(n) => Seq(n),
                     None => match repl.status().await {
-                        Ok(st) => st.source.last_local,
+                        Ok(st) => st.everything_so_far,
                         Err(e) => return Response::err(e.to_string()),
                     },
                 };

@@ -677,6 +677,7 @@ impl Engine {
                     overflow: st.overflow,
                     overflow_rule: st.overflow_rule,
                     out_of_sync_writes: st.out_of_sync_writes,
+                    everything_so_far: self.link().everything_so_far(),
                 });
             }
             Ctl::SetMode(mode, reply) => {

@@ -246,6 +246,9 @@ pub struct ReplicatorStatus {
     pub overflow_rule: OverflowRule,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
+    /// The seq whose replication means every write so far is on the peer
+    /// ([`PeerLink::everything_so_far`]).
+    pub everything_so_far: Seq,
 }
 
 /// Connection state, published on every change.
