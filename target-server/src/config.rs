@@ -38,7 +38,8 @@ impl From<Policy> for ConflictPolicy {
 #[command(
     name = "target-server",
     version,
-    about = "Receives mirrored writes over TCP and applies them to a target volume"
+    about = "Receives mirrored writes over TCP and applies them to a target volume",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// Address to listen on [default: 127.0.0.1:7700].
@@ -85,6 +86,28 @@ pub struct Cli {
     /// [default: 5].
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout_secs: Option<u64>,
+    /// Answer status requests on this Unix socket (`target-server status --status-socket PATH`)
+    /// [default: none].
+    #[arg(long, value_name = "PATH")]
+    pub status_socket: Option<PathBuf>,
+    /// `status`: print a running server's status and exit.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `target-server` does instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print the status of the server answering on `--status-socket` (role, what the volume
+    /// holds, a resync under way, sequence numbers, generation ids).
+    Status {
+        /// The server's status socket.
+        #[arg(long, value_name = "PATH")]
+        status_socket: PathBuf,
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The configuration file: the flags' keys in snake_case (without `config`).
@@ -115,6 +138,8 @@ pub struct FileConfig {
     pub idle_timeout_secs: Option<u64>,
     /// See [`Cli::handshake_timeout_secs`].
     pub handshake_timeout_secs: Option<u64>,
+    /// See [`Cli::status_socket`].
+    pub status_socket: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used. The message is one line.
@@ -310,6 +335,11 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
         }
         cfg.handshake_timeout = Duration::from_secs(secs);
     }
+    cfg.status_socket = match (&cli.status_socket, file.status_socket) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(p)) => Some(relative_to(base, p)),
+        (None, None) => None,
+    };
     Ok(cfg)
 }
 

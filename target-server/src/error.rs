@@ -30,6 +30,14 @@ pub enum ServerError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(#[from] BadConfig),
+    /// The status socket cannot be bound.
+    #[error("status socket {path}: {reason}")]
+    StatusSocket {
+        /// Its path.
+        path: PathBuf,
+        /// The failure.
+        reason: io::Error,
+    },
     /// Binding the listening socket failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

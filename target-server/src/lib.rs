@@ -30,6 +30,7 @@ mod local;
 mod open;
 mod owner;
 mod server;
+pub mod status;
 
 pub use error::{BadConfig, InternalError, IoFailure, ServerError};
 pub use local::RegionLock;

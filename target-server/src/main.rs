@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::error::ErrorKind;
 use clap::Parser;
-use target_server::config::{resolve, Cli};
+use target_server::config::{resolve, Cli, Command};
 use target_server::ServerConfig;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -30,6 +30,23 @@ fn main() -> ExitCode {
             return fail(2, &mirror_core::one_line_error(&e.to_string()));
         }
     };
+    if let Some(Command::Status {
+        status_socket,
+        json,
+    }) = &cli.command
+    {
+        return match target_server::status::query(status_socket) {
+            Ok(st) if *json => {
+                println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(st) => {
+                print!("{}", st.table());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e.to_string()),
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -71,6 +71,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a local lock holder retries while the mirror holds its region.
     pub local_lock_timeout: Duration,
+    /// Where the server answers status requests ([`crate::status`]), if anywhere.
+    pub status_socket: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -91,6 +93,7 @@ impl ServerConfig {
             commit_log_entries_max: COMMIT_LOG_ENTRIES_DEFAULT,
             idle_timeout: IDLE_TIMEOUT_DEFAULT,
             handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
+            status_socket: None,
             local_lock_timeout: Duration::from_secs(10),
         }
     }
@@ -111,6 +114,7 @@ pub struct ServerHandle {
     stopped: watch::Receiver<bool>,
     owner: Option<JoinHandle<Result<(), ServerError>>>,
     pub(crate) local_lock_timeout: Duration,
+    status_socket: Option<PathBuf>,
 }
 
 /// What a server runs on: its volume and its metadata store (a file or block device with
@@ -188,6 +192,11 @@ async fn serve(
         addr: cfg.listen,
         source,
     })?;
+    let status_listener = cfg
+        .status_socket
+        .as_deref()
+        .map(crate::status::bind)
+        .transpose()?;
     let (cmds, cmd_rx) = mpsc::channel(CMDS_MAX);
     let (status_tx, status) = watch::channel(target.status());
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -210,6 +219,15 @@ async fn serve(
         stopped_tx.send_replace(true);
         result
     });
+    if let (Some(listener), Some(path)) = (status_listener, cfg.status_socket.clone()) {
+        tokio::spawn(crate::status::serve(
+            listener,
+            path,
+            status.clone(),
+            (cfg.volume_path.clone(), cfg.volume_id, local_addr),
+            stopped.clone(),
+        ));
+    }
     info!(%local_addr, "listening");
     Ok(ServerHandle {
         local_addr,
@@ -220,6 +238,7 @@ async fn serve(
         stopped,
         owner: Some(owner),
         local_lock_timeout: cfg.local_lock_timeout,
+        status_socket: cfg.status_socket.clone(),
     })
 }
 
@@ -248,6 +267,9 @@ impl ServerHandle {
     /// one did.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.shutdown.send_replace(true);
+        if let Some(path) = &self.status_socket {
+            let _ = std::fs::remove_file(path);
+        }
         let Some(owner) = self.owner.take() else {
             return Ok(());
         };

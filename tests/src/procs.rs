@@ -107,6 +107,24 @@ pub fn target_server_bin() -> anyhow::Result<PathBuf> {
     binary("target-server", "TARGET_SERVER_BIN")
 }
 
+/// What `target-server status --json` says of the server answering on `socket`.
+pub async fn secondary_status(socket: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(target_server_bin()?)
+        .arg("status")
+        .arg("--status-socket")
+        .arg(socket)
+        .arg("--json")
+        .output()
+        .await
+        .context("running target-server status")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "target-server status failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// The `ublk-mirror` binary.
 pub fn ublk_mirror_bin() -> anyhow::Result<PathBuf> {
     binary("ublk-mirror", "UBLK_MIRROR_BIN")
@@ -129,6 +147,8 @@ pub struct TargetServerOpts {
     pub stderr: PathBuf,
     /// `RUST_LOG` for the server.
     pub log: String,
+    /// Its status socket (`--status-socket`).
+    pub status_socket: PathBuf,
 }
 
 /// A running `target-server` process (killed when dropped).
@@ -164,6 +184,7 @@ impl TargetServer {
         if let Some(size) = opts.create_size {
             cmd.arg("--create-size").arg(size.to_string());
         }
+        cmd.arg("--status-socket").arg(&opts.status_socket);
         cmd.env("RUST_LOG", &opts.log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

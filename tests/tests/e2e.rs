@@ -40,6 +40,7 @@ impl Rig {
             block_bytes,
             stderr: self.path(&format!("{volume}.server.log")),
             log: "info".to_string(),
+            status_socket: self.path(&format!("{volume}.status.sock")),
         }
     }
 
@@ -579,8 +580,17 @@ async fn e2e_a_new_target_gets_the_whole_volume_before_the_pair_counts_as_in_syn
         let mut rng = fastrand::Rng::with_seed(seed);
         rng.fill(&mut data);
         std::fs::write(&source, &data)?;
-        let mut server =
-            TargetServer::start(&rig.server_opts("initial.target", volume_bytes, 4096)).await?;
+        let opts = rig.server_opts("initial.target", volume_bytes, 4096);
+        let mut server = TargetServer::start(&opts).await?;
+        // The secondary's own status says what it holds, before and after.
+        let st = procs::secondary_status(&opts.status_socket).await?;
+        anyhow::ensure!(
+            st["role"] == "secondary"
+                && st["data"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("no source's history yet")),
+            "a new target's status: {st}"
+        );
         let list = loadgen_args(
             &rig,
             &source,
@@ -591,6 +601,14 @@ async fn e2e_a_new_target_gets_the_whole_volume_before_the_pair_counts_as_in_syn
         let run = procs::run_loadgen(&list, Duration::from_secs(60)).await?;
         let s = check_success(&run, &rig, "initial")?;
         anyhow::ensure!(s["last_seq"] == 20 + 2 + 128, "a full resync first: {s}");
+        let st = procs::secondary_status(&opts.status_socket).await?;
+        anyhow::ensure!(
+            st["consistent"] == true
+                && st["durable"] == 150
+                && st["resync"].is_null()
+                && st["generation"][0] != "none",
+            "the synced target's status: {st}"
+        );
         stop(&mut server).await?;
         identical(&source, &rig.path("initial.target"), volume_bytes)
     })

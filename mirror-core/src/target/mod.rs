@@ -253,6 +253,13 @@ pub struct TargetStatus {
     pub consistent: bool,
     /// Current resend epoch.
     pub epoch: u32,
+    /// A resync bracket is open (handed out in part): whether it is a full one.
+    pub resync: Option<bool>,
+    /// Whether the data is trusted to be some state of the source's (false: new or replaced, or
+    /// inside a full resync, until a full resync's end).
+    pub data_trusted: bool,
+    /// The histories the volume holds.
+    pub gen_ids: GenIds,
 }
 
 /// The target state machine.
@@ -586,6 +593,9 @@ impl Target {
             commit_log_bytes: self.log_bytes,
             consistent: self.inconsistent_until.is_none(),
             epoch: self.epoch,
+            resync: self.resync,
+            data_trusted: !self.data_untrusted,
+            gen_ids: self.gen_ids,
         }
     }
 
