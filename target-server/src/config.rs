@@ -90,6 +90,12 @@ pub struct Cli {
     /// [default: none].
     #[arg(long, value_name = "PATH")]
     pub status_socket: Option<PathBuf>,
+    /// Run this shell command before a resync's copies reach the volume (to snapshot the last
+    /// consistent copy); environment: UBLK_MIRROR_VOLUME, UBLK_MIRROR_VOLUME_ID, UBLK_MIRROR_RESYNC
+    /// (partial or full), UBLK_MIRROR_SEQ. The server waits for it and stops if it fails
+    /// [default: none].
+    #[arg(long, value_name = "CMD")]
+    pub before_resync: Option<String>,
     /// `status`: print a running server's status and exit.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -140,6 +146,8 @@ pub struct FileConfig {
     pub handshake_timeout_secs: Option<u64>,
     /// See [`Cli::status_socket`].
     pub status_socket: Option<PathBuf>,
+    /// See [`Cli::before_resync`].
+    pub before_resync: Option<String>,
 }
 
 /// A configuration that cannot be used. The message is one line.
@@ -335,6 +343,11 @@ pub fn resolve(cli: &Cli) -> Result<ServerConfig, ConfigError> {
         }
         cfg.handshake_timeout = Duration::from_secs(secs);
     }
+    cfg.before_resync = cli
+        .before_resync
+        .clone()
+        .or(file.before_resync)
+        .filter(|c| !c.trim().is_empty());
     cfg.status_socket = match (&cli.status_socket, file.status_socket) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(p)) => Some(relative_to(base, p)),

@@ -131,6 +131,14 @@ pub enum IoFailure {
     /// The thread doing the I/O panicked or is gone.
     #[error("the {0} failed (panicked)")]
     ThreadFailed(&'static str),
+    /// The before-resync hook failed: the resync did not start.
+    #[error("the before-resync hook `{command}` failed ({why}): the resync does not start")]
+    Hook {
+        /// The hook's command.
+        command: String,
+        /// How it failed.
+        why: String,
+    },
 }
 
 /// A task or thread of the server that failed unexpectedly.

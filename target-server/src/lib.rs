@@ -25,6 +25,7 @@
 pub mod config;
 mod conn;
 mod error;
+mod hook;
 mod io_thread;
 mod local;
 mod open;

@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub local_lock_timeout: Duration,
     /// Where the server answers status requests ([`crate::status`]), if anywhere.
     pub status_socket: Option<PathBuf>,
+    /// A command run (through `sh -c`) before a resync's copies reach the volume, so that it
+    /// can snapshot the last consistent copy; the server waits for it, and stops if it fails.
+    pub before_resync: Option<String>,
 }
 
 impl ServerConfig {
@@ -94,6 +97,7 @@ impl ServerConfig {
             idle_timeout: IDLE_TIMEOUT_DEFAULT,
             handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
             status_socket: None,
+            before_resync: None,
             local_lock_timeout: Duration::from_secs(10),
         }
     }
@@ -209,6 +213,13 @@ async fn serve(
         cmds: cmd_rx,
         status: status_tx,
         shutdown: shutdown_rx,
+        before_resync: cfg.before_resync.clone().map(|command| {
+            Arc::new(crate::hook::BeforeResync {
+                command,
+                volume: cfg.volume_path.clone(),
+                volume_id: cfg.volume_id,
+            })
+        }),
     };
     let owner = tokio::spawn(async move {
         // A panic of the owner (an engine assertion) must stop the server, not stall it.

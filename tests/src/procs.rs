@@ -149,6 +149,8 @@ pub struct TargetServerOpts {
     pub log: String,
     /// Its status socket (`--status-socket`).
     pub status_socket: PathBuf,
+    /// Its `--before-resync` hook, if any.
+    pub before_resync: Option<String>,
 }
 
 /// A running `target-server` process (killed when dropped).
@@ -185,6 +187,9 @@ impl TargetServer {
             cmd.arg("--create-size").arg(size.to_string());
         }
         cmd.arg("--status-socket").arg(&opts.status_socket);
+        if let Some(hook) = &opts.before_resync {
+            cmd.arg("--before-resync").arg(hook);
+        }
         cmd.env("RUST_LOG", &opts.log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

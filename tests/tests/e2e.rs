@@ -41,6 +41,7 @@ impl Rig {
             stderr: self.path(&format!("{volume}.server.log")),
             log: "info".to_string(),
             status_socket: self.path(&format!("{volume}.status.sock")),
+            before_resync: None,
         }
     }
 
@@ -580,7 +581,17 @@ async fn e2e_a_new_target_gets_the_whole_volume_before_the_pair_counts_as_in_syn
         let mut rng = fastrand::Rng::with_seed(seed);
         rng.fill(&mut data);
         std::fs::write(&source, &data)?;
-        let opts = rig.server_opts("initial.target", volume_bytes, 4096);
+        // The before-resync hook snapshots the target's data area before the copy reaches it.
+        let (hook_log, snapshot) = (rig.path("hook.log"), rig.path("snapshot.img"));
+        let opts = TargetServerOpts {
+            before_resync: Some(format!(
+                "printf '%s %s\\n' \"$UBLK_MIRROR_RESYNC\" \"$UBLK_MIRROR_SEQ\" >> '{}' && \
+                 head -c {volume_bytes} \"$UBLK_MIRROR_VOLUME\" > '{}'",
+                hook_log.display(),
+                snapshot.display()
+            )),
+            ..rig.server_opts("initial.target", volume_bytes, 4096)
+        };
         let mut server = TargetServer::start(&opts).await?;
         // The secondary's own status says what it holds, before and after.
         let st = procs::secondary_status(&opts.status_socket).await?;
@@ -608,6 +619,13 @@ async fn e2e_a_new_target_gets_the_whole_volume_before_the_pair_counts_as_in_syn
                 && st["resync"].is_null()
                 && st["generation"][0] != "none",
             "the synced target's status: {st}"
+        );
+        let hook_runs = std::fs::read_to_string(&hook_log)?;
+        anyhow::ensure!(hook_runs == "full 1\n", "hook runs: {hook_runs:?}");
+        let snap = std::fs::read(&snapshot)?;
+        anyhow::ensure!(
+            snap.len() as u64 == volume_bytes && snap.iter().all(|b| *b == 0),
+            "the snapshot is not the empty target as it was before the copy"
         );
         stop(&mut server).await?;
         identical(&source, &rig.path("initial.target"), volume_bytes)

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use mirror_core::commit::Batch;
 use mirror_core::storage;
+use mirror_core::wire::{Op, ResyncMark};
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
@@ -26,8 +27,14 @@ impl Run {
             .sync
             .map(|seq| (self.meta(seq, false), Arc::clone(&self.o.meta_file)));
         let volume = Arc::clone(&self.o.volume);
+        let hook = self.o.before_resync.clone();
         self.io_pending = Some(self.io.start(move || {
             for a in &batch.ops {
+                if let (Some(hook), Op::Resync(ResyncMark::Begin { full })) = (&hook, &a.op) {
+                    // The hook sees everything before the resync on the volume, none of it.
+                    volume.sync().map_err(IoFailure::Sync)?;
+                    hook.run(a.seq, *full)?;
+                }
                 storage::apply(&*volume, &a.op)
                     .map_err(|source| IoFailure::Apply { seq: a.seq, source })?;
             }

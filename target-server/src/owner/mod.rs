@@ -64,6 +64,8 @@ pub(crate) struct Owner {
     pub(crate) cmds: mpsc::Receiver<Cmd>,
     pub(crate) status: watch::Sender<TargetStatus>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Run before a resync's copies reach the volume.
+    pub(crate) before_resync: Option<Arc<crate::hook::BeforeResync>>,
 }
 
 /// A connection as the owner sees it.
