@@ -294,6 +294,13 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     step_interleaved: bool,
     /// Writes completed out of sync since the start.
     out_of_sync_writes: u64,
+    /// An overflow's resync copies at most this many bytes per second (none: as fast as the log
+    /// takes them).
+    resync_rate_bytes_per_s: Option<u64>,
+    /// The next overflow copy is not handed out before this.
+    resync_next_ns: u64,
+    /// The last [`Self::poll_resync`] held a copy back for the rate limit alone (a timer).
+    rate_waiting: bool,
     /// The last seq before the first write recorded out of sync that no durable resync end
     /// covers yet: the peer holds the volume as of no later seq.
     out_of_sync_after: Option<Seq>,
@@ -502,6 +509,9 @@ struct ResyncTrack {
     durable_bytes: u64,
     /// (seq, bytes through it) of copies not yet durable.
     in_log: VecDeque<(Seq, u64)>,
+    /// The seq before its first step, once that is in the log: until its end is durable the
+    /// peer holds the volume as of no later seq.
+    base: Option<Seq>,
     end: Option<Seq>,
 }
 
@@ -562,6 +572,9 @@ impl<L: RollbackLog> PeerLink<L> {
             step_interleaved: false,
             out_of_sync_writes: 0,
             out_of_sync_after: None,
+            resync_rate_bytes_per_s: None,
+            resync_next_ns: 0,
+            rate_waiting: false,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -610,6 +623,18 @@ impl<L: RollbackLog> PeerLink<L> {
     /// When host writes overflow (by default never).
     pub fn set_overflow_rule(&mut self, rule: OverflowRule) {
         self.overflow_rule = rule;
+    }
+
+    /// Bounds an overflow's resync to `bytes_per_s` (none or 0: unbounded), so that it leaves
+    /// the link to the host's writes.
+    pub fn set_resync_rate(&mut self, bytes_per_s: Option<u64>) {
+        self.resync_rate_bytes_per_s = bytes_per_s;
+    }
+
+    /// The bound [`Self::set_resync_rate`] set, if any.
+    #[must_use]
+    pub fn resync_rate(&self) -> Option<u64> {
+        self.resync_rate_bytes_per_s.filter(|r| *r > 0)
     }
 
     /// Breaks the policy on purpose (tests that prove the checkers bite).
@@ -744,8 +769,12 @@ impl<L: RollbackLog> PeerLink<L> {
     /// The next resync step the driver must carry out, if one is due: once the peer admitted
     /// the session (the sequence continues after its), one at a time, while nothing waits for
     /// room in the log. For a mark the driver submits `Op::Resync(mark)`, for a copy a write of
-    /// those bytes read from the local volume now, both through [`Self::resync_submit`].
-    pub fn poll_resync(&mut self) -> Option<ResyncStep> {
+    /// those bytes read from the local volume now, both through [`Self::resync_submit`]. An
+    /// overflow's copies yield to host writes: one is handed out only while the log stays at most
+    /// half full, and no faster than [`Self::set_resync_rate`] (then [`Self::poll_timeout`] says
+    /// when the next is due).
+    pub fn poll_resync(&mut self, now_ns: u64) -> Option<ResyncStep> {
+        self.rate_waiting = false;
         if self.fatal.is_some()
             || self.parked.is_some()
             || self.resync_step.is_some()
@@ -755,7 +784,7 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         let piece_bytes = self.resync_piece_bytes();
         let Some(plan) = self.resync.as_mut() else {
-            let step = self.next_overflow_step(piece_bytes);
+            let step = self.next_overflow_step(piece_bytes, now_ns);
             self.resync_step = step;
             self.step_interleaved = step.is_some();
             return step;
@@ -773,7 +802,7 @@ impl<L: RollbackLog> PeerLink<L> {
     /// last resync's end durable) and the log has room for it. A begin mark, the out-of-sync
     /// chunks one after another (a chunk written again meanwhile is copied again), and the end
     /// once none is left, which ends the overflow.
-    fn next_overflow_step(&mut self, piece_bytes: u64) -> Option<ResyncStep> {
+    fn next_overflow_step(&mut self, piece_bytes: u64, now_ns: u64) -> Option<ResyncStep> {
         let connected = self.announced && self.source.status().conn == ConnState::Connected;
         let ov = self.overflow.as_mut()?;
         if !connected || ov.ending {
@@ -819,11 +848,25 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         let cp = ov.copying.as_mut()?;
         let len = piece_bytes.min(cp.end - cp.at).min(chunk_bytes);
-        if !self
-            .source
-            .has_room(usize::try_from(len).unwrap_or(usize::MAX))
-        {
+        let len_bytes = usize::try_from(len).unwrap_or(usize::MAX);
+        // Host writes come first: a copy takes the log only while it stays at most half full
+        // (bytes and entries; an empty log takes any), and no faster than the rate limit.
+        let cfg = self.source.config();
+        let st = self.source.status();
+        let yields = st.log_entries > 0
+            && (st.log_bytes.saturating_add(len_bytes) > cfg.log_bytes_max / 2
+                || st.log_entries >= cfg.log_entries_max.div_ceil(2));
+        if yields || !self.source.has_room(len_bytes) {
             return None;
+        }
+        self.rate_waiting = now_ns < self.resync_next_ns;
+        if self.rate_waiting {
+            return None;
+        }
+        if let Some(rate) = self.resync_rate_bytes_per_s.filter(|r| *r > 0) {
+            let spacing = u64::try_from(u128::from(len) * 1_000_000_000 / u128::from(rate))
+                .unwrap_or(u64::MAX);
+            self.resync_next_ns = self.resync_next_ns.max(now_ns).saturating_add(spacing);
         }
         let range = Range::new(cp.at, len);
         cp.at += len;
@@ -854,6 +897,7 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         let bytes = op.op().payload_bytes() as u64;
         let is_end = matches!(op.op(), Op::Resync(ResyncMark::End));
+        let is_begin = matches!(op.op(), Op::Resync(ResyncMark::Begin { .. }));
         let submitted = self.offer(None, op, now_ns);
         if interleaved && submitted.is_ok() {
             self.overflow_step_taken(step);
@@ -868,6 +912,9 @@ impl<L: RollbackLog> PeerLink<L> {
             track.submitted_bytes += bytes;
             if bytes > 0 {
                 track.in_log.push_back((seq, track.submitted_bytes));
+            }
+            if is_begin {
+                track.base = Some(Seq(seq.0.saturating_sub(1)));
             }
             if is_end {
                 track.end = Some(seq);
@@ -1061,25 +1108,34 @@ impl<L: RollbackLog> PeerLink<L> {
     }
 
     /// The seq whose replication ([`Self::check_replicated`]) means that every write so far is
-    /// on the peer: the last local one, or while writes recorded out of sync wait for their
-    /// resync, the next (that resync's end comes at or after it).
+    /// on the peer: the last local one, or while a resync's end is not yet in the log (writes
+    /// recorded out of sync, a resync after a restart or for a new peer), the next (that end
+    /// comes at or after it). Once the end is in the log, the last local seq is at or after it.
     #[must_use]
     pub fn everything_so_far(&self) -> Seq {
         let last = self.source.status().last_local;
-        if self.out_of_sync_after.is_some() {
+        if self.overflow.is_some() || self.resync.is_some() || self.resync_step.is_some() {
             last.next()
         } else {
             last
         }
     }
 
-    /// Through which seq the peer holds the volume: what it made durable, but while writes
-    /// recorded out of sync have not reached it, no later than the last seq before them.
+    /// Through which seq the peer holds the volume: what it made durable, but while writes it
+    /// lacks wait for a resync (recorded out of sync, or copied by a resync whose end is not yet
+    /// durable), no later than the last seq before them.
     #[must_use]
     pub fn replicated(&self) -> Seq {
         let durable = self.source.durable();
-        self.out_of_sync_after
-            .map_or(durable, |after| durable.min(after))
+        let last = self.source.status().last_local;
+        let resync_base = self
+            .resync_track
+            .as_ref()
+            .map(|track| track.base.unwrap_or(last));
+        [self.out_of_sync_after, resync_base]
+            .into_iter()
+            .flatten()
+            .fold(durable, Seq::min)
     }
 
     /// The next event for the driver.
@@ -1200,9 +1256,17 @@ impl<L: RollbackLog> PeerLink<L> {
     /// When [`Self::handle_timeout`] must next be called, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<u64> {
+        // An overflow copy held back by the rate limit is due then.
+        let copy_due = (self.rate_waiting
+            && self.overflow.is_some()
+            && self.resync_step.is_none()
+            && self.announced
+            && self.source.status().conn == ConnState::Connected)
+            .then_some(self.resync_next_ns);
         let own = [
             self.connect_deadline.map(|(deadline, _)| deadline),
             self.drain.map(|d| d.deadline_ns),
+            copy_due,
         ];
         own.into_iter()
             .flatten()

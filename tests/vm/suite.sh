@@ -281,7 +281,15 @@ case_overlap() {
         cleanup_all
         return
     fi
-    why=$("$UM" wait-replicated last --name m-overlap --timeout-secs 180 2>&1) || { fail overlap "not converged: $why"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-overlap --timeout-secs 180 2>&1) || {
+        "$UM" status --name m-overlap --json >"$OUT/status-overlap-unconverged.json" 2>&1
+        fail overlap "not converged: $why (status: $OUT/status-overlap-unconverged.json)"
+        cleanup_all
+        # Kept apart: a later case of the same name would overwrite them.
+        cp "$OUT/daemon-m-overlap.log" "$OUT/daemon-m-overlap-unconverged.log"
+        cp "$OUT/target-$tag.log" "$OUT/target-overlap-unconverged.log"
+        return
+    }
     st=$("$UM" status --name m-overlap --json)
     echo "$st" >"$OUT/status-overlap.json"
     stop_daemon m-overlap || { fail overlap "daemon stop failed"; cleanup_all; return; }

@@ -378,6 +378,19 @@ impl Sim<'_> {
         if t.durable < last_local || !self.applying.is_empty() {
             return Ok(false);
         }
+        for &(seq, since) in &self.replicated_waits {
+            if self.link.check_replicated(seq) != Ok(true) {
+                return Err(self.violation(
+                    Check::Quiescence,
+                    format!(
+                        "a wait for everything so far (seq {seq}, begun at tick {since}) never \
+                         returns: {:?}, the peer holds everything through {}",
+                        self.link.check_replicated(seq),
+                        self.link.replicated()
+                    ),
+                ));
+            }
+        }
         if !t.consistent && self.replaced {
             // Right: nothing but a full resync (issue 14) makes a replaced volume consistent.
             return Ok(true);

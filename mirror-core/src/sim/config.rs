@@ -90,6 +90,8 @@ pub struct SimConfig {
     pub overflow_after_ticks: u64,
     /// What `sync` does once the link has been down that long.
     pub sync_peer_gone: crate::node::SyncPeerGone,
+    /// An overflow's resync copies at most this many bytes per tick (0: unbounded).
+    pub resync_bytes_per_tick: u64,
 }
 
 impl SimConfig {
@@ -167,6 +169,7 @@ impl SimConfig {
             intent_extent_chunks: 1,
             overflow_after_ticks: 0,
             sync_peer_gone: crate::node::SyncPeerGone::Suspend,
+            resync_bytes_per_tick: 0,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -182,6 +185,9 @@ impl SimConfig {
         if !(cfg.reconnect_ticks_max + cfg.op_gap_ticks_max).is_multiple_of(3) {
             cfg.overflow_after_ticks = 20 + (cfg.lock_hold_ticks_max * 7) % 600;
         }
+        if cfg.lock_gap_ticks.is_multiple_of(2) {
+            cfg.resync_bytes_per_tick = (cfg.bandwidth_bytes_per_tick / 4).max(64);
+        }
         if cfg.latency_ticks.is_multiple_of(2) {
             cfg.sync_peer_gone = crate::node::SyncPeerGone::Degrade;
         }
@@ -194,7 +200,7 @@ impl SimConfig {
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
              source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {} extent {} \
-             overflow-after {} sync-peer-gone {}",
+             overflow-after {} sync-peer-gone {} resync-rate {}B/t",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -230,6 +236,7 @@ impl SimConfig {
             self.intent_extent_chunks,
             self.overflow_after_ticks,
             self.sync_peer_gone,
+            self.resync_bytes_per_tick,
         )
     }
 }

@@ -195,7 +195,7 @@ impl Sim<'_> {
     }
 
     /// The source's reconnect policy decides when (backoff with jitter, as the daemon's).
-    fn schedule_reconnect(&mut self) {
+    pub(super) fn schedule_reconnect(&mut self) {
         let at_ns = self.link.poll_timeout().unwrap_or(self.now * TICK_NS);
         let at = at_ns.div_ceil(TICK_NS).max(self.now + 1);
         self.schedule(at, Event::Reconnect { conn: self.conn });

@@ -21,6 +21,9 @@ use super::workload::Needs;
 use super::world::{Drain, Event, Sim, Step, Stream, TICK_NS};
 use super::{Check, SimConfig, SimOptions, SourceCrashSabotage};
 
+/// Waits for "everything so far" a source process keeps at once (more are not begun).
+const REPLICATED_WAITS_MAX: usize = 64;
+
 /// Where the source process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SourceLife {
@@ -167,6 +170,7 @@ impl Sim<'_> {
     fn process_exits(&mut self) {
         self.source_life = SourceLife::Down;
         self.copy_wait = None;
+        self.replicated_waits.clear();
         self.source_run += 1;
         let delay = self
             .crash_rng
@@ -285,7 +289,7 @@ impl Sim<'_> {
         }
         let mut progress = false;
         while self.copy_wait.is_none() {
-            let Some(step) = self.link.poll_resync() else {
+            let Some(step) = self.link.poll_resync(self.now * TICK_NS) else {
                 break;
             };
             progress = true;
@@ -462,8 +466,18 @@ impl Sim<'_> {
             return false;
         }
         self.drain = Drain::Waiting;
+        self.wait_replicated();
         self.link.begin_drain(self.now * TICK_NS, u64::MAX / 4);
         true
+    }
+
+    /// An operator's `wait-replicated last`: it must return once the peer holds every write so
+    /// far (quiescence checks that it did).
+    pub(super) fn wait_replicated(&mut self) {
+        if self.replicated_waits.len() < REPLICATED_WAITS_MAX {
+            self.replicated_waits
+                .push((self.link.everything_so_far(), self.now));
+        }
     }
 
     /// Operation `seq` of the current history.
@@ -527,6 +541,10 @@ pub(super) fn new_link(
             after_down_ns: cfg.overflow_after_ticks * TICK_NS,
             sync_peer_gone: cfg.sync_peer_gone,
         });
+    }
+    if cfg.resync_bytes_per_tick > 0 {
+        let per_s = u128::from(cfg.resync_bytes_per_tick) * 1_000_000_000 / u128::from(TICK_NS);
+        link.set_resync_rate(Some(u64::try_from(per_s).unwrap_or(u64::MAX)));
     }
     link
 }

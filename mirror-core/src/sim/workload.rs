@@ -315,7 +315,14 @@ impl Sim<'_> {
                 }
                 // The simulated start sets no connect deadline.
                 PeerEvent::Degraded { .. } => continue,
-                PeerEvent::RecordRunning { durable, .. } => {
+                PeerEvent::RecordRunning { durable, rebased } => {
+                    if rebased {
+                        // As the daemon: a wait of the old numbering waits for the full copy.
+                        let all = self.link.everything_so_far();
+                        for (seq, _) in &mut self.replicated_waits {
+                            *seq = all;
+                        }
+                    }
                     let running = crate::meta::MetaRecord {
                         durable,
                         clean: false,
@@ -366,6 +373,9 @@ impl Sim<'_> {
                 }
             };
             self.completed += 1;
+            if self.completed.is_multiple_of(16) {
+                self.wait_replicated();
+            }
             let cfg = self.link.source().config();
             let (mode, flush_replicates) = (cfg.mode, cfg.flush_replicates);
             match mode {

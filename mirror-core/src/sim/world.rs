@@ -149,6 +149,9 @@ pub(super) struct Sim<'a> {
     pub(super) stop_draining: bool,
     /// Where the daemon's stop (drain until the target holds everything) stands.
     pub(super) drain: Drain,
+    /// Waits of the live process for "everything so far" (as `wait-replicated last` after the
+    /// workload), with the tick each began: at quiescence every one must have returned.
+    pub(super) replicated_waits: Vec<(Seq, u64)>,
     /// What the target had durable when its volume was replaced.
     pub(super) lost_through: Seq,
     /// Replication stopped for good (the fatal error a replaced target causes).
@@ -357,6 +360,7 @@ impl<'a> Sim<'a> {
             replaced: false,
             lost_through: Seq::NONE,
             drain: Drain::NotBegun,
+            replicated_waits: Vec::new(),
             primary_meta,
             primary_intent,
             primary_writes: 0,
@@ -515,6 +519,10 @@ impl<'a> Sim<'a> {
                     if due == Some(SessionAction::Connect) {
                         self.link.on_connecting();
                         self.connect();
+                    } else {
+                        // Another of the link's deadlines came first (as the daemon's timer,
+                        // which asks again).
+                        self.schedule_reconnect();
                     }
                 }
             }

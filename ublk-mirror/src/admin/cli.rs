@@ -213,8 +213,11 @@ fn watch_status(
 /// The overflow rule, then what is out of sync now.
 fn overflow_row(o: &crate::admin::OverflowReport) -> String {
     let rule = if o.enabled {
+        let rate = o
+            .resync_rate_bytes_per_s
+            .map_or(String::new(), |r| format!("; resync at most {r} B/s"));
         format!(
-            "on (a full log, or {} s without the peer; sync: {})",
+            "on (a full log, or {} s without the peer; sync: {}{rate})",
             o.after_secs, o.sync_peer_gone
         )
     } else {
@@ -621,6 +624,7 @@ mod tests {
             enabled: true,
             after_secs: 30,
             sync_peer_gone: "suspend".into(),
+            resync_rate_bytes_per_s: None,
             cause: Some("the rollback log was full".into()),
             out_of_sync_chunks: 7,
             out_of_sync_writes: 12,
@@ -631,6 +635,14 @@ mod tests {
                 "overflow    on (a full log, or 30 s without the peer; sync: suspend); \
                  OVERFLOWING (the rollback log was full): 7 chunks out of sync, 12 writes"
             ),
+            "{table}"
+        );
+        if let Some(o) = &mut st.overflow {
+            o.resync_rate_bytes_per_s = Some(1 << 20);
+        }
+        let table = format_status(&st);
+        assert!(
+            table.contains("sync: suspend; resync at most 1048576 B/s); OVERFLOWING"),
             "{table}"
         );
     }

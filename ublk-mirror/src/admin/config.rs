@@ -87,6 +87,10 @@ pub struct StartArgs {
     /// degrade (writes complete locally, the peer is outdated until resynced) [default: suspend].
     #[arg(long, value_name = "POLICY")]
     pub sync_peer_gone: Option<String>,
+    /// An overflow's resync copies at most this many bytes per second (suffixes K, M, G); 0: no
+    /// bound but the host's writes, which come first [default: 0].
+    #[arg(long, value_name = "SIZE")]
+    pub resync_rate: Option<String>,
     /// Log file of a background daemon [default: /run/ublk-mirror/NAME.log].
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -125,6 +129,7 @@ struct FileConfig {
     stop_drain_secs: Option<u64>,
     overflow_after_secs: Option<u64>,
     sync_peer_gone: Option<String>,
+    resync_rate: Option<Size>,
     log_file: Option<PathBuf>,
     node_id: Option<u64>,
     no_mirror: Option<bool>,
@@ -162,6 +167,8 @@ pub struct Settings {
     pub(super) stop_drain: Duration,
     /// When writes overflow to the write intent.
     pub(super) overflow: OverflowRule,
+    /// `--resync-rate` (none: unbounded).
+    pub(super) resync_rate_bytes_per_s: Option<u64>,
     pub(super) log_file: PathBuf,
     pub(super) node_id: u64,
 }
@@ -304,6 +311,19 @@ impl Settings {
             after_down_ns: overflow_after_secs.saturating_mul(1_000_000_000),
             sync_peer_gone,
         };
+        let resync_rate_bytes_per_s = match (&args.resync_rate, file.resync_rate) {
+            (Some(text), _) => parse_size(text).map_err(|e| anyhow!("--resync-rate: {e}"))?,
+            (None, Some(Size(n))) => n,
+            (None, None) => 0,
+        };
+        if (1..u64::from(device::IO_BUF_BYTES)).contains(&resync_rate_bytes_per_s) {
+            bail!(
+                "--resync-rate {resync_rate_bytes_per_s}: below one request ({} bytes) per second",
+                device::IO_BUF_BYTES
+            );
+        }
+        let resync_rate_bytes_per_s =
+            (resync_rate_bytes_per_s > 0).then_some(resync_rate_bytes_per_s);
         let log_file =
             path_of(&args.log_file, file.log_file).unwrap_or_else(|| super::log_path(&name));
         let create_bytes = match (&args.create_size, file.create_size) {
@@ -334,6 +354,7 @@ impl Settings {
             connect_timeout,
             stop_drain,
             overflow,
+            resync_rate_bytes_per_s,
             log_file,
         })
     }
@@ -439,6 +460,24 @@ mod tests {
         a.sync_peer_gone = None;
         a.overflow_after_secs = Some(100_000);
         assert!(err(&a).contains("--overflow-after-secs"));
+    }
+
+    #[test]
+    fn the_resync_rate_is_a_size_per_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = base(dir.path());
+        assert_eq!(Settings::resolve(&a).unwrap().resync_rate_bytes_per_s, None);
+        a.resync_rate = Some("8M".into());
+        assert_eq!(
+            Settings::resolve(&a).unwrap().resync_rate_bytes_per_s,
+            Some(8 << 20)
+        );
+        a.resync_rate = Some("0".into());
+        assert_eq!(Settings::resolve(&a).unwrap().resync_rate_bytes_per_s, None);
+        a.resync_rate = Some("100".into());
+        assert!(err(&a).contains("--resync-rate 100: below one request"));
+        a.resync_rate = Some("fast".into());
+        assert!(err(&a).contains("--resync-rate"));
     }
 
     #[test]

@@ -167,6 +167,7 @@ fn start_mirror(
         connect_deadline: Some(s.connect_timeout),
         meta: running,
         overflow: s.overflow,
+        resync_rate_bytes_per_s: s.resync_rate_bytes_per_s,
         host_ops_max: usize::from(s.queues) * usize::from(s.depth),
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };

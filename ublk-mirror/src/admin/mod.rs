@@ -306,6 +306,9 @@ pub struct OverflowReport {
     pub after_secs: u64,
     /// What `sync` does then: `suspend` or `degrade`.
     pub sync_peer_gone: String,
+    /// An overflow's resync copies at most this many bytes per second (none: unbounded).
+    #[serde(default)]
+    pub resync_rate_bytes_per_s: Option<u64>,
     /// Why the overflow under way began (none: no overflow now).
     pub cause: Option<String>,
     /// Chunks written out of sync and not yet copied to the target's log.

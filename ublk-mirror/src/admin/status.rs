@@ -101,6 +101,7 @@ impl DaemonState {
                 enabled: st.overflow_rule.enabled,
                 after_secs: st.overflow_rule.after_down_ns / 1_000_000_000,
                 sync_peer_gone: st.overflow_rule.sync_peer_gone.to_string(),
+                resync_rate_bytes_per_s: st.resync_rate_bytes_per_s,
                 cause: st.overflow.map(|o| o.cause.to_string()),
                 out_of_sync_chunks: st.overflow.map_or(0, |o| o.out_of_sync_chunks),
                 out_of_sync_writes: st.out_of_sync_writes,

@@ -200,7 +200,8 @@ impl Engine {
     /// host write to its range is in flight, and [`Event::Copied`] brings it back.
     fn pump_resync(&mut self) {
         loop {
-            let Some(step) = self.link_mut().poll_resync() else {
+            let now = self.now_ns();
+            let Some(step) = self.link_mut().poll_resync(now) else {
                 return;
             };
             if let (ResyncStep::Copy(range), true) = (step, self.link().step_interleaved()) {
@@ -351,6 +352,7 @@ impl Engine {
                             "the target holds none of this volume's data: copying all of it, \
                              the sequence continues after the target's seq {durable}"
                         );
+                        self.rebase_replicated_waiters();
                     }
                     self.store_record(durable);
                 }
@@ -402,6 +404,19 @@ impl Engine {
             let now = self.now_ns();
             let left = self.drain_deadline_ns.saturating_sub(now);
             self.link_mut().begin_drain(now, left);
+        }
+    }
+
+    /// The sequence starts over (a full resync): a wait for a seq of the old numbering waits
+    /// for every write so far, the full copy's end.
+    fn rebase_replicated_waiters(&mut self) {
+        let all: Vec<_> = std::mem::take(&mut self.replicated_waiters)
+            .into_values()
+            .flatten()
+            .collect();
+        if !all.is_empty() {
+            let seq = self.link().everything_so_far();
+            self.replicated_waiters.insert(seq, all);
         }
     }
 
@@ -676,6 +691,7 @@ impl Engine {
                     peer_data: st.peer_data,
                     overflow: st.overflow,
                     overflow_rule: st.overflow_rule,
+                    resync_rate_bytes_per_s: self.link().resync_rate(),
                     out_of_sync_writes: st.out_of_sync_writes,
                     everything_so_far: self.link().everything_so_far(),
                 });

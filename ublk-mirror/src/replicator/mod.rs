@@ -86,6 +86,8 @@ pub struct ReplicatorConfig {
     pub submit_queue_bytes: usize,
     /// When host writes stop being queued for the peer and are recorded out of sync instead.
     pub overflow: OverflowRule,
+    /// An overflow's resync copies at most this many bytes per second (none: unbounded).
+    pub resync_rate_bytes_per_s: Option<u64>,
     /// Host operations in flight at once, at most (the range gate's size, less the resync's
     /// entry).
     pub host_ops_max: usize,
@@ -121,6 +123,7 @@ impl ReplicatorConfig {
             submit_queue: 256,
             submit_queue_bytes: 16 << 20,
             overflow: OVERFLOW_DEFAULT,
+            resync_rate_bytes_per_s: None,
             host_ops_max: 4096,
         }
     }
@@ -145,6 +148,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("submit_queue", &self.submit_queue)
             .field("submit_queue_bytes", &self.submit_queue_bytes)
             .field("overflow", &self.overflow)
+            .field("resync_rate_bytes_per_s", &self.resync_rate_bytes_per_s)
             .field("host_ops_max", &self.host_ops_max)
             .finish_non_exhaustive()
     }
@@ -244,6 +248,8 @@ pub struct ReplicatorStatus {
     pub overflow: Option<mirror_core::node::OverflowStatus>,
     /// When writes overflow.
     pub overflow_rule: OverflowRule,
+    /// An overflow's resync copies at most this many bytes per second (none: unbounded).
+    pub resync_rate_bytes_per_s: Option<u64>,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
     /// The seq whose replication means every write so far is on the peer
@@ -551,6 +557,7 @@ pub fn spawn_primary(
     // Overflow needs a stored intent to record writes in and a volume to resync them from.
     if kept.is_some() {
         link.set_overflow_rule(cfg.overflow);
+        link.set_resync_rate(cfg.resync_rate_bytes_per_s);
     }
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
