@@ -1152,6 +1152,7 @@ impl<L: RollbackLog> PeerLink<L> {
             }
             if track.end.is_some_and(|end| end <= durable) {
                 self.resync_track = None;
+                self.intent.trim_after_resync();
             }
         }
         if self.overflow.is_none() && self.resync_track.is_none() {
@@ -1640,7 +1641,7 @@ mod resync;
 #[cfg(test)]
 mod tests;
 
-pub use intent::WriteIntent;
+pub use intent::{WriteIntent, KEEP_BYTES_DEFAULT};
 pub use recover::{
     new_sequence, recover_primary, recover_primary_with, running_primary_record,
     PrimaryRecoverError, PrimaryRecoverySabotage, PrimaryRestored, PrimaryStart,

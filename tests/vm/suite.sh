@@ -4,8 +4,8 @@
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
 #                                                overlap blockdev512 target-blockdev passthrough
-#                                                restart degraded overflow kill9 sigterm delete
-#                                                perf)
+#                                                restart degraded overflow recover kill9 sigterm
+#                                                delete perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -355,6 +355,47 @@ case_sigterm() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 
+# case_recover (issue 14, crash recovery): the primary daemon is killed with -9 ten times at random
+# points under fio with verify; each time the kernel holds the device's I/O (ublk user recovery)
+# and `start` takes the same /dev/ublkbN over, resyncing its write intent; fio finishes clean and
+# the volumes converge.
+case_recover() {
+    local tag=recover why fpid id i kills=0 rc
+    new_volumes "$tag"
+    start_target "$tag" || { fail recover "target did not start"; return; }
+    # A small activity log: each restart resyncs at most 8 MiB of chunks, not the 1 GiB default
+    # (the whole volume here), so that ten kills fit in one fio run.
+    start_daemon m-rec "$tag" async --intent-keep 8M >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail recover "$why"; stop_target; return; }
+    id=${DEV#/dev/ublkb}
+    fio --name=rec --filename="$DEV" --rw=randwrite --bs=4k --size=96M --ioengine=libaio --iodepth=16 \
+        --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+        --output="$OUT/fio-recover.txt" >/dev/null 2>&1 &
+    fpid=$!
+    for i in $(seq 10); do
+        sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+        kill -0 "$fpid" 2>/dev/null || break
+        kill -9 "$DPID"
+        for _ in $(seq 50); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
+        [ -e "/sys/class/ublk-char/ublkc$id" ] || { fail recover "kill $i: the device went with the daemon"; cleanup_all; return; }
+        start_daemon m-rec "$tag" async --intent-keep 8M >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail recover "restart $i: $why"; kill -9 "$fpid"; cleanup_all; return; }
+        [ "$DEV" = "/dev/ublkb$id" ] || { fail recover "restart $i made $DEV, not /dev/ublkb$id"; kill -9 "$fpid"; cleanup_all; return; }
+        grep -q "taking over /dev/ublkb$id" "$OUT/daemon-m-rec.log" \
+            || { fail recover "restart $i did not take the device over"; kill -9 "$fpid"; cleanup_all; return; }
+        kills=$i
+    done
+    wait "$fpid"
+    rc=$?
+    [ "$rc" -eq 0 ] || { fail recover "fio failed (exit $rc) after $kills kills: $(grep -m1 -iE 'error|verify' "$OUT/fio-recover.txt")"; cleanup_all; return; }
+    [ "$kills" -eq 10 ] || { fail recover "fio finished after only $kills kills"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-rec --timeout-secs 120 2>&1) || { fail recover "not converged: $why"; cleanup_all; return; }
+    stop_daemon m-rec || { fail recover "daemon stop failed"; cleanup_all; return; }
+    stop_target
+    why=$(same_volumes "$tag") || { fail recover "$why"; return; }
+    pass recover
+    echo "    10 kills -9 under fio, /dev/ublkb$id taken over each time; $(grep -m1 -E 'write: IOPS' "$OUT/fio-recover.txt" | sed 's/^ *//'); fio verify clean; volumes identical"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
 case_delete() {
     local tag=del why out id
     new_volumes "$tag"
@@ -681,7 +722,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow recover kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -700,6 +741,7 @@ for c in "${cases[@]}"; do
         restart) case_restart ;;
         degraded) case_degraded ;;
         overflow) case_overflow ;;
+        recover) case_recover ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac

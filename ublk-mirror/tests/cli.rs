@@ -88,3 +88,23 @@ fn help_lists_loadgen() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("loadgen"));
 }
+
+/// The systemd unit's ExecStart is a command line this binary takes: with the unit's instance
+/// name and a missing configuration file it fails on that file, not on its flags.
+#[test]
+fn the_systemd_units_command_line_parses() {
+    let unit = include_str!("../../scripts/systemd/ublk-mirror@.service");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart line");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("vol0.toml");
+    let line = exec
+        .replace("%i", "vol0")
+        .replace("/etc/ublk-mirror/vol0.toml", &config.display().to_string());
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/ublk-mirror"));
+    let args: Vec<&str> = words.collect();
+    assert_one_error_line(&ublk_mirror(&args), "vol0.toml");
+}

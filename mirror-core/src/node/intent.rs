@@ -81,6 +81,16 @@ impl WriteIntent {
         self.keep_chunks = chunks;
     }
 
+    /// A resync carried every chunk of the stored copy that was not live: if it holds more than
+    /// the bound (a restart's copy of a larger bound or of a full copy), the next store keeps
+    /// only the live chunks. Never while a resync still has stored chunks to copy: they are in
+    /// the stored copy alone.
+    pub fn trim_after_resync(&mut self) {
+        if self.stored.dirty_chunks() > self.keep_chunks {
+            self.store_due = true;
+        }
+    }
+
     /// How many chunks (aligned) a store adds around a chunk it must add (at least 1).
     pub fn set_extent_chunks(&mut self, chunks: u64) {
         self.extent_chunks = chunks.max(1);
@@ -345,5 +355,33 @@ mod tests {
         w.unpin(5);
         assert_eq!(w.pinned().dirty_chunks(), 0);
         assert_eq!(w.live().dirty_chunks(), 0);
+    }
+
+    #[test]
+    fn a_restart_trims_a_stored_copy_beyond_its_bound_once_the_resync_is_over() {
+        let mut stored = DirtyBitmap::new(16 * CHUNK, CHUNK).unwrap();
+        stored.mark(Range::new(0, 16 * CHUNK));
+        let mut w = WriteIntent::restored(stored);
+        w.set_keep_chunks(4);
+        w.set_extent_chunks(1);
+        assert!(
+            w.take_store().is_none(),
+            "the stored copy covers every chunk, and the resync still needs them"
+        );
+        // The resync copies chunk 3, then a host write goes to chunk 5; both durable.
+        w.submitted(Some(Range::new(3 * CHUNK, CHUNK)));
+        w.accepted(Seq(1));
+        w.durable(Seq(1));
+        w.submitted(Some(Range::new(5 * CHUNK, 4096)));
+        w.accepted(Seq(2));
+        w.trim_after_resync();
+        assert_eq!(
+            w.take_store().map(DirtyBitmap::dirty_chunks),
+            Some(1),
+            "only the live chunk is kept"
+        );
+        assert!(w.stored().is_dirty(5));
+        w.trim_after_resync();
+        assert!(w.take_store().is_none(), "within the bound: no store");
     }
 }

@@ -458,8 +458,8 @@ fn delete(a: &StopArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
     }
     let dev_file = super::dev_file_path(&name);
-    if let Ok(text) = std::fs::read_to_string(&dev_file) {
-        if let Ok(id) = text.trim().parse::<u32>() {
+    if dev_file.exists() {
+        if let Some(super::DevRecord { id, .. }) = super::DevRecord::read(&name) {
             if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
                 crate::device::delete_stale(id)
                     .with_context(|| format!("cannot delete stale device /dev/ublkb{id}"))?;

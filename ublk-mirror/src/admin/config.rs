@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use mirror_core::node::{OverflowRule, SyncPeerGone};
+use mirror_core::node::{OverflowRule, SyncPeerGone, KEEP_BYTES_DEFAULT};
 use mirror_core::source::Mode;
 use mirror_core::{parse_size, Size, VolumeId};
 use serde::Deserialize;
@@ -91,6 +91,10 @@ pub struct StartArgs {
     /// bound but the host's writes, which come first [default: 0].
     #[arg(long, value_name = "SIZE")]
     pub resync_rate: Option<String>,
+    /// The stored write intent keeps this much of clean chunks (rewriting them costs no store;
+    /// a crash resyncs them all), as DRBD's activity log (suffixes K, M, G) [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub intent_keep: Option<String>,
     /// Log file of a background daemon [default: /run/ublk-mirror/NAME.log].
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -130,6 +134,7 @@ struct FileConfig {
     overflow_after_secs: Option<u64>,
     sync_peer_gone: Option<String>,
     resync_rate: Option<Size>,
+    intent_keep: Option<Size>,
     log_file: Option<PathBuf>,
     node_id: Option<u64>,
     no_mirror: Option<bool>,
@@ -169,6 +174,8 @@ pub struct Settings {
     pub(super) overflow: OverflowRule,
     /// `--resync-rate` (none: unbounded).
     pub(super) resync_rate_bytes_per_s: Option<u64>,
+    /// `--intent-keep`.
+    pub(super) intent_keep_bytes: u64,
     pub(super) log_file: PathBuf,
     pub(super) node_id: u64,
 }
@@ -324,6 +331,11 @@ impl Settings {
         }
         let resync_rate_bytes_per_s =
             (resync_rate_bytes_per_s > 0).then_some(resync_rate_bytes_per_s);
+        let intent_keep_bytes = match (&args.intent_keep, file.intent_keep) {
+            (Some(text), _) => parse_size(text).map_err(|e| anyhow!("--intent-keep: {e}"))?,
+            (None, Some(Size(n))) => n,
+            (None, None) => KEEP_BYTES_DEFAULT,
+        };
         let log_file =
             path_of(&args.log_file, file.log_file).unwrap_or_else(|| super::log_path(&name));
         let create_bytes = match (&args.create_size, file.create_size) {
@@ -355,6 +367,7 @@ impl Settings {
             stop_drain,
             overflow,
             resync_rate_bytes_per_s,
+            intent_keep_bytes,
             log_file,
         })
     }
@@ -389,7 +402,9 @@ impl Settings {
                 self.name
             );
         }
-        if let Some(id) = self.dev_id {
+        // The device this name's last daemon left is this start's to take over (or refuse).
+        let ours = super::DevRecord::read(&self.name).map(|r| r.id);
+        if let Some(id) = self.dev_id.filter(|id| ours != Some(*id)) {
             if Path::new(&format!("/dev/ublkc{id}")).exists() {
                 bail!("device id {id} is already in use (/dev/ublkc{id} exists)");
             }
@@ -478,6 +493,12 @@ mod tests {
         assert!(err(&a).contains("--resync-rate 100: below one request"));
         a.resync_rate = Some("fast".into());
         assert!(err(&a).contains("--resync-rate"));
+        let mut a = base(dir.path());
+        assert_eq!(Settings::resolve(&a).unwrap().intent_keep_bytes, 1 << 30);
+        a.intent_keep = Some("16M".into());
+        assert_eq!(Settings::resolve(&a).unwrap().intent_keep_bytes, 16 << 20);
+        a.intent_keep = Some("lots".into());
+        assert!(err(&a).contains("--intent-keep"));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use tokio::net::UnixListener;
 
 use super::config::{read_secret, MirrorSettings, Settings, StartArgs};
 use super::control::{bind_socket, serve, DaemonState};
-use super::{client, Request};
+use super::{client, DevRecord, Request};
 use crate::device::{self, Device, DeviceConfig, TermSignals};
 use crate::replicator::{self, Handle, ReplError, ReplicatorConfig, Started};
 use crate::volume::{open_passthrough, open_volume, LocalVolume, PrimaryStartup};
@@ -168,6 +168,7 @@ fn start_mirror(
         meta: running,
         overflow: s.overflow,
         resync_rate_bytes_per_s: s.resync_rate_bytes_per_s,
+        intent_keep_bytes: Some(s.intent_keep_bytes),
         host_ops_max: usize::from(s.queues) * usize::from(s.depth),
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };
@@ -279,7 +280,7 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         runtime.spawn(serve(listener, state.clone()));
     }
 
-    let dev = Device::create(DeviceConfig {
+    let dev_cfg = DeviceConfig {
         dev_id: s.dev_id,
         name: s.name.clone(),
         queues: s.queues,
@@ -287,7 +288,17 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         block_bytes: s.block_bytes,
         volume_bytes,
         flush_replicates: s.flush_replicates,
-    })?;
+    };
+    let dev = match left_behind(s)? {
+        Some(id) => {
+            eprintln!(
+                "ublk-mirror: taking over /dev/ublkb{id}, left quiesced by a daemon that died \
+                 (the I/O it held goes on)"
+            );
+            Device::recover(id, dev_cfg)?
+        }
+        None => Device::create(dev_cfg)?,
+    };
     let stopper = dev.stopper();
     let stop_state = state.clone();
     std::thread::Builder::new()
@@ -304,8 +315,13 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
 
     let started_state = state.clone();
     let dev_file = super::dev_file_path(&s.name);
+    let volume_path = absolute(&s.volume);
+    let record = move |id| DevRecord {
+        id,
+        volume: Some(volume_path.clone()),
+    };
     let run = dev.run(&local.file, repl.clone(), move |started| {
-        let _ = std::fs::write(&dev_file, format!("{}\n", started.dev_id));
+        let _ = std::fs::write(&dev_file, record(started.dev_id).to_text());
         eprintln!(
             "ublk-mirror: device {} ready ({volume_bytes} bytes)",
             started.path
@@ -350,6 +366,47 @@ fn run_foreground(s: &Settings) -> anyhow::Result<()> {
         bail!("stopped, but not every write reached the target: {e:#}");
     }
     Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The device the last daemon of this name left behind, if it waits quiesced for this one
+/// (ublk user recovery after a crash). One it left serving another volume, or one no longer
+/// quiesced, is refused rather than taken: the operator deletes it.
+fn left_behind(s: &Settings) -> anyhow::Result<Option<u32>> {
+    let Some(left) = DevRecord::read(&s.name) else {
+        return Ok(None);
+    };
+    let id = left.id;
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        let _ = std::fs::remove_file(super::dev_file_path(&s.name));
+        return Ok(None);
+    }
+    let volume = absolute(&s.volume);
+    if left.volume.as_deref() != Some(volume.as_path()) {
+        bail!(
+            "/dev/ublkb{id}, left by the last daemon named '{}', served {}, not {}: \
+             `ublk-mirror delete --name {}` removes it (the I/O it holds fails)",
+            s.name,
+            left.volume.as_ref().map_or_else(
+                || "an unrecorded volume".to_string(),
+                |v| v.display().to_string()
+            ),
+            volume.display(),
+            s.name
+        );
+    }
+    if !device::is_quiesced(id) {
+        bail!(
+            "/dev/ublkb{id}, left by the last daemon named '{}', is not waiting for a new \
+             daemon: `ublk-mirror delete --name {}` removes it",
+            s.name,
+            s.name
+        );
+    }
+    Ok(Some(id))
 }
 
 /// After the device stopped, everything the host wrote is in the log: gives the target a bounded

@@ -43,10 +43,46 @@ pub fn socket_path(name: &str) -> PathBuf {
     run_dir().join(format!("{name}.sock"))
 }
 
-/// Where a daemon named `name` records its device number (to remove a stale device later).
+/// Where a daemon named `name` records its device number and volume (for the next daemon of
+/// that name to take the device over after a crash, or `delete` to remove it).
 #[must_use]
 pub fn dev_file_path(name: &str) -> PathBuf {
     run_dir().join(format!("{name}.dev"))
+}
+
+/// What a daemon's device file says: `N` of /dev/ublkbN, then the volume it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevRecord {
+    /// N of /dev/ublkbN.
+    pub id: u32,
+    /// The volume the device serves (none in a file of an older version).
+    pub volume: Option<PathBuf>,
+}
+
+impl DevRecord {
+    /// The file's text.
+    #[must_use]
+    pub fn to_text(&self) -> String {
+        match &self.volume {
+            Some(v) => format!("{}\n{}\n", self.id, v.display()),
+            None => format!("{}\n", self.id),
+        }
+    }
+
+    /// Reads it back (none: not such a file).
+    #[must_use]
+    pub fn parse(text: &str) -> Option<DevRecord> {
+        let mut lines = text.lines();
+        let id = lines.next()?.trim().parse().ok()?;
+        let volume = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+        Some(DevRecord { id, volume })
+    }
+
+    /// The record daemon `name` left, if any.
+    #[must_use]
+    pub fn read(name: &str) -> Option<DevRecord> {
+        Self::parse(&std::fs::read_to_string(dev_file_path(name)).ok()?)
+    }
 }
 
 /// The default log file of a background daemon named `name`.

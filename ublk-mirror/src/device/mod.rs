@@ -71,6 +71,10 @@ pub const IO_BUF_BYTES: u32 = 512 << 10;
 const _: () = assert!(IO_BUF_BYTES <= PAYLOAD_BYTES_MAX);
 /// Largest DISCARD / WRITE_ZEROES request (fits the wire's 32-bit length).
 const MAX_DISCARD_BYTES: u32 = 1 << 30;
+/// A daemon that dies leaves its device quiesced, holding new requests, and the next daemon
+/// takes it over ([`Device::recover`]); the requests the dead one had not completed are
+/// reissued to it (a write written twice leaves the same bytes).
+const RECOVERY_FLAGS: u64 = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
 /// Most queues and most requests per queue the device accepts.
 const QUEUES_MAX: u16 = 64;
 const DEPTH_MAX: u16 = 1024;
@@ -115,6 +119,14 @@ pub enum DeviceError {
     /// The requested device number is taken.
     #[error("device id {0} is already in use (/dev/ublkc{0} exists; `ublk-mirror delete` removes a stale one)")]
     DevIdInUse(u32),
+    /// A device left behind cannot be taken over.
+    #[error("cannot recover /dev/ublkb{id}: {why}")]
+    NotRecoverable {
+        /// N of /dev/ublkbN.
+        id: u32,
+        /// What the kernel reports of it.
+        why: String,
+    },
     /// An operating system call failed.
     #[error("{what}: {err}")]
     Io {
@@ -255,6 +267,28 @@ pub struct Started {
     pub path: String,
 }
 
+fn state_name(state: u16) -> String {
+    match u32::from(state) {
+        sys::UBLK_S_DEV_DEAD => "not started".into(),
+        sys::UBLK_S_DEV_LIVE => "live".into(),
+        sys::UBLK_S_DEV_QUIESCED => "quiesced".into(),
+        sys::UBLK_S_DEV_FAIL_IO => "failing I/O".into(),
+        n => format!("in state {n}"),
+    }
+}
+
+/// Whether device `id` exists and waits, quiesced, for a daemon to take it over.
+#[must_use]
+pub fn is_quiesced(id: u32) -> bool {
+    let Ok(n) = i32::try_from(id) else {
+        return false;
+    };
+    if driver_present().is_err() || ensure_ctrl_ring().is_err() {
+        return false;
+    }
+    UblkCtrl::new_simple(n).is_ok_and(|c| u32::from(c.dev_info().state) == sys::UBLK_S_DEV_QUIESCED)
+}
+
 fn driver_present() -> Result<(), DeviceError> {
     if std::path::Path::new("/dev/ublk-control").exists() {
         Ok(())
@@ -283,7 +317,7 @@ impl Device {
             .depth(cfg.depth)
             .io_buf_bytes(IO_BUF_BYTES)
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC)
-            .ctrl_flags(0)
+            .ctrl_flags(RECOVERY_FLAGS)
             .build()
             .map_err(|e| match (e, cfg.dev_id) {
                 (UblkError::UringIOError(n) | UblkError::OtherError(n), Some(id))
@@ -293,6 +327,66 @@ impl Device {
                 }
                 (other, _) => ublk_err("cannot add the ublk device (ADD_DEV)", other),
             })?;
+        Ok(Device {
+            ctrl: Arc::new(ctrl),
+            cfg,
+            shift,
+        })
+    }
+
+    /// Takes over device `id`, which a daemon that died left quiesced (ublk user recovery):
+    /// the same /dev/ublkbN, so a filesystem mounted on it goes on; the requests the kernel held
+    /// meanwhile, and those the dead daemon had not completed (reissued), are served by this
+    /// process once [`Device::run`] starts it. `cfg` must have the device's queues and depth.
+    pub fn recover(id: u32, cfg: DeviceConfig) -> Result<Device, DeviceError> {
+        let shift = cfg.validate()?;
+        driver_present()?;
+        ensure_ctrl_ring()?;
+        let n = i32::try_from(id).map_err(|_| DeviceError::DevIdTooLarge(id))?;
+        let not = |why: String| DeviceError::NotRecoverable { id, why };
+        let left = UblkCtrl::new_simple(n).map_err(|e| not(describe(&e)))?;
+        let info = left.dev_info();
+        if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+            return Err(not("it was created without user recovery".into()));
+        }
+        if u32::from(info.state) != sys::UBLK_S_DEV_QUIESCED {
+            return Err(not(format!(
+                "it is {}, not quiesced (is another process serving it?)",
+                state_name(info.state)
+            )));
+        }
+        if (info.nr_hw_queues, info.queue_depth) != (cfg.queues, cfg.depth) {
+            return Err(not(format!(
+                "it has {} queues of depth {}, this start asks for {} of depth {}",
+                info.nr_hw_queues, info.queue_depth, cfg.queues, cfg.depth
+            )));
+        }
+        let mut params = sys::ublk_params::default();
+        left.get_params(&mut params)
+            .map_err(|e| not(format!("GET_PARAMS: {}", describe(&e))))?;
+        let sectors = cfg.volume_bytes >> 9;
+        if params.basic.dev_sectors != sectors || params.basic.logical_bs_shift != shift {
+            return Err(not(format!(
+                "it has {} bytes in blocks of {}, the volume {} bytes in blocks of {}",
+                params.basic.dev_sectors << 9,
+                1u32 << params.basic.logical_bs_shift.min(31),
+                cfg.volume_bytes,
+                cfg.block_bytes
+            )));
+        }
+        left.start_user_recover()
+            .map_err(|e| not(format!("START_USER_RECOVERY: {}", describe(&e))))?;
+        drop(left);
+        let ctrl = UblkCtrlBuilder::default()
+            .name(&cfg.name)
+            .id(n)
+            .nr_queues(cfg.queues)
+            .depth(cfg.depth)
+            .io_buf_bytes(IO_BUF_BYTES)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .ctrl_flags(RECOVERY_FLAGS)
+            .build()
+            .map_err(|e| not(describe(&e)))?;
         Ok(Device {
             ctrl: Arc::new(ctrl),
             cfg,
@@ -368,13 +462,15 @@ impl Device {
     }
 }
 
-/// Removes a device left behind by a daemon that died (e.g. after SIGKILL).
+/// Removes a device left behind by a daemon that died (e.g. after SIGKILL): the requests it
+/// holds fail (EIO) at once; DEL_DEV_ASYNC, so that an opener (a mount, fio) cannot make this
+/// wait.
 pub fn delete_stale(dev_id: u32) -> Result<(), DeviceError> {
     let id = i32::try_from(dev_id).map_err(|_| DeviceError::DevIdTooLarge(dev_id))?;
     driver_present()?;
     ensure_ctrl_ring()?;
     let ctrl = UblkCtrl::new_simple(id).map_err(|e| ublk_err("cannot open the ublk device", e))?;
-    ctrl.del_dev()
+    ctrl.del_dev_async()
         .map(|_| ())
         .map_err(|e| ublk_err("cannot delete the ublk device", e))
 }

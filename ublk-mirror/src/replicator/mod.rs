@@ -88,6 +88,10 @@ pub struct ReplicatorConfig {
     pub overflow: OverflowRule,
     /// An overflow's resync copies at most this many bytes per second (none: unbounded).
     pub resync_rate_bytes_per_s: Option<u64>,
+    /// The stored write intent keeps clean chunks up to this many bytes of them, so that
+    /// rewriting them costs no store, and a crash resyncs them all (none: mirror-core's default,
+    /// 1 GiB).
+    pub intent_keep_bytes: Option<u64>,
     /// Host operations in flight at once, at most (the range gate's size, less the resync's
     /// entry).
     pub host_ops_max: usize,
@@ -124,6 +128,7 @@ impl ReplicatorConfig {
             submit_queue_bytes: 16 << 20,
             overflow: OVERFLOW_DEFAULT,
             resync_rate_bytes_per_s: None,
+            intent_keep_bytes: None,
             host_ops_max: 4096,
         }
     }
@@ -149,6 +154,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("submit_queue_bytes", &self.submit_queue_bytes)
             .field("overflow", &self.overflow)
             .field("resync_rate_bytes_per_s", &self.resync_rate_bytes_per_s)
+            .field("intent_keep_bytes", &self.intent_keep_bytes)
             .field("host_ops_max", &self.host_ops_max)
             .finish_non_exhaustive()
     }
@@ -558,6 +564,10 @@ pub fn spawn_primary(
     if kept.is_some() {
         link.set_overflow_rule(cfg.overflow);
         link.set_resync_rate(cfg.resync_rate_bytes_per_s);
+        if let Some(bytes) = cfg.intent_keep_bytes {
+            let chunk_bytes = link.status().intent.chunk_bytes.max(1);
+            link.set_intent_keep_chunks(bytes / chunk_bytes);
+        }
     }
     if let Some(limit) = cfg.connect_deadline {
         link.set_connect_deadline(0, u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX));
