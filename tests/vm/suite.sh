@@ -562,8 +562,9 @@ case_target_blockdev() {
 
 # case_restart (issue 14, failures 1 and 4): a primary stopped cleanly restarts on the same volume
 # and target and continues the sequence, a mounted filesystem's files intact; after kill -9 of
-# the daemon while the target lags behind (async), the restart resyncs the chunks of its stored
-# write intent, the files are intact and the volumes converge.
+# the daemon while ext4 is mounted and the target lags behind (async), the restart takes the
+# device over (the mount goes on), resyncs the chunks of its stored write intent, the files are
+# intact and the volumes converge.
 case_restart() {
     local tag=restart why st seq1 seq2
     new_volumes "$tag"
@@ -593,26 +594,32 @@ case_restart() {
     mount "$DEV" "$MNT" || { fail restart "mount before the kill failed"; cleanup_all; return; }
     dd if=/dev/urandom of="$MNT/unsynced" bs=1M count=16 status=none && sync
     rm -rf "$W/ref-restart" && cp -a "$MNT" "$W/ref-restart"
-    umount "$MNT"
+    # Killed while the filesystem is mounted: the device stays (quiesced) and the next start
+    # takes it over; the mount goes on without an error.
     kill -9 "$DPID"
     for _ in $(seq 50); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.1; done
-    "$UM" delete --name m-rs >/dev/null 2>&1
-    start_daemon m-rs "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail restart "restart after kill -9 refused: $why"; stop_target; return; }
+    start_daemon m-rs "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail restart "restart after kill -9 refused: $why"; cleanup_all; return; }
     grep -q "did not stop cleanly: resyncing" "$OUT/daemon-m-rs.log" \
         || { fail restart "the restart after kill -9 did not resync"; cleanup_all; return; }
+    grep -q "taking over $DEV" "$OUT/daemon-m-rs.log" \
+        || { fail restart "the restart after kill -9 did not take the mounted device over"; cleanup_all; return; }
     st=$("$UM" status --name m-rs --json)
     jq -e '.intent.stored_chunks > 0' <<<"$st" >/dev/null \
         || { fail restart "status shows no stored write intent: $st"; cleanup_all; return; }
-    mount "$DEV" "$MNT" || { fail restart "mount after kill -9 and restart failed"; cleanup_all; return; }
     why=$(diff -r "$W/ref-restart" "$MNT" 2>&1 | head -n 3)
     [ -z "$why" ] || { fail restart "files changed across kill -9: $why"; cleanup_all; return; }
+    dd if=/dev/urandom of="$MNT/after-kill" bs=1M count=4 status=none && sync \
+        || { fail restart "the mount does not take writes after the takeover"; cleanup_all; return; }
+    umount "$MNT" || { fail restart "umount after the takeover failed"; cleanup_all; return; }
+    mount "$DEV" "$MNT" && why=$(diff -r "$W/ref-restart" "$MNT" 2>&1 | grep -v "Only in $MNT: after-kill" | head -n 3)
     umount "$MNT"
+    [ -z "$why" ] || { fail restart "files changed across the takeover: $why"; cleanup_all; return; }
     why=$("$UM" wait-replicated last --name m-rs --timeout-secs 120 2>&1) || { fail restart "$why"; cleanup_all; return; }
     why=$(same_volumes "$tag") || { fail restart "after the resync: $why"; cleanup_all; return; }
     stop_daemon m-rs || { fail restart "stop after the resync failed"; cleanup_all; return; }
     stop_target
     pass restart
-    echo "    clean stop at seq $seq1, resumed through seq $seq2; kill -9 then resync: volumes identical"
+    echo "    clean stop at seq $seq1, resumed through seq $seq2; kill -9 with ext4 mounted, device taken over, resync: volumes identical"
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img" && rm -rf "$W/ref-restart"
 }
 
