@@ -470,6 +470,9 @@ pub struct ResyncStatus {
     pub submitted_bytes: u64,
     /// Bytes the peer holds durably (the copies through its durable seq).
     pub durable_bytes: u64,
+    /// When its begin mark entered the log (the driver's clock, as given to
+    /// [`PeerLink::resync_submit`]), if it did.
+    pub begun_ns: Option<u64>,
 }
 
 /// Counters a status report shows.
@@ -512,6 +515,8 @@ struct ResyncTrack {
     /// The seq before its first step, once that is in the log: until its end is durable the
     /// peer holds the volume as of no later seq.
     base: Option<Seq>,
+    /// When its begin entered the log.
+    begun_ns: Option<u64>,
     end: Option<Seq>,
 }
 
@@ -915,6 +920,7 @@ impl<L: RollbackLog> PeerLink<L> {
             }
             if is_begin {
                 track.base = Some(Seq(seq.0.saturating_sub(1)));
+                track.begun_ns = Some(now_ns);
             }
             if is_end {
                 track.end = Some(seq);
@@ -1515,6 +1521,7 @@ impl<L: RollbackLog> PeerLink<L> {
                     .take_while(|(seq, _)| *seq <= durable)
                     .last()
                     .map_or(t.durable_bytes, |&(_, bytes)| bytes),
+                begun_ns: t.begun_ns,
             }),
         }
     }

@@ -235,6 +235,26 @@ fn overflow_row(o: &crate::admin::OverflowReport) -> String {
     }
 }
 
+/// `[#####-----]  50%`: how much of `total` is `done`.
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 20;
+    let filled = if total == 0 {
+        WIDTH
+    } else {
+        u64::try_from(u128::from(done.min(total)) * u128::from(WIDTH) / u128::from(total))
+            .unwrap_or(WIDTH)
+    };
+    let pct = if total == 0 {
+        100
+    } else {
+        u128::from(done.min(total)) * 100 / u128::from(total)
+    };
+    let bar: String = (0..WIDTH)
+        .map(|i| if i < filled { '#' } else { '-' })
+        .collect();
+    format!("[{bar}] {pct:>3}%")
+}
+
 fn opt(s: Option<&String>) -> &str {
     s.map_or("-", String::as_str)
 }
@@ -343,10 +363,15 @@ pub fn format_status(st: &StatusReport) -> String {
             st.resync.as_ref().map_or_else(
                 || "none".to_string(),
                 |r| {
+                    let pace = match (r.rate_bytes_per_s, r.eta_secs) {
+                        (Some(rate), Some(eta)) => format!(", {rate} B/s, ETA {eta} s"),
+                        _ => String::new(),
+                    };
                     format!(
-                        "{}{} of {} bytes durable on the target, {} sent (the target is not \
-                         consistent until it ends)",
+                        "{}{} {} of {} bytes durable on the target{pace}, {} sent (the target \
+                         is not consistent until it ends)",
                         if r.full { "full: " } else { "" },
+                        progress_bar(r.durable_bytes, r.total_bytes),
                         r.durable_bytes,
                         r.total_bytes,
                         r.submitted_bytes
@@ -607,17 +632,29 @@ mod tests {
             total_bytes: 1 << 20,
             submitted_bytes: 1 << 19,
             durable_bytes: 1 << 18,
+            rate_bytes_per_s: None,
+            eta_secs: None,
         });
         let table = format_status(&st);
         assert!(
-            table.contains("resync      262144 of 1048576 bytes durable on the target"),
+            table.contains(
+                "resync      [#####---------------]  25% 262144 of 1048576 bytes durable on the \
+                 target, 524288 sent"
+            ),
             "{table}"
         );
-        st.resync = st
-            .resync
-            .map(|r| crate::admin::ResyncReport { full: true, ..r });
+        st.resync = st.resync.map(|r| crate::admin::ResyncReport {
+            full: true,
+            rate_bytes_per_s: Some(65536),
+            eta_secs: Some(12),
+            ..r
+        });
+        let table = format_status(&st);
         assert!(
-            format_status(&st).contains("resync      full: 262144 of 1048576 bytes"),
+            table.contains(
+                "resync      full: [#####---------------]  25% 262144 of 1048576 bytes durable \
+                 on the target, 65536 B/s, ETA 12 s"
+            ),
             "{table}"
         );
         st.overflow = Some(crate::admin::OverflowReport {

@@ -241,6 +241,12 @@ pub struct ResyncReport {
     pub submitted_bytes: u64,
     /// Bytes the target holds durably.
     pub durable_bytes: u64,
+    /// Bytes per second made durable since its begin (none: too early to say).
+    #[serde(default)]
+    pub rate_bytes_per_s: Option<u64>,
+    /// Seconds left at that rate.
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
 }
 
 /// Generation ids ([`mirror_core::genid`]) as 16 hex digits, or "none".

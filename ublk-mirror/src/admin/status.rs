@@ -106,13 +106,63 @@ impl DaemonState {
                 out_of_sync_chunks: st.overflow.map_or(0, |o| o.out_of_sync_chunks),
                 out_of_sync_writes: st.out_of_sync_writes,
             }),
-            resync: st.resync.map(|r| ResyncReport {
-                full: r.full,
-                total_bytes: r.total_bytes,
-                submitted_bytes: r.submitted_bytes,
-                durable_bytes: r.durable_bytes,
+            resync: st.resync.map(|r| {
+                let elapsed_ns = r.begun_ns.map(|b| st.clock_ns.saturating_sub(b));
+                let (rate_bytes_per_s, eta_secs) =
+                    resync_pace(r.total_bytes, r.durable_bytes, elapsed_ns);
+                ResyncReport {
+                    full: r.full,
+                    total_bytes: r.total_bytes,
+                    submitted_bytes: r.submitted_bytes,
+                    durable_bytes: r.durable_bytes,
+                    rate_bytes_per_s,
+                    eta_secs,
+                }
             }),
             ..self.base_status()
         })
+    }
+}
+
+/// A resync's rate so far and the seconds left at it: none before half a second or a first
+/// durable byte.
+fn resync_pace(
+    total_bytes: u64,
+    durable_bytes: u64,
+    elapsed_ns: Option<u64>,
+) -> (Option<u64>, Option<u64>) {
+    let Some(elapsed_ns) = elapsed_ns.filter(|ns| *ns >= 500_000_000) else {
+        return (None, None);
+    };
+    if durable_bytes == 0 {
+        return (None, None);
+    }
+    let rate = u128::from(durable_bytes) * 1_000_000_000 / u128::from(elapsed_ns);
+    let rate = u64::try_from(rate).unwrap_or(u64::MAX).max(1);
+    let left = total_bytes.saturating_sub(durable_bytes);
+    (Some(rate), Some(left.div_ceil(rate)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resync_pace;
+
+    #[test]
+    fn a_resyncs_pace_is_its_durable_bytes_over_its_time() {
+        assert_eq!(resync_pace(100, 10, None), (None, None), "not begun");
+        assert_eq!(
+            resync_pace(100, 10, Some(100_000_000)),
+            (None, None),
+            "too early"
+        );
+        assert_eq!(resync_pace(100, 0, Some(2_000_000_000)), (None, None));
+        assert_eq!(
+            resync_pace(1000, 250, Some(2_000_000_000)),
+            (Some(125), Some(6))
+        );
+        assert_eq!(
+            resync_pace(1000, 1000, Some(1_000_000_000)),
+            (Some(1000), Some(0))
+        );
     }
 }

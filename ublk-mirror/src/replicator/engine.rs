@@ -687,6 +687,7 @@ impl Engine {
                     sent_bytes: self.sent_bytes,
                     intent: self.intent.as_ref().map(|_| st.intent),
                     resync: st.resync,
+                    clock_ns: self.now_ns(),
                     gen_ids: self.node.meta().gen_ids,
                     peer_data: st.peer_data,
                     overflow: st.overflow,

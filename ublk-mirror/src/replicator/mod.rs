@@ -246,6 +246,8 @@ pub struct ReplicatorStatus {
     pub intent: Option<mirror_core::node::IntentStatus>,
     /// The resync under way, if any.
     pub resync: Option<mirror_core::node::ResyncStatus>,
+    /// The engine's clock when it took this report (the resync's `begun_ns` is on it).
+    pub clock_ns: u64,
     /// The volume's generation ids, as its record keeps them.
     pub gen_ids: mirror_core::genid::GenIds,
     /// What the peer's copy is.
