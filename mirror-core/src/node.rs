@@ -394,6 +394,9 @@ struct Overflow {
     copying: Option<Copying>,
     /// Where the search for the next chunk to copy starts.
     cursor: u64,
+    /// The fewest chunks out of sync since its resync began, and when that low was reached.
+    low_chunks: u64,
+    low_at_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -415,6 +418,22 @@ pub struct OverflowStatus {
     pub out_of_sync_chunks: u64,
     /// Whether its resync is under way.
     pub resyncing: bool,
+    /// While it is: when the chunks out of sync last fell to a new low (the driver's clock).
+    pub progress_ns: Option<u64>,
+}
+
+/// A resync whose chunks out of sync reach no new low for this long does not converge: the host
+/// dirties them as fast as the link copies them.
+pub const CONVERGE_WINDOW_NS: u64 = 30_000_000_000;
+
+impl OverflowStatus {
+    /// Whether its resync converges as of `now_ns` (none: not under way, the peer does not take
+    /// data yet).
+    #[must_use]
+    pub fn converging(&self, now_ns: u64) -> Option<bool> {
+        self.progress_ns
+            .map(|at| now_ns.saturating_sub(at) < CONVERGE_WINDOW_NS)
+    }
 }
 
 /// What a link may do before its first handshake settled where the peer stands.
@@ -718,6 +737,8 @@ impl<L: RollbackLog> PeerLink<L> {
             ending: false,
             copying: None,
             cursor: 0,
+            low_chunks: u64::MAX,
+            low_at_ns: 0,
         });
         if let Some(range) = op.range() {
             if let Some(cp) = &mut ov.copying {
@@ -742,6 +763,7 @@ impl<L: RollbackLog> PeerLink<L> {
             cause: ov.cause,
             out_of_sync_chunks: self.intent.pinned().dirty_chunks(),
             resyncing: ov.begun,
+            progress_ns: ov.begun.then_some(ov.low_at_ns),
         })
     }
 
@@ -818,6 +840,8 @@ impl<L: RollbackLog> PeerLink<L> {
                 return None;
             }
             ov.begun = true;
+            ov.low_chunks = self.intent.pinned().dirty_chunks();
+            ov.low_at_ns = now_ns;
             self.resync_track = Some(ResyncTrack {
                 interleaved: true,
                 ..ResyncTrack::default()
@@ -906,6 +930,11 @@ impl<L: RollbackLog> PeerLink<L> {
         let submitted = self.offer(None, op, now_ns);
         if interleaved && submitted.is_ok() {
             self.overflow_step_taken(step);
+            let left = self.intent.pinned().dirty_chunks();
+            if let Some(ov) = self.overflow.as_mut().filter(|ov| left < ov.low_chunks) {
+                ov.low_chunks = left;
+                ov.low_at_ns = now_ns;
+            }
         }
         // A parked step enters the log next, as the seq after the last local one.
         let seq = match submitted {

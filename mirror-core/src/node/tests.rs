@@ -981,6 +981,62 @@ fn an_overflow_resync_keeps_to_its_rate() {
     assert_eq!(l.peer_data(), PeerData::UpToDate);
 }
 
+/// Status says when an overflow's resync does not converge: no new low of the chunks out of
+/// sync for [`CONVERGE_WINDOW_NS`] while it runs.
+#[test]
+fn an_overflow_resync_without_a_new_low_for_its_window_does_not_converge() {
+    const SEC: u64 = 1_000_000_000;
+    let mut cfg = config(Mode::Async, 1);
+    cfg.log_bytes_max = 1 << 20;
+    let (mut l, mut t) = connect(PeerLink::new(Source::new(cfg), session(3)));
+    l.set_overflow_rule(OverflowRule {
+        enabled: true,
+        after_down_ns: u64::MAX,
+        sync_peer_gone: SyncPeerGone::Suspend,
+    });
+    let chunk = BITMAP_CHUNK_BYTES / 4096;
+    let step_at = |l: &mut PeerLink, t: &mut Target, now: u64| {
+        exchange(l, t).unwrap();
+        events(l);
+        let step = l.poll_resync(now).expect("a step is due");
+        let op = match step {
+            ResyncStep::Mark(mark) => Op::Resync(mark),
+            ResyncStep::Copy(range) => ResyncStep::copy_op(
+                range,
+                Bytes::from(vec![7; usize::try_from(range.len_bytes).unwrap()]),
+            ),
+        };
+        assert!(l.resync_submit(SummedOp::new(op), now).is_ok());
+        step
+    };
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    for c in 1..=2 {
+        assert_eq!(l.submit(2, write(c * chunk), 0), Ok(Submitted::OutOfSync));
+    }
+    assert_eq!(l.overflow().unwrap().converging(0), None, "not under way");
+    step_at(&mut l, &mut t, 0);
+    assert_eq!(l.overflow().unwrap().converging(29 * SEC), Some(true));
+    step_at(&mut l, &mut t, 10 * SEC);
+    assert_eq!(l.overflow().unwrap().out_of_sync_chunks, 1);
+    // The host dirties chunk 1 again (the log is full: out of sync).
+    assert_eq!(
+        l.submit(3, write(chunk), 11 * SEC),
+        Ok(Submitted::OutOfSync)
+    );
+    let ov = l.overflow().unwrap();
+    assert_eq!(ov.converging(39 * SEC), Some(true));
+    assert_eq!(ov.converging(40 * SEC), Some(false), "no new low since 10 s");
+    step_at(&mut l, &mut t, 41 * SEC);
+    assert_eq!(
+        l.overflow().unwrap().converging(41 * SEC),
+        Some(false),
+        "one left again is no new low"
+    );
+    step_at(&mut l, &mut t, 42 * SEC);
+    assert_eq!(l.overflow().unwrap().out_of_sync_chunks, 0);
+    assert_eq!(l.overflow().unwrap().converging(42 * SEC), Some(true));
+}
+
 /// A peer unreachable past the rule's bound: `async` records writes out of sync even with room
 /// in the log; `sync` waits (suspend) or degrades, as its policy says.
 #[test]

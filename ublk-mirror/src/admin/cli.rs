@@ -223,9 +223,17 @@ fn overflow_row(o: &crate::admin::OverflowReport) -> String {
     } else {
         "off (a full log holds writes back)".to_string()
     };
+    let pace = match o.converging {
+        Some(true) => "; resyncing",
+        Some(false) => {
+            "; NOT CONVERGING: no fewer chunks out of sync for 30 s (the host dirties them as \
+             fast as the link copies them)"
+        }
+        None => "",
+    };
     match &o.cause {
         Some(cause) => format!(
-            "{rule}; OVERFLOWING ({cause}): {} chunks out of sync, {} writes since the start",
+            "{rule}; OVERFLOWING ({cause}): {} chunks out of sync, {} writes since the start{pace}",
             o.out_of_sync_chunks, o.out_of_sync_writes
         ),
         None => format!(
@@ -663,6 +671,7 @@ mod tests {
             sync_peer_gone: "suspend".into(),
             resync_rate_bytes_per_s: None,
             cause: Some("the rollback log was full".into()),
+            converging: None,
             out_of_sync_chunks: 7,
             out_of_sync_writes: 12,
         });
@@ -676,10 +685,15 @@ mod tests {
         );
         if let Some(o) = &mut st.overflow {
             o.resync_rate_bytes_per_s = Some(1 << 20);
+            o.converging = Some(false);
         }
         let table = format_status(&st);
         assert!(
             table.contains("sync: suspend; resync at most 1048576 B/s); OVERFLOWING"),
+            "{table}"
+        );
+        assert!(
+            table.contains("12 writes since the start; NOT CONVERGING: no fewer chunks"),
             "{table}"
         );
     }

@@ -355,6 +355,10 @@ pub struct OverflowReport {
     pub cause: Option<String>,
     /// Chunks written out of sync and not yet copied to the target's log.
     pub out_of_sync_chunks: u64,
+    /// While its resync runs: whether the chunks out of sync reached a new low within the last
+    /// 30 s (false: the host dirties them as fast as the link copies them).
+    #[serde(default)]
+    pub converging: Option<bool>,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
 }

@@ -104,6 +104,7 @@ impl DaemonState {
                 resync_rate_bytes_per_s: st.resync_rate_bytes_per_s,
                 cause: st.overflow.map(|o| o.cause.to_string()),
                 out_of_sync_chunks: st.overflow.map_or(0, |o| o.out_of_sync_chunks),
+                converging: st.overflow.and_then(|o| o.converging(st.clock_ns)),
                 out_of_sync_writes: st.out_of_sync_writes,
             }),
             resync: st.resync.map(|r| {
