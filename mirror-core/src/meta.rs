@@ -12,13 +12,13 @@
 //! [`meta_area_bytes`] (rounded up to [`META_AREA_ALIGN_BYTES`]) or more, and is recorded.
 //!
 //! Each update overwrites the slot that does not hold the newest record, so a torn update leaves
-//! the previous record intact. A record (version 5, [`RECORD_BYTES`] bytes, little endian):
+//! the previous record intact. A record (version 6, [`RECORD_BYTES`] bytes, little endian):
 //!
 //! | bytes    | field          | meaning                                                  |
 //! |----------|----------------|----------------------------------------------------------|
 //! | 0..8     | magic          | `"UBMRMETA"`                                             |
 //! | 8..12    | version        | [`META_VERSION`]                                         |
-//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes, once any resync in progress ends); bit 2: resyncing (a resync bracket was applied in part: not a prefix until its end is durable); bit 3: that bracket is a full resync (its end makes data of unknown content consistent) |
+//! | 12..16   | flags          | bit 0: clean (all applied writes were synced); bit 1: consistent (the data is a prefix of the mirror's writes, once any resync in progress ends); bit 2: resyncing (a resync bracket was applied in part: not a prefix until its end is durable); bit 3: that bracket is a full resync (its end makes data of unknown content consistent); bit 4: a primary's peer is outdated (writes recorded out of sync have no durable resync end there yet) |
 //! | 16..32   | volume id      | the mirrored volume                                      |
 //! | 32..40   | node id        | the node that wrote it                                   |
 //! | 40..44   | role           | 0: secondary (target), 1: primary                        |
@@ -34,7 +34,8 @@
 //! | 120..128 | write count    | incremented by every update; the higher valid slot wins  |
 //! | 128..132 | crc32c         | CRC32C of bytes 0..128                                   |
 //!
-//! Version 4 (108 bytes: this layout up to the area bytes, with the write count at 96..104 and
+//! Version 5 is this layout without bit 4 (read as not outdated). Version 4 (108 bytes: this
+//! layout up to the area bytes, with the write count at 96..104 and
 //! the crc32c of 0..104 at 104..108; its one "generation" at 64..72 reads as the current id) is
 //! read for the upgrade, in place. Earlier versions were kept in a separate file
 //! (`<volume>.meta`) and are read for the upgrade: version 1 (one 52-byte record, the whole
@@ -49,8 +50,8 @@ use crate::wire::{le_u32, le_u64};
 /// `"UBMRMETA"`.
 pub const META_MAGIC: [u8; 8] = *b"UBMRMETA";
 /// The format version this code writes.
-pub const META_VERSION: u32 = 5;
-/// Bytes in one version-5 record.
+pub const META_VERSION: u32 = 6;
+/// Bytes in one version-5 or version-6 record.
 pub const RECORD_BYTES: usize = 132;
 /// Distance between the two slots (records never share a page or a sector).
 pub const SLOT_BYTES: usize = 4096;
@@ -70,6 +71,7 @@ const FLAG_CLEAN: u32 = 1;
 const FLAG_CONSISTENT: u32 = 2;
 const FLAG_RESYNCING: u32 = 4;
 const FLAG_RESYNC_FULL: u32 = 8;
+const FLAG_PEER_OUTDATED: u32 = 16;
 
 /// Bytes reserved for the dirty bitmap of a data area of `volume_bytes`: one bit per
 /// [`BITMAP_CHUNK_BYTES`], in whole 4 KiB pages.
@@ -142,6 +144,9 @@ pub struct MetaRecord {
     /// Whether that bracket is a full resync (every chunk): its end makes data of unknown
     /// content consistent.
     pub resync_full: bool,
+    /// A primary's: its peer's copy lacks writes recorded out of sync (an overflow, a degraded
+    /// `sync`) until a resync's end after them is durable there; the peer is outdated.
+    pub peer_outdated: bool,
     /// The dirty bitmap, if any.
     pub bitmap: BitmapLocation,
     /// Size of the metadata area behind the data area (0: the record is kept apart, in memory or
@@ -238,7 +243,9 @@ fn check_header(bytes: &[u8], version_wanted: u32, crc_at: usize) -> Result<u32,
         return Err(MetaCorrupt::Version(version));
     }
     let flags = le_u32(bytes, 12);
-    let known = if version_wanted >= 5 {
+    let known = if version_wanted >= 6 {
+        FLAG_CLEAN | FLAG_CONSISTENT | FLAG_RESYNCING | FLAG_RESYNC_FULL | FLAG_PEER_OUTDATED
+    } else if version_wanted >= 5 {
         FLAG_CLEAN | FLAG_CONSISTENT | FLAG_RESYNCING | FLAG_RESYNC_FULL
     } else if version_wanted >= 4 {
         FLAG_CLEAN | FLAG_CONSISTENT
@@ -355,6 +362,7 @@ impl MetaRecord {
             consistent: true,
             resyncing: false,
             resync_full: false,
+            peer_outdated: false,
             bitmap: BitmapLocation::default(),
             meta_area_bytes: 0,
         }
@@ -390,7 +398,7 @@ impl MetaRecord {
         }
     }
 
-    /// The version-5 record carrying `write_count`.
+    /// The version-6 record carrying `write_count`.
     #[must_use]
     pub fn encode(&self, write_count: u64) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
@@ -405,6 +413,9 @@ impl MetaRecord {
         }
         if self.resyncing {
             flags |= FLAG_RESYNCING;
+        }
+        if self.peer_outdated {
+            flags |= FLAG_PEER_OUTDATED;
         }
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..32].copy_from_slice(&self.volume_id.0);
@@ -429,7 +440,7 @@ impl MetaRecord {
         b
     }
 
-    /// Parses one slot (a version-5 record, or a version-4, 3 or 2 one) and its write count.
+    /// Parses one slot (a version-6 record, or a version-5, 4, 3 or 2 one) and its write count.
     pub fn decode(bytes: &[u8]) -> Result<(MetaRecord, u64), MetaCorrupt> {
         let tagged = bytes.len() >= 12 && bytes[0..8] == META_MAGIC;
         let found = if tagged { le_u32(bytes, 8) } else { 0 };
@@ -439,6 +450,7 @@ impl MetaRecord {
         let (version, crc_at) = match found {
             3 => (3, V3_RECORD_BYTES - 4),
             4 => (4, V4_RECORD_BYTES - 4),
+            5 => (5, RECORD_BYTES - 4),
             _ => (META_VERSION, RECORD_BYTES - 4),
         };
         let v3 = version == 3;
@@ -459,8 +471,8 @@ impl MetaRecord {
             durable: Seq(le_u64(bytes, 56)),
             gen_ids: GenIds {
                 current: Generation(le_u64(bytes, 64)),
-                bitmap: Generation(if version == 5 { le_u64(bytes, 96) } else { 0 }),
-                history: if version == 5 {
+                bitmap: Generation(if version >= 5 { le_u64(bytes, 96) } else { 0 }),
+                history: if version >= 5 {
                     [
                         Generation(le_u64(bytes, 104)),
                         Generation(le_u64(bytes, 112)),
@@ -474,6 +486,7 @@ impl MetaRecord {
             consistent: v3 || flags & FLAG_CONSISTENT != 0,
             resyncing: flags & FLAG_RESYNCING != 0,
             resync_full: flags & FLAG_RESYNC_FULL != 0,
+            peer_outdated: flags & FLAG_PEER_OUTDATED != 0,
             bitmap: BitmapLocation {
                 offset_bytes: le_u64(bytes, 72),
                 len_bytes: le_u64(bytes, 80),
@@ -579,6 +592,7 @@ mod tests {
             consistent: false,
             resyncing: false,
             resync_full: false,
+            peer_outdated: false,
             bitmap: BitmapLocation {
                 offset_bytes: 8192,
                 len_bytes: 4096,
@@ -655,16 +669,16 @@ mod tests {
             b
         };
         let mut bytes = sample().encode(0);
-        bytes[8..12].copy_from_slice(&6u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Version(6))
+            Err(MetaCorrupt::Version(7))
         );
         let mut bytes = sample().encode(0);
-        bytes[12..16].copy_from_slice(&16u32.to_le_bytes());
+        bytes[12..16].copy_from_slice(&32u32.to_le_bytes());
         assert_eq!(
             MetaRecord::decode(&reseal(bytes)),
-            Err(MetaCorrupt::Flags(16))
+            Err(MetaCorrupt::Flags(32))
         );
         let mut bytes = sample().encode(0);
         bytes[40..44].copy_from_slice(&2u32.to_le_bytes());
@@ -697,6 +711,33 @@ mod tests {
         let crc = crc32c::crc32c(&b[0..104]);
         b[104..108].copy_from_slice(&crc.to_le_bytes());
         b
+    }
+
+    /// Version 6 keeps whether a primary's peer is outdated; version 5, the same layout without
+    /// that flag, reads as not outdated and refuses the bit.
+    #[test]
+    fn the_outdated_peer_flag_is_version_6() {
+        let written = MetaRecord {
+            role: Role::Primary,
+            peer_outdated: true,
+            ..sample()
+        };
+        let (read, _) = MetaRecord::decode(&written.encode(3)).unwrap();
+        assert_eq!(read, written);
+        let as_v5 = |flags: u32| {
+            let mut b = written.encode(3);
+            b[8..12].copy_from_slice(&5u32.to_le_bytes());
+            b[12..16].copy_from_slice(&flags.to_le_bytes());
+            let crc = crc32c::crc32c(&b[0..128]);
+            b[128..132].copy_from_slice(&crc.to_le_bytes());
+            b
+        };
+        let (old, _) = MetaRecord::decode(&as_v5(FLAG_CONSISTENT)).unwrap();
+        assert!(!old.peer_outdated && old.consistent);
+        assert_eq!(
+            MetaRecord::decode(&as_v5(FLAG_CONSISTENT | FLAG_PEER_OUTDATED)),
+            Err(MetaCorrupt::Flags(FLAG_CONSISTENT | FLAG_PEER_OUTDATED))
+        );
     }
 
     /// Version 4's one generation is the current id; it had no bitmap or history ids.

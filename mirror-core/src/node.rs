@@ -196,6 +196,8 @@ pub enum PeerSabotage {
     /// Take a chunk off the out-of-sync map once its copy is in the log, even if a write marked
     /// it again while the copy was under way.
     CopyIgnoresRewrites,
+    /// Never ask for the running record to be stored when the peer becomes outdated.
+    OutdatedUnrecorded,
 }
 
 /// What a primary can say of its peer's copy ([`PeerLink::peer_data`]): a status that says
@@ -576,6 +578,10 @@ impl<L: RollbackLog> PeerLink<L> {
             total_bytes: plan.total_bytes(),
             ..ResyncTrack::default()
         });
+        if restored.peer_outdated && resync.is_some() {
+            // The writes it lacks are in the chunks this resync copies.
+            link.out_of_sync_after = Some(restored.confirmed);
+        }
         link.resync = resync;
         link
     }
@@ -752,7 +758,10 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         self.out_of_sync_writes += 1;
         let last = self.source.status().last_local;
-        self.out_of_sync_after.get_or_insert(last);
+        if self.out_of_sync_after.is_none() {
+            self.out_of_sync_after = Some(last);
+            self.record_outdated_changed();
+        }
         Ok(Submitted::OutOfSync)
     }
 
@@ -1190,8 +1199,11 @@ impl<L: RollbackLog> PeerLink<L> {
                 self.intent.trim_after_resync();
             }
         }
-        if self.overflow.is_none() && self.resync_track.is_none() {
-            self.out_of_sync_after = None;
+        if self.overflow.is_none()
+            && self.resync_track.is_none()
+            && self.out_of_sync_after.take().is_some()
+        {
+            self.record_outdated_changed();
         }
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
@@ -1400,6 +1412,26 @@ impl<L: RollbackLog> PeerLink<L> {
         }
     }
 
+    /// Whether the peer is outdated: writes recorded out of sync (or, after a restart, the ones
+    /// its record said were) have no durable resync end there yet. The record keeps it
+    /// ([`MetaRecord::peer_outdated`]).
+    #[must_use]
+    pub fn peer_outdated(&self) -> bool {
+        self.out_of_sync_after.is_some()
+    }
+
+    /// The peer became outdated or up to date again: the driver stores its running record,
+    /// which says so.
+    fn record_outdated_changed(&mut self) {
+        if self.sabotage == PeerSabotage::OutdatedUnrecorded {
+            return;
+        }
+        self.events.push_back(PeerEvent::RecordRunning {
+            durable: self.source.durable(),
+            rebased: false,
+        });
+    }
+
     /// The first [`PeerEvent::RecordRunning`], if not told yet.
     fn tell_record(&mut self) -> Option<PeerEvent> {
         if self.record_told {
@@ -1431,7 +1463,11 @@ impl<L: RollbackLog> PeerLink<L> {
         self.overflow = None;
         self.step_interleaved = false;
         self.intent.unpin_all();
-        self.out_of_sync_after = None;
+        // Writes recorded out of sync reach the peer with the full copy's end: it stays outdated
+        // until then (the sequence now continues after its seq).
+        if self.out_of_sync_after.is_some() {
+            self.out_of_sync_after = Some(self.source.durable());
+        }
         self.durable_reported = self.source.durable();
         self.record_told = true;
         self.events.push_back(PeerEvent::RecordRunning {
@@ -1570,6 +1606,10 @@ pub type Peers = BTreeMap<PeerId, PeerLink>;
 
 impl RoleEngines for Peers {
     const ROLE: Role = Role::Primary;
+
+    fn update_record(&self, meta: &mut MetaRecord) {
+        meta.peer_outdated = self.values().any(PeerLink::peer_outdated);
+    }
 }
 
 impl RoleEngines for Target {

@@ -230,6 +230,16 @@ fn reporting_the_peer_up_to_date_while_overflowing_is_caught() {
     assert_caught_by(&opts, 200, &[Check::PeerStatus]);
 }
 
+/// A primary that never records its peer as outdated when writes go out of sync.
+#[test]
+fn not_recording_an_outdated_peer_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::OutdatedUnrecorded,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 200, &[Check::PeerStatus]);
+}
+
 /// Recovery trusting a volume without a record (the rule the target server runs).
 #[test]
 fn trusting_a_replaced_volume_is_caught_by_the_prefix_check() {

@@ -4,8 +4,8 @@
 #
 # usage: tests/vm/suite.sh OUTDIR [CASE...]      (no CASE: all; cases: errors ext4 xfs fio
 #                                                overlap blockdev512 target-blockdev passthrough
-#                                                restart degraded overflow recover kill9 sigterm
-#                                                delete perf)
+#                                                restart degraded overflow recover
+#                                                resync-interrupted kill9 sigterm delete perf)
 #
 # Each case prints `PASS name` or `FAIL name: reason`; the last line is `N passed, M failed`.
 # Exit status: 0 only if every case passed; 1 otherwise, also when ublk_drv cannot be loaded.
@@ -396,6 +396,60 @@ case_recover() {
     rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
 }
 
+# wait_resync NAME BYTES: until NAME's status shows a resync with more than BYTES durable on the
+# target and some left (60 s at most)
+wait_resync() {
+    local st
+    for _ in $(seq 600); do
+        st=$("$UM" status --name "$1" --json 2>/dev/null) \
+            && jq -e --argjson n "$2" '.resync != null and .resync.durable_bytes > $n
+                and .resync.durable_bytes < .resync.total_bytes' <<<"$st" >/dev/null && return 0
+        sleep 0.1
+    done
+    echo "no resync under way past $2 bytes: $st"
+    return 1
+}
+
+# case_resync_interrupted (issue 14, DRBD's interrupted resync): the initial sync of 96 MiB of data
+# is interrupted twice, first by kill -9 of the primary daemon (the restart copies everything
+# again: the target holds none of its history until a full copy's end), then by kill -9 of the
+# target (restarted, it takes the copy up where its durable seq stands); the pair converges, the
+# target consistent and the volumes identical.
+case_resync_interrupted() {
+    local tag=resint name=m-ri why spid st rc
+    new_volumes "$tag"
+    dd if=/dev/urandom of="$W/$tag-src.img" bs=1M count=96 conv=notrunc status=none
+    start_target "$tag" || { fail resync-interrupted "target did not start"; return; }
+    local args=(start --name "$name" --volume "$W/$tag-src.img" --peer "127.0.0.1:$TPORT"
+        --volume-id "$VID" --secret-file "$W/secret" --mode async --log-file "$OUT/daemon-$name.log")
+    "$UM" "${args[@]}" >"$OUT/start-$name-1.out" 2>&1 &
+    spid=$!
+    why=$(wait_resync "$name" $((8 << 20))) || { fail resync-interrupted "first start: $why"; cleanup_all; return; }
+    kill -9 "$("$UM" status --name "$name" --json | jq -r .pid)"
+    wait "$spid" && { fail resync-interrupted "the first start succeeded though its daemon was killed"; cleanup_all; return; }
+    "$UM" "${args[@]}" >"$OUT/start-$name-2.out" 2>&1 &
+    spid=$!
+    why=$(wait_resync "$name" $((8 << 20))) || { fail resync-interrupted "second start: $why"; cleanup_all; return; }
+    grep -q "copying all" "$OUT/daemon-$name.log" \
+        || { fail resync-interrupted "the restart did not copy in full again"; cleanup_all; return; }
+    kill -9 "$TPID"
+    sleep 1
+    TARGET_STARTS=2 restart_target "$tag" || { fail resync-interrupted "target restart failed"; cleanup_all; return; }
+    wait "$spid"
+    rc=$?
+    [ "$rc" -eq 0 ] || { fail resync-interrupted "start across the target's restart failed: $(cat "$OUT/start-$name-2.out")"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name "$name" --timeout-secs 180 2>&1) || { fail resync-interrupted "not converged: $why"; cleanup_all; return; }
+    st=$("$UM" status --name "$name" --json)
+    jq -e '.resync == null and .peer_data == "up to date"' <<<"$st" >/dev/null \
+        || { fail resync-interrupted "status after the resync: $(jq -c '{resync, peer_data}' <<<"$st")"; cleanup_all; return; }
+    stop_daemon "$name" || { fail resync-interrupted "daemon stop failed"; cleanup_all; return; }
+    stop_target
+    why=$(same_volumes "$tag") || { fail resync-interrupted "$why"; return; }
+    pass resync-interrupted
+    echo "    primary killed, then target killed during the initial sync of 96 MiB of data; $(jq -c .seq <<<"$st"); volumes identical"
+    rm -f "$W/$tag-src.img" "$W/$tag-tgt.img"
+}
+
 case_delete() {
     local tag=del why out id
     new_volumes "$tag"
@@ -729,7 +783,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow recover kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow recover resync-interrupted kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -749,6 +803,7 @@ for c in "${cases[@]}"; do
         degraded) case_degraded ;;
         overflow) case_overflow ;;
         recover) case_recover ;;
+        resync-interrupted) case_resync_interrupted ;;
         perf) case_perf ;;
         *) fail "$c" "unknown case" ;;
     esac

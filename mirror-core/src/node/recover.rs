@@ -22,6 +22,9 @@ pub struct PrimaryRestored {
     pub confirmed: Seq,
     /// How the primary came to it.
     pub kind: PrimaryStart,
+    /// The record said the peer is outdated (writes recorded out of sync) and the restart
+    /// resyncs: it stays outdated until that resync's end is durable.
+    pub peer_outdated: bool,
 }
 
 /// How a primary's start came to its [`PrimaryRestored`] state.
@@ -108,6 +111,7 @@ pub fn recover_primary_with(
         return Ok(PrimaryRestored {
             confirmed: Seq::NONE,
             kind: PrimaryStart::First,
+            peer_outdated: false,
         });
     };
     record.check_binding(facts)?;
@@ -130,11 +134,13 @@ pub fn recover_primary_with(
         return Ok(PrimaryRestored {
             confirmed: record.durable,
             kind: PrimaryStart::Crashed,
+            peer_outdated: record.peer_outdated,
         });
     }
     Ok(PrimaryRestored {
         confirmed: record.durable,
         kind: PrimaryStart::Resumed,
+        peer_outdated: false,
     })
 }
 
@@ -146,6 +152,7 @@ pub fn new_sequence() -> PrimaryRestored {
     PrimaryRestored {
         confirmed: Seq::NONE,
         kind: PrimaryStart::NewSequence,
+        peer_outdated: false,
     }
 }
 

@@ -367,7 +367,8 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         first,
         PrimaryRestored {
             confirmed: Seq::NONE,
-            kind: PrimaryStart::First
+            kind: PrimaryStart::First,
+            peer_outdated: false
         }
     );
     let running = running_primary_record(None, &facts, NodeId(1), first, PAIR_IDS.current);
@@ -389,7 +390,8 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         recover_primary(Some(&clean), None, &facts),
         Ok(PrimaryRestored {
             confirmed: Seq(40),
-            kind: PrimaryStart::Resumed
+            kind: PrimaryStart::Resumed,
+            peer_outdated: false
         })
     );
     let unclean = MetaRecord {
@@ -413,7 +415,8 @@ fn a_primary_resumes_only_from_the_record_of_a_clean_stop() {
         recover_primary(Some(&unclean), Some(&intent), &facts),
         Ok(PrimaryRestored {
             confirmed: Seq(40),
-            kind: PrimaryStart::Crashed
+            kind: PrimaryStart::Crashed,
+            peer_outdated: false
         })
     );
     let other_geometry = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES * 2, 64 << 10).unwrap();
@@ -473,6 +476,7 @@ fn a_restarted_primary_resyncs_its_stored_intent_before_host_operations() {
     let restored = PrimaryRestored {
         confirmed: Seq::NONE,
         kind: PrimaryStart::Crashed,
+        peer_outdated: false,
     };
     let mut l = PeerLink::restarted(source, session(4), restored, stored);
     l.set_resync_piece_bytes_max(8192);
@@ -612,6 +616,7 @@ fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
     let restored = PrimaryRestored {
         confirmed: Seq(40),
         kind: PrimaryStart::Resumed,
+        peer_outdated: false,
     };
     let clean = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, 256 << 10).unwrap();
     let mut l = PeerLink::restarted(source, session(5), restored, clean);
@@ -754,6 +759,7 @@ fn only_a_resumed_start_serves_the_host_without_its_peer() {
         let restored = PrimaryRestored {
             confirmed: Seq(5),
             kind,
+            peer_outdated: false,
         };
         let map = crate::bitmap::DirtyBitmap::new(VOLUME_BYTES, 64 << 10).unwrap();
         let mut l = PeerLink::restarted(source, session(7), restored, map);
@@ -851,6 +857,15 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
         l.overflow().map(|o| (o.cause, o.out_of_sync_chunks)),
         Some((OverflowCause::LogFull, 1))
     );
+    assert!(l.peer_outdated());
+    assert_eq!(
+        l.poll_event(),
+        Some(PeerEvent::RecordRunning {
+            durable: Seq::NONE,
+            rebased: false
+        }),
+        "the record says the peer is outdated from now on"
+    );
     let stored = l
         .take_intent_store()
         .expect("an out-of-sync chunk is stored first");
@@ -926,8 +941,15 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
     // the seq after it would never return: the VM suite's overlap case once hung there).
     assert_eq!(l.everything_so_far(), Seq(9));
     assert_eq!(l.check_replicated(Seq(9)), Ok(false));
+    assert!(l.peer_outdated());
     exchange(&mut l, &mut t).unwrap();
-    events(&mut l);
+    let evs = events(&mut l);
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, PeerEvent::RecordRunning { rebased: false, .. })),
+        "the record says the peer is up to date again: {evs:?}"
+    );
+    assert!(!l.peer_outdated());
     assert_eq!(l.peer_data(), PeerData::UpToDate);
     assert_eq!(l.everything_so_far(), Seq(9));
     assert_eq!(l.check_replicated(Seq(9)), Ok(true));
@@ -1025,7 +1047,11 @@ fn an_overflow_resync_without_a_new_low_for_its_window_does_not_converge() {
     );
     let ov = l.overflow().unwrap();
     assert_eq!(ov.converging(39 * SEC), Some(true));
-    assert_eq!(ov.converging(40 * SEC), Some(false), "no new low since 10 s");
+    assert_eq!(
+        ov.converging(40 * SEC),
+        Some(false),
+        "no new low since 10 s"
+    );
     step_at(&mut l, &mut t, 41 * SEC);
     assert_eq!(
         l.overflow().unwrap().converging(41 * SEC),

@@ -113,12 +113,25 @@ impl Sim<'_> {
     }
 
     /// (i) the primary never calls its peer up to date unless the target made every operation
-    /// it took durable and is consistent.
+    /// it took durable and is consistent; while writes out of sync lack a durable resync end
+    /// there, its stored record calls the peer outdated.
     fn check_peer_status(&mut self) -> Step<()> {
         if let (Some(since), Some(end)) = (self.out_of_sync_since, self.overflow_end) {
             if usize::try_from(end.0).unwrap_or(usize::MAX) > since && self.persisted >= end {
                 self.out_of_sync_since = None;
             }
+        }
+        if let Some(since) = self
+            .out_of_sync_since
+            .filter(|_| !self.primary_meta.peer_outdated)
+        {
+            return Err(self.violation(
+                Check::PeerStatus,
+                format!(
+                    "a write completed out of sync after op {since} and no resync end after it is \
+                     durable, but the primary's stored record does not call its peer outdated"
+                ),
+            ));
         }
         if !self.source_life.alive() || self.link.peer_data() != PeerData::UpToDate {
             return Ok(());

@@ -326,6 +326,7 @@ impl Sim<'_> {
                     let running = crate::meta::MetaRecord {
                         durable,
                         clean: false,
+                        peer_outdated: self.link.peer_outdated(),
                         ..self.primary_meta
                     };
                     self.store_primary(running);
