@@ -817,6 +817,20 @@ fn overflowing(
     l
 }
 
+/// A connected `async` link of a 1 MiB log with `log_entries_max` entries that overflows only
+/// when the log is full.
+fn overflowing_connected(log_entries_max: usize) -> (PeerLink, Target) {
+    let mut cfg = config(Mode::Async, log_entries_max);
+    cfg.log_bytes_max = 1 << 20;
+    let (mut l, t) = connect(PeerLink::new(Source::new(cfg), session(3)));
+    l.set_overflow_rule(OverflowRule {
+        enabled: true,
+        after_down_ns: u64::MAX,
+        sync_peer_gone: SyncPeerGone::Suspend,
+    });
+    (l, t)
+}
+
 /// Carries out one resync step with `byte` as the local data.
 fn take_step(l: &mut PeerLink, step: ResyncStep, byte: u8) -> Result<Submitted, SubmitError> {
     let op = match step {
@@ -836,14 +850,7 @@ fn take_step(l: &mut PeerLink, step: ResyncStep, byte: u8) -> Result<Submitted, 
 /// of the resync ends the overflow and the peer is up to date.
 #[test]
 fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catches_up() {
-    let mut cfg = config(Mode::Async, 3);
-    cfg.log_bytes_max = 1 << 20;
-    let (mut l, mut t) = connect(PeerLink::new(Source::new(cfg), session(3)));
-    l.set_overflow_rule(OverflowRule {
-        enabled: true,
-        after_down_ns: u64::MAX,
-        sync_peer_gone: SyncPeerGone::Suspend,
-    });
+    let (mut l, mut t) = overflowing_connected(3);
     let chunk = BITMAP_CHUNK_BYTES / 4096;
     for (i, c) in [0, 1, 2].into_iter().enumerate() {
         let seq = Seq(i as u64 + 1);
@@ -964,14 +971,7 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
 /// An overflow's resync copies no faster than its rate, and says when the next copy is due.
 #[test]
 fn an_overflow_resync_keeps_to_its_rate() {
-    let mut cfg = config(Mode::Async, 1);
-    cfg.log_bytes_max = 1 << 20;
-    let (mut l, mut t) = connect(PeerLink::new(Source::new(cfg), session(3)));
-    l.set_overflow_rule(OverflowRule {
-        enabled: true,
-        after_down_ns: u64::MAX,
-        sync_peer_gone: SyncPeerGone::Suspend,
-    });
+    let (mut l, mut t) = overflowing_connected(1);
     // One chunk per 100 ms.
     l.set_resync_rate(Some(BITMAP_CHUNK_BYTES * 10));
     let chunk = BITMAP_CHUNK_BYTES / 4096;
@@ -1008,14 +1008,7 @@ fn an_overflow_resync_keeps_to_its_rate() {
 #[test]
 fn an_overflow_resync_without_a_new_low_for_its_window_does_not_converge() {
     const SEC: u64 = 1_000_000_000;
-    let mut cfg = config(Mode::Async, 1);
-    cfg.log_bytes_max = 1 << 20;
-    let (mut l, mut t) = connect(PeerLink::new(Source::new(cfg), session(3)));
-    l.set_overflow_rule(OverflowRule {
-        enabled: true,
-        after_down_ns: u64::MAX,
-        sync_peer_gone: SyncPeerGone::Suspend,
-    });
+    let (mut l, mut t) = overflowing_connected(1);
     let chunk = BITMAP_CHUNK_BYTES / 4096;
     let step_at = |l: &mut PeerLink, t: &mut Target, now: u64| {
         exchange(l, t).unwrap();

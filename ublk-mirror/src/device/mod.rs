@@ -267,6 +267,20 @@ pub struct Started {
     pub path: String,
 }
 
+/// The control device of `cfg`'s geometry as device `id` (-1: the driver picks), added or
+/// recovered as `dev_flags` say; always with user recovery.
+fn build_ctrl(cfg: &DeviceConfig, id: i32, dev_flags: UblkFlags) -> Result<UblkCtrl, UblkError> {
+    UblkCtrlBuilder::default()
+        .name(&cfg.name)
+        .id(id)
+        .nr_queues(cfg.queues)
+        .depth(cfg.depth)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .dev_flags(dev_flags)
+        .ctrl_flags(RECOVERY_FLAGS)
+        .build()
+}
+
 fn state_name(state: u16) -> String {
     match u32::from(state) {
         sys::UBLK_S_DEV_DEAD => "not started".into(),
@@ -310,23 +324,19 @@ impl Device {
                 return Err(DeviceError::DevIdInUse(n));
             }
         }
-        let ctrl = UblkCtrlBuilder::default()
-            .name(&cfg.name)
-            .id(id)
-            .nr_queues(cfg.queues)
-            .depth(cfg.depth)
-            .io_buf_bytes(IO_BUF_BYTES)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC)
-            .ctrl_flags(RECOVERY_FLAGS)
-            .build()
-            .map_err(|e| match (e, cfg.dev_id) {
-                (UblkError::UringIOError(n) | UblkError::OtherError(n), Some(id))
-                    if n == -(Errno::EEXIST as i32) =>
-                {
-                    DeviceError::DevIdInUse(id)
-                }
-                (other, _) => ublk_err("cannot add the ublk device (ADD_DEV)", other),
-            })?;
+        let ctrl = build_ctrl(
+            &cfg,
+            id,
+            UblkFlags::UBLK_DEV_F_ADD_DEV | UblkFlags::UBLK_DEV_F_DEL_DEV_ASYNC,
+        )
+        .map_err(|e| match (e, cfg.dev_id) {
+            (UblkError::UringIOError(n) | UblkError::OtherError(n), Some(id))
+                if n == -(Errno::EEXIST as i32) =>
+            {
+                DeviceError::DevIdInUse(id)
+            }
+            (other, _) => ublk_err("cannot add the ublk device (ADD_DEV)", other),
+        })?;
         Ok(Device {
             ctrl: Arc::new(ctrl),
             cfg,
@@ -377,15 +387,7 @@ impl Device {
         left.start_user_recover()
             .map_err(|e| not(format!("START_USER_RECOVERY: {}", describe(&e))))?;
         drop(left);
-        let ctrl = UblkCtrlBuilder::default()
-            .name(&cfg.name)
-            .id(n)
-            .nr_queues(cfg.queues)
-            .depth(cfg.depth)
-            .io_buf_bytes(IO_BUF_BYTES)
-            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-            .ctrl_flags(RECOVERY_FLAGS)
-            .build()
+        let ctrl = build_ctrl(&cfg, n, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .map_err(|e| not(describe(&e)))?;
         Ok(Device {
             ctrl: Arc::new(ctrl),
