@@ -296,6 +296,8 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     step_interleaved: bool,
     /// Writes completed out of sync since the start.
     out_of_sync_writes: u64,
+    /// Host writes queued because an overflow's resync did not converge.
+    throttled_writes: u64,
     /// An overflow's resync copies at most this many bytes per second (none: as fast as the log
     /// takes them).
     resync_rate_bytes_per_s: Option<u64>,
@@ -303,6 +305,12 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     resync_next_ns: u64,
     /// The last [`Self::poll_resync`] held a copy back for the rate limit alone (a timer).
     rate_waiting: bool,
+    /// An overflow's resync without a new low of its chunks out of sync for this long does not
+    /// converge ([`OverflowStatus::converging`]).
+    converge_window_ns: u64,
+    /// While one does not converge, host writes queue (and wait for room) instead of
+    /// overflowing, and its copies stop yielding to them.
+    throttle: bool,
     /// The last seq before the first write recorded out of sync that no durable resync end
     /// covers yet: the peer holds the volume as of no later seq.
     out_of_sync_after: Option<Seq>,
@@ -422,6 +430,8 @@ pub struct OverflowStatus {
     pub resyncing: bool,
     /// While it is: when the chunks out of sync last fell to a new low (the driver's clock).
     pub progress_ns: Option<u64>,
+    /// Without a new low for this long it does not converge.
+    pub window_ns: u64,
 }
 
 /// A resync whose chunks out of sync reach no new low for this long does not converge: the host
@@ -434,7 +444,7 @@ impl OverflowStatus {
     #[must_use]
     pub fn converging(&self, now_ns: u64) -> Option<bool> {
         self.progress_ns
-            .map(|at| now_ns.saturating_sub(at) < CONVERGE_WINDOW_NS)
+            .map(|at| now_ns.saturating_sub(at) < self.window_ns)
     }
 }
 
@@ -519,6 +529,8 @@ pub struct PeerLinkStatus {
     pub overflow_rule: OverflowRule,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
+    /// Host writes queued (throttled) because an overflow's resync did not converge.
+    pub throttled_writes: u64,
 }
 
 /// How far a resync got: its size, and the seq and running byte count of each copy handed out
@@ -601,10 +613,13 @@ impl<L: RollbackLog> PeerLink<L> {
             overflow: None,
             step_interleaved: false,
             out_of_sync_writes: 0,
+            throttled_writes: 0,
             out_of_sync_after: None,
             resync_rate_bytes_per_s: None,
             resync_next_ns: 0,
             rate_waiting: false,
+            converge_window_ns: CONVERGE_WINDOW_NS,
+            throttle: false,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -661,6 +676,30 @@ impl<L: RollbackLog> PeerLink<L> {
         self.resync_rate_bytes_per_s = bytes_per_s;
     }
 
+    /// Whether host writes are throttled, not overflowed, while an overflow's resync does not
+    /// converge: they queue in the log (waiting for room) so that the resync's copies catch up;
+    /// the host then writes at the link's pace. Off by default.
+    pub fn set_overflow_throttle(&mut self, on: bool) {
+        self.throttle = on;
+    }
+
+    /// How long an overflow's resync may go without a new low before it counts as not
+    /// converging (default [`CONVERGE_WINDOW_NS`]).
+    pub fn set_converge_window_ns(&mut self, ns: u64) {
+        self.converge_window_ns = ns;
+    }
+
+    /// Whether host writes are throttled now: the rule is on, the peer takes data and the
+    /// overflow's resync, under way, does not converge.
+    fn throttling(&self, now_ns: u64) -> bool {
+        self.throttle
+            && self.announced
+            && self.source.status().conn == ConnState::Connected
+            && self.overflow.is_some_and(|ov| {
+                ov.begun && now_ns.saturating_sub(ov.low_at_ns) >= self.converge_window_ns
+            })
+    }
+
     /// The bound [`Self::set_resync_rate`] set, if any.
     #[must_use]
     pub fn resync_rate(&self) -> Option<u64> {
@@ -691,6 +730,9 @@ impl<L: RollbackLog> PeerLink<L> {
         if let Some(cause) = self.overflows(op.op(), now_ns) {
             return self.out_of_sync(op.op(), cause);
         }
+        if self.throttling(now_ns) {
+            self.throttled_writes += 1;
+        }
         self.offer(Some(token), op, now_ns)
     }
 
@@ -713,6 +755,11 @@ impl<L: RollbackLog> PeerLink<L> {
         if gone {
             return Some(OverflowCause::PeerGone);
         }
+        // Inside the resync's bracket a queued write lands before the copy of its chunk (which
+        // reads it), so it may queue even into a chunk out of sync.
+        if self.throttling(now_ns) {
+            return None;
+        }
         // An overflow copy handed out and not yet submitted keeps its room.
         let reserved = match self.resync_step {
             Some(ResyncStep::Copy(r)) if self.step_interleaved => {
@@ -727,6 +774,12 @@ impl<L: RollbackLog> PeerLink<L> {
             return Some(OverflowCause::LogFull);
         }
         let ov = self.overflow.as_ref()?;
+        if !ov.begun {
+            // Until the resync's begin mark is in the log the target calls itself consistent: a
+            // write queued now would reach it without the ones out of sync before it (a state
+            // the volume never was in). Every write goes out of sync until then (DRBD's Ahead).
+            return Some(ov.cause);
+        }
         let range = op.range()?;
         let chunks = self.intent.live().chunks_of(range);
         let busy = chunks.clone().any(|c| self.intent.pinned().is_dirty(c))
@@ -773,6 +826,7 @@ impl<L: RollbackLog> PeerLink<L> {
             out_of_sync_chunks: self.intent.pinned().dirty_chunks(),
             resyncing: ov.begun,
             progress_ns: ov.begun.then_some(ov.low_at_ns),
+            window_ns: self.converge_window_ns,
         })
     }
 
@@ -840,6 +894,7 @@ impl<L: RollbackLog> PeerLink<L> {
     /// once none is left, which ends the overflow.
     fn next_overflow_step(&mut self, piece_bytes: u64, now_ns: u64) -> Option<ResyncStep> {
         let connected = self.announced && self.source.status().conn == ConnState::Connected;
+        let throttling = self.throttling(now_ns);
         let ov = self.overflow.as_mut()?;
         if !connected || ov.ending {
             return None;
@@ -891,7 +946,8 @@ impl<L: RollbackLog> PeerLink<L> {
         // (bytes and entries; an empty log takes any), and no faster than the rate limit.
         let cfg = self.source.config();
         let st = self.source.status();
-        let yields = st.log_entries > 0
+        let yields = !throttling
+            && st.log_entries > 0
             && (st.log_bytes.saturating_add(len_bytes) > cfg.log_bytes_max / 2
                 || st.log_entries >= cfg.log_entries_max.div_ceil(2));
         if yields || !self.source.has_room(len_bytes) {
@@ -1572,6 +1628,7 @@ impl<L: RollbackLog> PeerLink<L> {
             overflow: self.overflow(),
             overflow_rule: self.overflow_rule,
             out_of_sync_writes: self.out_of_sync_writes,
+            throttled_writes: self.throttled_writes,
             resync: self.resync_track.as_ref().map(|t| ResyncStatus {
                 full: t.full,
                 total_bytes: if t.interleaved {

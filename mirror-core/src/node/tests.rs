@@ -1003,6 +1003,42 @@ fn an_overflow_resync_keeps_to_its_rate() {
     assert_eq!(l.peer_data(), PeerData::UpToDate);
 }
 
+/// Until an overflow's resync has begun, every write goes out of sync, also one the log has
+/// room for: queued, it would reach a target that calls itself consistent without the writes
+/// out of sync before it (DRBD's Ahead). Inside the bracket writes elsewhere queue again.
+#[test]
+fn until_the_resync_begins_every_write_of_an_overflow_goes_out_of_sync() {
+    let (mut l, mut t) = overflowing_connected(8);
+    let big = |block: u64, kib: usize| {
+        SummedOp::new(Op::Write {
+            lba: Lba(8 * block),
+            data: Bytes::from(vec![0x33; kib << 10]),
+        })
+    };
+    assert_eq!(l.submit(1, big(0, 960), 0), Ok(Submitted::Accepted(Seq(1))));
+    let chunk = BITMAP_CHUNK_BYTES / 4096;
+    assert_eq!(
+        l.submit(2, big(128, 128), 0),
+        Ok(Submitted::OutOfSync),
+        "the log is full for it"
+    );
+    assert_eq!(
+        l.submit(3, write(15 * chunk), 0),
+        Ok(Submitted::OutOfSync),
+        "room for it, but the resync has not begun"
+    );
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    let begin = l.poll_resync(0).unwrap();
+    assert_eq!(begin, ResyncStep::Mark(ResyncMark::Begin { full: false }));
+    assert!(take_step(&mut l, begin, 0).is_ok());
+    assert_eq!(
+        l.submit(4, write(0), 0),
+        Ok(Submitted::Accepted(Seq(3))),
+        "inside the bracket a write elsewhere queues"
+    );
+}
+
 /// Status says when an overflow's resync does not converge: no new low of the chunks out of
 /// sync for [`CONVERGE_WINDOW_NS`] while it runs.
 #[test]

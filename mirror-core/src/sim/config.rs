@@ -92,6 +92,9 @@ pub struct SimConfig {
     pub sync_peer_gone: crate::node::SyncPeerGone,
     /// An overflow's resync copies at most this many bytes per tick (0: unbounded).
     pub resync_bytes_per_tick: u64,
+    /// Host writes are throttled while an overflow's resync reaches no new low for this many
+    /// ticks (0: never; [`crate::node::PeerLink::set_overflow_throttle`]).
+    pub throttle_window_ticks: u64,
 }
 
 impl SimConfig {
@@ -170,6 +173,7 @@ impl SimConfig {
             overflow_after_ticks: 0,
             sync_peer_gone: crate::node::SyncPeerGone::Suspend,
             resync_bytes_per_tick: 0,
+            throttle_window_ticks: 0,
         };
         // Far above a healthy link's quiet spells (both queues full, a round trip, a slow sync
         // behind a local lock): a drop of a live connection costs a reconnect, not correctness.
@@ -191,6 +195,9 @@ impl SimConfig {
         if cfg.latency_ticks.is_multiple_of(2) {
             cfg.sync_peer_gone = crate::node::SyncPeerGone::Degrade;
         }
+        if cfg.idle_timeout_ticks.is_multiple_of(2) {
+            cfg.throttle_window_ticks = 5 + cfg.op_gap_ticks_max * 4;
+        }
         cfg
     }
 
@@ -200,7 +207,7 @@ impl SimConfig {
              flush_replicates {} log {}B/{} commit {}B/{} locals {} latency {} bw {}B/t \
              link {}B depth {} disconnect~{} corrupt {}/1000 crash~{} locks~{} lock-timeout {} switch~{} \
              source-crash~{} restart<={} ping {} idle {} silence~{} pause~{} intent-chunk {} keep {} extent {} \
-             overflow-after {} sync-peer-gone {} resync-rate {}B/t",
+             overflow-after {} sync-peer-gone {} resync-rate {}B/t throttle-window {}",
             self.volume_bytes / 1024,
             self.block_bytes,
             self.op_bytes_max,
@@ -237,6 +244,7 @@ impl SimConfig {
             self.overflow_after_ticks,
             self.sync_peer_gone,
             self.resync_bytes_per_tick,
+            self.throttle_window_ticks,
         )
     }
 }

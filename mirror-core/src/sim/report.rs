@@ -75,6 +75,8 @@ pub struct SimReport {
     pub log_full_waits: u64,
     /// Host operations completed out of sync while the primary overflowed.
     pub out_of_sync_writes: u64,
+    /// Host writes queued, not overflowed, because an overflow's resync did not converge.
+    pub throttled_writes: u64,
     /// Resyncs of an overflow (interleaved with host operations).
     pub overflow_resyncs: u64,
     /// Bytes those copied.
@@ -169,6 +171,7 @@ impl SimReport {
         self.completed_lock_then_write += r.completed_lock_then_write;
         self.log_full_waits += r.log_full_waits;
         self.out_of_sync_writes += r.out_of_sync_writes;
+        self.throttled_writes += r.throttled_writes;
         self.overflow_resyncs += r.overflow_resyncs;
         self.overflow_copy_bytes += r.overflow_copy_bytes;
         self.overflow_steps_withdrawn += r.overflow_steps_withdrawn;

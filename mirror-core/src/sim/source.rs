@@ -542,6 +542,10 @@ pub(super) fn new_link(
             sync_peer_gone: cfg.sync_peer_gone,
         });
     }
+    if cfg.throttle_window_ticks > 0 {
+        link.set_overflow_throttle(true);
+        link.set_converge_window_ns(cfg.throttle_window_ticks * TICK_NS);
+    }
     if cfg.resync_bytes_per_tick > 0 {
         let per_s = u128::from(cfg.resync_bytes_per_tick) * 1_000_000_000 / u128::from(TICK_NS);
         link.set_resync_rate(Some(u64::try_from(per_s).unwrap_or(u64::MAX)));

@@ -225,9 +225,12 @@ fn overflow_row(o: &crate::admin::OverflowReport) -> String {
     };
     let pace = match o.converging {
         Some(true) => "; resyncing",
+        Some(false) if o.throttle => {
+            "; NOT CONVERGING: no fewer chunks out of sync for 30 s: host writes are throttled"
+        }
         Some(false) => {
             "; NOT CONVERGING: no fewer chunks out of sync for 30 s (the host dirties them as \
-             fast as the link copies them)"
+             fast as the link copies them; --resync-throttle slows the host instead)"
         }
         None => "",
     };
@@ -674,6 +677,8 @@ mod tests {
             converging: None,
             out_of_sync_chunks: 7,
             out_of_sync_writes: 12,
+            throttle: false,
+            throttled_writes: 0,
         });
         let table = format_status(&st);
         assert!(

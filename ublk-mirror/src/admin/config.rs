@@ -95,6 +95,10 @@ pub struct StartArgs {
     /// a crash resyncs them all), as DRBD's activity log (suffixes K, M, G) [default: 1G].
     #[arg(long, value_name = "SIZE")]
     pub intent_keep: Option<String>,
+    /// While an overflow's resync does not converge (no fewer chunks out of sync for 30 s),
+    /// host writes wait for room in the log instead of overflowing: the host slows to the link.
+    #[arg(long)]
+    pub resync_throttle: bool,
     /// Log file of a background daemon [default: /run/ublk-mirror/NAME.log].
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -135,6 +139,7 @@ struct FileConfig {
     sync_peer_gone: Option<String>,
     resync_rate: Option<Size>,
     intent_keep: Option<Size>,
+    resync_throttle: Option<bool>,
     log_file: Option<PathBuf>,
     node_id: Option<u64>,
     no_mirror: Option<bool>,
@@ -176,6 +181,8 @@ pub struct Settings {
     pub(super) resync_rate_bytes_per_s: Option<u64>,
     /// `--intent-keep`.
     pub(super) intent_keep_bytes: u64,
+    /// `--resync-throttle`.
+    pub(super) resync_throttle: bool,
     pub(super) log_file: PathBuf,
     pub(super) node_id: u64,
 }
@@ -368,6 +375,7 @@ impl Settings {
             overflow,
             resync_rate_bytes_per_s,
             intent_keep_bytes,
+            resync_throttle: args.resync_throttle || file.resync_throttle.unwrap_or(false),
             log_file,
         })
     }
@@ -499,6 +507,10 @@ mod tests {
         assert_eq!(Settings::resolve(&a).unwrap().intent_keep_bytes, 16 << 20);
         a.intent_keep = Some("lots".into());
         assert!(err(&a).contains("--intent-keep"));
+        let mut a = base(dir.path());
+        assert!(!Settings::resolve(&a).unwrap().resync_throttle);
+        a.resync_throttle = true;
+        assert!(Settings::resolve(&a).unwrap().resync_throttle);
     }
 
     #[test]

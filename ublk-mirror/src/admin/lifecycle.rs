@@ -169,6 +169,7 @@ fn start_mirror(
         overflow: s.overflow,
         resync_rate_bytes_per_s: s.resync_rate_bytes_per_s,
         intent_keep_bytes: Some(s.intent_keep_bytes),
+        resync_throttle: s.resync_throttle,
         host_ops_max: usize::from(s.queues) * usize::from(s.depth),
         ..ReplicatorConfig::new(m.peer.clone(), source)
     };

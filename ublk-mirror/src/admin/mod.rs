@@ -361,6 +361,13 @@ pub struct OverflowReport {
     pub converging: Option<bool>,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
+    /// Whether host writes are throttled while its resync does not converge
+    /// (`--resync-throttle`).
+    #[serde(default)]
+    pub throttle: bool,
+    /// Host writes that waited for the log because it did not.
+    #[serde(default)]
+    pub throttled_writes: u64,
 }
 
 #[cfg(test)]

@@ -106,6 +106,8 @@ impl DaemonState {
                 out_of_sync_chunks: st.overflow.map_or(0, |o| o.out_of_sync_chunks),
                 converging: st.overflow.and_then(|o| o.converging(st.clock_ns)),
                 out_of_sync_writes: st.out_of_sync_writes,
+                throttle: st.resync_throttle,
+                throttled_writes: st.throttled_writes,
             }),
             resync: st.resync.map(|r| {
                 let elapsed_ns = r.begun_ns.map(|b| st.clock_ns.saturating_sub(b));

@@ -694,6 +694,8 @@ impl Engine {
                     overflow_rule: st.overflow_rule,
                     resync_rate_bytes_per_s: self.link().resync_rate(),
                     out_of_sync_writes: st.out_of_sync_writes,
+                    resync_throttle: self.cfg.resync_throttle,
+                    throttled_writes: st.throttled_writes,
                     everything_so_far: self.link().everything_so_far(),
                 });
             }

@@ -92,6 +92,9 @@ pub struct ReplicatorConfig {
     /// rewriting them costs no store, and a crash resyncs them all (none: mirror-core's default,
     /// 1 GiB).
     pub intent_keep_bytes: Option<u64>,
+    /// While an overflow's resync does not converge, host writes queue instead of overflowing
+    /// ([`PeerLink::set_overflow_throttle`]).
+    pub resync_throttle: bool,
     /// Host operations in flight at once, at most (the range gate's size, less the resync's
     /// entry).
     pub host_ops_max: usize,
@@ -129,6 +132,7 @@ impl ReplicatorConfig {
             overflow: OVERFLOW_DEFAULT,
             resync_rate_bytes_per_s: None,
             intent_keep_bytes: None,
+            resync_throttle: false,
             host_ops_max: 4096,
         }
     }
@@ -155,6 +159,7 @@ impl fmt::Debug for ReplicatorConfig {
             .field("overflow", &self.overflow)
             .field("resync_rate_bytes_per_s", &self.resync_rate_bytes_per_s)
             .field("intent_keep_bytes", &self.intent_keep_bytes)
+            .field("resync_throttle", &self.resync_throttle)
             .field("host_ops_max", &self.host_ops_max)
             .finish_non_exhaustive()
     }
@@ -260,6 +265,10 @@ pub struct ReplicatorStatus {
     pub resync_rate_bytes_per_s: Option<u64>,
     /// Writes completed out of sync since the start.
     pub out_of_sync_writes: u64,
+    /// Whether writes are throttled while an overflow's resync does not converge.
+    pub resync_throttle: bool,
+    /// Host writes queued because it did not.
+    pub throttled_writes: u64,
     /// The seq whose replication means every write so far is on the peer
     /// ([`PeerLink::everything_so_far`]).
     pub everything_so_far: Seq,
@@ -566,6 +575,7 @@ pub fn spawn_primary(
     if kept.is_some() {
         link.set_overflow_rule(cfg.overflow);
         link.set_resync_rate(cfg.resync_rate_bytes_per_s);
+        link.set_overflow_throttle(cfg.resync_throttle);
         if let Some(bytes) = cfg.intent_keep_bytes {
             let chunk_bytes = link.status().intent.chunk_bytes.max(1);
             link.set_intent_keep_chunks(bytes / chunk_bytes);
