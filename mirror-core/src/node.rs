@@ -700,6 +700,13 @@ impl<L: RollbackLog> PeerLink<L> {
             })
     }
 
+    /// Host writes queued (throttled) since the start because an overflow's resync did not
+    /// converge.
+    #[must_use]
+    pub fn throttled_writes(&self) -> u64 {
+        self.throttled_writes
+    }
+
     /// The bound [`Self::set_resync_rate`] set, if any.
     #[must_use]
     pub fn resync_rate(&self) -> Option<u64> {
@@ -727,10 +734,11 @@ impl<L: RollbackLog> PeerLink<L> {
         if !self.takes_host_ops() {
             return Err(SubmitError::Resyncing);
         }
-        if let Some(cause) = self.overflows(op.op(), now_ns) {
+        let throttling = self.throttling(now_ns);
+        if let Some(cause) = self.overflows(op.op(), now_ns, throttling) {
             return self.out_of_sync(op.op(), cause);
         }
-        if self.throttling(now_ns) {
+        if throttling {
             self.throttled_writes += 1;
         }
         self.offer(Some(token), op, now_ns)
@@ -739,7 +747,7 @@ impl<L: RollbackLog> PeerLink<L> {
     /// Whether a host operation overflows now, and why: the rule allows it and the log cannot
     /// take it, or the peer has been gone too long, or it touches a chunk already out of sync
     /// (a write queued behind an older one there would land before the resync's copy).
-    fn overflows(&self, op: &Op, now_ns: u64) -> Option<OverflowCause> {
+    fn overflows(&self, op: &Op, now_ns: u64, throttling: bool) -> Option<OverflowCause> {
         let rule = self.overflow_rule;
         if !rule.enabled || self.fatal.is_some() || self.parked.is_some() {
             return None;
@@ -757,7 +765,7 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         // Inside the resync's bracket a queued write lands before the copy of its chunk (which
         // reads it), so it may queue even into a chunk out of sync.
-        if self.throttling(now_ns) {
+        if throttling {
             return None;
         }
         // An overflow copy handed out and not yet submitted keeps its room.

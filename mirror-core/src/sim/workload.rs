@@ -212,11 +212,11 @@ impl Sim<'_> {
         storage::apply_to_image(&mut self.src_vol, &op);
         self.ops.push(op.clone());
         let token = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
-        let throttled = self.link.status().throttled_writes;
+        let throttled = self.link.throttled_writes();
         let submitted = self
             .link
             .submit(token, SummedOp::new(op.clone()), self.now * TICK_NS);
-        self.report.throttled_writes += self.link.status().throttled_writes - throttled;
+        self.report.throttled_writes += self.link.throttled_writes() - throttled;
         // The daemon stores the write intent, synced, before the local write.
         self.store_intent();
         match submitted {
