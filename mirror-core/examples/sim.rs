@@ -152,7 +152,7 @@ impl std::fmt::Display for Totals {
              acked durable kept {}, acked async/received writes the target lacked {}, resynced from \
              the write intent {} ({} B copied, admission refused {})); clean source stop {} \
              (resumed from its record {}); write-intent stores {}; replaced target volume {} \
-             (fatal stop {}, operator restart {}, full resync {}); log full waits {}; out-of-sync \
+             (found by a running primary {}, full resync {}); log full waits {}; out-of-sync \
              writes {} (overflow resyncs {}, {} B copied, steps withdrawn {}, throttled writes {})",
             self.0.naks,
             self.0.rejects,
@@ -188,8 +188,7 @@ impl std::fmt::Display for Totals {
             self.0.source_resumes,
             self.0.intent_stores,
             self.0.replaced_volumes,
-            self.0.fatal_stops,
-            self.0.restarts_for_full_resync,
+            self.0.target_losses_found,
             self.0.full_resyncs,
             self.0.log_full_waits,
             self.0.out_of_sync_writes,

@@ -23,7 +23,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::log::{MemLog, RollbackLog};
 use crate::meta::{MetaRecord, Role, BITMAP_CHUNK_BYTES};
 use crate::session::{SessionAction, SourceSession};
-use crate::source::{ConnState, Mode, Source, SourceError, SourceStatus};
+use crate::source::{ConnState, FullResync, Mode, Source, SourceError, SourceStatus};
 use crate::target::Target;
 use crate::wire::{Frame, Op, ResyncMark, SummedOp, MAC_BYTES, PAYLOAD_BYTES_MAX};
 use crate::Range;
@@ -179,8 +179,9 @@ pub enum PeerSabotage {
     /// Drop the parked submission when room appears, reporting it accepted as if it had been
     /// taken into the log.
     DropParked,
-    /// Treat an error that stops replication for good as one to reconnect after.
-    RetryFatal,
+    /// Stop replication for good on an error a reconnect cures (a busy target, a broken frame,
+    /// a target that lost its data).
+    StopOnRetryable,
     /// Report a drain complete as soon as it begins.
     DrainEarly,
     /// Report "durable through N" for what was received, not what the peer made durable.
@@ -198,6 +199,9 @@ pub enum PeerSabotage {
     CopyIgnoresRewrites,
     /// Never ask for the running record to be stored when the peer becomes outdated.
     OutdatedUnrecorded,
+    /// A peer that lost its data while the primary ran gets the log resent and a full bracket
+    /// around nothing: no chunk is marked out of sync for the copy.
+    LostDataResentOnly,
 }
 
 /// What a primary can say of its peer's copy ([`PeerLink::peer_data`]): a status that says
@@ -380,6 +384,9 @@ pub enum OverflowCause {
     LogFull,
     /// The peer was unreachable longer than the rule's bound.
     PeerGone,
+    /// The peer's volume lost this volume's data while the primary ran: every chunk is out of
+    /// sync, copied in full while host writes go on.
+    PeerLostData,
 }
 
 impl fmt::Display for OverflowCause {
@@ -387,6 +394,7 @@ impl fmt::Display for OverflowCause {
         f.write_str(match self {
             OverflowCause::LogFull => "the rollback log was full",
             OverflowCause::PeerGone => "the peer was unreachable too long",
+            OverflowCause::PeerLostData => "the peer's volume lost this volume's data",
         })
     }
 }
@@ -396,6 +404,9 @@ impl fmt::Display for OverflowCause {
 #[derive(Debug, Clone, Copy)]
 struct Overflow {
     cause: OverflowCause,
+    /// Its next resync copies the whole volume into a peer without this volume's history (its
+    /// end gives the peer the history).
+    full: bool,
     /// The resync's begin mark was handed out.
     begun: bool,
     /// Its end mark was handed out (and not yet submitted).
@@ -800,6 +811,7 @@ impl<L: RollbackLog> PeerLink<L> {
         self.source.check_op(op).map_err(SubmitError::Invalid)?;
         let ov = self.overflow.get_or_insert(Overflow {
             cause,
+            full: false,
             begun: false,
             ending: false,
             copying: None,
@@ -916,9 +928,10 @@ impl<L: RollbackLog> PeerLink<L> {
             ov.low_at_ns = now_ns;
             self.resync_track = Some(ResyncTrack {
                 interleaved: true,
+                full: ov.full,
                 ..ResyncTrack::default()
             });
-            return Some(ResyncStep::Mark(ResyncMark::Begin { full: false }));
+            return Some(ResyncStep::Mark(ResyncMark::Begin { full: ov.full }));
         }
         let chunk_bytes = self.intent.live().chunk_bytes();
         let volume_bytes = self.source.config().volume_bytes;
@@ -1048,10 +1061,15 @@ impl<L: RollbackLog> PeerLink<L> {
                     self.intent.unpin(cp.chunk);
                 }
             }
+            // The end of a resync a full one superseded (handed out before it): its own comes.
+            Some(ResyncStep::Mark(ResyncMark::End)) if !ov.begun => {}
             Some(ResyncStep::Mark(ResyncMark::End)) => {
                 if self.intent.pinned().dirty_chunks() == 0 {
                     self.overflow = None;
                 } else {
+                    // The full copy is in the log: what was written out of sync since follows
+                    // in a partial resync.
+                    ov.full = false;
                     ov.begun = false;
                     ov.ending = false;
                 }
@@ -1259,6 +1277,9 @@ impl<L: RollbackLog> PeerLink<L> {
                 track.in_log.pop_front();
             }
             if track.end.is_some_and(|end| end <= durable) {
+                if track.full {
+                    self.source.end_full_resync();
+                }
                 self.resync_track = None;
                 self.intent.trim_after_resync();
             }
@@ -1453,12 +1474,14 @@ impl<L: RollbackLog> PeerLink<L> {
         self.session.on_rx(now_ns);
         match self.source.handle_frame(frame) {
             Ok(()) => {
-                if self.source.take_full_resync() {
-                    self.begin_full_resync();
+                match self.source.take_full_resync() {
+                    Some(FullResync::BeforeHostOps) => self.begin_full_resync(),
+                    Some(FullResync::WhileRunning) => self.begin_full_overflow(now_ns),
+                    None => {}
                 }
                 Ok(())
             }
-            Err(e) if e.is_fatal() && self.sabotage != PeerSabotage::RetryFatal => {
+            Err(e) if e.is_fatal() || self.sabotage == PeerSabotage::StopOnRetryable => {
                 self.disconnects += 1;
                 self.stop(e.clone());
                 Err(CloseConn {
@@ -1538,6 +1561,34 @@ impl<L: RollbackLog> PeerLink<L> {
             durable: self.source.durable(),
             rebased: true,
         });
+    }
+
+    /// The peer lost this volume's data while we ran and continues its sequence after our
+    /// durable seq (the log is resent to it): every chunk goes out of sync and an overflow copies
+    /// them all, the first resync a full one, while host writes go on (into chunks not yet
+    /// copied they go out of sync, as in any overflow). The resync under way, if any, is
+    /// superseded (a step handed out still enters the log: the copy covers it).
+    fn begin_full_overflow(&mut self, now_ns: u64) {
+        let volume_bytes = self.source.config().volume_bytes;
+        self.resync = None;
+        self.resync_track = None;
+        if self.sabotage != PeerSabotage::LostDataResentOnly {
+            self.intent.pin(Range::new(0, volume_bytes));
+        }
+        self.overflow = Some(Overflow {
+            cause: OverflowCause::PeerLostData,
+            full: true,
+            begun: false,
+            ending: false,
+            copying: None,
+            cursor: 0,
+            low_chunks: u64::MAX,
+            low_at_ns: now_ns,
+        });
+        // Nothing it made durable is there any more; only the full copy's end counts again.
+        let durable = self.source.durable();
+        self.out_of_sync_after = Some(self.out_of_sync_after.map_or(durable, |s| s.min(durable)));
+        self.record_outdated_changed();
     }
 
     /// Replication stops for good (also what a driver calls when it cannot go on, e.g. no

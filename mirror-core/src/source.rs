@@ -212,11 +212,13 @@ pub enum SourceError {
         /// The target's generation ids.
         target: GenIds,
     },
-    /// The target lost this volume's history while the source ran (its volume was replaced):
-    /// only a restarted primary copies it in full, before it takes host operations.
+    /// The target lost this volume's history while the source ran (its volume was replaced): it
+    /// is copied in full while host operations go on, and this source asks it at the next
+    /// handshake to continue its sequence after ours ([`Hello::rebase_target`]; a reconnect at
+    /// once, not a failure).
     #[error(
         "the target's volume holds none of this volume's data any more ({target}; a replaced \
-         volume?): restart this primary to copy the volume to it in full"
+         volume?): reconnecting to copy it in full while the host goes on"
     )]
     TargetLostData {
         /// The target's generation ids.
@@ -329,10 +331,10 @@ impl SourceError {
             | SourceError::NoRandomness
             | SourceError::Unreachable { .. }
             | SourceError::Local(_)
-            | SourceError::TargetLostData { .. }
             | SourceError::Diverged { .. } => true,
             SourceError::LogFull
             | SourceError::FullResyncFollows { .. }
+            | SourceError::TargetLostData { .. }
             | SourceError::InvalidOp(_)
             | SourceError::NeverFits { .. }
             | SourceError::Log(_)
@@ -474,9 +476,25 @@ pub struct Source<L: RollbackLog = MemLog> {
     admitted: bool,
     /// An operation entered the log since this engine was made.
     appended: bool,
-    /// The sequence was rebased for a full resync of the target ([`Self::take_full_resync`]):
-    /// whether the link still has to hear of it, once it has.
-    full_resync: Option<bool>,
+    /// A full resync of the target was set up at a handshake ([`Self::take_full_resync`]) and
+    /// has not ended ([`Self::end_full_resync`]), and whether the link has heard of it.
+    full_resync: Option<(FullResync, bool)>,
+    /// Ask the target at the next handshake to continue its sequence after our durable seq
+    /// ([`Hello::rebase_target`]): it lost this volume's data while we ran.
+    rebase_target: bool,
+}
+
+/// How a handshake set up a full resync of a target that holds none of this volume's history
+/// ([`Source::take_full_resync`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullResync {
+    /// Nothing was taken yet: the sequence continues after the target's, and the link copies
+    /// the whole volume before host operations.
+    BeforeHostOps,
+    /// The target lost the data while this source ran: its sequence continues after our
+    /// durable seq, the log is resent as after any drop, and the link copies the whole volume
+    /// while host operations go on.
+    WhileRunning,
 }
 
 impl Source<MemLog> {
@@ -513,6 +531,7 @@ impl<L: RollbackLog> Source<L> {
             admitted: false,
             appended: false,
             full_resync: None,
+            rebase_target: false,
         }
     }
 
@@ -526,15 +545,22 @@ impl<L: RollbackLog> Source<L> {
         self.adopt = true;
     }
 
-    /// Whether the last handshake found a target holding none of this volume's history and
-    /// rebased the sequence on its: the link must copy the whole volume before host operations
-    /// (reported once).
-    pub fn take_full_resync(&mut self) -> bool {
-        if self.full_resync == Some(true) {
-            self.full_resync = Some(false);
-            return true;
+    /// Whether the last handshake found a target holding none of this volume's history and set
+    /// up its full resync, and how (reported once): the link must copy the whole volume.
+    pub fn take_full_resync(&mut self) -> Option<FullResync> {
+        match self.full_resync {
+            Some((how, false)) => {
+                self.full_resync = Some((how, true));
+                Some(how)
+            }
+            _ => None,
         }
-        false
+    }
+
+    /// The full resync's end is durable on the target: it holds this volume's history, and a
+    /// handshake that finds it without that history again means a new loss.
+    pub fn end_full_resync(&mut self) {
+        self.full_resync = None;
     }
 
     /// Whether the target admitted the current connection's session: an ACK arrived on it (the
@@ -550,6 +576,14 @@ impl<L: RollbackLog> Source<L> {
     #[must_use]
     pub fn awaits_admission(&self) -> bool {
         self.adopt && !(self.conn == Conn::Ready && self.admitted)
+    }
+
+    /// Whether the next HELLO asks the target to continue after our durable seq (it lost this
+    /// volume's data): a target admits that only once everything it took is durable, and
+    /// refuses with Busy until then.
+    #[must_use]
+    pub fn asks_rebase(&self) -> bool {
+        self.rebase_target
     }
 
     /// Breaks the engine on purpose (tests that prove the checkers bite).
@@ -715,12 +749,17 @@ impl<L: RollbackLog> Source<L> {
             volume_id: self.cfg.volume_id,
             node_id: self.cfg.node_id,
             gen_ids: self.cfg.gen_ids,
-            last_seq: self.last_local,
+            last_seq: if self.rebase_target {
+                self.durable
+            } else {
+                self.last_local
+            },
             volume_bytes: self.cfg.volume_bytes,
             block_bytes: self.cfg.block_bytes,
             nonce,
             mac: [0; MAC_BYTES],
             resync_follows: self.adopt,
+            rebase_target: self.rebase_target,
         }));
     }
 
@@ -796,8 +835,7 @@ impl<L: RollbackLog> Source<L> {
         {
             return Err(SourceError::WrongVolume);
         }
-        let target = hello.last_seq;
-        self.check_history(&hello.gen_ids, target)?;
+        let target = self.check_history(&hello.gen_ids, hello.last_seq)?;
         // Until the first submission: a session refused after this HELLO adopts again.
         if self.adopt && self.log.is_empty() && target > self.last_local {
             self.last_local = target;
@@ -835,14 +873,16 @@ impl<L: RollbackLog> Source<L> {
         Ok(())
     }
 
-    /// What the target's generation ids say ([`decide`]): the same history (or ours a later
-    /// state of it) goes on; a target without our history is copied in full, announced at the
-    /// next handshake and only by an engine that took nothing yet (its sequence then continues
-    /// after the target's, whatever that is); anything else is refused.
-    fn check_history(&mut self, peer: &GenIds, target: Seq) -> Result<(), SourceError> {
+    /// What the target's generation ids say ([`decide`]), and the seq the session continues
+    /// after: the same history (or ours a later state of it) goes on from the target's seq; a
+    /// target without our history is copied in full, announced at the next handshake: by an
+    /// engine that took nothing yet its sequence then continues after the target's, whatever
+    /// that is; by one that did, the target's continues after our durable seq; anything else is
+    /// refused.
+    fn check_history(&mut self, peer: &GenIds, target: Seq) -> Result<Seq, SourceError> {
         let local = self.cfg.gen_ids;
         if self.sabotage == SourceSabotage::IgnoreGenIds {
-            return Ok(());
+            return Ok(target);
         }
         match decide(&local, peer) {
             // Neither side has a history: an engine driven without records (the target server's
@@ -852,17 +892,24 @@ impl<L: RollbackLog> Source<L> {
             | Verdict::Resync {
                 from: Side::Local,
                 full: false,
-            } => Ok(()),
+            } => Ok(target),
             Verdict::Resync {
                 from: Side::Local,
                 full: true,
             } => {
-                if self.full_resync.is_some() && target >= self.durable {
+                if self.full_resync.is_some() && target >= self.durable && !self.rebase_target {
                     // Our full resync is under way: the log is resent as after any drop.
-                    return Ok(());
+                    return Ok(target);
                 }
                 if self.appended || !self.log.is_empty() {
-                    return Err(SourceError::TargetLostData { target: *peer });
+                    if !self.rebase_target {
+                        self.rebase_target = true;
+                        return Err(SourceError::TargetLostData { target: *peer });
+                    }
+                    // The target takes our durable seq as its own when it admits this session;
+                    // whatever an earlier resync copied into it is gone: the copy starts over.
+                    self.full_resync = Some((FullResync::WhileRunning, false));
+                    return Ok(self.durable);
                 }
                 if !self.adopt {
                     self.adopt = true;
@@ -870,8 +917,8 @@ impl<L: RollbackLog> Source<L> {
                 }
                 self.last_local = target;
                 self.durable = target;
-                self.full_resync = Some(true);
-                Ok(())
+                self.full_resync = Some((FullResync::BeforeHostOps, false));
+                Ok(target)
             }
             verdict => Err(SourceError::Diverged {
                 verdict,
@@ -890,6 +937,8 @@ impl<L: RollbackLog> Source<L> {
             }));
         }
         self.admitted = true;
+        // A target we asked to rebase did so when it admitted the session.
+        self.rebase_target = false;
         if durable < self.durable {
             return Err(SourceError::Protocol(TargetViolation::DurableWentBack {
                 from: self.durable,

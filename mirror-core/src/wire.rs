@@ -14,7 +14,7 @@ use crate::types::{Generation, Lba, NodeId, Seq, VolumeId, SECTOR_BYTES};
 /// `"UBMR"` in little-endian byte order on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UBMR");
 /// The protocol version this code speaks.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 56;
 /// Largest payload a frame may carry (write data).
@@ -39,7 +39,14 @@ pub const FLAG_ACK_ON_RECEIPT: u16 = 2;
 /// its write intent follows), so the target neither ends an unclean restart's inconsistency at it
 /// nor starts the session while operations it handed out are not durable.
 pub const FLAG_RESYNC_FOLLOWS: u16 = 4;
-const FLAGS_KNOWN: u16 = FLAG_WANT_GRANT | FLAG_ACK_ON_RECEIPT | FLAG_RESYNC_FOLLOWS;
+/// Flag on a source's HELLO: a full resync into the target follows, and a target without the
+/// source's history continues its sequence after the HELLO's `last_seq` (the source's durable
+/// seq; the source resends its log after it) instead of the source continuing after the
+/// target's. A primary that finds its target's data lost while it runs sends it, so that its
+/// sequence and every write in its log stay as they are.
+pub const FLAG_TARGET_REBASE: u16 = 8;
+const FLAGS_KNOWN: u16 =
+    FLAG_WANT_GRANT | FLAG_ACK_ON_RECEIPT | FLAG_RESYNC_FOLLOWS | FLAG_TARGET_REBASE;
 
 /// Frame kind codes (byte 5 of the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,7 +255,8 @@ pub struct Hello {
     /// The speaker's generation ids: which data histories its volume holds.
     pub gen_ids: GenIds,
     /// Target: last sequence number it applied or is applying (the source resends after it).
-    /// Source: last local sequence number.
+    /// Source: last local sequence number (with [`FLAG_TARGET_REBASE`]: its durable seq, which the
+    /// target's sequence continues after).
     pub last_seq: Seq,
     /// Size of the speaker's volume.
     pub volume_bytes: u64,
@@ -260,6 +268,8 @@ pub struct Hello {
     pub mac: [u8; MAC_BYTES],
     /// Source: [`FLAG_RESYNC_FOLLOWS`]. Always false from a target.
     pub resync_follows: bool,
+    /// Source: [`FLAG_TARGET_REBASE`]. Always false from a target.
+    pub rebase_target: bool,
 }
 
 /// Why the target refuses a peer (REFUSE's reason code).
@@ -549,6 +559,10 @@ impl Frame {
                     FLAG_RESYNC_FOLLOWS
                 } else {
                     0
+                } | if h.rebase_target {
+                    FLAG_TARGET_REBASE
+                } else {
+                    0
                 };
                 Bytes::from(encode_hello(h).to_vec())
             }
@@ -786,7 +800,7 @@ fn check_fields(header: &Header) -> Result<(), WireError> {
     if header.flags & !FLAGS_KNOWN != 0
         || (header.flags & FLAG_WANT_GRANT != 0 && kind != Kind::Lock)
         || (header.flags & FLAG_ACK_ON_RECEIPT != 0 && !is_op)
-        || (header.flags & FLAG_RESYNC_FOLLOWS != 0 && kind != Kind::Hello)
+        || (header.flags & (FLAG_RESYNC_FOLLOWS | FLAG_TARGET_REBASE) != 0 && kind != Kind::Hello)
     {
         return Err(WireError::Malformed("unknown flags"));
     }
@@ -875,6 +889,7 @@ pub fn decode_body(header: &Header, payload: Bytes) -> Result<Frame, WireError> 
             }
             let mut hello = decode_hello(&payload, seq);
             hello.resync_follows = header.flags & FLAG_RESYNC_FOLLOWS != 0;
+            hello.rebase_target = header.flags & FLAG_TARGET_REBASE != 0;
             Frame::Hello(hello)
         }
         Kind::Auth => {
@@ -1005,6 +1020,7 @@ fn decode_hello(p: &[u8], last_seq: Seq) -> Hello {
         nonce,
         mac,
         resync_follows: false,
+        rebase_target: false,
     }
 }
 

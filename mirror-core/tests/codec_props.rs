@@ -203,7 +203,7 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<u64>(),
         any::<u32>(),
         any::<[u8; MAC_BYTES]>(),
-        (any::<[u8; MAC_BYTES]>(), any::<bool>()),
+        (any::<[u8; MAC_BYTES]>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -214,7 +214,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 volume_bytes,
                 block_bytes,
                 nonce,
-                (mac, resync_follows),
+                (mac, resync_follows, rebase_target),
             )| Hello {
                 volume_id: VolumeId(volume),
                 node_id: NodeId(node),
@@ -229,6 +229,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 nonce,
                 mac,
                 resync_follows,
+                rebase_target,
             },
         )
 }

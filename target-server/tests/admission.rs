@@ -48,6 +48,7 @@ async fn an_unauthenticated_hello_does_not_clear_inconsistent() {
         nonce: [7; MAC_BYTES],
         mac: [0; MAC_BYTES],
         resync_follows: false,
+        rebase_target: false,
     });
     intruder.write_all(&hello.encode().to_vec()).await.unwrap();
     let Ok(Frame::Hello(_)) = read_frame(&mut intruder, Duration::from_secs(5)).await else {

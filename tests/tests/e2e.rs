@@ -674,6 +674,91 @@ async fn e2e_a_target_that_lost_its_data_is_copied_in_full_at_the_next_start() {
     .await;
 }
 
+/// (g') Issue 14, failure 5, mid-run: the target's volume is lost while the primary writes
+/// (kill -9 of the target, a new empty volume in its place, restarted). Before, the primary
+/// stopped with a fatal error and host I/O failed; now it has the target continue after its
+/// own seq, resends its log and copies every chunk while the host's writes go on (4 s of them,
+/// the loss after the first 1,500): the run finishes, every write acknowledged, the volumes
+/// identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_target_that_loses_its_data_mid_run_is_copied_in_full_while_the_host_writes() {
+    scenario("target data loss mid-run", |rig, seed| async move {
+        let volume_bytes: u64 = 8 << 20;
+        let opts = rig.server_opts("midloss.target", volume_bytes, 512);
+        let mut server = TargetServer::start(&opts).await?;
+        let faults = Faults::none()
+            .with_delay(Duration::from_millis(1))
+            .with_bandwidth(8 << 20);
+        let proxy = FaultProxy::start("127.0.0.1:0", server.addr, faults, seed).await?;
+        let source = rig.path("midloss.source");
+        let ack_log = rig.path("midloss.acks.txt");
+        let child = procs::loadgen(
+            &loadgen_args(
+                &rig,
+                &source,
+                volume_bytes,
+                (proxy.addr().to_string().as_str(), "async"),
+                &[
+                    "--block-bytes",
+                    "512",
+                    "--max-blocks",
+                    "16",
+                    "--seconds",
+                    "4",
+                    "--qd",
+                    "4",
+                    "--ack-log",
+                    ack_log.to_str().unwrap_or_default(),
+                    "--seed",
+                    &seed.to_string(),
+                    "--json",
+                ],
+            ),
+            Some(&rig.path("midloss.loadgen.log")),
+        )?
+        .env("RUST_LOG", "info")
+        .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while read_ack_log(&ack_log).map(|a| a.len()).unwrap_or(0) < 1500 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "1500 writes not acknowledged in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill9().await?;
+        std::fs::remove_file(&opts.volume)?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server = TargetServer::start(&opts).await?;
+        proxy.set_upstream(server.addr);
+        let run = procs::finish(child, LOADGEN_TIMEOUT).await?;
+        anyhow::ensure!(
+            run.status.success(),
+            "loadgen failed ({}), see midloss.loadgen.log: {}",
+            run.status,
+            run.stderr.lines().last().unwrap_or("")
+        );
+        let s = summary(&run)?;
+        println!("loadgen: {s}");
+        // The loss and the copy came while the host still wrote (for 4 s).
+        let acks = read_ack_log(&ack_log)?;
+        anyhow::ensure!(
+            s["replicated"] == true && s["writes"] == acks.len() && acks.len() > 1500,
+            "{s}, {} acks logged",
+            acks.len()
+        );
+        let log = std::fs::read_to_string(rig.path("midloss.loadgen.log"))?;
+        anyhow::ensure!(
+            log.contains("holds none of this volume's data any more"),
+            "the loss was not reported: see midloss.loadgen.log"
+        );
+        drop(proxy);
+        stop(&mut server).await?;
+        identical(&source, &opts.volume, volume_bytes)
+    })
+    .await;
+}
+
 /// (d) Bad input gives one clear error line and a non-zero exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_loadgen_errors_are_one_clear_line() {

@@ -677,22 +677,160 @@ fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
     assert_eq!(l.poll_resync(0), None);
 }
 
-/// A target that lost its data while the primary ran (after it took host writes) stops
-/// replication with a message saying what to do; a full copy needs a restart.
+/// Issue 14, failure 5: a target that lost its data while the primary ran (after it took host
+/// writes) is copied in full while host writes go on. The primary asks it at a second
+/// handshake to continue after the primary's durable seq, resends its log, and an overflow of
+/// every chunk copies the volume under a full bracket; the target is inconsistent until that
+/// end is durable, then holds our history and is consistent. Nothing stops.
 #[test]
-fn a_target_that_lost_its_data_mid_run_stops_replication() {
+fn a_target_that_lost_its_data_mid_run_is_copied_in_full_while_the_host_goes_on() {
     let (mut l, mut t) = connected(Mode::Async, 64);
-    l.submit(1, write(1), 1).unwrap();
+    for block in 0..3 {
+        l.submit(block, write(block), 1).unwrap();
+    }
     exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    assert_eq!(l.replicated(), Seq(3));
+    // Not yet sent when the target goes: the new one gets it from the log.
+    assert_eq!(l.submit(3, write(3), 1), Ok(Submitted::Accepted(Seq(4))));
     let mut replaced = testkit::target(crate::target::Restored::FRESH);
     l.on_lost(1);
     let e = reconnect(&mut l, &mut replaced, 7).unwrap_err();
-    assert!(e.fatal, "{e:?}");
+    assert!(!e.fatal, "{e:?}");
     assert!(
         matches!(e.error, SourceError::TargetLostData { .. }),
         "{e:?}"
     );
-    assert!(e.error.to_string().contains("restart this primary"), "{e}");
+    assert_eq!(
+        replaced.status().durable,
+        Seq::NONE,
+        "nothing changed before AUTH"
+    );
+    reconnect(&mut l, &mut replaced, 9).unwrap();
+    let st = replaced.status();
+    assert_eq!(
+        (st.durable, st.consistent, st.data_trusted),
+        (Seq(4), false, false),
+        "the target continues after our durable seq, took the log and is not consistent"
+    );
+    assert!(l.fatal().is_none());
+    assert!(l.takes_host_ops());
+    assert!(l.peer_outdated());
+    let chunks = VOLUME_BYTES.div_ceil(BITMAP_CHUNK_BYTES);
+    assert_eq!(
+        l.overflow().map(|o| (o.cause, o.out_of_sync_chunks)),
+        Some((OverflowCause::PeerLostData, chunks))
+    );
+    assert!(events(&mut l).contains(&PeerEvent::RecordRunning {
+        durable: Seq(3),
+        rebased: false
+    }));
+    // The copy runs with host writes between its steps; they queue (the rule is off).
+    let mut steps = Vec::new();
+    let mut token = 10;
+    for _ in 0..10_000 {
+        let Some(step) = l.poll_resync(1) else {
+            exchange(&mut l, &mut replaced).unwrap();
+            events(&mut l);
+            if l.overflow().is_none() && l.poll_resync(1).is_none() {
+                break;
+            }
+            continue;
+        };
+        steps.push(step);
+        assert!(take_step(&mut l, step, 0x42).is_ok());
+        if steps.len() % 4 == 0 {
+            assert!(matches!(
+                l.submit(token, write(token % 64), 1),
+                Ok(Submitted::Accepted(_) | Submitted::Parked)
+            ));
+            token += 1;
+        }
+        exchange(&mut l, &mut replaced).unwrap();
+        events(&mut l);
+    }
+    assert_eq!(
+        steps.first(),
+        Some(&ResyncStep::Mark(ResyncMark::Begin { full: true }))
+    );
+    assert_eq!(steps.last(), Some(&ResyncStep::Mark(ResyncMark::End)));
+    let copied: u64 = steps
+        .iter()
+        .map(|s| match s {
+            ResyncStep::Copy(r) => r.len_bytes,
+            ResyncStep::Mark(_) => 0,
+        })
+        .sum();
+    assert_eq!(copied, VOLUME_BYTES, "every chunk once");
+    exchange(&mut l, &mut replaced).unwrap();
+    events(&mut l);
+    let st = replaced.status();
+    assert!(st.consistent && st.data_trusted, "{st:?}");
+    assert_eq!(
+        replaced.gen_ids(),
+        PAIR_IDS,
+        "the end gives the target our history"
+    );
+    assert!(!l.peer_outdated());
+    assert_eq!(l.replicated(), l.source().status().last_local);
+    assert_eq!(l.status().resync, None);
+    // The next loss is a new one: found and copied again.
+    let mut again = testkit::target(crate::target::Restored::FRESH);
+    l.on_lost(1);
+    let e = reconnect(&mut l, &mut again, 11).unwrap_err();
+    assert!(
+        matches!(e.error, SourceError::TargetLostData { .. }),
+        "{e:?}"
+    );
+}
+
+/// A target asked to continue after the source's seq does so only if it holds none of the
+/// source's history: one that holds it keeps its own position (and the source resends after it).
+#[test]
+fn only_a_target_without_our_history_takes_our_seq() {
+    let (mut l, mut t) = connected(Mode::Async, 64);
+    l.submit(1, write(1), 1).unwrap();
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    let hello = |ids: GenIds, target: &mut Target| {
+        target.on_disconnect(C);
+        target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
+        let frame = Frame::Hello(crate::wire::Hello {
+            volume_id: VOLUME_ID,
+            node_id: NodeId(1),
+            gen_ids: ids,
+            last_seq: Seq(500),
+            volume_bytes: VOLUME_BYTES,
+            block_bytes: 4096,
+            nonce: [4; MAC_BYTES],
+            mac: [0; MAC_BYTES],
+            resync_follows: false,
+            rebase_target: true,
+        });
+        target.handle_frame(C, frame, 0).unwrap();
+        let Some(Frame::Hello(reply)) = target.poll_transmit(C) else {
+            panic!("no HELLO");
+        };
+        let mac = crate::auth::sign(
+            b"s",
+            crate::auth::Signer::Source,
+            &reply.nonce,
+            &[4; MAC_BYTES],
+            &VOLUME_ID,
+        );
+        target.handle_frame(C, Frame::Auth { mac }, 0).unwrap();
+        target.status()
+    };
+    let st = hello(PAIR_IDS, &mut t);
+    assert!(st.connected);
+    assert_eq!((st.durable, st.data_trusted), (Seq(1), true), "ours: kept");
+    let mut fresh = testkit::target(crate::target::Restored::FRESH);
+    let st = hello(PAIR_IDS, &mut fresh);
+    assert_eq!(
+        (st.durable, st.data_trusted),
+        (Seq(500), false),
+        "none of ours: rebased"
+    );
 }
 
 /// Generation ids that are not a state of ours are refused: another history of the volume id,

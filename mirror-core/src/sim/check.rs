@@ -378,11 +378,6 @@ impl Sim<'_> {
         {
             return Ok(false);
         }
-        if self.stopped {
-            // Nothing more happens; that the target never claimed a consistency it lacks is the
-            // prefix check's job, step by step.
-            return Ok(true);
-        }
         if !self.link.source().log().is_empty() || self.drain != Drain::Done {
             return Ok(false);
         }
@@ -404,10 +399,7 @@ impl Sim<'_> {
                 ));
             }
         }
-        if !t.consistent && self.replaced {
-            // Right: nothing but a full resync (issue 14) makes a replaced volume consistent.
-            return Ok(true);
-        }
+        self.settle_replaced();
         if !t.consistent {
             return Err(self.violation(
                 Check::Quiescence,

@@ -242,6 +242,7 @@ impl Sim<'_> {
             nonce,
             mac: [0; MAC_BYTES],
             resync_follows: false,
+            rebase_target: false,
         });
         let now_ns = self.now * TICK_NS;
         let answered = self.node.engines_mut().handle_frame(conn, hello, now_ns);
@@ -362,9 +363,11 @@ impl Sim<'_> {
                         self.now * TICK_NS,
                     );
                     if let Err(TargetError::Refused(RefuseReason::Busy)) = handled {
-                        if self.link.source().awaits_admission() {
-                            // A restarted primary waits until everything the target took is
-                            // durable: it tries again after its backoff.
+                        let source = self.link.source();
+                        if source.awaits_admission() || source.asks_rebase() {
+                            // A restarted primary (or one whose target lost its data) waits
+                            // until everything the target took is durable: it tries again after
+                            // its backoff.
                             self.report.resync_admission_refusals += 1;
                             self.disconnect();
                             return Ok(true);
@@ -433,14 +436,11 @@ impl Sim<'_> {
                             SourceError::TargetLostData { .. }
                                 | SourceError::FullResyncFollows { .. }
                         );
-                        if self.replaced && lost {
-                            // Mid-run replication stops for good (the link's event says so;
-                            // only a broken policy retries); a restarted primary reconnects to
-                            // announce its full resync.
+                        if self.replaced && lost && !e.fatal {
+                            // The primary reconnects at once to announce the full resync.
+                            self.report.target_losses_found += 1;
                             self.cut_link();
-                            if !e.fatal {
-                                self.schedule_reconnect();
-                            }
+                            self.schedule_reconnect();
                             return Ok(true);
                         }
                         return Err(self.violation(

@@ -115,12 +115,11 @@ pub struct SimReport {
     pub source_resumes: u64,
     /// Target volumes replaced by one of unknown content (`replace_target_volume`).
     pub replaced_volumes: u64,
-    /// Replication stopped for good, as it must for a target that lost what it had made durable.
-    pub fatal_stops: u64,
-    /// Restarts of the primary by the operator after such a stop.
-    pub restarts_for_full_resync: u64,
+    /// Handshakes of a running primary that found its target without its history (a replaced
+    /// volume): each asked the target to continue after its seq and copied it in full.
+    pub target_losses_found: u64,
     /// Full resyncs of a target that held none of the primary's history (after a replaced
-    /// volume).
+    /// volume), by a running or a restarted primary.
     pub full_resyncs: u64,
     /// Times the link fell silent (frames held both ways, neither end told).
     pub silences: u64,
@@ -178,8 +177,7 @@ impl SimReport {
         self.replaced_volumes += r.replaced_volumes;
         self.clean_source_stops += r.clean_source_stops;
         self.source_resumes += r.source_resumes;
-        self.fatal_stops += r.fatal_stops;
-        self.restarts_for_full_resync += r.restarts_for_full_resync;
+        self.target_losses_found += r.target_losses_found;
         self.full_resyncs += r.full_resyncs;
         self.silences += r.silences;
         self.pings += r.pings;

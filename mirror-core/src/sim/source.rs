@@ -95,7 +95,7 @@ impl Sim<'_> {
     /// log included; a replication stopped for good is left alone (its host writes failed).
     fn check_intent_covers_unconfirmed(&self) -> Step<()> {
         // A target without the primary's history gets every chunk at the restart.
-        if self.stopped || !self.target_has_our_history() {
+        if !self.target_has_our_history() {
             return Ok(());
         }
         let first = usize::try_from(self.persisted.0).unwrap_or(usize::MAX);
@@ -122,7 +122,7 @@ impl Sim<'_> {
     /// from what the target holds durably: what a restart must resync, whether the write was
     /// queued or recorded out of sync while the primary overflowed.
     fn check_intent_covers_differences(&self) -> Step<()> {
-        if self.stopped || !self.target_has_our_history() {
+        if !self.target_has_our_history() {
             return Ok(());
         }
         let intent = &self.primary_intent;
@@ -153,17 +153,14 @@ impl Sim<'_> {
         self.node.engines().gen_ids().current == self.primary_meta.gen_ids.current
     }
 
-    /// Replication stopped because the target lost its data (its volume was replaced): the
-    /// operator restarts the primary, whose first handshake finds the target without its history
-    /// and copies the whole volume before taking host operations. Host operations in flight
-    /// failed with the stop.
-    pub(super) fn restart_for_full_resync(&mut self) -> Step<()> {
-        self.report.fatal_stops += 1;
-        self.report.restarts_for_full_resync += 1;
-        // The stop failed every host operation the process held, the parked one included.
-        self.failed = self.submitted - self.completed;
-        self.in_flight.clear();
-        self.source_crash()
+    /// A replaced target volume holds the primary's history again (a full resync's end is
+    /// durable on it): from here on every check applies again.
+    pub(super) fn settle_replaced(&mut self) {
+        if self.replaced && self.target_has_our_history() {
+            self.report.full_resyncs += 1;
+            self.replaced = false;
+            self.lost_through = Seq::NONE;
+        }
     }
 
     /// The process is gone; it restarts after a while.
@@ -322,8 +319,11 @@ impl Sim<'_> {
     /// the log.
     fn submit_resync_step(&mut self, step: ResyncStep) -> Step<()> {
         {
-            // A full resync rebases the sequence on the target's whatever the restart was.
-            if self.adopting || step == ResyncStep::Mark(ResyncMark::Begin { full: true }) {
+            // A full resync before host operations rebases the sequence on the target's whatever
+            // the restart was (one while they go on keeps it: the target took ours).
+            let rebased = step == ResyncStep::Mark(ResyncMark::Begin { full: true })
+                && !self.link.step_interleaved();
+            if self.adopting || rebased {
                 self.adopted()?;
             }
             let op = match step {
@@ -377,7 +377,6 @@ impl Sim<'_> {
                         format!("resync step {step:?} was recorded out of sync"),
                     ))
                 }
-                Err(SubmitError::Stopped(_)) if self.stopped => {}
                 Err(SubmitError::Withdrawn) => {
                     self.ops.pop();
                     self.report.overflow_steps_withdrawn += 1;
@@ -412,20 +411,24 @@ impl Sim<'_> {
                 ),
             ));
         }
-        if through != self.persisted {
+        // The target's durable seq as it told it: its record's, or one it was rebased to and
+        // has not recorded yet.
+        let told = self.node.engines().status().durable;
+        if through != told {
             return Err(self.violation(
                 Check::Protocol,
                 format!(
                     "the restarted primary continues after seq {through}, the target is durable \
-                     through {}",
-                    self.persisted
+                     through {told}"
                 ),
             ));
         }
+        self.settle_replaced();
         if self.replaced {
-            // The target's disk lost what it held; the full copy restores every write. From
-            // here on every check applies again.
-            self.report.full_resyncs += 1;
+            // The target's disk lost what it held; the full copy restores every write.
+            if full {
+                self.report.full_resyncs += 1;
+            }
             self.replaced = false;
             self.lost_through = Seq::NONE;
         } else {
@@ -458,7 +461,6 @@ impl Sim<'_> {
             return true;
         }
         if self.drain != Drain::NotBegun
-            || self.stopped
             || self.source_life != SourceLife::Up
             || self.submitted < self.opts.ops
             || self.completed + self.failed < self.submitted

@@ -5,8 +5,8 @@ use bytes::Bytes;
 
 use crate::bitmap::DirtyBitmap;
 use crate::lock::{LocalLockId, LocalLockRetry, LocalRetry, LockError};
-use crate::node::{DrainError, PeerEvent, SubmitError, Submitted};
-use crate::source::{Mode, SourceError};
+use crate::node::{PeerEvent, Submitted};
+use crate::source::Mode;
 use crate::storage;
 use crate::wire::{Op, SummedOp};
 use crate::{Lba, Range, Seq};
@@ -229,8 +229,6 @@ impl Sim<'_> {
                 self.report.out_of_sync_writes += 1;
                 self.out_of_sync_since = Some(self.ops.len());
             }
-            // The daemon fails the host's request (EIO).
-            Err(SubmitError::Stopped(_)) if self.stopped => self.failed += 1,
             Err(e) => {
                 return Err(self.violation(Check::Protocol, format!("source refused {op:?}: {e}")))
             }
@@ -299,7 +297,8 @@ impl Sim<'_> {
                     continue;
                 }
                 PeerEvent::Durable(seq) => {
-                    if seq > self.persisted {
+                    // What a replaced volume lost was durable when the target said so.
+                    if seq > self.persisted.max(self.lost_through) {
                         return Err(self.violation(
                             Check::AckedDurable,
                             format!(
@@ -334,13 +333,11 @@ impl Sim<'_> {
                     self.store_primary(running);
                     continue;
                 }
-                PeerEvent::Stopped(SourceError::TargetLostData { .. }) if self.replaced => {
-                    self.restart_for_full_resync()?;
-                    return Ok(true);
-                }
                 PeerEvent::Drained(Ok(through)) => {
                     let last = self.link.source().status().last_local;
-                    if through != last || through > self.persisted {
+                    // A drain before the primary heard of a replaced volume counts what the
+                    // target had made durable before it.
+                    if through != last || through > self.persisted.max(self.lost_through) {
                         return Err(self.violation(
                             Check::AckedDurable,
                             format!(
@@ -355,14 +352,6 @@ impl Sim<'_> {
                         // The process is gone: its link says nothing more.
                         return Ok(true);
                     }
-                    self.drain = Drain::Done;
-                    continue;
-                }
-                PeerEvent::Drained(Err(DrainError::Stopped(_)))
-                    if self.stopped && self.source_life == SourceLife::Up =>
-                {
-                    // Replication stopped for good during the run's last drain, and the
-                    // Stopped event before this one was accepted: the drain ends with it.
                     self.drain = Drain::Done;
                     continue;
                 }

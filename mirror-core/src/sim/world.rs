@@ -154,8 +154,6 @@ pub(super) struct Sim<'a> {
     pub(super) replicated_waits: Vec<(Seq, u64)>,
     /// What the target had durable when its volume was replaced.
     pub(super) lost_through: Seq,
-    /// Replication stopped for good (the fatal error a replaced target causes).
-    pub(super) stopped: bool,
 
     /// The source volume (every submitted operation applied).
     pub(super) src_vol: Vec<u8>,
@@ -365,7 +363,6 @@ impl<'a> Sim<'a> {
             primary_intent,
             primary_writes: 0,
             stop_draining: false,
-            stopped: false,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
             volume: FaultyVolume::new(initial.clone()),
@@ -574,9 +571,7 @@ impl<'a> Sim<'a> {
             Event::LockRetry { key } => self.lock_retry(key)?,
             Event::SourceCrash => {
                 if self.faults_on {
-                    // Once the target's volume was replaced, the source stops until the
-                    // operator restarts it (`Sim::restart_for_full_resync`).
-                    if self.source_life == SourceLife::Up && !self.replaced {
+                    if self.source_life == SourceLife::Up {
                         // A third of the time the operator stops it cleanly instead.
                         if self.crash_rng.u32(0..3) == 0 {
                             self.source_stop();

@@ -161,7 +161,17 @@ impl Target {
                 }
                 // A restarted primary continues its sequence after what we tell it: that must
                 // be durable, or a crash of ours would lose seqs it never resends.
-                if hello.resync_follows && told != self.durable {
+                // A source that copies this volume in full while it runs continues after its own
+                // durable seq; only a volume without its history (what a full resync from it
+                // overwrites anyway) takes that as its own.
+                let rebase = (hello.rebase_target
+                    && decide(&self.gen_ids, &hello.gen_ids)
+                        == (Verdict::Resync {
+                            from: Side::Peer,
+                            full: true,
+                        }))
+                .then_some(hello.last_seq);
+                if (hello.resync_follows || rebase.is_some()) && told != self.durable {
                     return Self::refuse_handshake(h, RefuseReason::Busy);
                 }
                 let mac = auth::sign(
@@ -181,6 +191,7 @@ impl Target {
                     nonce: h.nonce,
                     mac,
                     resync_follows: false,
+                    rebase_target: false,
                 }));
                 h.state = HandshakeState::AwaitAuth {
                     peer_nonce: hello.nonce,
@@ -188,6 +199,7 @@ impl Target {
                     peer_gen_ids: hello.gen_ids,
                     peer_last_seq: hello.last_seq,
                     resync_follows: hello.resync_follows,
+                    rebase,
                     told,
                 };
                 Ok(())
@@ -199,6 +211,7 @@ impl Target {
                     peer_gen_ids,
                     peer_last_seq,
                     resync_follows,
+                    rebase,
                     told,
                 },
                 Frame::Auth { mac },
@@ -214,8 +227,12 @@ impl Target {
                 if !ok {
                     return Self::refuse_handshake(h, RefuseReason::BadAuth);
                 }
-                let bound = (!resync_follows).then_some(peer_last_seq);
-                self.admit(index, (peer_node, peer_gen_ids), bound, told, now_ns)
+                let bound = (!resync_follows && rebase.is_none()).then_some(peer_last_seq);
+                self.admit(index, (peer_node, peer_gen_ids), bound, told, now_ns)?;
+                if let Some(seq) = rebase {
+                    self.rebase(seq);
+                }
+                Ok(())
             }
             (HandshakeState::Refused, _) => {
                 Err(TargetError::Protocol(SourceViolation::AfterRefusal {
@@ -230,6 +247,19 @@ impl Target {
                 Err(TargetError::Protocol(SourceViolation::BeforeAuth))
             }
         }
+    }
+
+    /// The session just admitted copies this volume in full and continues after `seq`: what
+    /// the volume holds is no state of the source's until that copy ends (our HELLO's position
+    /// was durable, nothing is in flight).
+    fn rebase(&mut self, seq: Seq) {
+        self.received = seq;
+        self.applied = seq;
+        self.durable = seq;
+        self.data_untrusted = true;
+        self.inconsistent_until = Some(Seq(u64::MAX));
+        self.ack_dirty = true;
+        self.record_due = true;
     }
 
     pub(super) fn refuse_handshake(

@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 
 use crate::auth::{self, Signer};
-use crate::genid::GenIds;
+use crate::genid::{decide, GenIds, Side, Verdict};
 use crate::lock::{LocalLockId, LockError, LockTable};
 pub use crate::meta::VolumeFacts;
 use crate::meta::{BindingError, MetaRecord, Role};
@@ -199,6 +199,9 @@ enum HandshakeState {
         peer_last_seq: Seq,
         /// The peer's HELLO said [`crate::wire::FLAG_RESYNC_FOLLOWS`].
         resync_follows: bool,
+        /// The peer's HELLO said [`crate::wire::FLAG_TARGET_REBASE`] and we hold none of its
+        /// history: at its AUTH our sequence continues after this seq.
+        rebase: Option<Seq>,
         /// The position our HELLO told the peer; the session starts from it.
         told: Seq,
     },
@@ -297,6 +300,9 @@ pub struct Target {
     inconsistent_until: Option<Seq>,
     /// Commit log entries created by a LOCK that still wait for their data.
     lock_only: usize,
+    /// The sequence was rebased ([`crate::wire::FLAG_TARGET_REBASE`]): the record must say so
+    /// before a crash can make us report the old position again.
+    record_due: bool,
     sabotage: TargetSabotage,
 }
 
@@ -331,6 +337,7 @@ impl Target {
             gen_ids: restored.gen_ids,
             full_resync_from: None,
             lock_only: 0,
+            record_due: false,
             sabotage: TargetSabotage::None,
         }
     }
@@ -507,10 +514,11 @@ impl Target {
         self.pump_locks();
     }
 
-    /// Whether applied operations wait for a sync of the volume before they count as durable.
+    /// Whether applied operations wait for a sync of the volume before they count as durable
+    /// (or a rebased sequence for its record).
     #[must_use]
     pub fn needs_sync(&self) -> bool {
-        self.applied > self.durable
+        self.applied > self.durable || self.record_due
     }
 
     /// Last applied sequence number (what a sync now would make durable).
@@ -530,6 +538,7 @@ impl Target {
             self.durable = seq;
             self.ack_dirty = true;
         }
+        self.record_due = false;
         self.check_consistent();
     }
 

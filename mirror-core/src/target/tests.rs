@@ -91,6 +91,7 @@ fn forged_hello(last_seq: Seq) -> Frame {
         nonce: [9; MAC_BYTES],
         mac: [0; MAC_BYTES],
         resync_follows: false,
+        rebase_target: false,
     })
 }
 
@@ -787,8 +788,9 @@ fn a_full_resync_survives_a_target_restart_and_its_end_gives_the_history() {
     source.on_connect([2; MAC_BYTES]);
     target.on_connect(C, [3; MAC_BYTES], 0).unwrap();
     exchange(&mut source, &mut target);
-    assert!(
+    assert_eq!(
         source.take_full_resync(),
+        Some(crate::source::FullResync::BeforeHostOps),
         "the source rebased for a full resync"
     );
     source
