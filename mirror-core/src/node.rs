@@ -148,8 +148,10 @@ pub enum PeerEvent {
     RecordRunning {
         /// What the peer holds durably.
         durable: Seq,
-        /// The sequence was rebased on the peer's for a full resync.
-        rebased: bool,
+        /// The sequence was rebased on the peer's for a full resync: every wait for a seq of
+        /// the old numbering ([`PeerLink::check_replicated`]) waits for this seq now (the full
+        /// copy's end comes at or after it).
+        rebased: Option<Seq>,
     },
     /// Replication stopped for good with this error: every pending operation, the parked one and
     /// every waiter fail with it; later submissions are refused. The driver closes the connection.
@@ -202,6 +204,9 @@ pub enum PeerSabotage {
     /// A peer that lost its data while the primary ran gets the log resent and a full bracket
     /// around nothing: no chunk is marked out of sync for the copy.
     LostDataResentOnly,
+    /// Queue a write the log has room for while an overflow's resync has not begun (no Ahead
+    /// rule): it reaches a target that calls itself consistent without the writes out of sync.
+    NoAheadRule,
 }
 
 /// What a primary can say of its peer's copy ([`PeerLink::peer_data`]): a status that says
@@ -755,12 +760,38 @@ impl<L: RollbackLog> PeerLink<L> {
         self.offer(Some(token), op, now_ns)
     }
 
-    /// Whether a host operation overflows now, and why: the rule allows it and the log cannot
-    /// take it, or the peer has been gone too long, or it touches a chunk already out of sync
-    /// (a write queued behind an older one there would land before the resync's copy).
+    /// Whether a host operation overflows now, and why: an overflow is under way and its
+    /// resync has not begun, or the operation touches a chunk already out of sync (a write
+    /// queued behind an older one there would land before the resync's copy), whatever the
+    /// mode and the rule say now; or the rule allows it and the log cannot take it, or the peer
+    /// has been gone too long.
     fn overflows(&self, op: &Op, now_ns: u64, throttling: bool) -> Option<OverflowCause> {
         let rule = self.overflow_rule;
-        if !rule.enabled || self.fatal.is_some() || self.parked.is_some() {
+        if self.fatal.is_some() || self.parked.is_some() {
+            return None;
+        }
+        // A full copy into a peer without our history (its data untrusted until the copy's
+        // end) lets host writes queue when the rule is off.
+        let under_way = self.overflow.filter(|ov| rule.enabled || !ov.full);
+        if let (Some(ov), false) = (under_way, throttling) {
+            if !ov.begun && self.sabotage != PeerSabotage::NoAheadRule {
+                // Until the resync's begin mark is in the log the target calls itself
+                // consistent: a write queued now would reach it without the ones out of sync
+                // before it (a state the volume never was in). Every write goes out of sync
+                // until then (DRBD's Ahead), also in a mode that does not overflow (the mode
+                // changed since).
+                return Some(ov.cause);
+            }
+            if let Some(range) = op.range() {
+                let chunks = self.intent.live().chunks_of(range);
+                let busy = chunks.clone().any(|c| self.intent.pinned().is_dirty(c))
+                    || ov.copying.is_some_and(|cp| chunks.contains(&cp.chunk));
+                if busy {
+                    return Some(ov.cause);
+                }
+            }
+        }
+        if !rule.enabled {
             return None;
         }
         let peer_paced = matches!(self.source.config().mode, Mode::Sync | Mode::LockThenWrite);
@@ -786,24 +817,11 @@ impl<L: RollbackLog> PeerLink<L> {
             }
             _ => (0, 0),
         };
-        if !self.source.has_room_for(
+        (!self.source.has_room_for(
             1 + reserved.0,
             op.payload_bytes().saturating_add(reserved.1),
-        ) {
-            return Some(OverflowCause::LogFull);
-        }
-        let ov = self.overflow.as_ref()?;
-        if !ov.begun {
-            // Until the resync's begin mark is in the log the target calls itself consistent: a
-            // write queued now would reach it without the ones out of sync before it (a state
-            // the volume never was in). Every write goes out of sync until then (DRBD's Ahead).
-            return Some(ov.cause);
-        }
-        let range = op.range()?;
-        let chunks = self.intent.live().chunks_of(range);
-        let busy = chunks.clone().any(|c| self.intent.pinned().is_dirty(c))
-            || ov.copying.is_some_and(|cp| chunks.contains(&cp.chunk));
-        busy.then_some(ov.cause)
+        ))
+        .then_some(OverflowCause::LogFull)
     }
 
     /// Records `op` as out of sync instead of queueing it.
@@ -1515,7 +1533,7 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         self.events.push_back(PeerEvent::RecordRunning {
             durable: self.source.durable(),
-            rebased: false,
+            rebased: None,
         });
     }
 
@@ -1527,7 +1545,7 @@ impl<L: RollbackLog> PeerLink<L> {
         self.record_told = true;
         Some(PeerEvent::RecordRunning {
             durable: self.source.durable(),
-            rebased: false,
+            rebased: None,
         })
     }
 
@@ -1559,7 +1577,7 @@ impl<L: RollbackLog> PeerLink<L> {
         self.record_told = true;
         self.events.push_back(PeerEvent::RecordRunning {
             durable: self.source.durable(),
-            rebased: true,
+            rebased: Some(self.everything_so_far()),
         });
     }
 

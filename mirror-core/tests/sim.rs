@@ -194,6 +194,19 @@ fn resending_only_the_log_into_a_lost_volume_is_caught() {
     assert_caught_by(&opts, 200, &[Check::Prefix, Check::Quiescence]);
 }
 
+/// A primary that queues writes while an overflow's resync has not begun (no Ahead rule): the
+/// target applies them and calls itself consistent in a state the source volume never was in
+/// (the writes out of sync before them missing). The prefix check replays the writes out of
+/// sync where they happened, so it sees that.
+#[test]
+fn queueing_writes_before_an_overflow_resync_begins_is_caught() {
+    let opts = SimOptions {
+        peer_sabotage: PeerSabotage::NoAheadRule,
+        ..SimOptions::default()
+    };
+    assert_caught_by(&opts, 1000, &[Check::Prefix]);
+}
+
 /// A primary whose status calls its peer up to date once the peer received everything, not
 /// once it made it durable (issue 14: status never reports up to date when it is not).
 #[test]
@@ -213,7 +226,11 @@ fn overflowing_without_marking_the_chunks_is_caught() {
         peer_sabotage: PeerSabotage::OverflowUnmarked,
         ..SimOptions::default()
     };
-    assert_caught_by(&opts, 200, &[Check::WriteIntent, Check::Quiescence]);
+    assert_caught_by(
+        &opts,
+        200,
+        &[Check::WriteIntent, Check::Quiescence, Check::Prefix],
+    );
 }
 
 /// An overflow's resync that forgets a write into the chunk it is copying (the piece already
@@ -224,7 +241,11 @@ fn a_copy_that_forgets_a_rewrite_of_its_chunk_is_caught() {
         peer_sabotage: PeerSabotage::CopyIgnoresRewrites,
         ..SimOptions::default()
     };
-    assert_caught_by(&opts, 500, &[Check::WriteIntent, Check::Quiescence]);
+    assert_caught_by(
+        &opts,
+        500,
+        &[Check::WriteIntent, Check::Quiescence, Check::Prefix],
+    );
 }
 
 /// A primary whose status calls its peer up to date while chunks written during an overflow

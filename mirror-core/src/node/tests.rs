@@ -78,7 +78,7 @@ fn exchange(link: &mut PeerLink, target: &mut Target) -> Result<(), CloseConn> {
 fn record(durable: Seq) -> PeerEvent {
     PeerEvent::RecordRunning {
         durable,
-        rebased: false,
+        rebased: None,
     }
 }
 
@@ -637,7 +637,7 @@ fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
         vec![
             PeerEvent::RecordRunning {
                 durable: Seq::NONE,
-                rebased: true
+                rebased: Some(Seq(1))
             },
             PeerEvent::Connected
         ]
@@ -723,7 +723,7 @@ fn a_target_that_lost_its_data_mid_run_is_copied_in_full_while_the_host_goes_on(
     );
     assert!(events(&mut l).contains(&PeerEvent::RecordRunning {
         durable: Seq(3),
-        rebased: false
+        rebased: None
     }));
     // The copy runs with host writes between its steps; they queue (the rule is off).
     let mut steps = Vec::new();
@@ -1007,7 +1007,7 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
         l.poll_event(),
         Some(PeerEvent::RecordRunning {
             durable: Seq::NONE,
-            rebased: false
+            rebased: None
         }),
         "the record says the peer is outdated from now on"
     );
@@ -1091,7 +1091,7 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
     let evs = events(&mut l);
     assert!(
         evs.iter()
-            .any(|e| matches!(e, PeerEvent::RecordRunning { rebased: false, .. })),
+            .any(|e| matches!(e, PeerEvent::RecordRunning { rebased: None, .. })),
         "the record says the peer is up to date again: {evs:?}"
     );
     assert!(!l.peer_outdated());
@@ -1165,6 +1165,13 @@ fn until_the_resync_begins_every_write_of_an_overflow_goes_out_of_sync() {
         Ok(Submitted::OutOfSync),
         "room for it, but the resync has not begun"
     );
+    l.set_mode(Mode::Sync);
+    assert_eq!(
+        l.submit(5, write(14 * chunk), 0),
+        Ok(Submitted::OutOfSync),
+        "in a mode that does not overflow too (the simulator found this after a mode switch)"
+    );
+    l.set_mode(Mode::Async);
     exchange(&mut l, &mut t).unwrap();
     events(&mut l);
     let begin = l.poll_resync(0).unwrap();

@@ -42,11 +42,18 @@ impl Sim<'_> {
                     self.touched.push((r.start, r.end));
                 }
             }
+            let (at, touched) = (self.shadow_seq, &mut self.touched);
+            for (_, op) in out_of_sync_between(&self.out_of_sync_ops, at, applied) {
+                if let Some(r) = op.range() {
+                    let r = byte_range(r);
+                    touched.push((r.start, r.end));
+                }
+            }
             advance(
                 &mut self.shadow,
                 &mut self.shadow_seq,
                 applied,
-                &self.ops,
+                (&self.ops, &self.out_of_sync_ops),
                 (Seq::NONE, &self.base_image),
             );
         }
@@ -67,6 +74,22 @@ impl Sim<'_> {
             }
         });
         let status = self.node.engines().status();
+        // (i), the more precise message first: from a resync begin handed out until its end is
+        // durable, the target holds chunks of the source's current data over an older state: it
+        // must say it is inconsistent.
+        if let Some((begin, end)) = self.bracket {
+            let open = self.written >= begin && end.is_none_or(|end| self.persisted < end);
+            if open && status.consistent {
+                return Err(self.violation(
+                    Check::ResyncBracket,
+                    format!(
+                        "target reports consistent with seq {} written inside the resync \
+                         bracket from seq {begin} (end {end:?}, durable through {})",
+                        self.written, self.persisted
+                    ),
+                ));
+            }
+        }
         if !status.consistent {
             self.report.inconsistent_steps += 1;
         } else if let Some(&b) = self.differs.iter().next() {
@@ -81,21 +104,6 @@ impl Sim<'_> {
                     self.base_image.len() / CHECK_BLOCK_BYTES
                 ),
             ));
-        }
-        // (i) from a resync begin handed out until its end is durable, the target holds chunks of
-        // the source's current data over an older state: it must say it is inconsistent.
-        if let Some((begin, end)) = self.bracket {
-            let open = self.written >= begin && end.is_none_or(|end| self.persisted < end);
-            if open && status.consistent {
-                return Err(self.violation(
-                    Check::ResyncBracket,
-                    format!(
-                        "target reports consistent with seq {} written inside the resync \
-                         bracket from seq {begin} (end {end:?}, durable through {})",
-                        self.written, self.persisted
-                    ),
-                ));
-            }
         }
         // (f) local lock holders, over what changed.
         if touched.iter().any(|&(s, e)| {
@@ -440,14 +448,40 @@ pub(super) fn byte_range(r: Range) -> std::ops::Range<usize> {
 
 /// Moves a replay image to `to`, replaying from `base` (the image after an operation) when going
 /// back.
-pub(super) fn advance(image: &mut [u8], at: &mut Seq, to: Seq, ops: &[Op], base: (Seq, &[u8])) {
+/// The writes out of sync a replay from `at` to `to` takes in.
+fn out_of_sync_between(
+    out_of_sync: &[(Seq, Op)],
+    at: Seq,
+    to: Seq,
+) -> impl Iterator<Item = &(Seq, Op)> {
+    out_of_sync
+        .iter()
+        .filter(move |(after, _)| *after >= at && *after < to)
+}
+
+/// Replays the history from `at` to `to` into `image` (from `base` if `to` is behind): each
+/// operation `seq` after the writes out of sync that came between it and the one before.
+pub(super) fn advance(
+    image: &mut [u8],
+    at: &mut Seq,
+    to: Seq,
+    (ops, out_of_sync): (&[Op], &[(Seq, Op)]),
+    base: (Seq, &[u8]),
+) {
     if to < *at {
         image.copy_from_slice(base.1);
         *at = base.0;
     }
     let from = usize::try_from(at.0).unwrap_or(usize::MAX);
     let to_index = usize::try_from(to.0).unwrap_or(usize::MAX).min(ops.len());
-    for op in ops.get(from..to_index).unwrap_or(&[]) {
+    let mut oos = out_of_sync
+        .iter()
+        .skip_while(|(after, _)| after.0 < at.0)
+        .peekable();
+    for (index, op) in ops.iter().enumerate().take(to_index).skip(from) {
+        while let Some((_, w)) = oos.next_if(|(after, _)| after.0 <= index as u64) {
+            storage::apply_to_image(image, w);
+        }
         storage::apply_to_image(image, op);
     }
     *at = to;

@@ -436,6 +436,10 @@ impl Sim<'_> {
         }
         self.ops
             .truncate(usize::try_from(through.0).unwrap_or(usize::MAX));
+        // Writes out of sync after it came before whatever follows now.
+        for (after, _) in &mut self.out_of_sync_ops {
+            *after = (*after).min(through);
+        }
         // A bracket of the crashed run past `through` was never taken: it stays open (its end
         // is gone) if its begin was, until the next one.
         self.bracket = match self.bracket {

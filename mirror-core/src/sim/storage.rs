@@ -138,7 +138,7 @@ impl Sim<'_> {
             &mut self.durable_shadow,
             &mut self.durable_shadow_seq,
             seq,
-            &self.ops,
+            (&self.ops, &self.out_of_sync_ops),
             (Seq::NONE, &self.base_image),
         );
     }

@@ -224,7 +224,10 @@ impl Sim<'_> {
             Ok(Submitted::Parked) => self.report.log_full_waits += 1,
             Ok(Submitted::OutOfSync) => {
                 // Not in the sequence: complete once local; a resync carries it.
-                self.ops.pop();
+                if let Some(op) = self.ops.pop() {
+                    let after = Seq(u64::try_from(self.ops.len()).unwrap_or(u64::MAX));
+                    self.out_of_sync_ops.push((after, op));
+                }
                 self.completed += 1;
                 self.report.out_of_sync_writes += 1;
                 self.out_of_sync_since = Some(self.ops.len());
@@ -317,9 +320,8 @@ impl Sim<'_> {
                 // The simulated start sets no connect deadline.
                 PeerEvent::Degraded { .. } => continue,
                 PeerEvent::RecordRunning { durable, rebased } => {
-                    if rebased {
+                    if let Some(all) = rebased {
                         // As the daemon: a wait of the old numbering waits for the full copy.
-                        let all = self.link.everything_so_far();
                         for (seq, _) in &mut self.replicated_waits {
                             *seq = all;
                         }

@@ -163,6 +163,11 @@ pub(super) struct Sim<'a> {
     /// their data.
     pub(super) base_image: Vec<u8>,
     pub(super) ops: Vec<Op>,
+    /// Host writes completed out of sync (no seq), each with the seq it followed: the source
+    /// volume took it between that seq and the next, so the volume was never in the state of a
+    /// later seq without it, and a target consistent past it must hold it (a resync's copy
+    /// carries it). In the order they happened.
+    pub(super) out_of_sync_ops: Vec<(Seq, Op)>,
     /// A restarted primary has not yet continued its sequence after the target's.
     pub(super) adopting: bool,
     /// The last resync bracket of the history: its begin's seq and its end's, once submitted.
@@ -365,6 +370,7 @@ impl<'a> Sim<'a> {
             stop_draining: false,
             src_vol: initial.clone(),
             ops: Vec::with_capacity(opts.ops),
+            out_of_sync_ops: Vec::new(),
             volume: FaultyVolume::new(initial.clone()),
             persisted: Seq::NONE,
             shadow: initial.clone(),

@@ -346,13 +346,13 @@ impl Engine {
                     self.publish();
                 }
                 PeerEvent::RecordRunning { durable, rebased } => {
-                    if rebased {
+                    if let Some(all) = rebased {
                         tracing::warn!(
                             peer = %self.cfg.peer,
                             "the target holds none of this volume's data: copying all of it, \
                              the sequence continues after the target's seq {durable}"
                         );
-                        self.rebase_replicated_waiters();
+                        self.rebase_replicated_waiters(all);
                     }
                     self.store_record(durable);
                 }
@@ -407,15 +407,14 @@ impl Engine {
         }
     }
 
-    /// The sequence starts over (a full resync): a wait for a seq of the old numbering waits
-    /// for every write so far, the full copy's end.
-    fn rebase_replicated_waiters(&mut self) {
+    /// The sequence starts over (a full resync): every wait for a seq of the old numbering
+    /// waits for `seq` (the link's [`PeerEvent::RecordRunning`] says which).
+    fn rebase_replicated_waiters(&mut self, seq: Seq) {
         let all: Vec<_> = std::mem::take(&mut self.replicated_waiters)
             .into_values()
             .flatten()
             .collect();
         if !all.is_empty() {
-            let seq = self.link().everything_so_far();
             self.replicated_waiters.insert(seq, all);
         }
     }
