@@ -153,7 +153,7 @@ impl std::fmt::Display for Totals {
              the write intent {} ({} B copied, admission refused {})); clean source stop {} \
              (resumed from its record {}); write-intent stores {}; replaced target volume {} \
              (found by a running primary {}, full resync {}); log full waits {}; out-of-sync \
-             writes {} (overflow resyncs {}, {} B copied, steps withdrawn {}, throttled writes {})",
+             writes {} (overflow resyncs {}, {} B copied, steps withdrawn {}, throttled writes {}, copies past a parked one {})",
             self.0.naks,
             self.0.rejects,
             self.0.granted,
@@ -196,6 +196,7 @@ impl std::fmt::Display for Totals {
             self.0.overflow_copy_bytes,
             self.0.overflow_steps_withdrawn,
             self.0.throttled_writes,
+            self.0.copies_past_parked,
         )
     }
 }

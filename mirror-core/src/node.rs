@@ -320,6 +320,9 @@ pub struct PeerLink<L: RollbackLog = MemLog> {
     /// While one does not converge, host writes queue (and wait for room) instead of
     /// overflowing, and its copies stop yielding to them.
     throttle: bool,
+    /// Whether the host was throttled as of the last submission or resync step (what
+    /// [`Self::copy_reserve`] goes by between them).
+    throttled: bool,
     /// The last seq before the first write recorded out of sync that no durable resync end
     /// covers yet: the peer holds the volume as of no later seq.
     out_of_sync_after: Option<Seq>,
@@ -636,6 +639,7 @@ impl<L: RollbackLog> PeerLink<L> {
             rate_waiting: false,
             converge_window_ns: CONVERGE_WINDOW_NS,
             throttle: false,
+            throttled: false,
             source,
             sabotage: PeerSabotage::None,
             session,
@@ -751,6 +755,7 @@ impl<L: RollbackLog> PeerLink<L> {
             return Err(SubmitError::Resyncing);
         }
         let throttling = self.throttling(now_ns);
+        self.throttled = throttling;
         if let Some(cause) = self.overflows(op.op(), now_ns, throttling) {
             return self.out_of_sync(op.op(), cause);
         }
@@ -758,6 +763,32 @@ impl<L: RollbackLog> PeerLink<L> {
             self.throttled_writes += 1;
         }
         self.offer(Some(token), op, now_ns)
+    }
+
+    /// While the host is throttled, the room the log keeps for the overflow's next copy (a
+    /// piece): a host write takes the log only beyond it, and a copy gets it even while a host
+    /// write waits. Host writes then queue and mark no chunk, and every copy gets in as the peer
+    /// frees room, so the chunks out of sync only fall: the resync ends.
+    fn copy_reserve(&self) -> Option<usize> {
+        let ov = self.overflow.as_ref().filter(|_| self.throttled)?;
+        let pending = ov.copying.is_some() || self.intent.pinned().dirty_chunks() > 0;
+        pending.then(|| usize::try_from(self.resync_piece_bytes()).unwrap_or(usize::MAX))
+    }
+
+    /// Whether a parked submission keeps resync steps out: always, but a host write parked
+    /// behind a copy's reserve.
+    fn parked_blocks_steps(&self) -> bool {
+        self.parked
+            .as_ref()
+            .is_some_and(|p| p.token.is_none() || self.copy_reserve().is_none())
+    }
+
+    /// Whether the log has room for a host operation of `bytes` now (beyond a copy's reserve).
+    fn host_room(&self, bytes: usize) -> bool {
+        match self.copy_reserve() {
+            Some(reserve) => self.source.has_room_for(2, bytes.saturating_add(reserve)),
+            None => self.source.has_room(bytes),
+        }
     }
 
     /// Whether a host operation overflows now, and why: an overflow is under way and its
@@ -903,8 +934,9 @@ impl<L: RollbackLog> PeerLink<L> {
     /// when the next is due).
     pub fn poll_resync(&mut self, now_ns: u64) -> Option<ResyncStep> {
         self.rate_waiting = false;
+        self.throttled = self.throttling(now_ns);
         if self.fatal.is_some()
-            || self.parked.is_some()
+            || self.parked_blocks_steps()
             || self.resync_step.is_some()
             || self.source.awaits_admission()
         {
@@ -1024,7 +1056,12 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         let step = self.resync_step.take();
         let interleaved = std::mem::take(&mut self.step_interleaved);
-        if interleaved && self.parked.is_some() {
+        if interleaved && self.parked_blocks_steps() {
+            self.withdraw(step);
+            return Err(SubmitError::Withdrawn);
+        }
+        if self.parked.is_some() && !self.source.has_room(op.op().payload_bytes()) {
+            // A copy beside a throttled host write never parks: it comes again.
             self.withdraw(step);
             return Err(SubmitError::Withdrawn);
         }
@@ -1158,7 +1195,8 @@ impl<L: RollbackLog> PeerLink<L> {
         if let Some(e) = &self.fatal {
             return Err(SubmitError::Stopped(e.clone()));
         }
-        if self.parked.is_some() {
+        // Only a copy goes beside a host write parked behind its reserve.
+        if self.parked.is_some() && (token.is_some() || self.copy_reserve().is_none()) {
             return Err(SubmitError::AlreadyParked);
         }
         let bytes = op.op().payload_bytes();
@@ -1171,6 +1209,11 @@ impl<L: RollbackLog> PeerLink<L> {
         }
         self.intent.submitted(op.op().range());
         let submitted = match token {
+            // A throttled host write leaves the copy's reserve alone: it waits as for a full log.
+            Some(_) if !self.host_room(bytes) => match self.source.check_op(op.op()) {
+                Ok(()) => Err(SourceError::LogFull),
+                Err(e) => Err(e),
+            },
             Some(_) => self.source.submit(op.clone(), now_ns),
             None => self.source.submit_own(op.clone(), now_ns),
         };
@@ -1315,7 +1358,12 @@ impl<L: RollbackLog> PeerLink<L> {
             return None;
         }
         if let Some(parked) = self.parked.take() {
-            if !self.source.has_room(parked.op.op().payload_bytes()) {
+            let bytes = parked.op.op().payload_bytes();
+            let room = match parked.token {
+                Some(_) => self.host_room(bytes),
+                None => self.source.has_room(bytes),
+            };
+            if !room {
                 self.parked = Some(parked);
             } else if let Some(ev) = self.take_parked(parked) {
                 return Some(ev);

@@ -1237,6 +1237,58 @@ fn an_overflow_resync_without_a_new_low_for_its_window_does_not_converge() {
     assert_eq!(l.overflow().unwrap().converging(42 * SEC), Some(true));
 }
 
+/// While the host is throttled (a resync that does not converge), a host write takes the log
+/// only beyond the room of one copy: a copy gets in ahead of a host write waiting for room,
+/// which follows once the peer freed room for both. The copies cannot starve, and the host's
+/// queued writes mark no chunk: the resync ends.
+#[test]
+fn a_throttled_host_leaves_the_log_room_for_the_next_copy() {
+    let (mut l, mut t) = overflowing_connected(2);
+    l.set_overflow_throttle(true);
+    l.set_converge_window_ns(10);
+    let chunk = BITMAP_CHUNK_BYTES / 4096;
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    assert_eq!(
+        l.submit(2, write(chunk), 0),
+        Ok(Submitted::Accepted(Seq(2)))
+    );
+    for c in 2..=3 {
+        assert_eq!(l.submit(3, write(c * chunk), 0), Ok(Submitted::OutOfSync));
+    }
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    let begin = l.poll_resync(0).unwrap();
+    assert!(take_step(&mut l, begin, 0).is_ok());
+    // No new low for the window: throttled. The log has room for one entry, the copy's.
+    assert_eq!(l.submit(4, write(4 * chunk), 100), Ok(Submitted::Parked));
+    assert_eq!(l.status().throttled_writes, 1);
+    let copy = l
+        .poll_resync(100)
+        .expect("a copy beside the parked host write");
+    assert!(matches!(copy, ResyncStep::Copy(_)), "{copy:?}");
+    assert_eq!(take_step(&mut l, copy, 0), Ok(Submitted::Accepted(Seq(4))));
+    assert!(l.is_parked());
+    exchange(&mut l, &mut t).unwrap();
+    assert!(events(&mut l).contains(&PeerEvent::Accepted {
+        token: 4,
+        seq: Seq(5)
+    }));
+    for _ in 0..64 {
+        exchange(&mut l, &mut t).unwrap();
+        events(&mut l);
+        while let Some(step) = l.poll_resync(200) {
+            assert!(take_step(&mut l, step, 0).is_ok());
+        }
+        if l.overflow().is_none() {
+            break;
+        }
+    }
+    assert_eq!(l.overflow(), None, "the resync ended");
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    assert_eq!(l.peer_data(), PeerData::UpToDate);
+}
+
 /// A peer unreachable past the rule's bound: `async` records writes out of sync even with room
 /// in the log; `sync` waits (suspend) or degrades, as its policy says.
 #[test]

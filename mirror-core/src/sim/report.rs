@@ -77,6 +77,9 @@ pub struct SimReport {
     pub out_of_sync_writes: u64,
     /// Host writes queued, not overflowed, because an overflow's resync did not converge.
     pub throttled_writes: u64,
+    /// Overflow copies that entered the log ahead of a throttled host write waiting for room
+    /// (the copies' reserve).
+    pub copies_past_parked: u64,
     /// Resyncs of an overflow (interleaved with host operations).
     pub overflow_resyncs: u64,
     /// Bytes those copied.
@@ -171,6 +174,7 @@ impl SimReport {
         self.log_full_waits += r.log_full_waits;
         self.out_of_sync_writes += r.out_of_sync_writes;
         self.throttled_writes += r.throttled_writes;
+        self.copies_past_parked += r.copies_past_parked;
         self.overflow_resyncs += r.overflow_resyncs;
         self.overflow_copy_bytes += r.overflow_copy_bytes;
         self.overflow_steps_withdrawn += r.overflow_steps_withdrawn;

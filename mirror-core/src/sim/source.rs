@@ -166,6 +166,7 @@ impl Sim<'_> {
     /// The process is gone; it restarts after a while.
     fn process_exits(&mut self) {
         self.source_life = SourceLife::Down;
+        self.overtaken = 0;
         self.copy_wait = None;
         self.replicated_waits.clear();
         self.source_run += 1;
@@ -353,14 +354,20 @@ impl Sim<'_> {
                     ResyncStep::copy_op(range, data)
                 }
             };
-            self.ops.push(op.clone());
+            // A copy may go ahead of a host write parked behind its reserve (a throttled
+            // host): in the history it comes before that write, whose seq follows it.
+            let overtakes = self.link.is_parked();
+            let at = self.ops.len() - usize::from(overtakes);
+            self.ops.insert(at, op.clone());
             let submitted = self
                 .link
                 .resync_submit(SummedOp::new(op), self.now * TICK_NS);
             self.store_intent();
             match submitted {
                 Ok(Submitted::Accepted(seq)) => {
-                    let expected = u64::try_from(self.ops.len()).unwrap_or(u64::MAX);
+                    self.overtaken += u64::from(overtakes);
+                    self.report.copies_past_parked += u64::from(overtakes);
+                    let expected = u64::try_from(at + 1).unwrap_or(u64::MAX);
                     if seq.0 != expected {
                         return Err(self.violation(
                             Check::Protocol,
@@ -378,7 +385,7 @@ impl Sim<'_> {
                     ))
                 }
                 Err(SubmitError::Withdrawn) => {
-                    self.ops.pop();
+                    self.ops.remove(at);
                     self.report.overflow_steps_withdrawn += 1;
                 }
                 Err(e) => {

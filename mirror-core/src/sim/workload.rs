@@ -272,6 +272,8 @@ impl Sim<'_> {
 
     /// Operation `token` (its index in `ops`, from 1) entered the log as `seq`.
     fn accepted(&mut self, token: u64, seq: Seq) -> Step<()> {
+        // Copies that went ahead of it while it was parked took the seqs before it.
+        let token = token + std::mem::take(&mut self.overtaken);
         if seq.0 != token || token != u64::try_from(self.ops.len()).unwrap_or(u64::MAX) {
             return Err(self.violation(
                 Check::Protocol,

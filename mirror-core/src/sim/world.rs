@@ -224,6 +224,8 @@ pub(super) struct Sim<'a> {
 
     pub(super) next_op: usize,
     pub(super) parked: Option<Op>,
+    /// Resync copies that entered the log ahead of the parked host write.
+    pub(super) overtaken: u64,
     /// Host operations given to a source process, over all its lives.
     pub(super) submitted: usize,
     pub(super) completed: usize,
@@ -400,6 +402,7 @@ impl<'a> Sim<'a> {
             target_run: 0,
             next_op: 0,
             parked: None,
+            overtaken: 0,
             submitted: 0,
             completed: 0,
             failed: 0,
