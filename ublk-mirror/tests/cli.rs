@@ -89,6 +89,43 @@ fn help_lists_loadgen() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("loadgen"));
 }
 
+/// The systemd units are valid for systemd (`systemd-analyze verify`, with the binary's path
+/// where the units install it) and tie the bound on held I/O together: the primary's unit fails
+/// after its start limit and then runs the unit that deletes the device.
+#[test]
+fn the_systemd_units_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_ublk-mirror");
+    for (name, text) in [
+        (
+            "ublk-mirror@vol0.service",
+            include_str!("../../scripts/systemd/ublk-mirror@.service"),
+        ),
+        (
+            "ublk-mirror-fail@vol0.service",
+            include_str!("../../scripts/systemd/ublk-mirror-fail@.service"),
+        ),
+    ] {
+        assert!(text.contains("/usr/local/bin/ublk-mirror "), "{name}");
+        let text = text
+            .replace("/usr/local/bin/ublk-mirror ", &format!("{bin} "))
+            .replace("/sbin/modprobe", "/bin/true");
+        std::fs::write(dir.path().join(name), text).expect("write the unit");
+    }
+    let primary = include_str!("../../scripts/systemd/ublk-mirror@.service");
+    assert!(primary.contains("OnFailure=ublk-mirror-fail@%i.service"));
+    assert!(primary.contains("StartLimitBurst="));
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("ublk-mirror@vol0.service"))
+        .arg(dir.path().join("ublk-mirror-fail@vol0.service"))
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; scripts/test installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
 /// The systemd unit's ExecStart is a command line this binary takes: with the unit's instance
 /// name and a missing configuration file it fails on that file, not on its flags.
 #[test]
