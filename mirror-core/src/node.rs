@@ -934,6 +934,7 @@ impl<L: RollbackLog> PeerLink<L> {
     /// when the next is due).
     pub fn poll_resync(&mut self, now_ns: u64) -> Option<ResyncStep> {
         self.rate_waiting = false;
+        self.settle_durable();
         self.throttled = self.throttling(now_ns);
         if self.fatal.is_some()
             || self.parked_blocks_steps()
@@ -1325,8 +1326,11 @@ impl<L: RollbackLog> PeerLink<L> {
             .fold(durable, Seq::min)
     }
 
-    /// The next event for the driver.
-    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+    /// What the peer made durable since the last look: the write intent's chunks it covers, the
+    /// resync's copies, its end (then the resync is over and the peer up to date again, unless
+    /// writes went out of sync since). Every poll looks first, so that a resync step that waits
+    /// for an end is handed out whichever the driver polls first.
+    fn settle_durable(&mut self) {
         let durable = self.source.durable();
         self.intent.durable(durable);
         if let Some(track) = &mut self.resync_track {
@@ -1351,6 +1355,11 @@ impl<L: RollbackLog> PeerLink<L> {
         {
             self.record_outdated_changed();
         }
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.settle_durable();
         if let Some(ev) = self.events.pop_front() {
             return Some(ev);
         }

@@ -1106,6 +1106,46 @@ fn a_full_log_overflows_to_the_intent_and_a_resync_interleaved_with_writes_catch
     );
 }
 
+/// A new overflow's resync waits for the last one's end to be durable; once the peer's ACK says
+/// so, the next `poll_resync` hands out its begin, whether or not the driver polled events
+/// first (the daemon pumps resync steps before events: it once waited for the next PING, 2 s,
+/// after an initial sync whose log was full of copies when the host's first write came).
+#[test]
+fn a_resync_waiting_for_the_last_ones_end_begins_as_soon_as_the_ack_says_so() {
+    let (mut l, mut t) = overflowing_connected(2);
+    let chunk = BITMAP_CHUNK_BYTES / 4096;
+    assert_eq!(l.submit(1, write(0), 0), Ok(Submitted::Accepted(Seq(1))));
+    assert_eq!(
+        l.submit(2, write(chunk), 0),
+        Ok(Submitted::Accepted(Seq(2)))
+    );
+    assert_eq!(l.submit(3, write(2 * chunk), 0), Ok(Submitted::OutOfSync));
+    exchange(&mut l, &mut t).unwrap();
+    events(&mut l);
+    for _ in 0..3 {
+        let step = l.poll_resync(0).expect("begin, copy, end");
+        assert!(take_step(&mut l, step, 0).is_ok());
+        exchange(&mut l, &mut t).unwrap();
+    }
+    assert_eq!(l.overflow(), None, "its end is in the log");
+    // The end is in the log; the host's next writes overflow again before it is durable.
+    assert_eq!(
+        l.submit(4, write(3 * chunk), 0),
+        Ok(Submitted::Accepted(Seq(6)))
+    );
+    assert_eq!(
+        l.submit(5, write(3 * chunk), 0),
+        Ok(Submitted::Accepted(Seq(7)))
+    );
+    assert_eq!(l.submit(6, write(4 * chunk), 0), Ok(Submitted::OutOfSync));
+    exchange(&mut l, &mut t).unwrap();
+    assert_eq!(
+        l.poll_resync(0),
+        Some(ResyncStep::Mark(ResyncMark::Begin { full: false })),
+        "no event polled since the ACK"
+    );
+}
+
 /// An overflow's resync copies no faster than its rate, and says when the next copy is due.
 #[test]
 fn an_overflow_resync_keeps_to_its_rate() {
