@@ -767,6 +767,36 @@ case_overflow() {
     echo "    $(jq -r .overflow.out_of_sync_writes <<<"$st") writes out of sync while the target was gone, resynced: volumes identical"
 }
 
+# case_target_lost (issue 14, failure 5): the target's volume is lost while the primary runs with
+# ext4 mounted (kill -9 of the target, a new empty volume in its place, restarted): the primary
+# has it continue after its own seq and copies the whole volume while files are written; the
+# mount goes on, status comes back to up to date, the volumes are identical.
+case_target_lost() {
+    local tag=tlost why st
+    new_volumes "$tag"
+    start_target "$tag" || { fail target-lost "target did not start"; return; }
+    start_daemon m-tl "$tag" async >"$W/why" 2>&1 || { why=$(cat "$W/why"); fail target-lost "$why"; stop_target; return; }
+    mkfs.ext4 -q -F "$DEV" >"$OUT/mkfs-tlost.out" 2>&1 || { fail target-lost "mkfs failed"; cleanup_all; return; }
+    mount "$DEV" "$MNT" || { fail target-lost "mount failed"; cleanup_all; return; }
+    write_files "$MNT/before" 12 || { fail target-lost "writing files failed"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-tl --timeout-secs 120 2>&1) || { fail target-lost "$why"; cleanup_all; return; }
+    kill -9 "$TPID"; wait "$TPID" 2>/dev/null
+    rm -f "$W/$tag-tgt.img"
+    TARGET_STARTS=2 restart_target "$tag" || { fail target-lost "target did not restart"; cleanup_all; return; }
+    write_files "$MNT/during" 24 || { fail target-lost "writing files during the full copy failed"; cleanup_all; return; }
+    why=$("$UM" wait-replicated last --name m-tl --timeout-secs 180 2>&1) || { fail target-lost "$why"; cleanup_all; return; }
+    st=$("$UM" status --name m-tl --json)
+    jq -e '.peer_data == "up to date" and .fatal == null and .overflow.cause == null
+        and (.last_error | contains("holds none of this volume'"'"'s data any more"))' <<<"$st" >/dev/null \
+        || { fail target-lost "status after the copy: $(jq -c '{peer_data, fatal, last_error, overflow}' <<<"$st")"; cleanup_all; return; }
+    umount "$MNT"
+    why=$(same_volumes "$tag") || { fail target-lost "after the copy: $why"; cleanup_all; return; }
+    stop_daemon m-tl || { fail target-lost "stop failed"; cleanup_all; return; }
+    stop_target
+    pass target-lost
+    echo "    the target's volume replaced under a mounted ext4: copied in full while 24 files were written, volumes identical"
+}
+
 # case_passthrough: the device with the mirror off (--no-mirror): no peer needed, fio verifies,
 # status says so, mirror requests are refused with one clear line.
 case_passthrough() {
@@ -799,7 +829,7 @@ case_passthrough() {
 }
 
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow recover resync-interrupted kill9 sigterm delete perf)
+[ ${#cases[@]} -gt 0 ] || cases=(errors ext4 xfs fio overlap blockdev512 target-blockdev passthrough restart degraded overflow target-lost recover resync-interrupted kill9 sigterm delete perf)
 for c in "${cases[@]}"; do
     note "case $c"
     case "$c" in
@@ -818,6 +848,7 @@ for c in "${cases[@]}"; do
         restart) case_restart ;;
         degraded) case_degraded ;;
         overflow) case_overflow ;;
+        target-lost) case_target_lost ;;
         recover) case_recover ;;
         resync-interrupted) case_resync_interrupted ;;
         perf) case_perf ;;
