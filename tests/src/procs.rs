@@ -73,7 +73,8 @@ pub fn binary(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A source file of the workspace packages `packages` newer than `binary`, if any (the binary is
-/// stale). Looks only under `<package>/src`; missing directories are skipped.
+/// stale). Looks only under `<package>/src`; missing directories are skipped, and so are unit
+/// test modules (`tests.rs`: no binary is built from them).
 fn newer_source(binary: &Path, packages: &[&str]) -> Option<PathBuf> {
     let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
@@ -91,7 +92,9 @@ fn newer_source(binary: &Path, packages: &[&str]) -> Option<PathBuf> {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && path.file_name().is_some_and(|n| n != "tests.rs")
+            {
                 let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
                 if modified > built {
                     return Some(path);

@@ -255,6 +255,22 @@ volume_bytes,
     .await;
 }
 
+/// Waits until loadgen's `--ack-log` holds `count` acknowledged writes (60 s at most).
+async fn wait_acked(ack_log: &Path, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acked = read_ack_log(ack_log).map(|a| a.len()).unwrap_or(0);
+        if acked >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {acked} of {count} writes acknowledged after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Starts loadgen in the background with `--distinct --ack-log` through a proxy to `server`, kills
 /// the server with `kill -9` after each number of acknowledged writes in `kill_after`, checks
 /// (for `sync`) that the killed server's image holds every acknowledged write, restarts it on the
@@ -302,18 +318,9 @@ async fn kill_scenario(
     .env("RUST_LOG", "info")
     .spawn()?;
     for (round, &after) in kill_after.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let acked = read_ack_log(&ack_log).map(|a| a.len()).unwrap_or(0);
-            if acked >= after {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "only {acked} writes acknowledged after 60 s (round {round})"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_acked(&ack_log, after)
+            .await
+            .map_err(|e| e.context(format!("round {round}")))?;
         server.kill9().await?;
         let acks = read_ack_log(&ack_log)?;
         if check_acks {
@@ -438,14 +445,7 @@ async fn e2e_async_kill9_of_the_primary_loses_no_acknowledged_write() {
         )?
         .env("RUST_LOG", "info")
         .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while read_ack_log(&ack_log).map(|a| a.len()).unwrap_or(0) < 2000 {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "too few writes acknowledged in 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_acked(&ack_log, 2000).await?;
         child.kill().await?;
         let acks = read_ack_log(&ack_log)?;
         let lacked = missing_acks(&opts.volume, &acks, block)?;
@@ -718,14 +718,7 @@ async fn e2e_a_target_that_loses_its_data_mid_run_is_copied_in_full_while_the_ho
         )?
         .env("RUST_LOG", "info")
         .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while read_ack_log(&ack_log).map(|a| a.len()).unwrap_or(0) < 1500 {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "1500 writes not acknowledged in 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_acked(&ack_log, 1500).await?;
         server.kill9().await?;
         std::fs::remove_file(&opts.volume)?;
         tokio::time::sleep(Duration::from_millis(300)).await;

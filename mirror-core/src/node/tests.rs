@@ -605,6 +605,23 @@ fn run_resync(link: &mut PeerLink, target: &mut Target, byte: u8) -> Vec<ResyncS
     panic!("the resync did not end");
 }
 
+/// `steps` are one full resync: a full begin, every byte of the volume copied once, an end.
+fn assert_one_full_copy(steps: &[ResyncStep]) {
+    assert_eq!(
+        steps.first(),
+        Some(&ResyncStep::Mark(ResyncMark::Begin { full: true }))
+    );
+    assert_eq!(steps.last(), Some(&ResyncStep::Mark(ResyncMark::End)));
+    let copied: u64 = steps
+        .iter()
+        .map(|s| match s {
+            ResyncStep::Copy(r) => r.len_bytes,
+            ResyncStep::Mark(_) => 0,
+        })
+        .sum();
+    assert_eq!(copied, VOLUME_BYTES, "every chunk once");
+}
+
 /// Issue 14, items 3 and 5: a primary whose target holds none of its history (a new or
 /// replaced volume: no generation ids) announces a full resync at a second handshake, continues
 /// its sequence after the target's (here below what its clean stop recorded), tells the driver
@@ -648,19 +665,7 @@ fn a_target_without_our_history_is_copied_in_full_before_host_operations() {
     assert!(status.full);
     assert_eq!(status.total_bytes, VOLUME_BYTES);
     let steps = run_resync(&mut l, &mut t, 0x42);
-    assert_eq!(
-        steps.first(),
-        Some(&ResyncStep::Mark(ResyncMark::Begin { full: true }))
-    );
-    assert_eq!(steps.last(), Some(&ResyncStep::Mark(ResyncMark::End)));
-    let copied: u64 = steps
-        .iter()
-        .map(|s| match s {
-            ResyncStep::Copy(r) => r.len_bytes,
-            ResyncStep::Mark(_) => 0,
-        })
-        .sum();
-    assert_eq!(copied, VOLUME_BYTES);
+    assert_one_full_copy(&steps);
     assert!(t.status().consistent);
     assert_eq!(
         t.gen_ids(),
@@ -749,19 +754,7 @@ fn a_target_that_lost_its_data_mid_run_is_copied_in_full_while_the_host_goes_on(
         exchange(&mut l, &mut replaced).unwrap();
         events(&mut l);
     }
-    assert_eq!(
-        steps.first(),
-        Some(&ResyncStep::Mark(ResyncMark::Begin { full: true }))
-    );
-    assert_eq!(steps.last(), Some(&ResyncStep::Mark(ResyncMark::End)));
-    let copied: u64 = steps
-        .iter()
-        .map(|s| match s {
-            ResyncStep::Copy(r) => r.len_bytes,
-            ResyncStep::Mark(_) => 0,
-        })
-        .sum();
-    assert_eq!(copied, VOLUME_BYTES, "every chunk once");
+    assert_one_full_copy(&steps);
     exchange(&mut l, &mut replaced).unwrap();
     events(&mut l);
     let st = replaced.status();
