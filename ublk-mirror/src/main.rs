@@ -52,7 +52,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    let daemon = matches!(
+        cli.command,
+        Command::Admin(ublk_mirror::admin::cli::AdminCommand::Start(_))
+    );
+    init_logging(if daemon { "warn" } else { "error" });
     let result = match cli.command {
         Command::Loadgen(args) => cmd::loadgen::run(args),
         Command::Admin(cmd) => cmd.run(),
@@ -66,11 +70,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` selects what (default: errors only, so that a failing command
-/// prints one line).
-fn init_logging() {
+/// Logs to stderr; `RUST_LOG` selects what. By default a command logs errors only (a failing
+/// command prints one line) and the daemon (`start`, its log file) warnings too: a dropped
+/// connection, a degraded start, a copy in full, replication stopped.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
