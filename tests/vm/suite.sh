@@ -785,6 +785,10 @@ case_target_lost() {
     TARGET_STARTS=2 restart_target "$tag" || { fail target-lost "target did not restart"; cleanup_all; return; }
     write_files "$MNT/during" 24 || { fail target-lost "writing files during the full copy failed"; cleanup_all; return; }
     why=$("$UM" wait-replicated last --name m-tl --timeout-secs 180 2>&1) || { fail target-lost "$why"; cleanup_all; return; }
+    grep -q "holds none of this volume's data any more" "$OUT/daemon-m-tl.log" \
+        || { fail target-lost "the daemon's log does not report the loss"; cleanup_all; return; }
+    grep -q "the source copies this volume in full" "$OUT/target-$tag.log" \
+        || { fail target-lost "the target's log does not report the full copy"; cleanup_all; return; }
     st=$("$UM" status --name m-tl --json)
     jq -e '.peer_data == "up to date" and .fatal == null and .overflow.cause == null
         and (.last_error | contains("holds none of this volume'"'"'s data any more"))' <<<"$st" >/dev/null \

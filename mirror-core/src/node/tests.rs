@@ -824,6 +824,9 @@ fn only_a_target_without_our_history_takes_our_seq() {
         (Seq(500), false),
         "none of ours: rebased"
     );
+    assert_eq!(fresh.take_rebased(), Some(Seq(500)), "once");
+    assert_eq!(fresh.take_rebased(), None);
+    assert_eq!(t.take_rebased(), None);
 }
 
 /// Generation ids that are not a state of ours are refused: another history of the volume id,

@@ -260,6 +260,7 @@ impl Target {
         self.inconsistent_until = Some(Seq(u64::MAX));
         self.ack_dirty = true;
         self.record_due = true;
+        self.rebased = Some(seq);
     }
 
     pub(super) fn refuse_handshake(

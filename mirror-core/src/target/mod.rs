@@ -303,6 +303,8 @@ pub struct Target {
     /// The sequence was rebased ([`crate::wire::FLAG_TARGET_REBASE`]): the record must say so
     /// before a crash can make us report the old position again.
     record_due: bool,
+    /// The seq a rebase continued after, until the driver took it ([`Target::take_rebased`]).
+    rebased: Option<Seq>,
     sabotage: TargetSabotage,
 }
 
@@ -338,6 +340,7 @@ impl Target {
             full_resync_from: None,
             lock_only: 0,
             record_due: false,
+            rebased: None,
             sabotage: TargetSabotage::None,
         }
     }
@@ -512,6 +515,12 @@ impl Target {
         self.locks.unlock_mirror(seq);
         self.applied = self.applied.max(seq);
         self.pump_locks();
+    }
+
+    /// The seq the session just admitted rebased our sequence on, once (a source that copies
+    /// this volume in full while it runs: the driver says so in its log).
+    pub fn take_rebased(&mut self) -> Option<Seq> {
+        self.rebased.take()
     }
 
     /// Whether applied operations wait for a sync of the volume before they count as durable

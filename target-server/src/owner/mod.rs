@@ -257,6 +257,13 @@ impl Run {
                 return;
             }
         };
+        if let Some(seq) = self.o.node.engines_mut().take_rebased() {
+            warn!(
+                %conn,
+                "the source copies this volume in full (it holds none of the source's data): \
+                 the sequence continues after seq {seq}; not consistent until the copy ends"
+            );
+        }
         if let Err(e) = result {
             if let Some(c) = self.conns.get(&conn) {
                 match e {
