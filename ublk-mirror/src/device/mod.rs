@@ -15,7 +15,8 @@
 //! - FLUSH: a FLUSH barrier to the replicator (which waits for the target when the mode or
 //!   `flush_replicates` says so) and a local `fdatasync`.
 //! - DISCARD / WRITE_ZEROES: mirrored as such; locally `fallocate` (punch hole, or zero range for
-//!   WRITE_ZEROES with NOUNMAP), like the kernel's loop driver; under the range gate as writes.
+//!   WRITE_ZEROES with NOUNMAP, a hole where the backing has no zero ranges), like the kernel's
+//!   loop driver; under the range gate as writes.
 //! - READ takes no range: a read racing an overlapping write may see either version, as on any
 //!   disk.
 //!

@@ -98,7 +98,9 @@ async fn rw_full(
     Ok(bytes)
 }
 
-/// Punches a hole (discard) or zeroes a range, like the loop driver; a discard is advisory.
+/// Punches a hole (discard) or zeroes a range, like the loop driver; a discard is advisory. A
+/// backing without zero ranges (tmpfs) gets a hole for WRITE_ZEROES with NOUNMAP instead: it
+/// reads as zeroes too, and the local volume must hold what the mirror sent the peer.
 async fn deallocate(
     q: &UblkQueue<'_>,
     zeroes: bool,
@@ -106,20 +108,25 @@ async fn deallocate(
     off: u64,
     bytes: u32,
 ) -> Result<(), Errno> {
-    let mode = FallocateFlags::FALLOC_FL_KEEP_SIZE
-        | if zeroes && nounmap {
-            FallocateFlags::FALLOC_FL_ZERO_RANGE
-        } else {
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE
-        };
-    let e = opcode::Fallocate::new(BACKING, u64::from(bytes))
-        .offset(off)
-        .mode(mode.bits())
-        .build();
-    match ring_result(sqe(q, e).await) {
-        Ok(_) => Ok(()),
-        Err(Errno::EOPNOTSUPP) if !zeroes => Ok(()),
-        Err(errno) => Err(errno),
+    let zero_range = zeroes && nounmap;
+    let mut mode = if zero_range {
+        FallocateFlags::FALLOC_FL_ZERO_RANGE
+    } else {
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE
+    };
+    loop {
+        let e = opcode::Fallocate::new(BACKING, u64::from(bytes))
+            .offset(off)
+            .mode((mode | FallocateFlags::FALLOC_FL_KEEP_SIZE).bits())
+            .build();
+        match ring_result(sqe(q, e).await) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EOPNOTSUPP) if mode == FallocateFlags::FALLOC_FL_ZERO_RANGE => {
+                mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE;
+            }
+            Err(Errno::EOPNOTSUPP) if !zeroes => return Ok(()),
+            Err(errno) => return Err(errno),
+        }
     }
 }
 
