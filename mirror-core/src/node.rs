@@ -783,11 +783,18 @@ impl<L: RollbackLog> PeerLink<L> {
             .is_some_and(|p| p.token.is_none() || self.copy_reserve().is_none())
     }
 
-    /// Whether the log has room for a host operation of `bytes` now (beyond a copy's reserve).
+    /// Whether the log has room for a host operation of `bytes` now (beyond a copy's reserve,
+    /// unless the log could never hold both).
     fn host_room(&self, bytes: usize) -> bool {
+        let cfg = self.source.config();
         match self.copy_reserve() {
-            Some(reserve) => self.source.has_room_for(2, bytes.saturating_add(reserve)),
-            None => self.source.has_room(bytes),
+            Some(reserve)
+                if cfg.log_entries_max >= 2
+                    && bytes.saturating_add(reserve) <= cfg.log_bytes_max =>
+            {
+                self.source.has_room_for(2, bytes.saturating_add(reserve))
+            }
+            _ => self.source.has_room(bytes),
         }
     }
 

@@ -144,17 +144,20 @@ impl WriteIntent {
         &self.pinned
     }
 
-    /// The newest submitted operation entered the log as `seq`.
+    /// The newest submitted operation without a seq entered the log as `seq` (a resync copy may
+    /// enter ahead of a parked host write: the write's entry, older, is then the one waiting;
+    /// it is released no earlier than the copy's, which is only longer than needed).
     pub fn accepted(&mut self, seq: Seq) {
-        if let Some(entry) = self.pending.back_mut().filter(|e| e.0.is_none()) {
+        if let Some(entry) = self.pending.iter_mut().rev().find(|e| e.0.is_none()) {
             entry.0 = Some(seq);
         }
     }
 
-    /// The newest submitted operation was refused (it never reaches the local volume).
+    /// The newest submitted operation without a seq was refused (it never reaches the local
+    /// volume).
     pub fn refused(&mut self) {
-        if self.pending.back().is_some_and(|e| e.0.is_none()) {
-            if let Some((_, range)) = self.pending.pop_back() {
+        if let Some(index) = self.pending.iter().rposition(|e| e.0.is_none()) {
+            if let Some((_, range)) = self.pending.remove(index) {
                 self.forget(range);
             }
         }

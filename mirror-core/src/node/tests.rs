@@ -817,8 +817,17 @@ fn only_a_target_without_our_history_takes_our_seq() {
     let st = hello(PAIR_IDS, &mut t);
     assert!(st.connected);
     assert_eq!((st.durable, st.data_trusted), (Seq(1), true), "ours: kept");
-    let mut fresh = testkit::target(crate::target::Restored::FRESH);
+    // A replaced volume whose record kept a full bracket open: the rebase closes it (an end
+    // resent from before the new begin must not make it trusted).
+    let mut fresh = testkit::target(crate::target::Restored {
+        consistent: false,
+        resyncing: true,
+        resync_full: true,
+        ..crate::target::Restored::FRESH
+    });
+    assert_eq!(fresh.status().resync, Some(true));
     let st = hello(PAIR_IDS, &mut fresh);
+    assert_eq!(st.resync, None);
     assert_eq!(
         (st.durable, st.data_trusted),
         (Seq(500), false),
@@ -1323,6 +1332,11 @@ fn a_throttled_host_leaves_the_log_room_for_the_next_copy() {
     exchange(&mut l, &mut t).unwrap();
     events(&mut l);
     assert_eq!(l.peer_data(), PeerData::UpToDate);
+    assert_eq!(
+        l.status().intent.dirty_chunks,
+        0,
+        "the write that waited behind the copy left the intent once durable"
+    );
 }
 
 /// A peer unreachable past the rule's bound: `async` records writes out of sync even with room

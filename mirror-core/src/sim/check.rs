@@ -436,6 +436,15 @@ impl Sim<'_> {
                 ));
             }
         }
+        // Everything is durable on the peer: the write intent marks nothing (a write it never
+        // lets go would grow its bookkeeping for ever and resync at every crash).
+        let marked = self.link.status().intent.dirty_chunks;
+        if marked > 0 {
+            return Err(self.violation(
+                Check::Quiescence,
+                format!("the write intent still marks {marked} chunks with everything durable"),
+            ));
+        }
         Ok(true)
     }
 }

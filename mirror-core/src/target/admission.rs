@@ -200,6 +200,7 @@ impl Target {
                     peer_last_seq: hello.last_seq,
                     resync_follows: hello.resync_follows,
                     rebase,
+                    asked_rebase: hello.rebase_target,
                     told,
                 };
                 Ok(())
@@ -212,6 +213,7 @@ impl Target {
                     peer_last_seq,
                     resync_follows,
                     rebase,
+                    asked_rebase,
                     told,
                 },
                 Frame::Auth { mac },
@@ -227,7 +229,8 @@ impl Target {
                 if !ok {
                     return Self::refuse_handshake(h, RefuseReason::BadAuth);
                 }
-                let bound = (!resync_follows && rebase.is_none()).then_some(peer_last_seq);
+                // With either flag the HELLO's seq is no bound of what we took.
+                let bound = (!resync_follows && !asked_rebase).then_some(peer_last_seq);
                 self.admit(index, (peer_node, peer_gen_ids), bound, told, now_ns)?;
                 if let Some(seq) = rebase {
                     self.rebase(seq);
@@ -256,6 +259,10 @@ impl Target {
         self.received = seq;
         self.applied = seq;
         self.durable = seq;
+        // A bracket open here (a copy begun before, or in a record) is not this copy's: an end
+        // the source resends from before its new begin must not make the volume trusted.
+        self.resync = None;
+        self.full_resync_from = None;
         self.data_untrusted = true;
         self.inconsistent_until = Some(Seq(u64::MAX));
         self.ack_dirty = true;

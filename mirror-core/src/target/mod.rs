@@ -202,6 +202,9 @@ enum HandshakeState {
         /// The peer's HELLO said [`crate::wire::FLAG_TARGET_REBASE`] and we hold none of its
         /// history: at its AUTH our sequence continues after this seq.
         rebase: Option<Seq>,
+        /// The peer's HELLO said [`crate::wire::FLAG_TARGET_REBASE`] (its seq is its durable
+        /// one, not its last).
+        asked_rebase: bool,
         /// The position our HELLO told the peer; the session starts from it.
         told: Seq,
     },
