@@ -27,7 +27,7 @@ pub(super) enum Event {
     /// is released once the copy's place in the sequence is fixed).
     Copied {
         range: mirror_core::Range,
-        data: std::io::Result<Vec<u8>>,
+        data: Result<Vec<u8>, mirror_core::source::SourceError>,
         guard: crate::device::gate::Guard,
     },
 }

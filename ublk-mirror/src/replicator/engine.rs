@@ -50,10 +50,21 @@ pub(super) const PEER: PeerId = PeerId(0);
 /// once to be shipped, they would only stay there as folios that later small host writes into
 /// the range pay for (measured: a 64 MiB initial sync cost the loadgen's following 4 KiB async
 /// writes about a quarter of their rate until the cache was dropped).
-fn read_copy_bytes(volume: &std::fs::File, range: mirror_core::Range) -> std::io::Result<Vec<u8>> {
+/// A failed read stops replication (the copy cannot be made).
+fn read_copy_bytes(
+    volume: &std::fs::File,
+    range: mirror_core::Range,
+) -> Result<Vec<u8>, SourceError> {
     use std::os::fd::AsRawFd;
     let mut data = vec![0u8; usize::try_from(range.len_bytes).unwrap_or(0)];
-    volume.read_exact_at(&mut data, range.offset_bytes)?;
+    volume
+        .read_exact_at(&mut data, range.offset_bytes)
+        .map_err(|e| {
+            SourceError::Local(format!(
+                "resync read of {}+{}: {e}",
+                range.offset_bytes, range.len_bytes
+            ))
+        })?;
     // The kernel drops only whole folios, and readahead makes them large: the advice covers the
     // aligned span around the copy (clean pages only; dirty ones are just written back). Advice
     // only: a failure changes nothing but the cache.
@@ -238,10 +249,6 @@ impl Engine {
                     match read_copy_bytes(&kept.volume, range) {
                         Ok(data) => ResyncStep::copy_op(range, Bytes::from(data)),
                         Err(e) => {
-                            let e = SourceError::Local(format!(
-                                "resync read of {}+{}: {e}",
-                                range.offset_bytes, range.len_bytes
-                            ));
                             self.link_mut().stop(e);
                             return;
                         }
@@ -272,17 +279,13 @@ impl Engine {
     }
 
     /// An overflow copy's bytes are back: it enters the log, then host writes to its range go on.
-    fn on_copied(&mut self, range: mirror_core::Range, data: std::io::Result<Vec<u8>>) {
+    fn on_copied(&mut self, range: mirror_core::Range, data: Result<Vec<u8>, SourceError>) {
         if self.link().fatal().is_some() {
             return;
         }
         let data = match data {
             Ok(data) => data,
             Err(e) => {
-                let e = SourceError::Local(format!(
-                    "resync read of {}+{}: {e}",
-                    range.offset_bytes, range.len_bytes
-                ));
                 self.link_mut().stop(e);
                 return;
             }
